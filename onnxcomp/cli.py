@@ -1,0 +1,188 @@
+"""The ``onnxcomp`` command: parse options, call the library, print tables or JSON.
+
+No logic lives here that the Python API lacks. A user's mistake (OnnxcompError) is printed as
+one line on stderr with exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from onnxcomp.errors import OnnxcompError
+
+EXIT_USER_ERROR = 2
+EXIT_CHECK_FAILED = 1
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OnnxcompError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxcomp")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, verbose: int) -> None:
+    """Compress and adapt ONNX models; onnxruntime checks every result."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING - 10 * verbose if verbose else logging.WARNING
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # onnx-ir and onnx log routine warnings (e.g. shape inference gaps) users cannot act on.
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers shared by the commands
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, non-finite floats to null, paths to strings."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def emit_json(payload: Any) -> None:
+    click.echo(json.dumps(_clean(payload), indent=2))
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain text table, columns padded, numbers right-aligned."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row, raw in zip(cells, rows):
+        lines.append(
+            "  ".join(
+                c.rjust(w) if isinstance(r, (int, float)) and not isinstance(r, bool) else c.ljust(w)
+                for c, w, r in zip(row, widths, raw)
+            )
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+        if value == 0:
+            return "0"
+        if abs(value) >= 1000 or abs(value) < 0.001:
+            return f"{value:.3g}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+shape_option = click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=1x3x224x224",
+    help="Shape of an input with dynamic dims, for random inputs (repeatable).",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(), help=".npz file or folder of them (default: random inputs).")
+@shape_option
+@click.option("--samples", default=16, show_default=True, help="Random samples when no --data.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--limit", type=int, help="Use at most this many samples of --data.")
+@click.option("--max-drop", type=float, help="Exit 1 when the candidate is worse by more than this.")
+@click.option("--threads", default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def validate(reference, candidate, data, shapes, samples, batch_size, limit, max_drop, threads, as_json):
+    """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
+
+    The drop held against --max-drop is the accuracy drop when the data has labels, else
+    1 - top-1 agreement for classifier outputs, else 1 - mean cosine similarity.
+    """
+    from onnxcomp import model as model_io
+    from onnxcomp.data import open_data, parse_shapes
+    from onnxcomp.validate import compare
+
+    ref = model_io.load(reference)
+    model_io.load(candidate)  # fail early, with the file's name, on a bad candidate
+    source = open_data(data, model_io.input_specs(ref), shapes=parse_shapes(shapes), samples=samples)
+    result = compare(reference, candidate, source, batch_size=batch_size, limit=limit, threads=threads)
+    payload = result.to_json()
+    passed = max_drop is None or result.drop() <= max_drop
+    payload["max_drop"] = max_drop
+    payload["passed"] = passed
+    if as_json:
+        emit_json(payload)
+    else:
+        rows = []
+        for out in payload["outputs"]:
+            rows.append(
+                [
+                    out["output"],
+                    out.get("max_abs_error"),
+                    out.get("mean_abs_error"),
+                    out.get("cosine_mean"),
+                    out.get("cosine_min"),
+                    out.get("snr_db"),
+                    out.get("top1_agreement"),
+                ]
+            )
+        click.echo(f"{result.samples} samples from {source.name}")
+        click.echo(table(rows, ["output", "max abs", "mean abs", "cos mean", "cos min", "SNR dB", "top-1 agree"]))
+        if result.accuracy_reference is not None:
+            click.echo(
+                f"accuracy: reference {result.accuracy_reference:.4f}, candidate "
+                f"{result.accuracy_candidate:.4f}, drop {result.accuracy_drop:+.4f}"
+            )
+        if max_drop is not None:
+            verdict = "PASS" if passed else "FAIL"
+            click.echo(f"{verdict}: {result.drop_metric()} {result.drop():.4f} (max {max_drop})")
+    if not passed:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands added by later capabilities go below, one section each.

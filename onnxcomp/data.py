@@ -1,0 +1,364 @@
+"""Data sources: .npz files, folders of them, and random inputs; read one batch at a time.
+
+An ``.npz`` file holds one array per model input, keyed by the input's name, first axis =
+samples, and optionally a ``labels`` array. Arrays stored uncompressed (``np.savez``) are
+memory-mapped, so a batch reads only its own rows; compressed ones are read one array at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import InputSpec
+
+logger = logging.getLogger(__name__)
+
+LABELS = "labels"
+
+
+@dataclasses.dataclass
+class Batch:
+    """One batch: model inputs by name, and labels when the data has them."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+
+class DataSource(abc.ABC):
+    """Something that yields batches of model inputs."""
+
+    name: str = "data"
+
+    @property
+    @abc.abstractmethod
+    def input_names(self) -> list[str]: ...
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int: ...
+
+    @property
+    def has_labels(self) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        """Yield batches of at most ``batch_size`` samples, ``limit`` samples in all."""
+
+    def check(self, specs: Sequence[InputSpec]) -> None:
+        """Raise OnnxcompError naming the input when the data does not fit the model."""
+        wanted = {spec.name: spec for spec in specs}
+        have = set(self.input_names)
+        missing = [name for name in wanted if name not in have]
+        unknown = sorted(have - set(wanted))
+        if unknown:
+            raise OnnxcompError(
+                f"{self.name}: unknown input name {unknown[0]!r} "
+                f"(the model's inputs are: {', '.join(wanted) or 'none'})"
+            )
+        if missing:
+            raise OnnxcompError(
+                f"{self.name}: no array for model input {missing[0]!r} "
+                f"(the data has: {', '.join(sorted(have)) or 'nothing'})"
+            )
+        for name, (dtype, shape) in self.sample_signature().items():
+            check_array_fits(self.name, wanted[name], dtype, shape)
+
+    @abc.abstractmethod
+    def sample_signature(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """dtype and full shape (samples first) of each input array."""
+
+
+def check_array_fits(source: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    if spec.dtype != object and np.dtype(dtype) != spec.dtype:
+        raise OnnxcompError(
+            f"{source}: input {spec.name!r} is {np.dtype(dtype)}, the model wants {spec.dtype}"
+        )
+    if spec.shape is None:
+        return
+    if len(shape) != len(spec.shape):
+        raise OnnxcompError(
+            f"{source}: input {spec.name!r} has shape {list(shape)} (rank {len(shape)}), "
+            f"the model wants rank {len(spec.shape)} ({spec.describe()})"
+        )
+    # The first axis is the sample axis; a model with a fixed batch of 1 is fed one row at a time.
+    for axis, (have, want) in enumerate(zip(shape, spec.shape)):
+        if axis == 0 or not isinstance(want, int):
+            continue
+        if have != want:
+            raise OnnxcompError(
+                f"{source}: input {spec.name!r} has shape {list(shape)}, the model wants "
+                f"{spec.describe()} (axis {axis} differs)"
+            )
+
+
+def _npz_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
+    """Open one .npy member: a read-only memmap when stored uncompressed, else the array."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        header_len = f.tell()
+    if info.compress_type == zipfile.ZIP_STORED and not dtype.hasobject:
+        # Data start = local file header (30 bytes + name + extra) + the .npy header.
+        with open(path, "rb") as raw:
+            raw.seek(info.header_offset + 26)
+            name_len = int.from_bytes(raw.read(2), "little")
+            extra_len = int.from_bytes(raw.read(2), "little")
+        offset = info.header_offset + 30 + name_len + extra_len + header_len
+        order = "F" if fortran else "C"
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    with zf.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+class NpzData(DataSource):
+    """One .npz file: arrays keyed by input name, first axis = samples, optional ``labels``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = str(path)
+        if not self.path.exists():
+            raise OnnxcompError(f"{path}: no such data file")
+        try:
+            zf = zipfile.ZipFile(self.path)
+            infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+            self._arrays = {key: _npz_member(zf, info, self.path) for key, info in infos.items()}
+            zf.close()
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            raise OnnxcompError(f"{path}: not a readable .npz file ({err})") from None
+        if not self._arrays:
+            raise OnnxcompError(f"{path}: the .npz file holds no arrays")
+        counts = {key: (a.shape[0] if a.ndim else -1) for key, a in self._arrays.items()}
+        if len(set(counts.values())) != 1 or -1 in counts.values():
+            detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            raise OnnxcompError(
+                f"{path}: arrays disagree on the number of samples (first axis): {detail}"
+            )
+        self._count = next(iter(counts.values()))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [k for k in self._arrays if k != LABELS]
+
+    @property
+    def num_samples(self) -> int:
+        return self._count
+
+    @property
+    def has_labels(self) -> bool:
+        return LABELS in self._arrays
+
+    def sample_signature(self):
+        return {k: (a.dtype, a.shape) for k, a in self._arrays.items() if k != LABELS}
+
+    def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        total = self._count if limit is None else min(limit, self._count)
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            inputs = {k: np.ascontiguousarray(self._arrays[k][start:stop]) for k in self.input_names}
+            labels = None
+            if self.has_labels:
+                labels = np.asarray(self._arrays[LABELS][start:stop])
+            yield Batch(inputs, labels)
+
+
+class FolderData(DataSource):
+    """Every .npz file of a folder, in name order, as one stream."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.name = str(path)
+        files = sorted(self.path.glob("*.npz"))
+        if not files:
+            raise OnnxcompError(f"{path}: the folder holds no .npz files")
+        self.parts = [NpzData(f) for f in files]
+        names = set(self.parts[0].input_names)
+        for part in self.parts[1:]:
+            if set(part.input_names) != names:
+                raise OnnxcompError(
+                    f"{part.path}: its arrays ({', '.join(part.input_names)}) differ from "
+                    f"{self.parts[0].path} ({', '.join(sorted(names))})"
+                )
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.parts[0].input_names
+
+    @property
+    def num_samples(self) -> int:
+        return sum(p.num_samples for p in self.parts)
+
+    @property
+    def has_labels(self) -> bool:
+        return all(p.has_labels for p in self.parts)
+
+    def sample_signature(self):
+        signature = dict(self.parts[0].sample_signature())
+        for name in signature:
+            dtype, shape = signature[name]
+            signature[name] = (dtype, (self.num_samples, *shape[1:]))
+        return signature
+
+    def check(self, specs: Sequence[InputSpec]) -> None:
+        for part in self.parts:
+            part.check(specs)
+
+    def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        left = self.num_samples if limit is None else limit
+        for part in self.parts:
+            if left <= 0:
+                return
+            for batch in part.batches(batch_size, limit=left):
+                left -= len(batch)
+                yield batch
+
+
+class RandomData(DataSource):
+    """Random inputs of the right dtype and shape, for latency-only work and self-checks.
+
+    Floats are standard normal; integer inputs whose name mentions "mask" are ones, other
+    integers are drawn from [0, ``int_high``) (token ids, indices); bools are random.
+    Dynamic dims must be given in ``shapes`` unless they are the first (batch) axis, which
+    defaults to 1.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[InputSpec],
+        samples: int = 8,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        seed: int = 0,
+        int_high: int = 100,
+    ):
+        self.name = "random inputs"
+        self.specs = list(specs)
+        self.samples = samples
+        self.seed = seed
+        self.int_high = int_high
+        shapes = dict(shapes or {})
+        unknown = sorted(set(shapes) - {s.name for s in self.specs})
+        if unknown:
+            names = ", ".join(s.name for s in self.specs)
+            raise OnnxcompError(f"--shape: unknown input name {unknown[0]!r} (inputs: {names})")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for spec in self.specs:
+            self.shapes[spec.name] = self._resolve_shape(spec, shapes.get(spec.name))
+
+    @staticmethod
+    def _resolve_shape(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
+        if given is not None:
+            given = tuple(int(d) for d in given)
+            if spec.shape is not None:
+                if len(given) != len(spec.shape):
+                    raise OnnxcompError(
+                        f"--shape {spec.name}: rank {len(given)} given, the model wants "
+                        f"{spec.describe()}"
+                    )
+                for have, want in zip(given[1:], spec.shape[1:]):
+                    if isinstance(want, int) and have != want:
+                        raise OnnxcompError(
+                            f"--shape {spec.name}: {list(given)} does not fit {spec.describe()}"
+                        )
+            return given
+        if spec.shape is None:
+            raise OnnxcompError(
+                f"input {spec.name!r} has unknown rank; give its shape, e.g. --shape {spec.name}=1x3x224x224"
+            )
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and dim > 0:
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(1)
+            else:
+                raise OnnxcompError(
+                    f"input {spec.name!r} has a dynamic dim {dim or '?'} at axis {axis} "
+                    f"({spec.describe()}); give its shape, e.g. --shape {spec.name}="
+                    + "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in spec.shape)
+                )
+        return tuple(dims)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples
+
+    def sample_signature(self):
+        return {
+            s.name: (s.dtype, (self.samples * self.shapes[s.name][0], *self.shapes[s.name][1:]))
+            for s in self.specs
+        }
+
+    def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        # Each "sample" is one feed of the resolved shape (its first axis may be > 1).
+        rng = np.random.default_rng(self.seed)
+        total = self.samples if limit is None else min(limit, self.samples)
+        for _ in range(total):
+            yield Batch({s.name: self._draw(rng, s) for s in self.specs})
+
+    def _draw(self, rng: np.random.Generator, spec: InputSpec) -> np.ndarray:
+        shape = self.shapes[spec.name]
+        dtype = spec.dtype
+        if dtype == np.bool_:
+            return rng.random(shape) < 0.5
+        if np.issubdtype(dtype, np.integer):
+            if "mask" in spec.name.lower():
+                return np.ones(shape, dtype)
+            return rng.integers(0, self.int_high, size=shape).astype(dtype)
+        if np.issubdtype(dtype, np.floating):
+            return rng.standard_normal(shape).astype(dtype)
+        raise OnnxcompError(f"input {spec.name!r}: cannot make random data of type {dtype}")
+
+
+def parse_shapes(values: Sequence[str]) -> dict[str, list[int]]:
+    """Parse ``--shape NAME=1x3x224x224`` options."""
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise OnnxcompError(f"--shape {value!r}: expected NAME=1x3x224x224") from None
+    return shapes
+
+
+def open_data(
+    path: str | Path | None,
+    specs: Sequence[InputSpec],
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    samples: int = 8,
+    seed: int = 0,
+) -> DataSource:
+    """A data source for ``path`` (an .npz file or a folder of them), or random inputs when
+    ``path`` is None; checked against the model's inputs."""
+    if path is None:
+        return RandomData(specs, samples=samples, shapes=shapes, seed=seed)
+    path = Path(path)
+    if path.is_dir():
+        source: DataSource = FolderData(path)
+    else:
+        source = NpzData(path)
+    source.check(specs)
+    return source

@@ -1,0 +1,259 @@
+"""Load and save models (external data, atomic writes) and normalise them for the passes.
+
+Models are held as onnx-ir ``ir.Model``: weights stored as external data stay memory-mapped
+until a pass asks for one, so a model over 2 GB is never read into memory twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
+
+from onnxcomp.errors import OnnxcompError
+
+logger = logging.getLogger(__name__)
+
+# Above this many bytes of weights a model is saved with its weights in a ".data" file beside
+# it: protobuf cannot serialise a message over 2 GB.
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Read an ONNX file (weights in external data stay on disk until used).
+
+    Raises OnnxcompError naming the file for anything that is not a readable ONNX model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise OnnxcompError(f"{path}: no such file")
+    if path.is_dir():
+        raise OnnxcompError(f"{path}: is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise OnnxcompError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = ir.load(path)
+    except Exception as err:  # protobuf DecodeError, UnicodeDecodeError, ValueError, ...
+        raise OnnxcompError(f"{path}: not a readable ONNX model ({_one_line(err)})") from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise OnnxcompError(f"{path}: not an ONNX model (no graph in the file)")
+    if not model.graph.outputs:
+        raise OnnxcompError(f"{path}: the graph has no outputs")
+    _check_external_data(model, path)
+    return model
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    message = text[0] if text else ""
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+def iter_tensors(model: ir.Model) -> Iterator[tuple[ir.Graph, ir.Value]]:
+    """Every initializer of the model, subgraphs included, with the graph that holds it."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            yield graph, value
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.path)
+        if not data_path.exists():
+            raise OnnxcompError(
+                f"{path}: external data file {tensor.location!r} of tensor {value.name!r} "
+                f"is missing (looked for {data_path})"
+            )
+        end = (tensor.offset or 0) + (tensor.length or 0)
+        if end > data_path.stat().st_size:
+            raise OnnxcompError(
+                f"{path}: external data file {tensor.location!r} is truncated "
+                f"(tensor {value.name!r} needs bytes up to {end}, file has "
+                f"{data_path.stat().st_size})"
+            )
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The external data files the model's tensors are read from."""
+    files = set()
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path).resolve())
+    return files
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers (after constants are lifted, all weights)."""
+    total = 0
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; never overwrite one of ``inputs``.
+
+    Everything is written to a temporary folder beside ``path`` and then renamed into place,
+    so a failure leaves no half-written file. With ``external_data`` (default: when the
+    weights exceed 1.5 GB) the weights go to ``<name>.data`` beside the model.
+    """
+    path = Path(path)
+    target = path.resolve()
+    protected = {Path(p).resolve() for p in inputs} | external_data_files(model)
+    if external_data is None:
+        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    data_target = target.with_name(data_name)
+    for candidate in (target, data_target) if external_data else (target,):
+        if candidate in protected or (candidate.exists() and _same_file(candidate, protected)):
+            raise OnnxcompError(f"{path}: refusing to overwrite an input file; choose another output")
+    if target.is_dir():
+        raise OnnxcompError(f"{path}: is a directory; give a file name for the output")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    try:
+        tmp_model = tmpdir / path.name
+        try:
+            if external_data:
+                ir.save(model, tmp_model, external_data=data_name)
+            else:
+                ir.save(model, tmp_model)
+        except OSError as err:
+            raise OnnxcompError(f"{path}: cannot write ({_one_line(err)})") from None
+        if external_data:
+            os.replace(tmpdir / data_name, data_target)
+        os.replace(tmp_model, target)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    logger.info("saved %s", target)
+    return target
+
+
+def _same_file(candidate: Path, protected: set[Path]) -> bool:
+    for other in protected:
+        try:
+            if other.exists() and os.path.samefile(candidate, other):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def opset(model: ir.Model) -> int:
+    """The default-domain opset the model imports."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)))
+
+
+def normalize(model: ir.Model, *, infer_shapes: bool = True) -> dict[str, object]:
+    """Lift weights stored in Constant nodes into initializers and infer shapes, in place.
+
+    Exporters such as Paddle2ONNX store every weight as a Constant node; passes recognise weights
+    as initializers, so they are lifted first. Returns a small report.
+    """
+    constants_before = sum(
+        1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant"
+    )
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
+    constants_after = sum(
+        1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant"
+    )
+    report: dict[str, object] = {"constants_lifted": constants_before - constants_after}
+    if infer_shapes:
+        result = ShapeInferencePass(strict_mode=False)(model)
+        report["shapes_inferred"] = bool(result.modified)
+    return report
+
+
+def ensure_opset(model: ir.Model, version: int, why: str) -> ir.Model:
+    """Return ``model`` at default-domain opset ``version`` or newer, upgrading with onnx's
+    version converter when needed. ``why`` names the need in the log and in errors."""
+    current = opset(model)
+    if current >= version:
+        return model
+    logger.warning("upgrading opset %d -> %d (%s)", current, version, why)
+    base_dir = _external_base_dir(model)
+    proto = ir.to_proto(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, version)
+    except Exception as err:
+        raise OnnxcompError(
+            f"{why} needs opset {version}, and onnx cannot convert this model from opset "
+            f"{current} ({_one_line(err)})"
+        ) from None
+    upgraded = ir.from_proto(converted)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(upgraded.graph, base_dir)
+    return upgraded
+
+
+def _external_base_dir(model: ir.Model) -> str | None:
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            return str(tensor.base_dir)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input as a user feeds it: name, numpy dtype, shape (None or a name for a
+    dynamic dim)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    def describe(self) -> str:
+        if self.shape is None:
+            dims = "?"
+        else:
+            dims = "x".join(str(d) if d is not None else "?" for d in self.shape)
+        return f"{self.name}: {self.dtype} [{dims}]"
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The graph inputs a user must feed (initializers listed as inputs are left out)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        specs.append(value_spec(value))
+    return specs
+
+
+def output_specs(model: ir.Model) -> list[InputSpec]:
+    return [value_spec(value) for value in model.graph.outputs]
+
+
+def value_spec(value: ir.Value) -> InputSpec:
+    dtype = np.dtype(np.float32)
+    if value.dtype is not None:
+        try:
+            dtype = np.dtype(value.dtype.numpy())
+        except Exception:
+            dtype = np.dtype(object)
+    shape = None
+    if value.shape is not None:
+        shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+    return InputSpec(value.name or "", dtype, shape)
