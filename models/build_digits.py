@@ -137,7 +137,7 @@ def export(model, example: np.ndarray, path: pathlib.Path, opset: int = 17) -> N
 
     # The TorchScript exporter is deprecated upstream and warns about constant folding with
     # PRESERVE; both are expected here.
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+    warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
     warnings.filterwarnings("ignore", message=".*constant folding.*", category=UserWarning)
     torch.onnx.export(
         model,
