@@ -1,1 +1,1 @@
-"""Reference models for onnxcomp: build scripts for trained, generated and third-party ONNX models."""
+"""Reference models for onnxcomp: build scripts for trained, generated and third-party models."""
