@@ -185,4 +185,59 @@ def validate(reference, candidate, data, shapes, samples, batch_size, limit, max
 
 
 # ---------------------------------------------------------------------------------------------
+# run: a recipe end to end
+
+
+@main.command("run")
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("-i", "--input", "input_path", type=click.Path(dir_okay=False), help="Overrides the recipe's input.")
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False), help="Overrides the recipe's output.")
+@click.option("--data", type=click.Path(), help="Overrides the recipe's default data.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def run_command(recipe_path, input_path, output_path, data, as_json):
+    """Run a YAML/JSON RECIPE: load, run its passes, validate, save if it passes.
+
+    Exit codes: 0 saved; 1 the result failed the recipe's validate.max_drop (nothing saved);
+    2 a bad recipe, model or data.
+    """
+    from onnxcomp.recipe import read_recipe, run_recipe
+
+    recipe = read_recipe(recipe_path)
+    if input_path:
+        recipe.input = Path(input_path).resolve()
+    if output_path:
+        recipe.output = Path(output_path).resolve()
+    if data:
+        recipe.data = Path(data).resolve()
+
+    def progress(step: str) -> None:
+        if not as_json and sys.stderr.isatty():
+            click.echo(f"running {step} ...", err=True)
+
+    result = run_recipe(recipe, progress=progress)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        rows = [[s.name, s.modified, round(s.seconds, 2), _summary(s.report)] for s in result.steps]
+        click.echo(table(rows, ["step", "changed", "seconds", "summary"]))
+        if result.validation is not None:
+            v = result.validation
+            click.echo(f"validation: {v['drop_metric']} {v['drop']:.4f} (max {v['max_drop']}) on {v['samples']} samples")
+        if result.saved:
+            after = human_bytes(result.size_after or 0)
+            click.echo(f"saved {result.output} ({human_bytes(result.size_before)} -> {after})")
+        else:
+            click.echo(f"NOT saved: the result failed validation; {result.output} was not written")
+    if not result.saved:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+def _summary(report: dict[str, Any], width: int = 70) -> str:
+    """One line from a pass report: its scalar figures."""
+    parts = [f"{k}={_fmt(v)}" for k, v in report.items() if isinstance(v, (int, float, str, bool))]
+    text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
 # Commands added by later capabilities go below, one section each.
