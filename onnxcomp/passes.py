@@ -233,3 +233,44 @@ def run_pipeline(
         model, report = run_pass(pass_, model, name)
         reports.append(report)
     return model, reports
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in normalising pass: what every command does on load, as a recipe step too.
+
+
+@dataclasses.dataclass
+class NormalizeOptions:
+    """Options of the ``normalize`` step."""
+
+    opset: int | None = None  # upgrade the default-domain opset to at least this
+    infer_shapes: bool = True
+
+    def check(self, where: str) -> None:
+        if self.opset is not None and not 7 <= self.opset <= 25:
+            raise OnnxcompError(f"{where}: opset {self.opset} is out of range (7..25)")
+
+
+class NormalizePass(ir.passes.FunctionalPass):
+    """Lift Constant-node weights into initializers, infer shapes, optionally upgrade the opset."""
+
+    def __init__(self, options: NormalizeOptions | None = None):
+        super().__init__()
+        self.options = options or NormalizeOptions()
+
+    def call(self, model: ir.Model) -> Result:
+        from onnxcomp import model as model_io
+
+        before = model_io.opset(model)
+        if self.options.opset is not None:
+            model = model_io.ensure_opset(model, self.options.opset, "the normalize step")
+        report = model_io.normalize(model, infer_shapes=self.options.infer_shapes)
+        report["opset_before"] = before
+        report["opset_after"] = model_io.opset(model)
+        modified = bool(report["constants_lifted"]) or before != report["opset_after"]
+        return Result(model, modified=modified, report=report)
+
+
+register("normalize", NormalizeOptions, help="lift Constant weights, infer shapes, upgrade opset")(
+    lambda options, context: NormalizePass(options)
+)

@@ -1,0 +1,31 @@
+"""Shared fixtures: paths to the reference models and a CLI runner that keeps stdout and stderr apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+@pytest.fixture
+def models_dir() -> Path:
+    return MODELS
+
+
+@pytest.fixture
+def cli():
+    """Run the onnxcomp CLI in-process: ``cli("inspect", path)`` -> click Result."""
+    from onnxcomp.cli import main
+
+    def invoke(*args):
+        try:
+            runner = CliRunner(mix_stderr=False)
+        except TypeError:  # click >= 8.2 keeps stderr apart by default
+            runner = CliRunner()
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
