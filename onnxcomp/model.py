@@ -201,10 +201,19 @@ def ensure_opset(model: ir.Model, version: int, why: str) -> ir.Model:
             f"{why} needs opset {version}, and onnx cannot convert this model from opset "
             f"{current} ({_one_line(err)})"
         ) from None
-    upgraded = ir.from_proto(converted)
+    return _from_proto(converted, base_dir)
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A separate copy; weights in external data stay lazy (both read the same file)."""
+    return _from_proto(ir.to_proto(model), _external_base_dir(model))
+
+
+def _from_proto(proto: onnx.ModelProto, base_dir: str | None) -> ir.Model:
+    model = ir.from_proto(proto)
     if base_dir is not None:
-        ir.external_data.set_base_dir(upgraded.graph, base_dir)
-    return upgraded
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
 
 
 def _external_base_dir(model: ir.Model) -> str | None:

@@ -251,19 +251,31 @@ class NormalizeOptions:
             raise OnnxcompError(f"{where}: opset {self.opset} is out of range (7..25)")
 
 
-class NormalizePass(ir.passes.FunctionalPass):
-    """Lift Constant-node weights into initializers, infer shapes, optionally upgrade the opset."""
+class NormalizePass(ir.passes.PassBase):
+    """Lift Constant-node weights into initializers, infer shapes, optionally upgrade the opset.
+
+    In place, except with ``opset``: onnx's version converter returns a new model.
+    """
 
     def __init__(self, options: NormalizeOptions | None = None):
         super().__init__()
         self.options = options or NormalizeOptions()
+
+    @property
+    def in_place(self) -> bool:
+        return self.options.opset is None
+
+    @property
+    def changes_input(self) -> bool:
+        return self.in_place
 
     def call(self, model: ir.Model) -> Result:
         from onnxcomp import model as model_io
 
         before = model_io.opset(model)
         if self.options.opset is not None:
-            model = model_io.ensure_opset(model, self.options.opset, "the normalize step")
+            upgraded = model_io.ensure_opset(model, self.options.opset, "the normalize step")
+            model = upgraded if upgraded is not model else model_io.copy_model(model)
         report = model_io.normalize(model, infer_shapes=self.options.infer_shapes)
         report["opset_before"] = before
         report["opset_after"] = model_io.opset(model)
