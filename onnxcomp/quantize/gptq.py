@@ -1,0 +1,281 @@
+"""Layer-wise quantization solvers on plain arrays: GPTQ, its Hessian, bias correction.
+
+Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs ``x: (samples, in_features)``
+(the PyTorch / Gemm(transB=1) convention). For an ONNX MatMul weight ``B: [K, N]`` pass ``W = B.T`` and transpose the
+result back. Everything here is float64; weights come back as float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.quantize.schemes import INT8, QuantParams, QuantTypeLike, _scale_zero_point, quant_type
+
+logger = logging.getLogger(__name__)
+
+# (w_col: (out,), column index in W) -> (integer codes (out,), dequantized values (out,))
+ColumnQuantizer = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+class HessianAccumulator:
+    """Running ``H = 2 X^T X / n`` of a layer's inputs (and their mean), memory O(in_features^2).
+
+    The Hessian of the layer-wise objective ``||W X - W_q X||^2`` (Frantar et al., GPTQ, 2022, Sec. 3).
+    Rows with NaN or inf are dropped and counted in ``dropped_rows``.
+    """
+
+    def __init__(self, in_features: int | None = None):
+        self.in_features = in_features
+        self.n_samples = 0
+        self.dropped_rows = 0
+        self._h: np.ndarray | None = None  # (in, in) float64
+        self._sum: np.ndarray | None = None  # (in,) float64
+
+    def update(self, x: np.ndarray) -> None:
+        """Add inputs ``x: (..., in_features)``; leading axes are samples (batch, tokens, ...)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 0:
+            raise OnnxcompError("HessianAccumulator.update needs inputs of shape (samples, in_features)")
+        if self.in_features is None:
+            self.in_features = int(x.shape[-1])
+        if x.shape[-1] != self.in_features:
+            raise OnnxcompError(f"inputs have {x.shape[-1]} features, expected {self.in_features}")
+        x = x.reshape(-1, self.in_features)  # (samples, in)
+        ok = np.all(np.isfinite(x), axis=1)
+        if not np.all(ok):
+            self.dropped_rows += int(np.count_nonzero(~ok))
+            x = x[ok]
+        m = x.shape[0]
+        if m == 0:
+            return
+        if self._h is None:
+            self._h = np.zeros((self.in_features, self.in_features), dtype=np.float64)
+            self._sum = np.zeros(self.in_features, dtype=np.float64)
+        total = self.n_samples + m
+        # Running average keeps H at the scale of one sample whatever the count.
+        self._h *= self.n_samples / total
+        self._h += (2.0 / total) * (x.T @ x)
+        self._sum += x.sum(axis=0)
+        self.n_samples = total
+
+    @property
+    def H(self) -> np.ndarray:  # noqa: N802 (the usual name)
+        """``2 X^T X / n``, (in_features, in_features) float64."""
+        if self._h is None:
+            raise OnnxcompError("HessianAccumulator: no inputs seen")
+        return self._h
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean input ``E[x]``, (in_features,) float64: what `bias_correction` needs."""
+        if self._sum is None:
+            raise OnnxcompError("HessianAccumulator: no inputs seen")
+        return self._sum / self.n_samples
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._h is None else self._h.nbytes + self._sum.nbytes  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass
+class GptqResult:
+    """What `gptq_quantize` returns. Shapes use W's layout (out_features, in_features)."""
+
+    dequantized: np.ndarray  # (out, in) float32: what the runtime computes with
+    quantized: np.ndarray  # (out, in) integer codes in dtype.storage
+    scale: np.ndarray | None  # (out,) per channel, (out, n_groups) with group_size, () per tensor; None if callable
+    zero_point: np.ndarray | None  # same shape as scale
+    loss: float  # GPTQ's objective estimate: sum over columns of (w - q)^2 / (2 [H^-1]_jj)
+
+
+def _inverse_hessian_upper(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 = U^T U; damping grows until H is definite."""
+    n = h.shape[0]
+    mean_diag = float(np.mean(np.diag(h)))
+    for attempt in range(6):
+        d = damp * (10.0**attempt) * mean_diag
+        try:
+            low = np.linalg.cholesky(h + d * np.eye(n))  # H = L L^T
+            low_inv = np.linalg.inv(low)
+            h_inv = low_inv.T @ low_inv
+            return np.linalg.cholesky(h_inv).T  # upper: H^-1 = U^T U
+        except np.linalg.LinAlgError:
+            logger.warning("GPTQ: Hessian not positive definite with damp=%g; increasing damping", d)
+    raise OnnxcompError("GPTQ: Hessian is not positive definite even with strong damping (check inputs)")
+
+
+def gptq_quantize(
+    W: np.ndarray,  # noqa: N803
+    H: np.ndarray,  # noqa: N803
+    quantizer: QuantParams | ColumnQuantizer | None = None,
+    *,
+    dtype: QuantTypeLike = INT8,
+    symmetric: bool = True,
+    group_size: int | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> GptqResult:
+    """Quantize ``W: (out, in)`` column by column, spreading each column's rounding error over the columns not yet
+    quantized so that ``||W X - W_q X||^2`` stays small (GPTQ, Frantar et al. 2022, Alg. 1, with lazy block updates
+    and Cholesky-based inverse Hessian).
+
+    Args:
+        W: float weight, (out_features, in_features).
+        H: ``2 X^T X / n``, (in_features, in_features), from `HessianAccumulator`.
+        quantizer: the grid. None: per output channel (``dtype``, ``symmetric``) computed from W, or per group of
+            ``group_size`` input columns (MatMulNBits blocks after transposing). A `QuantParams`: per tensor, or
+            per channel with ``axis=0`` and ``out`` scales. A callable ``(w_col, j) -> (codes, dequantized)``.
+        group_size: with ``quantizer=None``, one scale per (row, group of input columns). Groups are computed from the
+            partly updated weights when reached (as GPTQ does), or from the original W up front with
+            ``act_order`` ("static groups") so that the groups stay contiguous in the original column order.
+        block_size: columns per lazy batch update (speed only; the result is the same).
+        damp: relative dampening added to H's diagonal (fraction of its mean).
+        act_order: quantize columns in order of decreasing ``H_jj`` (GPTQ's "act-order" heuristic).
+    """
+    w = np.array(W, dtype=np.float64)  # (out, in), a working copy that gets updated
+    h = np.array(H, dtype=np.float64)  # (in, in)
+    if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise OnnxcompError(f"GPTQ needs W (out, in) and H (in, in); got {w.shape} and {h.shape}")
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
+        raise OnnxcompError("GPTQ: W or H contains NaN or inf")
+    if block_size < 1 or damp < 0:
+        raise OnnxcompError(f"GPTQ: block_size must be >= 1 and damp >= 0 (got {block_size}, {damp})")
+    out_f, in_f = w.shape
+    qt = quant_type(dtype)
+
+    dead = np.diag(h) == 0  # inputs that are always 0: any value works, use 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(in_f)
+    inv_perm = np.argsort(perm)
+
+    scale: np.ndarray | None = None
+    zero: np.ndarray | None = None
+    group_params: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    if callable(quantizer) and not isinstance(quantizer, QuantParams):
+        column_fn: ColumnQuantizer | None = quantizer
+    else:
+        column_fn = None
+        if isinstance(quantizer, QuantParams):
+            qt = quantizer.dtype
+            if quantizer.axis not in (None, 0) or (quantizer.axis == 0 and quantizer.scale.shape != (out_f,)):
+                raise OnnxcompError("GPTQ: QuantParams must be per tensor or per output channel (axis=0, out scales)")
+            scale = np.broadcast_to(quantizer.scale, (out_f,)).astype(np.float32)
+            zero = np.broadcast_to(quantizer.zero_point, (out_f,)).astype(qt.storage)
+            result_scale, result_zero = quantizer.scale, quantizer.zero_point
+        elif group_size is None:
+            scale, zero = _scale_zero_point(w.min(axis=1), w.max(axis=1), qt, symmetric, False)  # (out,)
+            result_scale, result_zero = scale, zero
+        else:
+            if group_size < 1:
+                raise OnnxcompError(f"GPTQ: group_size must be >= 1, got {group_size}")
+            n_groups = -(-in_f // group_size)
+            result_scale = np.zeros((out_f, n_groups), np.float32)
+            result_zero = np.zeros((out_f, n_groups), qt.storage)
+
+            def group_params(g: int, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                # cols: (out, <= group_size), the group's columns
+                s, z = _scale_zero_point(cols.min(axis=1), cols.max(axis=1), qt, symmetric, False)
+                result_scale[:, g], result_zero[:, g] = s, z
+                return s, z
+
+            if act_order:  # static groups, from the original weights
+                for g in range(n_groups):
+                    group_params(g, w[:, g * group_size : (g + 1) * group_size])
+
+    w = w[:, perm]
+    h = h[np.ix_(perm, perm)]
+    u = _inverse_hessian_upper(h, damp)  # (in, in) upper, in permuted order
+
+    codes = np.zeros((out_f, in_f), dtype=np.int64)  # permuted order
+    deq = np.zeros((out_f, in_f), dtype=np.float64)
+    loss = 0.0
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].copy()  # (out, b)
+        err1 = np.zeros_like(w1)  # (out, b)
+        u1 = u[i1:i2, i1:i2]  # (b, b)
+        for i in range(i2 - i1):
+            j = int(perm[i1 + i])  # original column index
+            col = w1[:, i]  # (out,)
+            if column_fn is not None:
+                q, wq = column_fn(col.copy(), j)
+                q = np.asarray(q)
+                wq = np.asarray(wq, dtype=np.float64)
+            else:
+                if group_params is not None:
+                    g = j // group_size  # type: ignore[operator]
+                    if act_order:
+                        s, z = result_scale[:, g], result_zero[:, g]
+                    elif j % group_size == 0:
+                        # Columns j.. of the group, already updated by the error of earlier columns.
+                        s, z = group_params(g, np.concatenate([w1[:, i:], w[:, i2:]], axis=1)[:, :group_size])
+                    else:
+                        s, z = result_scale[:, g], result_zero[:, g]
+                else:
+                    s, z = scale, zero
+                q, wq = _round_column(col, s, z, qt.qmin, qt.qmax)
+            codes[:, i1 + i] = q
+            deq[:, i1 + i] = wq
+            d = u1[i, i]
+            e = (col - wq) / d  # (out,)
+            loss += float(np.sum(e * e)) / 2.0
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    codes = codes[:, inv_perm]
+    deq = deq[:, inv_perm]
+    if column_fn is not None:
+        return GptqResult(deq.astype(np.float32), codes, None, None, loss)
+    return GptqResult(
+        deq.astype(np.float32), codes.astype(qt.storage), np.asarray(result_scale), np.asarray(result_zero), loss
+    )
+
+
+def _round_column(
+    col: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest-even of one column onto a (per-row) grid; returns codes and their float32 values."""
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero).astype(np.int64)
+    q = np.clip(np.rint(col.astype(np.float32) / s).astype(np.int64) + z, qmin, qmax)  # (out,)
+    wq = ((q - z).astype(np.float32) * s).astype(np.float64)  # exactly DequantizeLinear's float32 result
+    return q, wq
+
+
+def bias_correction(
+    W_fp: np.ndarray,  # noqa: N803
+    W_q: np.ndarray,  # noqa: N803
+    mean_input: np.ndarray,
+) -> np.ndarray:
+    """Bias delta ``(W_fp - W_q) E[x]`` (out,) that, added to the layer's bias, makes ``E[W_q x + b]`` equal
+    ``E[W_fp x + b]`` (empirical bias correction, Nagel et al., "Data-Free Quantization Through Weight
+    Equalization and Bias Correction", ICCV 2019, Sec. 4.2).
+
+    Args:
+        W_fp, W_q: (out_features, in_features) float and dequantized weights.
+        mean_input: (in_features,) mean of the layer's inputs (`HessianAccumulator.mean`).
+    """
+    w_fp = np.asarray(W_fp, dtype=np.float64)
+    w_q = np.asarray(W_q, dtype=np.float64)
+    mu = np.asarray(mean_input, dtype=np.float64).reshape(-1)
+    if w_fp.shape != w_q.shape or w_fp.ndim != 2 or mu.shape != (w_fp.shape[1],):
+        raise OnnxcompError(
+            f"bias_correction needs W_fp, W_q (out, in) and mean_input (in,); got {w_fp.shape}, {w_q.shape}, "
+            f"{mu.shape}"
+        )
+    return ((w_fp - w_q) @ mu).astype(np.float32)  # (out,)
+
+
+def reconstruction_error(W: np.ndarray, W_q: np.ndarray, H: np.ndarray) -> float:  # noqa: N803
+    """Mean squared output error per sample ``E||(W - W_q) x||^2 = tr(dW H dW^T) / 2`` for ``H = 2 X^T X / n``."""
+    dw = np.asarray(W, dtype=np.float64) - np.asarray(W_q, dtype=np.float64)  # (out, in)
+    return float(np.einsum("oi,ij,oj->", dw, np.asarray(H, dtype=np.float64), dw) / 2.0)
