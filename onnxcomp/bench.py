@@ -1,0 +1,507 @@
+"""Latency, throughput and peak memory of models in onnxruntime, and what its optimizer made of
+each graph (fused integer kernels versus Q/DQ islands left behind).
+
+Latency is measured interleaved in one process: round after round, each model runs once (the
+model that starts a round rotates), so machine noise hits all models alike and the ratio of
+their medians is fair. Peak memory is measured in one child process per model: the growth of
+the child's peak resident set from just after its imports (and after loading the inputs) to after
+creating the session and running it a few times. On Linux the peak is ``VmHWM``, reset after the
+imports through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcomp import model as model_io
+from onnxcomp import runtime
+from onnxcomp.data import DataSource, RandomData, open_data
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.runtime import ModelLike
+
+logger = logging.getLogger(__name__)
+
+# Integer kernels onnxruntime's CPU provider runs after folding Q/DQ pairs (or that quantizers
+# write directly). A quantized graph where these replaced the float ops is what pays off.
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearConv",
+        "QGemm",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLinear",
+        "DynamicQuantizeLSTM",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "GatherBlockQuantized",
+        "QAttention",
+        "QEmbedLayerNormalization",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearConcat",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QLinearReduceMean",
+        "QLinearWhere",
+        "QLinearConvTranspose",
+        "NhwcQLinearConv",
+    }
+)
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# Ops that only move or reshape data: a DequantizeLinear feeding one of them is not (yet) an
+# island, the float compute is further down.
+LAYOUT_OPS = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "Identity",
+        "Shape",
+        "Size",
+        "Gather",
+        "Slice",
+        "Split",
+        "Concat",
+        "Expand",
+        "Tile",
+    }
+)
+
+TOP_OPS = 10
+MEMORY_RUNS = 3
+
+
+def graph_report(model: ModelLike, *, threads: int = 1, label: str = "model") -> dict[str, Any]:
+    """What onnxruntime's optimizer made of a graph: fused integer kernels, Q/DQ nodes left,
+    DequantizeLinear islands (feeding float compute), node count and top op types.
+
+    The optimized graph is written to a temporary file for inspection only and deleted.
+    """
+    tmpdir = tempfile.mkdtemp(prefix="onnxcomp-optimized-")
+    path = os.path.join(tmpdir, "optimized.onnx")
+    try:
+        runtime.create_session(model, threads=threads, optimized_model_path=path, label=label)
+        try:
+            optimized = onnx.load(path, load_external_data=False)
+        except Exception as err:
+            logger.info("%s: cannot read onnxruntime's optimized graph: %s", label, err)
+            return {"unavailable": f"onnxruntime's optimized graph is unreadable ({type(err).__name__})"}
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    report = count_kernels(optimized)
+    report["nodes_before"] = _node_count(model)
+    return report
+
+
+def count_kernels(proto: onnx.ModelProto) -> dict[str, Any]:
+    """Fused integer kernels, Q/DQ nodes and DequantizeLinear islands of an (optimized) graph."""
+    ops: collections.Counter[str] = collections.Counter()
+    integer: collections.Counter[str] = collections.Counter()
+    island_consumers: collections.Counter[str] = collections.Counter()
+    islands = 0
+    for graph in _proto_graphs(proto.graph):
+        consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    consumers[name].append(node)
+        for node in graph.node:
+            ops[node.op_type] += 1
+            if node.op_type in INTEGER_KERNELS:
+                integer[node.op_type] += 1
+            if node.op_type != "DequantizeLinear":
+                continue
+            compute = _float_compute_consumers(node.output[0], consumers)
+            if compute:
+                islands += 1
+                island_consumers.update(compute)
+    return {
+        "nodes": sum(ops.values()),
+        "integer_kernels": sum(integer.values()),
+        "integer_kernel_ops": dict(integer.most_common()),
+        "quantize_linear": ops["QuantizeLinear"],
+        "dequantize_linear": ops["DequantizeLinear"],
+        "islands": islands,
+        "island_consumers": dict(island_consumers.most_common()),
+        "top_ops": dict(ops.most_common(TOP_OPS)),
+    }
+
+
+def _float_compute_consumers(name: str, consumers: Mapping[str, list[onnx.NodeProto]]) -> list[str]:
+    """Op types of the float compute ops reading ``name``, looking through layout ops."""
+    found = []
+    seen = set()
+    stack = [name]
+    while stack:
+        current = stack.pop()
+        for node in consumers.get(current, []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in QDQ_OPS or node.op_type in INTEGER_KERNELS:
+                continue
+            if node.op_type in LAYOUT_OPS:
+                stack.extend(o for o in node.output if o)
+                continue
+            found.append(node.op_type)
+    return found
+
+
+def _proto_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _proto_graphs(sub)
+
+
+def _node_count(model: ModelLike) -> int | None:
+    if isinstance(model, ir.Model):
+        return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+    try:
+        if isinstance(model, bytes):
+            proto = onnx.load_from_string(model)
+        else:
+            proto = onnx.load(model, load_external_data=False)
+    except Exception:
+        return None
+    return sum(len(g.node) for g in _proto_graphs(proto.graph))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclasses.dataclass
+class ModelBench:
+    """Measurements of one model."""
+
+    name: str
+    latencies_ms: np.ndarray
+    batch: int
+    peak_memory_bytes: int | None = None
+    memory_error: str | None = None
+    graph: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ratio_p50: float = 1.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+    @property
+    def p50_ms(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the mean latency."""
+        return self.batch / (float(np.mean(self.latencies_ms)) / 1000.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "latency_ms": {
+                "p50": self.percentile(50),
+                "p90": self.percentile(90),
+                "p99": self.percentile(99),
+                "mean": float(np.mean(self.latencies_ms)),
+                "min": float(np.min(self.latencies_ms)),
+            },
+            "ratio_p50": self.ratio_p50,
+            "throughput_samples_per_s": self.throughput,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_error": self.memory_error,
+            "graph": self.graph,
+        }
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """Interleaved latency of several models; ratios are to the first."""
+
+    models: list[ModelBench]
+    threads: int
+    runs: int
+    warmup: int
+    batch: int
+    inputs: dict[str, dict[str, Any]]
+    feeds_from: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threads": self.threads,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "batch": self.batch,
+            "inputs": self.inputs,
+            "feeds_from": self.feeds_from,
+            "memory_method": "peak RSS of a child process per model after creating the session "
+            f"and {MEMORY_RUNS} runs, minus its RSS after imports (Linux VmHWM, else ru_maxrss)",
+            "models": [m.to_json() for m in self.models],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def benchmark(
+    models: Sequence[ModelLike],
+    *,
+    threads: int = 1,
+    runs: int = 100,
+    warmup: int = 10,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    data: DataSource | str | os.PathLike | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = 1,
+    memory: bool = True,
+    graph: bool = True,
+    names: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> BenchResult:
+    """Measure each model's latency interleaved in this process, its peak memory in a child.
+
+    Args:
+        models: ``ir.Model`` objects, paths or serialized bytes; all take the same inputs.
+        feeds: the inputs to run; else the first ``batch_size`` samples of ``data`` (a data
+            source or an .npz path), else random inputs shaped by ``shapes``.
+        memory: measure peak memory (one child process per model, about a second each).
+        graph: add ``graph_report`` of each model.
+        names: labels for the models (default: their paths, or "model 1", ...).
+        progress: called with the number of steps done since the last call; the total is
+            ``progress_steps(len(models), runs, warmup, memory)``.
+    """
+    if not models:
+        raise OnnxcompError("bench: no models given")
+    if runs < 1 or warmup < 0 or threads < 1 or batch_size < 1:
+        raise OnnxcompError("bench: --runs, --threads and --batch-size must be at least 1, --warmup at least 0")
+    labels = list(names) if names else _labels(models)
+    step = progress or (lambda n: None)
+    loaded = [_check_loadable(m) for m in models]
+    feeds, feeds_from = _make_feeds(_as_ir(models[0]), feeds, data, shapes, batch_size)
+    batch = _batch_of(feeds)
+
+    sessions = []
+    for label, model in zip(labels, loaded):
+        session = runtime.create_session(model, threads=threads, label=label)
+        try:
+            runtime.check_feeds(session, feeds, label)
+        except OnnxcompError as err:
+            if label == labels[0]:
+                raise
+            raise OnnxcompError(f"{err} (all models must take the same inputs as {labels[0]})") from None
+        runtime.run(session, feeds, label=label)
+        sessions.append(session)
+
+    timings = _interleave(sessions, feeds, runs, warmup, step)
+    results = [ModelBench(label, np.array(t), batch) for label, t in zip(labels, timings)]
+    base = results[0].p50_ms
+    for result in results:
+        result.ratio_p50 = result.p50_ms / base if base > 0 else float("nan")
+    del sessions
+
+    for result, model in zip(results, loaded):
+        if graph:
+            result.graph = graph_report(model, threads=threads, label=result.name)
+        if memory:
+            try:
+                result.peak_memory_bytes = peak_memory(model, feeds, threads=threads)
+            except OnnxcompError as err:
+                result.memory_error = str(err)
+                logger.warning("%s: peak memory not measured (%s)", result.name, err)
+            step(1)
+    inputs = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
+    return BenchResult(results, threads, runs, warmup, batch, inputs, feeds_from)
+
+
+def progress_steps(models: int, runs: int, warmup: int, memory: bool) -> int:
+    """How many steps ``benchmark`` reports through its ``progress`` callback."""
+    return (runs + warmup) + (models if memory else 0)
+
+
+def _labels(models: Sequence[ModelLike]) -> list[str]:
+    labels = []
+    for index, model in enumerate(models, 1):
+        label = str(model) if isinstance(model, (str, os.PathLike)) else f"model {index}"
+        if label in labels:
+            label = f"{label} ({index})"
+        labels.append(label)
+    return labels
+
+
+def _check_loadable(model: ModelLike) -> ModelLike:
+    """Paths are checked (a clear error for a missing or truncated file) but passed on as
+    paths, so onnxruntime reads them itself."""
+    if isinstance(model, (str, os.PathLike)):
+        model_io.load(model)
+        return str(model)
+    return model
+
+
+def _as_ir(model: ModelLike) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, bytes):
+        try:
+            return ir.from_proto(onnx.load_from_string(model))
+        except Exception as err:
+            raise OnnxcompError(f"model bytes: not a readable ONNX model ({type(err).__name__})") from None
+    return model_io.load(model)
+
+
+def _make_feeds(
+    model: ir.Model,
+    feeds: Mapping[str, np.ndarray] | None,
+    data: DataSource | str | os.PathLike | None,
+    shapes: Mapping[str, Sequence[int]] | None,
+    batch_size: int,
+) -> tuple[dict[str, np.ndarray], str]:
+    specs = model_io.input_specs(model)
+    if feeds is not None:
+        return {k: np.asarray(v) for k, v in feeds.items()}, "given feeds"
+    if data is not None:
+        source = data if isinstance(data, DataSource) else open_data(data, specs)
+        for batch in source.batches(batch_size, limit=batch_size):
+            return dict(batch.inputs), f"first {len(batch)} sample(s) of {source.name}"
+        raise OnnxcompError(f"{source.name}: holds no samples")
+    shapes = dict(shapes or {})
+    random = RandomData(specs, samples=1, shapes=shapes)
+    if batch_size != 1:
+        # Random inputs: a dynamic first axis takes the batch size unless --shape fixed it.
+        for spec in specs:
+            if spec.name not in shapes and spec.shape and not isinstance(spec.shape[0], int):
+                shapes[spec.name] = [batch_size, *random.shapes[spec.name][1:]]
+        random = RandomData(specs, samples=1, shapes=shapes)
+    batch = next(random.batches(1))
+    described = ", ".join(f"{k}=" + "x".join(map(str, v.shape)) for k, v in batch.inputs.items())
+    return dict(batch.inputs), f"random inputs ({described})"
+
+
+def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
+    for array in feeds.values():
+        if array.ndim:
+            return int(array.shape[0])
+    return 1
+
+
+def _interleave(sessions, feeds, runs: int, warmup: int, step) -> list[list[float]]:
+    """Round-robin: each round runs every model once, the starting model rotating."""
+    feeds = dict(feeds)
+    timings: list[list[float]] = [[] for _ in sessions]
+    count = len(sessions)
+    for round_index in range(warmup + runs):
+        for offset in range(count):
+            index = (round_index + offset) % count
+            start = time.perf_counter_ns()
+            sessions[index].run(None, feeds)
+            elapsed = time.perf_counter_ns() - start
+            if round_index >= warmup:
+                timings[index].append(elapsed / 1e6)
+        step(1)
+    return timings
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, in a child process
+
+
+def peak_memory(model: ModelLike, feeds: Mapping[str, np.ndarray], *, threads: int = 1) -> int:
+    """Bytes the model adds to a fresh process's peak resident set: create the session and run
+    it a few times in a child process: peak RSS after, minus RSS after imports."""
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-memory-") as tmpdir:
+        if isinstance(model, (str, os.PathLike)):
+            model_path = str(Path(model).resolve())
+        else:
+            model_path = os.path.join(tmpdir, "model.onnx")
+            if isinstance(model, bytes):
+                Path(model_path).write_bytes(model)
+            else:
+                ir.save(model, model_path, external_data="model.onnx.data")
+        feeds_path = os.path.join(tmpdir, "feeds.npz")
+        np.savez(feeds_path, **feeds)
+        result_path = os.path.join(tmpdir, "result.json")
+        args = {"model": model_path, "feeds": feeds_path, "threads": threads, "result": result_path}
+        proc = subprocess.run(
+            [sys.executable, "-m", "onnxcomp.bench", json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0 or not os.path.exists(result_path):
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OnnxcompError(f"memory child process failed (exit {proc.returncode}: {tail})")
+        result = json.loads(Path(result_path).read_text())
+    return max(0, result["peak_kb"] - result["baseline_kb"]) * 1024
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (Linux: VmHWM), so the peak after counts only what
+    follows. ru_maxrss cannot be used on Linux: a child inherits its parent's peak at fork."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _proc_status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _memory_child(args: dict[str, Any]) -> None:
+    with np.load(args["feeds"]) as npz:
+        feeds = {k: npz[k] for k in npz.files}
+    if _reset_peak():
+        baseline, method = _proc_status_kb("VmRSS"), "VmHWM"
+    else:
+        baseline, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+    session = runtime.create_session(args["model"], threads=args["threads"])
+    for _ in range(MEMORY_RUNS):
+        session.run(None, feeds)
+    if method == "VmHWM":
+        peak = _proc_status_kb("VmHWM")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if sys.platform == "darwin":  # bytes there, KB on Linux
+            peak, baseline = peak // 1024, baseline // 1024
+    result = {"baseline_kb": baseline, "peak_kb": peak, "method": method}
+    Path(args["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _memory_child(json.loads(sys.argv[1]))
