@@ -1,4 +1,4 @@
-"""Quantization numerics on plain arrays, checked against onnxruntime's own kernels where one exists."""
+"""Quantization numerics on plain arrays, checked against onnxruntime's kernels where one exists."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from onnxcomp.quantize.schemes import INT8, UINT8
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def _qdq_model(elem: str, axis: int | None) -> onnx.ModelProto:
@@ -25,7 +27,8 @@ def _qdq_model(elem: str, axis: int | None) -> onnx.ModelProto:
     return onnx.parser.parse_model(
         f"""
         <ir_version: 8, opset_import: ["" : 13]>
-        qdq (float[A, B, D] x, float{sdim} s, {elem}{sdim} z) => ({elem}[A, B, D] q, float[A, B, D] y) {{
+        qdq (float[A, B, D] x, float{sdim} s, {elem}{sdim} z)
+            => ({elem}[A, B, D] q, float[A, B, D] y) {{
             q = QuantizeLinear {attr} (x, s, z)
             y = DequantizeLinear {attr} (q, s, z)
         }}
@@ -33,7 +36,7 @@ def _qdq_model(elem: str, axis: int | None) -> onnx.ModelProto:
     )
 
 
-# --- schemes ------------------------------------------------------------------------------------------------------
+# --- schemes
 
 
 @pytest.mark.parametrize("qtype, elem", [(UINT8, "uint8"), (INT8, "int8")])
@@ -77,7 +80,9 @@ def test_params_from_range_rules():
     p = schemes.params_from_range(0.0, 0.0, UINT8)  # zero range: finite positive scale
     assert p.scale == 1.0 and p.zero_point == 0
 
-    p = schemes.params_from_range(np.array([-1.0, 0.0, -4.0]), np.array([1.0, 0.0, 2.0]), INT8, True, axis=0)
+    p = schemes.params_from_range(
+        np.array([-1.0, 0.0, -4.0]), np.array([1.0, 0.0, 2.0]), INT8, True, axis=0
+    )
     np.testing.assert_allclose(p.scale, np.float32([1 / 127, 1.0, 4 / 127]))
     assert p.axis == 0 and p.zero_point.dtype == np.int8
 
@@ -113,7 +118,8 @@ def _matmulnbits_model(q: schemes.BlockwiseWeight, m: int) -> onnx.ModelProto:
         f"""
         <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
         nbits (float[{m}, {q.K}] a) => (float[{m}, {q.N}] y) {{
-            y = com.microsoft.MatMulNBits <K = {q.K}, N = {q.N}, bits = {q.bits}, block_size = {q.block_size}>
+            y = com.microsoft.MatMulNBits
+                <K = {q.K}, N = {q.N}, bits = {q.bits}, block_size = {q.block_size}>
                 (a, B, scales{zp_in})
         }}
         """
@@ -158,7 +164,7 @@ def test_pack_bits_low_nibble_first():
     np.testing.assert_array_equal(schemes.unpack_bits(packed, 4, 3), [[1, 2, 3]])
 
 
-# --- observers ----------------------------------------------------------------------------------------------------
+# --- observers
 
 
 def _stream(kind: str, n_batches: int, seed: int = 0):
@@ -200,7 +206,9 @@ def test_observer_memory_is_constant(method, options):
             sizes.append(obs.nbytes)
         else:
             assert obs.histogram.counts.shape == (2048,)
-            assert obs.histogram.total == obs.count == n_batches * 16 * 64  # re-binning keeps every count
+            assert (
+                obs.histogram.total == obs.count == n_batches * 16 * 64
+            )  # re-binning keeps every count
             sizes.append(obs.nbytes)
     assert sizes[0] == sizes[1] > 0
 
@@ -237,7 +245,10 @@ def test_minmax_per_channel_and_moving_average():
 
 
 def test_percentile_tighter_than_minmax_on_heavy_tails():
-    mm, pc = observers.make_observer("minmax"), observers.make_observer("percentile", percentile=99.9)
+    mm, pc = (
+        observers.make_observer("minmax"),
+        observers.make_observer("percentile", percentile=99.9),
+    )
     for batch in _stream("heavy", 200):
         mm.update(batch)
         pc.update(batch)
@@ -306,12 +317,13 @@ def test_make_observer_rejects_bad_method_and_option():
         observers.make_observer("percentile", percentile=120)
 
 
-# --- GPTQ and bias correction ---------------------------------------------------------------------------------------
+# --- GPTQ and bias correction
 
 
 def _correlated_inputs(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
     mix = np.eye(features) + 0.4 * rng.standard_normal((features, features))
-    return rng.standard_normal((samples, features)) @ mix + 0.3  # x: (samples, in), correlated, nonzero mean
+    # x: (samples, in), correlated, nonzero mean
+    return rng.standard_normal((samples, features)) @ mix + 0.3
 
 
 def test_hessian_accumulator_streams():
@@ -346,7 +358,9 @@ def test_gptq_beats_round_to_nearest(options):
     result = gptq.gptq_quantize(w, acc.H, block_size=64, **options)
 
     if "group_size" in options:  # RTN with the same grid: MatMulNBits blocks along in_features
-        rtn = schemes.dequantize_blockwise(schemes.quantize_blockwise(w.T, 32, 4, symmetric=False)).T
+        rtn = schemes.dequantize_blockwise(
+            schemes.quantize_blockwise(w.T, 32, 4, symmetric=False)
+        ).T
         scale = np.repeat(result.scale, 32, axis=1)
         zp = np.repeat(result.zero_point, 32, axis=1).astype(np.int32)
         codes = result.quantized.astype(np.int32)

@@ -1,1 +1,1 @@
-"""Quantization: calibration observers, scale/zero-point schemes, reconstruction solvers and placement."""
+"""Quantization: calibration observers, scale/zero-point schemes, solvers, placement."""

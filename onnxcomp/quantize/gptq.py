@@ -1,8 +1,9 @@
 """Layer-wise quantization solvers on plain arrays: GPTQ, its Hessian, bias correction.
 
-Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs ``x: (samples, in_features)``
-(the PyTorch / Gemm(transB=1) convention). For an ONNX MatMul weight ``B: [K, N]`` pass ``W = B.T`` and transpose the
-result back. Everything here is float64; weights come back as float32.
+Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs ``x:
+    (samples, in_features)`` (the PyTorch / Gemm(transB=1) convention). For an ONNX MatMul weight
+    ``B: [K, N]`` pass ``W = B.T`` and transpose the result back. Everything here is float64;
+    weights come back as float32.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from collections.abc import Callable
 import numpy as np
 
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.quantize.schemes import INT8, QuantParams, QuantTypeLike, _scale_zero_point, quant_type
+from onnxcomp.quantize.schemes import (
+    INT8,
+    QuantParams,
+    QuantTypeLike,
+    _scale_zero_point,
+    quant_type,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +32,8 @@ ColumnQuantizer = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 class HessianAccumulator:
     """Running ``H = 2 X^T X / n`` of a layer's inputs (and their mean), memory O(in_features^2).
 
-    The Hessian of the layer-wise objective ``||W X - W_q X||^2`` (Frantar et al., GPTQ, 2022, Sec. 3).
-    Rows with NaN or inf are dropped and counted in ``dropped_rows``.
+    The Hessian of the layer-wise objective ``||W X - W_q X||^2`` (Frantar et al., GPTQ, 2022, Sec.
+    3). Rows with NaN or inf are dropped and counted in ``dropped_rows``.
     """
 
     def __init__(self, in_features: int | None = None):
@@ -40,7 +47,9 @@ class HessianAccumulator:
         """Add inputs ``x: (..., in_features)``; leading axes are samples (batch, tokens, ...)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 0:
-            raise OnnxcompError("HessianAccumulator.update needs inputs of shape (samples, in_features)")
+            raise OnnxcompError(
+                "HessianAccumulator.update needs inputs of shape (samples, in_features)"
+            )
         if self.in_features is None:
             self.in_features = int(x.shape[-1])
         if x.shape[-1] != self.in_features:
@@ -79,7 +88,8 @@ class HessianAccumulator:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._h is None else self._h.nbytes + self._sum.nbytes  # type: ignore[union-attr]
+        # type: ignore[union-attr]
+        return 0 if self._h is None else self._h.nbytes + self._sum.nbytes
 
 
 @dataclasses.dataclass
@@ -88,13 +98,15 @@ class GptqResult:
 
     dequantized: np.ndarray  # (out, in) float32: what the runtime computes with
     quantized: np.ndarray  # (out, in) integer codes in dtype.storage
-    scale: np.ndarray | None  # (out,) per channel, (out, n_groups) with group_size, () per tensor; None if callable
+    # (out,) per channel, (out, n_groups) with group_size, () per tensor; None if callable
+    scale: np.ndarray | None
     zero_point: np.ndarray | None  # same shape as scale
     loss: float  # GPTQ's objective estimate: sum over columns of (w - q)^2 / (2 [H^-1]_jj)
 
 
 def _inverse_hessian_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 = U^T U; damping grows until H is definite."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 = U^T U; damping grows until H is
+    definite."""
     n = h.shape[0]
     mean_diag = float(np.mean(np.diag(h)))
     for attempt in range(6):
@@ -105,8 +117,12 @@ def _inverse_hessian_upper(h: np.ndarray, damp: float) -> np.ndarray:
             h_inv = low_inv.T @ low_inv
             return np.linalg.cholesky(h_inv).T  # upper: H^-1 = U^T U
         except np.linalg.LinAlgError:
-            logger.warning("GPTQ: Hessian not positive definite with damp=%g; increasing damping", d)
-    raise OnnxcompError("GPTQ: Hessian is not positive definite even with strong damping (check inputs)")
+            logger.warning(
+                "GPTQ: Hessian not positive definite with damp=%g; increasing damping", d
+            )
+    raise OnnxcompError(
+        "GPTQ: Hessian is not positive definite even with strong damping (check inputs)"
+    )
 
 
 def gptq_quantize(
@@ -121,19 +137,21 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
 ) -> GptqResult:
-    """Quantize ``W: (out, in)`` column by column, spreading each column's rounding error over the columns not yet
-    quantized so that ``||W X - W_q X||^2`` stays small (GPTQ, Frantar et al. 2022, Alg. 1, with lazy block updates
-    and Cholesky-based inverse Hessian).
+    """Quantize ``W: (out, in)`` column by column, spreading each column's rounding error over the
+    columns not yet quantized so that ``||W X - W_q X||^2`` stays small (GPTQ, Frantar et al. 2022,
+    Alg. 1, with lazy block updates and Cholesky-based inverse Hessian).
 
     Args:
         W: float weight, (out_features, in_features).
         H: ``2 X^T X / n``, (in_features, in_features), from `HessianAccumulator`.
-        quantizer: the grid. None: per output channel (``dtype``, ``symmetric``) computed from W, or per group of
-            ``group_size`` input columns (MatMulNBits blocks after transposing). A `QuantParams`: per tensor, or
-            per channel with ``axis=0`` and ``out`` scales. A callable ``(w_col, j) -> (codes, dequantized)``.
-        group_size: with ``quantizer=None``, one scale per (row, group of input columns). Groups are computed from the
-            partly updated weights when reached (as GPTQ does), or from the original W up front with
-            ``act_order`` ("static groups") so that the groups stay contiguous in the original column order.
+        quantizer: the grid. None: per output channel (``dtype``, ``symmetric``) computed from W, or
+            per group of ``group_size`` input columns (MatMulNBits blocks after transposing). A
+            `QuantParams`: per tensor, or per channel with ``axis=0`` and ``out`` scales. A callable
+            ``(w_col, j) -> (codes, dequantized)``.
+        group_size: with ``quantizer=None``, one scale per (row, group of input columns). Groups are
+            computed from the partly updated weights when reached (as GPTQ does), or from the
+            original W up front with ``act_order`` ("static groups") so that the groups stay
+            contiguous in the original column order.
         block_size: columns per lazy batch update (speed only; the result is the same).
         damp: relative dampening added to H's diagonal (fraction of its mean).
         act_order: quantize columns in order of decreasing ``H_jj`` (GPTQ's "act-order" heuristic).
@@ -145,7 +163,9 @@ def gptq_quantize(
     if not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
         raise OnnxcompError("GPTQ: W or H contains NaN or inf")
     if block_size < 1 or damp < 0:
-        raise OnnxcompError(f"GPTQ: block_size must be >= 1 and damp >= 0 (got {block_size}, {damp})")
+        raise OnnxcompError(
+            f"GPTQ: block_size must be >= 1 and damp >= 0 (got {block_size}, {damp})"
+        )
     out_f, in_f = w.shape
     qt = quant_type(dtype)
 
@@ -165,13 +185,19 @@ def gptq_quantize(
         column_fn = None
         if isinstance(quantizer, QuantParams):
             qt = quantizer.dtype
-            if quantizer.axis not in (None, 0) or (quantizer.axis == 0 and quantizer.scale.shape != (out_f,)):
-                raise OnnxcompError("GPTQ: QuantParams must be per tensor or per output channel (axis=0, out scales)")
+            if quantizer.axis not in (None, 0) or (
+                quantizer.axis == 0 and quantizer.scale.shape != (out_f,)
+            ):
+                raise OnnxcompError(
+                    "GPTQ: QuantParams must be per tensor or per output channel "
+                    "(axis=0, one scale per row of W)"
+                )
             scale = np.broadcast_to(quantizer.scale, (out_f,)).astype(np.float32)
             zero = np.broadcast_to(quantizer.zero_point, (out_f,)).astype(qt.storage)
             result_scale, result_zero = quantizer.scale, quantizer.zero_point
         elif group_size is None:
-            scale, zero = _scale_zero_point(w.min(axis=1), w.max(axis=1), qt, symmetric, False)  # (out,)
+            # (out,)
+            scale, zero = _scale_zero_point(w.min(axis=1), w.max(axis=1), qt, symmetric, False)
             result_scale, result_zero = scale, zero
         else:
             if group_size < 1:
@@ -216,7 +242,9 @@ def gptq_quantize(
                         s, z = result_scale[:, g], result_zero[:, g]
                     elif j % group_size == 0:
                         # Columns j.. of the group, already updated by the error of earlier columns.
-                        s, z = group_params(g, np.concatenate([w1[:, i:], w[:, i2:]], axis=1)[:, :group_size])
+                        s, z = group_params(
+                            g, np.concatenate([w1[:, i:], w[:, i2:]], axis=1)[:, :group_size]
+                        )
                     else:
                         s, z = result_scale[:, g], result_zero[:, g]
                 else:
@@ -236,18 +264,24 @@ def gptq_quantize(
     if column_fn is not None:
         return GptqResult(deq.astype(np.float32), codes, None, None, loss)
     return GptqResult(
-        deq.astype(np.float32), codes.astype(qt.storage), np.asarray(result_scale), np.asarray(result_zero), loss
+        deq.astype(np.float32),
+        codes.astype(qt.storage),
+        np.asarray(result_scale),
+        np.asarray(result_zero),
+        loss,
     )
 
 
 def _round_column(
     col: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Round-to-nearest-even of one column onto a (per-row) grid; returns codes and their float32 values."""
+    """Round-to-nearest-even of one column onto a (per-row) grid; returns codes and their float32
+    values."""
     s = np.asarray(scale, dtype=np.float32)
     z = np.asarray(zero).astype(np.int64)
     q = np.clip(np.rint(col.astype(np.float32) / s).astype(np.int64) + z, qmin, qmax)  # (out,)
-    wq = ((q - z).astype(np.float32) * s).astype(np.float64)  # exactly DequantizeLinear's float32 result
+    # exactly DequantizeLinear's float32 result
+    wq = ((q - z).astype(np.float32) * s).astype(np.float64)
     return q, wq
 
 
@@ -256,9 +290,9 @@ def bias_correction(
     W_q: np.ndarray,  # noqa: N803
     mean_input: np.ndarray,
 ) -> np.ndarray:
-    """Bias delta ``(W_fp - W_q) E[x]`` (out,) that, added to the layer's bias, makes ``E[W_q x + b]`` equal
-    ``E[W_fp x + b]`` (empirical bias correction, Nagel et al., "Data-Free Quantization Through Weight
-    Equalization and Bias Correction", ICCV 2019, Sec. 4.2).
+    """Bias delta ``(W_fp - W_q) E[x]`` (out,) that, added to the layer's bias, makes ``E[W_q x +
+    b]`` equal ``E[W_fp x + b]`` (empirical bias correction, Nagel et al., "Data-Free Quantization
+    Through Weight Equalization and Bias Correction", ICCV 2019, Sec. 4.2).
 
     Args:
         W_fp, W_q: (out_features, in_features) float and dequantized weights.
@@ -269,13 +303,15 @@ def bias_correction(
     mu = np.asarray(mean_input, dtype=np.float64).reshape(-1)
     if w_fp.shape != w_q.shape or w_fp.ndim != 2 or mu.shape != (w_fp.shape[1],):
         raise OnnxcompError(
-            f"bias_correction needs W_fp, W_q (out, in) and mean_input (in,); got {w_fp.shape}, {w_q.shape}, "
+            f"bias_correction needs W_fp, W_q (out, in) and mean_input (in,); "
+            f"got {w_fp.shape}, {w_q.shape}, "
             f"{mu.shape}"
         )
     return ((w_fp - w_q) @ mu).astype(np.float32)  # (out,)
 
 
 def reconstruction_error(W: np.ndarray, W_q: np.ndarray, H: np.ndarray) -> float:  # noqa: N803
-    """Mean squared output error per sample ``E||(W - W_q) x||^2 = tr(dW H dW^T) / 2`` for ``H = 2 X^T X / n``."""
+    """Mean squared output error per sample ``E||(W - W_q) x||^2 = tr(dW H dW^T) / 2`` for ``H = 2
+    X^T X / n``."""
     dw = np.asarray(W, dtype=np.float64) - np.asarray(W_q, dtype=np.float64)  # (out, in)
     return float(np.einsum("oi,ij,oj->", dw, np.asarray(H, dtype=np.float64), dw) / 2.0)

@@ -1,13 +1,14 @@
-"""Streaming calibration observers: fold activation batches into running statistics, then pick a clip range.
+"""Streaming calibration observers: fold activation batches into running statistics, then pick a
+clip range.
 
-Every observer has ``update(batch)`` and ``compute() -> (rmin, rmax)``; its memory is fixed at construction (a min and
-a max, or a histogram of ``bins`` float64 counts) and does not grow with the number of batches. NaN and inf values are
-dropped and counted in ``dropped``.
+Every observer has ``update(batch)`` and ``compute() -> (rmin, rmax)``; its memory is fixed at
+construction (a min and a max, or a histogram of ``bins`` float64 counts) and does not grow with the
+number of batches. NaN and inf values are dropped and counted in ``dropped``.
 
-Histograms keep a fixed bin count. When a batch falls outside the current range the range grows by an integer factor
-of the bin width, aligned on the old bin edges, so old counts move whole into new bins with no interpolation error
-(the same idea as PyTorch's ``HistogramObserver``, which re-bins on growth rather than adding bins as onnxruntime's
-``HistogramCollector`` does).
+Histograms keep a fixed bin count. When a batch falls outside the current range the range grows by
+an integer factor of the bin width, aligned on the old bin edges, so old counts move whole into new
+bins with no interpolation error (the same idea as PyTorch's ``HistogramObserver``, which re-bins on
+growth rather than adding bins as onnxruntime's ``HistogramCollector`` does).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class Histogram:
     def _grow(self, vmin: float, vmax: float) -> None:
         w = self.width
         need_lo, need_hi = min(vmin, self.lo), max(vmax, self.hi)
-        # New width = factor * w and new_lo = lo - shift * w (integers), so old edges stay edges. Pick the smallest
-        # factor that fits and center the slack, so that growth on one side does not waste the bins on the other.
+        # New width = factor * w and new_lo = lo - shift * w (integers), so old edges stay edges.
+        # Pick the smallest factor that fits and center the slack, so that growth on one side does
+        # not waste the bins on the other.
         factor = max(1, math.ceil((need_hi - need_lo) / (self.bins * w)))
         while True:
             shift_min = math.ceil((self.lo - need_lo) / w)
@@ -92,11 +94,14 @@ class Histogram:
         new_w = factor * w
         # Old bins lie whole inside new ones (edges aligned), so place each by its center.
         idx = np.floor((self.centers - new_lo) / new_w).astype(np.int64)
-        self.counts = np.bincount(np.clip(idx, 0, self.bins - 1), weights=self.counts, minlength=self.bins)
+        self.counts = np.bincount(
+            np.clip(idx, 0, self.bins - 1), weights=self.counts, minlength=self.bins
+        )
         self.lo, self.hi = new_lo, new_lo + self.bins * new_w
 
     def quantile(self, q: float) -> float:
-        """Value below which a fraction ``q`` of the counts lies, interpolating linearly inside a bin."""
+        """Value below which a fraction ``q`` of the counts lies, interpolating linearly inside a
+        bin."""
         cdf = np.cumsum(self.counts)
         target = q * cdf[-1]
         i = int(np.searchsorted(cdf, target, side="left"))
@@ -154,12 +159,13 @@ class Observer:
 
 
 class MinMaxObserver(Observer):
-    """Running min / max, per tensor or per channel along ``axis``; optionally an exponential moving average.
+    """Running min / max, per tensor or per channel along ``axis``; optionally an exponential moving
+    average.
 
     Args:
         axis: channel axis of the batches for per-channel ranges; None for per tensor.
-        averaging_constant: c in ``m <- m + c (batch_m - m)`` (PyTorch's ``MovingAverageMinMaxObserver``); None keeps
-            the global min / max.
+        averaging_constant: c in ``m <- m + c (batch_m - m)`` (PyTorch's
+            ``MovingAverageMinMaxObserver``); None keeps the global min / max.
     """
 
     def __init__(self, axis: int | None = None, averaging_constant: float | None = None):
@@ -177,7 +183,9 @@ class MinMaxObserver(Observer):
             return
         x = np.asarray(batch, dtype=np.float64)
         if not -x.ndim <= self.axis < x.ndim:
-            raise OnnxcompError(f"MinMaxObserver: axis {self.axis} out of range for a batch of shape {x.shape}")
+            raise OnnxcompError(
+                f"MinMaxObserver: axis {self.axis} out of range for a batch of shape {x.shape}"
+            )
         x = np.moveaxis(x, self.axis, 0).reshape(x.shape[self.axis], -1)  # (C, rest)
         finite = np.isfinite(x)
         n_bad = int(x.size - np.count_nonzero(finite))
@@ -215,7 +223,9 @@ class MinMaxObserver(Observer):
         assert self._lo is not None and self._hi is not None
         empty = ~np.isfinite(self._lo)
         if np.any(empty):
-            logger.warning("MinMaxObserver: %d channel(s) had no finite values; range [0, 0]", int(empty.sum()))
+            logger.warning(
+                "MinMaxObserver: %d channel(s) had no finite values; range [0, 0]", int(empty.sum())
+            )
         lo = np.where(empty, 0.0, self._lo)
         hi = np.where(empty, 0.0, self._hi)
         if self.axis is None:
@@ -224,7 +234,8 @@ class MinMaxObserver(Observer):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._lo is None else self._lo.nbytes + self._hi.nbytes  # type: ignore[union-attr]
+        # type: ignore[union-attr]
+        return 0 if self._lo is None else self._lo.nbytes + self._hi.nbytes
 
 
 class _HistogramObserver(Observer):
@@ -243,7 +254,8 @@ class _HistogramObserver(Observer):
         return self.histogram.counts.nbytes
 
     def _finish(self, threshold: float) -> Range:
-        """(rmin, rmax) from a symmetric threshold: (-t, t), or clipped to what was observed when not symmetric."""
+        """(rmin, rmax) from a symmetric threshold: (-t, t), or clipped to what was observed when
+        not symmetric."""
         if self.symmetric:
             return -threshold, threshold
         return max(-threshold, self.min), min(threshold, self.max)
@@ -252,8 +264,8 @@ class _HistogramObserver(Observer):
 class PercentileObserver(_HistogramObserver):
     """Clip range at a percentile of the observed values, from a histogram.
 
-    symmetric: threshold t = the percentile of |x|, range (-t, t). Otherwise (100 - percentile) / 2 percent is cut from
-    each tail of x (onnxruntime's ``HistogramCalibrater`` percentile mode).
+    symmetric: threshold t = the percentile of |x|, range (-t, t). Otherwise (100 - percentile) / 2
+        percent is cut from each tail of x (onnxruntime's ``HistogramCalibrater`` percentile mode).
     """
 
     def __init__(self, percentile: float = 99.99, symmetric: bool = False, bins: int = 2048):
@@ -274,19 +286,23 @@ class PercentileObserver(_HistogramObserver):
 
 
 class EntropyObserver(_HistogramObserver):
-    """Threshold minimising the KL divergence between the clipped distribution and its quantized version.
+    """Threshold minimising the KL divergence between the clipped distribution and its quantized
+    version.
 
-    TensorRT's entropy calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017), which onnxruntime's
-    ``EntropyCalibrater`` also follows: on the histogram of |x|, for each candidate threshold bin i >= q
-    (q = ``num_quantized_bins``), the reference P is bins [0, i) with the outliers beyond i added to the last bin; the
-    candidate Q merges bins [0, i) into q levels and spreads each level evenly over its non-empty bins; the threshold
-    with the smallest KL(P || Q) wins. Range (-t, t) when ``symmetric``, else clipped to the observed min / max.
+    TensorRT's entropy calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017), which
+    onnxruntime's ``EntropyCalibrater`` also follows: on the histogram of |x|, for each candidate
+    threshold bin i >= q (q = ``num_quantized_bins``), the reference P is bins [0, i) with the
+    outliers beyond i added to the last bin; the candidate Q merges bins [0, i) into q levels and
+    spreads each level evenly over its non-empty bins; the threshold with the smallest KL(P || Q)
+    wins. Range (-t, t) when ``symmetric``, else clipped to the observed min / max.
     """
 
     def __init__(self, bins: int = 2048, num_quantized_bins: int = 128, symmetric: bool = False):
         super().__init__(bins, symmetric=True)
         if not 2 <= num_quantized_bins <= bins:
-            raise OnnxcompError(f"num_quantized_bins must be in [2, bins={bins}], got {num_quantized_bins}")
+            raise OnnxcompError(
+                f"num_quantized_bins must be in [2, bins={bins}], got {num_quantized_bins}"
+            )
         self.num_quantized_bins = int(num_quantized_bins)
         self._symmetric_output = bool(symmetric)
 
@@ -315,7 +331,8 @@ class EntropyObserver(_HistogramObserver):
 
 
 def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    """KL(P || Q) of two unnormalised histograms; empty Q bins under non-empty P bins get a tiny mass (a penalty)."""
+    """KL(P || Q) of two unnormalised histograms; empty Q bins under non-empty P bins get a tiny
+    mass (a penalty)."""
     p_sum, q_sum = p.sum(), q.sum()
     if p_sum <= 0 or q_sum <= 0:
         return math.inf
@@ -326,13 +343,15 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
 
 
 class MSEObserver(_HistogramObserver):
-    """Clip range minimising the expected mean squared quantization error for ``dtype``, from the histogram.
+    """Clip range minimising the expected mean squared quantization error for ``dtype``, from the
+    histogram.
 
-    Error model (Banner et al., "Post-training 4-bit quantization of convolution networks for rapid deployment",
-    NeurIPS 2019, ACIQ): for a range [lo, hi] with step ``s = (hi - lo) / levels``, values inside add ``s^2 / 12``
-    rounding noise and values outside add their squared distance to the nearest bound. The histogram counts are taken
-    as uniform inside each bin. Candidate bounds are the histogram edges (symmetric: thresholds on |x|; asymmetric:
-    a grid of at most ``num_candidates`` lower and upper bounds around 0).
+    Error model (Banner et al., "Post-training 4-bit quantization of convolution networks for rapid
+    deployment", NeurIPS 2019, ACIQ): for a range [lo, hi] with step ``s = (hi - lo) / levels``,
+    values inside add ``s^2 / 12`` rounding noise and values outside add their squared distance to
+    the nearest bound. The histogram counts are taken as uniform inside each bin. Candidate bounds
+    are the histogram edges (symmetric: thresholds on |x|; asymmetric: a grid of at most
+    ``num_candidates`` lower and upper bounds around 0).
     """
 
     def __init__(
@@ -371,7 +390,8 @@ class MSEObserver(_HistogramObserver):
         levels = float(self.dtype.qmax - self.dtype.qmin)
         edges = hist.edges
         zero = int(np.clip(np.searchsorted(edges, 0.0), 0, hist.bins))
-        lo_idx = _subsample(np.arange(0, zero + 1), self.num_candidates)  # (L,) lower bound = edges[lo_idx]
+        # (L,) lower bound = edges[lo_idx]
+        lo_idx = _subsample(np.arange(0, zero + 1), self.num_candidates)
         hi_idx = _subsample(np.arange(zero, hist.bins + 1), self.num_candidates)  # (H,)
         lo = np.minimum(edges[lo_idx], 0.0)[:, None]  # (L, 1)
         hi = np.maximum(edges[hi_idx], 0.0)[None, :]  # (1, H)
@@ -401,18 +421,22 @@ _METHODS: dict[str, type[Observer]] = {
 
 
 def make_observer(method: str, **options: Any) -> Observer:
-    """Build the observer for a calibration ``method`` (minmax | percentile | entropy | mse) with its options.
+    """Build the observer for a calibration ``method`` (minmax | percentile | entropy | mse) with
+    its options.
 
     Raises:
         OnnxcompError: naming the unknown method or option.
     """
     cls = _METHODS.get(str(method).lower())
     if cls is None:
-        raise OnnxcompError(f"unknown calibration method {method!r}: expected one of {sorted(_METHODS)}")
+        raise OnnxcompError(
+            f"unknown calibration method {method!r}: expected one of {sorted(_METHODS)}"
+        )
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for key in options:
         if key not in allowed:
             raise OnnxcompError(
-                f"unknown option {key!r} for calibration method {method!r}: expected one of {allowed}"
+                f"unknown option {key!r} for calibration method {method!r}: "
+                f"expected one of {allowed}"
             )
     return cls(**options)

@@ -1,17 +1,19 @@
 """Scale / zero-point math for integer quantization, matching onnxruntime bit for bit.
 
-Plain numpy, no graph. `quantize` and `dequantize` reproduce ONNX QuantizeLinear / DequantizeLinear as onnxruntime's
-CPU provider computes them (MLAS): ``q = saturate(rint(x / scale) + zero_point)`` with the division done in float32,
-round half to even, and saturation to the full range of the integer type; ``x = float(int32(q) - zero_point) * scale``.
+Plain numpy, no graph. `quantize` and `dequantize` reproduce ONNX QuantizeLinear / DequantizeLinear
+as onnxruntime's CPU provider computes them (MLAS): ``q = saturate(rint(x / scale) + zero_point)``
+with the division done in float32, round half to even, and saturation to the full range of the
+integer type; ``x = float(int32(q) - zero_point) * scale``.
 
-`quantize_blockwise` writes the weight layout of onnxruntime's ``com.microsoft.MatMulNBits`` contrib op
-(onnxruntime ``docs/ContribOperators.md``, MatMulNBits): for ``Y = A @ W`` with ``W: [K, N]``
+`quantize_blockwise` writes the weight layout of onnxruntime's ``com.microsoft.MatMulNBits`` contrib
+op (onnxruntime ``docs/ContribOperators.md``, MatMulNBits): for ``Y = A @ W`` with ``W: [K, N]``
 
-- ``B``: uint8 ``[N, n_blocks, blob_size]``, ``n_blocks = ceil(K / block_size)``, ``blob_size = block_size * bits / 8``;
-  codes are unsigned, packed along K, lowest bits first (for 4 bits: element ``2i`` in the low nibble);
+- ``B``: uint8 ``[N, n_blocks, blob_size]``, ``n_blocks = ceil(K / block_size)``, ``blob_size =
+  block_size * bits / 8``; codes are unsigned, packed along K, lowest bits first (for 4 bits:
+  element ``2i`` in the low nibble);
 - ``scales``: float32 ``[N * n_blocks]``;
-- ``zero_points``: optional uint8 ``[N * ceil(n_blocks * bits / 8)]``, packed like ``B`` with each row of N padded to
-  whole bytes; when absent the op uses ``2 ** (bits - 1)``.
+- ``zero_points``: optional uint8 ``[N * ceil(n_blocks * bits / 8)]``, packed like ``B`` with each
+  row of N padded to whole bytes; when absent the op uses ``2 ** (bits - 1)``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Union
 
 import numpy as np
 
@@ -35,7 +36,8 @@ _ONNX_UINT8, _ONNX_INT8, _ONNX_UINT4, _ONNX_INT4 = 2, 3, 21, 22
 class QuantType:
     """An integer quantization type: its bit width, signedness and the numpy dtype that stores it.
 
-    4-bit values are stored one per int8 / uint8 element (unpacked); packing happens only for MatMulNBits.
+    4-bit values are stored one per int8 / uint8 element (unpacked); packing happens only for
+    MatMulNBits.
     """
 
     name: str
@@ -57,7 +59,8 @@ class QuantType:
 
     @property
     def symmetric_zero_point(self) -> int:
-        """The zero point of a symmetric range: 0 for signed types, 2**(bits-1) (128, 8) for unsigned ones."""
+        """The zero point of a symmetric range: 0 for signed types, 2**(bits-1) (128, 8) for
+        unsigned ones."""
         return 0 if self.signed else 1 << (self.bits - 1)
 
     @property
@@ -72,11 +75,12 @@ INT4 = QuantType("int4", 4, True, _ONNX_INT4)
 UINT4 = QuantType("uint4", 4, False, _ONNX_UINT4)
 _BY_NAME = {t.name: t for t in (INT8, UINT8, INT4, UINT4)}
 
-QuantTypeLike = Union[QuantType, str, type, np.dtype]
+QuantTypeLike = QuantType | str | type | np.dtype
 
 
 def quant_type(dtype: QuantTypeLike) -> QuantType:
-    """Normalise ``np.int8``, ``np.uint8``, ``"int4"``, ``"uint4"`` or a `QuantType` to a `QuantType`."""
+    """Normalise ``np.int8``, ``np.uint8``, ``"int4"``, ``"uint4"`` or a `QuantType` to a
+    `QuantType`."""
     if isinstance(dtype, QuantType):
         return dtype
     if isinstance(dtype, str):
@@ -87,7 +91,9 @@ def quant_type(dtype: QuantTypeLike) -> QuantType:
         except TypeError:
             name = str(dtype)
     if name not in _BY_NAME:
-        raise OnnxcompError(f"unsupported quantization dtype {dtype!r}: expected one of {sorted(_BY_NAME)}")
+        raise OnnxcompError(
+            f"unsupported quantization dtype {dtype!r}: expected one of {sorted(_BY_NAME)}"
+        )
     return _BY_NAME[name]
 
 
@@ -95,7 +101,8 @@ def quant_type(dtype: QuantTypeLike) -> QuantType:
 class QuantParams:
     """Scale and zero point of a per-tensor (``axis=None``) or per-axis quantization.
 
-    scale: float32, shape () per tensor or (C,) per axis; zero_point: same shape, stored in ``dtype.storage``.
+    scale: float32, shape () per tensor or (C,) per axis; zero_point: same shape, stored in
+        ``dtype.storage``.
     """
 
     scale: np.ndarray
@@ -109,11 +116,14 @@ class QuantParams:
         self.zero_point = np.asarray(self.zero_point).astype(self.dtype.storage)
         if self.scale.shape != self.zero_point.shape:
             raise OnnxcompError(
-                f"scale shape {self.scale.shape} and zero point shape {self.zero_point.shape} differ"
+                f"scale shape {self.scale.shape} and zero point shape "
+                f"{self.zero_point.shape} differ"
             )
         if self.axis is None and self.scale.ndim != 0:
             if self.scale.size != 1:
-                raise OnnxcompError(f"per-tensor params need scalar scale, got shape {self.scale.shape}")
+                raise OnnxcompError(
+                    f"per-tensor params need scalar scale, got shape {self.scale.shape}"
+                )
             self.scale = self.scale.reshape(())
             self.zero_point = self.zero_point.reshape(())
         if self.axis is not None and self.scale.ndim != 1:
@@ -131,7 +141,8 @@ def _levels(qt: QuantType, symmetric: bool, reduce_range: bool) -> tuple[int, in
         zp = qt.symmetric_zero_point
         return zp - half, zp + half
     if reduce_range:
-        # One bit less on the same zero-based grid (onnxruntime: uint8 -> [0, 127], int8 -> [-64, 64]).
+        # One bit less on the same zero-based grid (onnxruntime: uint8 -> [0, 127], int8 -> [-64,
+        # 64]).
         return (qt.qmin // 2, -(qt.qmin // 2)) if qt.signed else (0, qt.qmax // 2)
     return qt.qmin, qt.qmax
 
@@ -145,20 +156,24 @@ def params_from_range(
     axis: int | None = None,
     reduce_range: bool = False,
 ) -> QuantParams:
-    """Scale and zero point that map the real range [rmin, rmax] (widened to contain 0) onto ``dtype``.
+    """Scale and zero point that map the real range [rmin, rmax] (widened to contain 0) onto
+    ``dtype``.
 
     Works elementwise: pass arrays of per-channel minima/maxima together with ``axis``.
 
-    Symmetric: ``scale = max(|rmin|, |rmax|) / (2**(bits-1) - 1)`` and the zero point is 0 (signed) or
-    ``2**(bits-1)`` (unsigned). For int8 that is /127, not /127.5: the real range maps onto [-127, 127], so the grid is
-    exactly symmetric around 0 with zero point 0 (what onnxruntime's own symmetric int8 range uses, and what its
-    per-channel QLinearConv / QGemm kernels require of weights) and -128 is never produced by in-range values.
-    Note this is *not* the fix for the u8s8 saturation that onnxruntime's ``reduce_range`` docs describe: on AVX2 /
-    non-VNNI AVX-512 the ``vpmaddubsw`` pair sum 2 * 255 * 127 still overflows int16; only 7-bit weights avoid it
-    (``reduce_range=True``, [-64, 64]). VNNI (``vpdpbusd``) accumulates in int32 and needs neither.
+    Symmetric: ``scale = max(|rmin|, |rmax|) / (2**(bits-1) - 1)`` and the zero point is 0 (signed)
+        or ``2**(bits-1)`` (unsigned). For int8 that is /127, not /127.5: the real range maps onto
+        [-127, 127], so the grid is exactly symmetric around 0 with zero point 0 (what onnxruntime's
+        own symmetric int8 range uses, and what its per-channel QLinearConv / QGemm kernels require
+        of weights) and -128 is never produced by in-range values. Note this is *not* the fix for
+        the u8s8 saturation that onnxruntime's ``reduce_range`` docs describe: on AVX2 / non-VNNI
+        AVX-512 the ``vpmaddubsw`` pair sum 2 * 255 * 127 still overflows int16; only 7-bit weights
+        avoid it (``reduce_range=True``, [-64, 64]). VNNI (``vpdpbusd``) accumulates in int32 and
+        needs neither.
 
-    Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``, ``zero_point = round(qmin - rmin / scale)`` (onnxruntime's
-    ``compute_scale_zp``). A zero or subnormal range gives scale 1.0 and zero point 0 rather than a zero scale.
+    Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``, ``zero_point = round(qmin - rmin /
+        scale)`` (onnxruntime's ``compute_scale_zp``). A zero or subnormal range gives scale 1.0 and
+        zero point 0 rather than a zero scale.
 
     Raises:
         OnnxcompError: when a bound is NaN or infinite, or rmin > rmax.
@@ -166,12 +181,18 @@ def params_from_range(
     qt = quant_type(dtype)
     scale32, zero_point = _scale_zero_point(rmin, rmax, qt, symmetric, reduce_range)
     if scale32.ndim > 1 or (scale32.ndim == 1 and axis is None and scale32.size != 1):
-        raise OnnxcompError(f"per-channel ranges of shape {scale32.shape} need a 1-D range and an axis")
+        raise OnnxcompError(
+            f"per-channel ranges of shape {scale32.shape} need a 1-D range and an axis"
+        )
     return QuantParams(scale32, zero_point, qt, axis if scale32.ndim else None)
 
 
 def _scale_zero_point(
-    rmin: np.ndarray | float, rmax: np.ndarray | float, qt: QuantType, symmetric: bool, reduce_range: bool
+    rmin: np.ndarray | float,
+    rmax: np.ndarray | float,
+    qt: QuantType,
+    symmetric: bool,
+    reduce_range: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Elementwise float32 scale and zero point (in ``qt.storage``) for any shape of ranges."""
     rmin64 = np.asarray(rmin, dtype=np.float64)
@@ -192,7 +213,10 @@ def _scale_zero_point(
             zero_point = np.clip(np.round(lo - rmin64 / scale), lo, hi)
     degenerate = scale < np.finfo(np.float32).tiny
     if np.any(degenerate):
-        logger.debug("%d zero-width quantization range(s): using scale 1.0", int(np.count_nonzero(degenerate)))
+        logger.debug(
+            "%d zero-width quantization range(s): using scale 1.0",
+            int(np.count_nonzero(degenerate)),
+        )
     scale = np.where(degenerate, 1.0, scale)
     zero_point = np.where(degenerate, 0.0, zero_point)
     scale32 = scale.astype(np.float32)
@@ -211,10 +235,12 @@ def weight_params(
     symmetric: bool = True,
     reduce_range: bool = False,
 ) -> QuantParams:
-    """Symmetric (default) weight quantization parameters, per output channel along ``axis`` or per tensor.
+    """Symmetric (default) weight quantization parameters, per output channel along ``axis`` or per
+    tensor.
 
     Args:
-        w: the float weight, any shape (Conv: (M, C/g, kh, kw) with axis 0; MatMul [K, N] with axis 1).
+        w: the float weight, any shape (Conv: (M, C/g, kh, kw) with axis 0; MatMul [K, N] with axis
+            1).
         dtype: the quantized type; by default int8 for ``bits=8`` and int4 for ``bits=4``.
     """
     if dtype is None:
@@ -228,7 +254,9 @@ def weight_params(
     if not np.all(np.isfinite(w)):
         raise OnnxcompError("weight contains NaN or inf")
     if not per_channel or axis is None or w.ndim == 0:
-        return params_from_range(w.min(initial=0.0), w.max(initial=0.0), qt, symmetric, reduce_range=reduce_range)
+        return params_from_range(
+            w.min(initial=0.0), w.max(initial=0.0), qt, symmetric, reduce_range=reduce_range
+        )
     axis = _normalise_axis(axis, w.ndim)
     other = tuple(i for i in range(w.ndim) if i != axis)
     rmin = w.min(axis=other, initial=0.0)  # (C,)
@@ -255,13 +283,18 @@ def _broadcast(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
     """ONNX QuantizeLinear as onnxruntime computes it: ``saturate(rint(x / scale) + zero_point)``.
 
-    float32 division, round half to even, saturation to the full range of the type. NaN maps to the zero point.
+    float32 division, round half to even, saturation to the full range of the type. NaN maps to the
+    zero point.
     """
     x = np.asarray(x, dtype=np.float32)
     scale, zp = _broadcast(params, x.ndim)
-    if params.axis is not None and x.shape[_normalise_axis(params.axis, x.ndim)] != params.scale.shape[0]:
+    if (
+        params.axis is not None
+        and x.shape[_normalise_axis(params.axis, x.ndim)] != params.scale.shape[0]
+    ):
         raise OnnxcompError(
-            f"tensor of shape {x.shape} does not match {params.scale.shape[0]} channels on axis {params.axis}"
+            f"tensor of shape {x.shape} does not match {params.scale.shape[0]} channels "
+            f"on axis {params.axis}"
         )
     qt = params.dtype
     with np.errstate(invalid="ignore", over="ignore"):
@@ -280,7 +313,8 @@ def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB (float64 sums)."""
+    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB
+    (float64 sums)."""
     ref = np.asarray(reference, dtype=np.float64)
     err = ref - np.asarray(approx, dtype=np.float64)
     signal = float(np.sum(ref * ref))
@@ -292,15 +326,16 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-# --- block-wise weight-only quantization in MatMulNBits layout ---------------------------------------------------
+# --- block-wise weight-only quantization in MatMulNBits layout
+# ---------------------------------------------------
 
 
 @dataclasses.dataclass
 class BlockwiseWeight:
     """A [K, N] MatMul weight quantized block-wise along K, in ``com.microsoft.MatMulNBits`` layout.
 
-    The node attributes are ``K``, ``N``, ``bits``, ``block_size``; its inputs ``B``, ``scales`` and (when not None)
-    ``zero_points``.
+    The node attributes are ``K``, ``N``, ``bits``, ``block_size``; its inputs ``B``, ``scales`` and
+    (when not None) ``zero_points``.
     """
 
     packed: np.ndarray  # B: uint8 [N, n_blocks, blob_size]
@@ -320,11 +355,14 @@ def _check_blockwise(block_size: int, bits: int) -> None:
     if bits not in (2, 4, 8):
         raise OnnxcompError(f"MatMulNBits bits must be 2, 4 or 8, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
-        raise OnnxcompError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
+        raise OnnxcompError(
+            f"MatMulNBits block_size must be a power of two >= 16, got {block_size}"
+        )
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes (< 2**bits) along the last axis, lowest bits first; the last axis is padded with 0."""
+    """Pack unsigned codes (< 2**bits) along the last axis, lowest bits first; the last axis is
+    padded with 0."""
     per_byte = 8 // bits
     codes = np.asarray(codes, dtype=np.uint8)
     pad = (-codes.shape[-1]) % per_byte
@@ -347,7 +385,12 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def pack_matmulnbits(
-    codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, bits: int, block_size: int
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    K: int,
+    bits: int,
+    block_size: int,
 ) -> BlockwiseWeight:
     """Pack unsigned codes ``(N, n_blocks * block_size)`` and per-block ``scales`` / ``zero_points``
     ``(N, n_blocks)`` into MatMulNBits layout (GPTQ results go through here too)."""
@@ -358,7 +401,11 @@ def pack_matmulnbits(
     if codes.shape != (n, n_blocks * block_size):
         raise OnnxcompError(f"codes shape {codes.shape} != {(n, n_blocks * block_size)}")
     packed = pack_bits(codes.reshape(n, n_blocks, block_size), bits)  # (N, n_blocks, blob_size)
-    zp = None if zero_points is None else pack_bits(np.asarray(zero_points, np.uint8), bits).reshape(-1)
+    zp = (
+        None
+        if zero_points is None
+        else pack_bits(np.asarray(zero_points, np.uint8), bits).reshape(-1)
+    )
     return BlockwiseWeight(
         packed, np.asarray(scales, np.float32).reshape(-1), zp, K, n, bits, block_size
     )
@@ -367,18 +414,21 @@ def pack_matmulnbits(
 def quantize_blockwise(
     w: np.ndarray, block_size: int = 32, bits: int = 4, symmetric: bool = True
 ) -> BlockwiseWeight:
-    """Quantize a MatMul weight ``w: [K, N]`` in blocks of ``block_size`` along K for ``com.microsoft.MatMulNBits``.
+    """Quantize a MatMul weight ``w: [K, N]`` in blocks of ``block_size`` along K for
+    ``com.microsoft.MatMulNBits``.
 
-    Each (column n, block b) has its own scale. Symmetric: codes ``zp +- (2**(bits-1) - 1)`` around ``zp = 2**(bits-1)``
-    with ``scale = absmax / (2**(bits-1) - 1)``, and no zero-point tensor (the op's default applies). Asymmetric:
-    ``scale = (max - min) / (2**bits - 1)`` over a range widened to contain 0, packed zero points. K is padded with
-    zeros up to a whole number of blocks. Round-to-nearest; see `onnxcomp.quantize.gptq` for error-correcting
-    rounding.
+    Each (column n, block b) has its own scale. Symmetric: codes ``zp +- (2**(bits-1) - 1)`` around
+    ``zp = 2**(bits-1)`` with ``scale = absmax / (2**(bits-1) - 1)``, and no zero-point tensor (the
+    op's default applies). Asymmetric: ``scale = (max - min) / (2**bits - 1)`` over a range widened
+    to contain 0, packed zero points. K is padded with zeros up to a whole number of blocks.
+    Round-to-nearest; see `onnxcomp.quantize.gptq` for error-correcting rounding.
     """
     _check_blockwise(block_size, bits)
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
-        raise OnnxcompError(f"block-wise quantization needs a 2-D [K, N] weight, got shape {w.shape}")
+        raise OnnxcompError(
+            f"block-wise quantization needs a 2-D [K, N] weight, got shape {w.shape}"
+        )
     if not np.all(np.isfinite(w)):
         raise OnnxcompError("weight contains NaN or inf")
     k, n = w.shape
@@ -387,7 +437,8 @@ def quantize_blockwise(
     wt[:, :k] = w.T
     blocks = wt.reshape(n, n_blocks, block_size)
     qt = QuantType(f"uint{bits}", bits, False, 0)
-    scale2, zp2 = _scale_zero_point(blocks.min(axis=2), blocks.max(axis=2), qt, symmetric, False)  # (N, n_blocks)
+    # (N, n_blocks)
+    scale2, zp2 = _scale_zero_point(blocks.min(axis=2), blocks.max(axis=2), qt, symmetric, False)
     scale = scale2[:, :, None]
     zp = zp2[:, :, None]
     r = np.clip(np.rint(blocks / scale), -zp.astype(np.float32), np.float32(qt.qmax) - zp)
@@ -403,7 +454,8 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(q: BlockwiseWeight) -> np.ndarray:
-    """The float32 ``[K, N]`` weight a MatMulNBits node computes with: ``(code - zero_point) * scale``."""
+    """The float32 ``[K, N]`` weight a MatMulNBits node computes with: ``(code - zero_point) *
+    scale``."""
     n, nb, bs = q.N, q.n_blocks, q.block_size
     codes = unpack_bits(q.packed, q.bits, bs).astype(np.int32)  # (N, n_blocks, block_size)
     if q.zero_points is None:
