@@ -62,28 +62,29 @@ def _modules():
     from torch import nn
 
     class DigitsCNN(nn.Module):
-        """Conv-BN-Relu x2, MaxPool, Conv-Relu, MaxPool, Flatten, Gemm-Relu-Gemm (~92k params)."""
+        """Conv-BN-Relu x2, MaxPool, Conv-Relu, MaxPool, Flatten, Gemm-Relu-Gemm (82k params)."""
 
-        def __init__(self):
+        def __init__(self, widths: tuple[int, int, int] = (32, 64, 64), hidden: int = 96):
             super().__init__()
+            c1, c2, c3 = widths
             self.features = nn.Sequential(
-                nn.Conv2d(1, 32, 3, padding=1),
-                nn.BatchNorm2d(32),
+                nn.Conv2d(1, c1, 3, padding=1),
+                nn.BatchNorm2d(c1),
                 nn.ReLU(),
-                nn.Conv2d(32, 64, 3, padding=1),
-                nn.BatchNorm2d(64),
+                nn.Conv2d(c1, c2, 3, padding=1),
+                nn.BatchNorm2d(c2),
                 nn.ReLU(),
                 nn.MaxPool2d(2),  # 8x8 -> 4x4
-                nn.Conv2d(64, 64, 3, padding=1),
+                nn.Conv2d(c2, c3, 3, padding=1),
                 nn.ReLU(),
                 nn.MaxPool2d(2),  # 4x4 -> 2x2
             )
             self.head = nn.Sequential(
                 nn.Flatten(),
-                nn.Linear(64 * 2 * 2, 96),
+                nn.Linear(c3 * 2 * 2, hidden),
                 nn.ReLU(),
                 nn.Dropout(0.2),
-                nn.Linear(96, 10),
+                nn.Linear(hidden, 10),
             )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,14 +155,17 @@ def export(model, example: np.ndarray, path: pathlib.Path, opset: int = 17) -> N
     )
 
 
-def build_cnn(split: DigitsSplit | None = None):
-    """Train the digits CNN; returns (torch model, test accuracy)."""
+def build_cnn(split: DigitsSplit | None = None, **sizes):
+    """Train the digits CNN; returns (torch model, test accuracy).
+
+    sizes: `widths` (three conv widths) and `hidden` (head width) for a slimmer or wider CNN.
+    """
     import torch
 
     split = split or load_split()
     torch.manual_seed(SEED)
     cnn_cls, _ = _modules()
-    model = train(cnn_cls(), split.x_train, split.y_train)
+    model = train(cnn_cls(**sizes), split.x_train, split.y_train)
     return model, accuracy(model, split.x_test, split.y_test)
 
 
