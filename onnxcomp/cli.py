@@ -241,3 +241,222 @@ def _summary(report: dict[str, Any], width: int = 70) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Commands added by later capabilities go below, one section each.
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@shape_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(model, shapes, as_json):
+    """Describe MODEL: opsets, inputs/outputs, ops, parameters, MACs, largest tensors.
+
+    MACs are counted for Conv/ConvTranspose/Gemm/MatMul (and their integer forms) where shape
+    inference knows the shapes; a dynamic first axis counts as 1 unless --shape fixes it.
+    """
+    from onnxcomp.data import parse_shapes
+    from onnxcomp.summary import summarize
+
+    report = summarize(model, shapes=parse_shapes(shapes))
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(_inspect_text(report))
+
+
+def _count(n: int | None) -> str:
+    return "unknown" if n is None else f"{n:,}"
+
+
+def _dims_text(shape: Any) -> str:
+    if shape is None:
+        return "unknown rank"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _inspect_text(r: dict[str, Any]) -> str:
+    lines = []
+    head = r.get("file", "model")
+    if r.get("file_bytes") is not None:
+        head += f" ({human_bytes(r['file_bytes'])})"
+    lines.append(head)
+    opsets = ", ".join(f"{d} {v}" for d, v in r["opsets"].items()) or "none"
+    lines.append(f"IR version {r['ir_version']}, producer {r['producer'] or 'unknown'}, opsets: {opsets}")
+    for key in ("inputs", "outputs"):
+        lines.append("")
+        values = r[key]
+        if isinstance(values, dict):
+            lines.append(f"{key}: {values['unavailable']}")
+            continue
+        lines.append(f"{key}:")
+        rows = [[v["name"], v["dtype"] or "unknown", _dims_text(v["shape"])] for v in values]
+        lines.append(table(rows, ["name", "dtype", "shape"]) if rows else "  (none)")
+    ops = r["operators"]
+    lines.append("")
+    if "unavailable" in ops:
+        lines.append(f"operators: {ops['unavailable']}")
+    else:
+        extra = []
+        extra.append(f"{ops['subgraphs']} subgraph(s)" if ops["subgraphs"] else "no subgraphs")
+        if ops["functions"]:
+            extra.append(f"{ops['functions']} model-local function(s), not expanded")
+        if ops["custom_domains"]:
+            extra.append("custom domains: " + ", ".join(ops["custom_domains"]))
+        lines.append(f"operators: {ops['nodes']} nodes ({', '.join(extra)})")
+        lines.append(table([[op, n] for op, n in ops["histogram"].items()], ["op", "count"]))
+    params = r["parameters"]
+    lines.append("")
+    if "unavailable" in params:
+        lines.append(f"parameters: {params['unavailable']}")
+    else:
+        init, const = params["initializers"], params["constant_nodes"]
+        lines.append(
+            f"parameters: {params['total']:,} ({human_bytes(params['bytes'])}): "
+            f"{init['elements']:,} in {init['tensors']} initializers, "
+            f"{const['elements']:,} in {const['tensors']} Constant nodes"
+        )
+    comp = r["compute"]
+    lines.append("")
+    if "unavailable" in comp:
+        lines.append(f"compute: {comp['unavailable']}")
+    else:
+        total = comp["total_macs"]
+        text = f"compute: {_count(total)} MACs"
+        if total is None:
+            text += (
+                f" ({comp['layers_unknown']} of {comp['layers_counted'] + comp['layers_unknown']}"
+                f" layers unknown; {comp['known_macs']:,} in the others)"
+            )
+        if comp["assumed"]:
+            text += "; assumed " + ", ".join(f"{k} = {v}" for k, v in comp["assumed"].items())
+        lines.append(text)
+        if comp["shape_inference"] != "ok":
+            lines.append(f"  shape inference {comp['shape_inference']}")
+        if comp["uncounted_ops"]:
+            lines.append(
+                "  not counted (no MAC rule): "
+                + ", ".join(f"{op} x{n}" for op, n in comp["uncounted_ops"].items())
+            )
+        rows = [
+            [layer["node"], layer["op"], _dims_text(layer.get("output_shape")),
+             _count(layer["macs"]) if layer["macs"] is not None else f"unknown: {layer['unknown']}"]
+            for layer in comp["layers"]
+        ]
+        if rows:
+            lines.append(table(rows, ["node", "op", "output shape", "MACs"]))
+    largest = r["largest_tensors"]
+    lines.append("")
+    if isinstance(largest, dict):
+        lines.append(f"largest tensors: {largest['unavailable']}")
+    elif largest:
+        lines.append("largest tensors:")
+        rows = [
+            [t["name"], t["source"], t["dtype"] or "?", _dims_text(t["shape"]), human_bytes(t["bytes"])]
+            for t in largest
+        ]
+        lines.append(table(rows, ["name", "stored as", "dtype", "shape", "size"]))
+    else:
+        lines.append("largest tensors: none (the model stores no weights)")
+    ext = r["external_data"]
+    lines.append("")
+    if isinstance(ext, dict):
+        lines.append(f"external data: {ext['unavailable']}")
+    elif ext:
+        lines.append("external data files:")
+        for f in ext:
+            size = human_bytes(f["bytes"]) if f["bytes"] is not None else "missing"
+            lines.append(f"  {f['path']} ({size})")
+    else:
+        lines.append("external data: none")
+    for note in r["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--runs", default=100, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed runs per model first.")
+@click.option("--data", type=click.Path(), help=".npz file or folder: its first --batch-size samples are the input.")
+@click.option("--batch-size", default=1, show_default=True, help="Samples per run.")
+@shape_option
+@click.option("--no-memory", is_flag=True, help="Skip the peak-memory child processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as_json):
+    """Latency (p50/p90/p99), throughput and peak memory of MODELS in onnxruntime (CPU).
+
+    Runs are interleaved (one run of each model per round) so machine noise hits all alike;
+    ratios are each model's p50 over the first model's. Peak memory is measured in a child
+    process per model. The optimized-graph columns count what onnxruntime made of each graph:
+    fused integer kernels, and DequantizeLinear "islands" that feed float compute.
+    """
+    import contextlib
+
+    from onnxcomp.bench import benchmark, progress_steps
+    from onnxcomp.data import parse_shapes
+
+    memory = not no_memory
+    with contextlib.ExitStack() as stack:
+        progress = None
+        if sys.stderr.isatty():
+            bar = stack.enter_context(
+                click.progressbar(
+                    length=progress_steps(len(models), runs, warmup, memory),
+                    label="bench",
+                    file=sys.stderr,
+                )
+            )
+            progress = bar.update
+        result = benchmark(
+            list(models),
+            threads=threads,
+            runs=runs,
+            warmup=warmup,
+            data=data,
+            shapes=parse_shapes(shapes),
+            batch_size=batch_size,
+            memory=memory,
+            progress=progress,
+        )
+    payload = result.to_json()
+    if as_json:
+        emit_json(payload)
+        return
+    click.echo(
+        f"{result.runs} runs interleaved after {result.warmup} warm-up, {result.threads} thread(s), "
+        f"batch {result.batch}, {payload['feeds_from']}"
+    )
+    rows = []
+    for m in payload["models"]:
+        lat = m["latency_ms"]
+        peak = m["peak_memory_bytes"]
+        rows.append(
+            [m["model"], lat["p50"], lat["p90"], lat["p99"], f"{m['throughput_samples_per_s']:,.0f}",
+             f"{m['ratio_p50']:.2f}x", human_bytes(peak) if peak is not None else ("-" if not memory else "failed")]
+        )
+    click.echo(table(rows, ["model", "p50 ms", "p90 ms", "p99 ms", "samples/s", "p50 ratio", "peak mem"]))
+    click.echo("")
+    click.echo("after onnxruntime's graph optimizations:")
+    rows = []
+    for m in payload["models"]:
+        g = m["graph"]
+        if not g or "unavailable" in g:
+            rows.append([m["model"], "-", "-", "-", "-", "-", g.get("unavailable", "-") if g else "-"])
+            continue
+        top = ", ".join(f"{op} {n}" for op, n in list(g["top_ops"].items())[:6])
+        rows.append(
+            [m["model"], f"{g['nodes_before']} -> {g['nodes']}", g["integer_kernels"],
+             g["quantize_linear"], g["dequantize_linear"], g["islands"], top]
+        )
+    click.echo(table(rows, ["model", "nodes", "int kernels", "Q", "DQ", "DQ islands", "top ops"]))
+    for m in payload["models"]:
+        if m["memory_error"]:
+            click.echo(f"note: {m['model']}: peak memory not measured ({m['memory_error']})")

@@ -438,7 +438,7 @@ def _inferred_shapes(
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
     try:
-        inferred = _c_api_utils.call_onnx_api(infer, model)
+        inferred = _infer_without_weights(infer, model)
     except Exception as err:
         logger.info("inspect: shape inference failed: %s", err)
         return known, f"failed ({type(err).__name__}); MACs use the shapes stored in the model"
@@ -457,6 +457,21 @@ def _inferred_shapes(
                     graphs.append(attr.g)
                 graphs.extend(attr.graphs)
     return known, None
+
+
+def _infer_without_weights(infer: Callable[[onnx.ModelProto], onnx.ModelProto], model: ir.Model):
+    """onnx-ir's helper serializes the model with large initializers left out (shape inference
+    needs only their shapes); it re-adds them in a new order and may set shapes, so both are put
+    back as they were."""
+    order = list(model.graph.initializers.values())
+    shapes = {value: (value.shape, value.dtype) for value in order}
+    try:
+        return _c_api_utils.call_onnx_api(infer, model)
+    finally:
+        model.graph.initializers.clear()
+        for value in order:
+            value.shape, value.dtype = shapes[value]
+            model.graph.initializers.add(value)
 
 
 def _remember(known: dict[str, Shape], value: ir.Value) -> None:

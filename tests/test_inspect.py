@@ -1,0 +1,218 @@
+"""inspect: opsets, op histogram with subgraphs, parameters in initializers and Constant nodes,
+MACs where shapes are known, and a report (never a crash) for odd models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto
+
+from onnxcomp import model as model_io
+from onnxcomp.summary import summarize
+
+IF_LOOP = """
+<ir_version: 8, opset_import: ["" : 17]>
+branchy (float[N, 4] x, bool cond, int64 trips) => (float[N, 4] y, float[N, 4] z) <float[4, 4] w>
+{
+    y = If (cond) <
+        then_branch = then_g () => (float[N, 4] t) { t = MatMul (x, w) },
+        else_branch = else_g () => (float[N, 4] e) { e = Relu (x) }
+    >
+    z = Loop (trips, cond, x) <
+        body = body_g (int64 i, bool c_in, float[N, 4] acc) => (bool c_out, float[N, 4] acc_out) {
+            c_out = Identity (c_in)
+            acc_out = MatMul (acc, w)
+        }
+    >
+}
+"""
+
+
+def _if_loop_model(path):
+    proto = onnx.parser.parse_model(IF_LOOP)
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    )
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    return path
+
+
+def _lstm_model(path, hidden=8, features=5):
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, features)).astype(np.float32), "W")
+    r = onnx.numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R")
+    graph = oh.make_graph(
+        [oh.make_node("LSTM", ["X", "W", "R"], ["Y", "Y_h"], hidden_size=hidden)],
+        "lstm",
+        [oh.make_tensor_value_info("X", TensorProto.FLOAT, ["seq", "batch", features])],
+        [oh.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "batch", hidden])],
+        initializer=[w, r],
+    )
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), path)
+    return path
+
+
+def _constant_weights_model(path):
+    """A Gemm whose weight is a Constant node (as Paddle2ONNX writes them) plus a custom op."""
+    weight = onnx.numpy_helper.from_array(np.ones((16, 10), np.float32), "w")
+    graph = oh.make_graph(
+        [
+            oh.make_node("Constant", [], ["w"], value=weight),
+            oh.make_node("Gemm", ["x", "w"], ["h"]),
+            oh.make_node("Scale", ["h"], ["y"], domain="my.ops"),
+        ],
+        "consts",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("my.ops", 1)])
+    onnx.save(model, path)
+    return path
+
+
+def test_digits_cnn(models_dir):
+    report = summarize(models_dir / "digits_cnn.onnx")
+    assert report["opsets"] == {"ai.onnx": 17}
+    assert report["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+    assert report["operators"]["histogram"]["Conv"] == 3
+    assert report["operators"]["subgraphs"] == 0
+    weights = model_io.load(models_dir / "digits_cnn.onnx")
+    assert report["parameters"]["bytes"] == model_io.weight_bytes(weights)
+    assert report["parameters"]["constant_nodes"]["elements"] == 0
+    compute = report["compute"]
+    # conv 2: 64 out channels x 8x8 pixels x 32 in channels x 3x3 kernel, batch taken as 1
+    conv2 = next(layer for layer in compute["layers"] if layer["macs"] == 64 * 64 * 32 * 9)
+    assert conv2["op"] == "Conv"
+    assert compute["total_macs"] == sum(layer["macs"] for layer in compute["layers"])
+    assert compute["assumed"] == {"input[0]": "batch -> 1"}
+    assert report["largest_tensors"][0]["shape"] == [64, 64, 3, 3]
+    assert report["external_data"] == []
+
+
+def test_shape_option_scales_macs(models_dir, cli):
+    model = models_dir / "digits_cnn.onnx"
+    one = summarize(model)["compute"]["total_macs"]
+    result = cli("inspect", model, "--shape", "input=4x1x8x8", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["compute"]["total_macs"] == 4 * one
+
+
+def test_if_loop_subgraphs_counted(tmp_path):
+    report = summarize(_if_loop_model(tmp_path / "branchy.onnx"))
+    ops = report["operators"]
+    assert ops["subgraphs"] == 3
+    assert ops["histogram"]["MatMul"] == 2  # one in the If branch, one in the Loop body
+    assert ops["histogram"]["If"] == ops["histogram"]["Loop"] == 1
+    assert len(report["compute"]["layers"]) == 2
+
+
+def test_lstm_says_what_it_cannot_count(tmp_path):
+    report = summarize(_lstm_model(tmp_path / "lstm.onnx"))
+    assert report["compute"]["uncounted_ops"] == {"LSTM": 1}
+    assert report["parameters"]["initializers"]["elements"] == 4 * 8 * 5 + 4 * 8 * 8
+    assert report["inputs"][0]["shape"] == ["seq", "batch", 5]
+
+
+def test_constant_weights_and_custom_domain(tmp_path):
+    report = summarize(_constant_weights_model(tmp_path / "consts.onnx"))
+    params = report["parameters"]
+    assert params["constant_nodes"] == {"tensors": 1, "elements": 160, "bytes": 640}
+    assert params["initializers"]["elements"] == 0
+    assert report["operators"]["histogram"]["my.ops::Scale"] == 1
+    assert report["operators"]["custom_domains"] == ["my.ops"]
+    assert report["compute"]["total_macs"] == 2 * 16 * 10  # Constant's shape is inferred
+    assert report["largest_tensors"][0]["source"] == "Constant node"
+
+
+def test_dynamic_dims_and_strings_do_not_crash(tmp_path):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (string[N, M] s, float[B, K] a, float[K2, T] b) => (string[N, M] t, float[B, T] c) {
+        t = Identity (s)
+        c = MatMul (a, b)
+    }
+    """
+    path = tmp_path / "dyn.onnx"
+    onnx.save(onnx.parser.parse_model(text), path)
+    report = summarize(path)
+    assert report["inputs"][0]["dtype"] == "string"
+    layer = report["compute"]["layers"][0]
+    assert layer["macs"] is None and "dynamic" in layer["unknown"]
+    assert report["compute"]["total_macs"] is None
+
+
+def test_sparse_constant_is_densified(tmp_path):
+    sparse = oh.make_sparse_tensor(
+        oh.make_tensor("v", TensorProto.FLOAT, [2], [1.0, 2.0]),
+        oh.make_tensor("i", TensorProto.INT64, [2], [0, 5]),
+        [2, 3],
+    )
+    graph = oh.make_graph(
+        [oh.make_node("Constant", [], ["c"], sparse_value=sparse)],
+        "sparse",
+        [],
+        [oh.make_tensor_value_info("c", TensorProto.FLOAT, [2, 3])],
+    )
+    path = tmp_path / "sparse.onnx"
+    onnx.save(oh.make_model(graph), path)
+    report = summarize(path)
+    assert report["parameters"]["constant_nodes"]["elements"] == 6
+    assert any("sparse" in note for note in report["notes"])
+
+
+def test_external_data_listed(tmp_path, models_dir):
+    model = model_io.load(models_dir / "digits_cnn.onnx")
+    path = tmp_path / "ext.onnx"
+    model_io.save(model, path, external_data=True)
+    report = summarize(path)
+    assert [f["path"] for f in report["external_data"]] == [str((tmp_path / "ext.onnx.data").resolve())]
+    assert report["parameters"]["bytes"] == model_io.weight_bytes(model)
+
+
+def test_ir_model_left_unchanged(models_dir):
+    model = model_io.load(models_dir / "digits_cnn.onnx")
+    before = ir.to_proto(model).SerializeToString()
+    summarize(model)
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_cli_text_and_json(cli, models_dir):
+    model = models_dir / "digits_cnn.onnx"
+    text = cli("inspect", model)
+    assert text.exit_code == 0, text.stderr
+    assert "1,813,440 MACs" in text.stdout and "features.7.weight" in text.stdout
+    result = cli("inspect", model, "--json")
+    assert json.loads(result.stdout)["operators"]["nodes"] == 14
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((p for p in (__import__("pathlib").Path(__file__).parents[1] / "models" / "variety").glob("*.onnx"))),
+    ids=lambda p: p.name,
+)
+def test_variety_models(path, cli):
+    result = cli("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["operators"]["nodes"] > 0
+
+
+def test_bad_files_exit_2(cli, tmp_path, models_dir):
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes((models_dir / "digits_cnn.onnx").read_bytes()[:5000])
+    for args in (
+        ["inspect", truncated],
+        ["inspect", tmp_path / "missing.onnx"],
+        ["inspect", models_dir / "digits_cnn.onnx", "--shape", "nope=1x2"],
+        ["inspect", models_dir / "digits_cnn.onnx", "--shape", "input=abc"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 2, (args, result.stdout)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
