@@ -1,9 +1,9 @@
 """Layer-wise quantization solvers on plain arrays: GPTQ, its Hessian, bias correction.
 
-Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs ``x:
-    (samples, in_features)`` (the PyTorch / Gemm(transB=1) convention). For an ONNX MatMul weight
-    ``B: [K, N]`` pass ``W = B.T`` and transpose the result back. Everything here is float64;
-    weights come back as float32.
+Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs
+``x: (samples, in_features)`` (the PyTorch / Gemm(transB=1) convention). For an ONNX MatMul weight
+``B: [K, N]`` pass ``W = B.T`` and transpose the result back. Everything here is float64; weights
+come back as float32.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ class HessianAccumulator:
 
     @property
     def nbytes(self) -> int:
-        # type: ignore[union-attr]
-        return 0 if self._h is None else self._h.nbytes + self._sum.nbytes
+        if self._h is None or self._sum is None:
+            return 0
+        return self._h.nbytes + self._sum.nbytes
 
 
 @dataclasses.dataclass
@@ -105,8 +106,10 @@ class GptqResult:
 
 
 def _inverse_hessian_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 = U^T U; damping grows until H is
-    definite."""
+    """Upper Cholesky factor U of ``(H + damp * mean(diag H) I)^-1 = U^T U``.
+
+    The damping grows tenfold (up to 5 times) while H is not positive definite.
+    """
     n = h.shape[0]
     mean_diag = float(np.mean(np.diag(h)))
     for attempt in range(6):
@@ -137,9 +140,12 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
 ) -> GptqResult:
-    """Quantize ``W: (out, in)`` column by column, spreading each column's rounding error over the
-    columns not yet quantized so that ``||W X - W_q X||^2`` stays small (GPTQ, Frantar et al. 2022,
-    Alg. 1, with lazy block updates and Cholesky-based inverse Hessian).
+    """Quantize ``W: (out, in)`` with GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training
+    Quantization for Generative Pre-trained Transformers", Alg. 1).
+
+    Columns are quantized one at a time; each column's rounding error is spread over the columns
+    not yet quantized so that ``||W X - W_q X||^2`` stays small. Lazy block updates and the
+    Cholesky form of the inverse Hessian as in the paper.
 
     Args:
         W: float weight, (out_features, in_features).
@@ -275,8 +281,7 @@ def gptq_quantize(
 def _round_column(
     col: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Round-to-nearest-even of one column onto a (per-row) grid; returns codes and their float32
-    values."""
+    """Round one column to its (per-row) grid: codes and their float32 dequantized values."""
     s = np.asarray(scale, dtype=np.float32)
     z = np.asarray(zero).astype(np.int64)
     q = np.clip(np.rint(col.astype(np.float32) / s).astype(np.int64) + z, qmin, qmax)  # (out,)
@@ -290,9 +295,11 @@ def bias_correction(
     W_q: np.ndarray,  # noqa: N803
     mean_input: np.ndarray,
 ) -> np.ndarray:
-    """Bias delta ``(W_fp - W_q) E[x]`` (out,) that, added to the layer's bias, makes ``E[W_q x +
-    b]`` equal ``E[W_fp x + b]`` (empirical bias correction, Nagel et al., "Data-Free Quantization
-    Through Weight Equalization and Bias Correction", ICCV 2019, Sec. 4.2).
+    """Bias delta ``(W_fp - W_q) E[x]``, (out,), that restores the mean output of a quantized layer.
+
+    Added to the layer's bias it makes ``E[W_q x + b]`` equal ``E[W_fp x + b]`` (empirical bias
+    correction, Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
+    Correction", ICCV 2019, Sec. 4.2).
 
     Args:
         W_fp, W_q: (out_features, in_features) float and dequantized weights.
@@ -311,7 +318,6 @@ def bias_correction(
 
 
 def reconstruction_error(W: np.ndarray, W_q: np.ndarray, H: np.ndarray) -> float:  # noqa: N803
-    """Mean squared output error per sample ``E||(W - W_q) x||^2 = tr(dW H dW^T) / 2`` for ``H = 2
-    X^T X / n``."""
+    """Mean output error per sample ``E||(W - W_q) x||^2 = tr(dW H dW^T) / 2``, H = 2 X^T X / n."""
     dw = np.asarray(W, dtype=np.float64) - np.asarray(W_q, dtype=np.float64)  # (out, in)
     return float(np.einsum("oi,ij,oj->", dw, np.asarray(H, dtype=np.float64), dw) / 2.0)

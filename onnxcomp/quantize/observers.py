@@ -1,5 +1,4 @@
-"""Streaming calibration observers: fold activation batches into running statistics, then pick a
-clip range.
+"""Streaming calibration observers: fold batches into running statistics, then pick a clip range.
 
 Every observer has ``update(batch)`` and ``compute() -> (rmin, rmax)``; its memory is fixed at
 construction (a min and a max, or a histogram of ``bins`` float64 counts) and does not grow with the
@@ -100,8 +99,7 @@ class Histogram:
         self.lo, self.hi = new_lo, new_lo + self.bins * new_w
 
     def quantile(self, q: float) -> float:
-        """Value below which a fraction ``q`` of the counts lies, interpolating linearly inside a
-        bin."""
+        """Value below which a fraction ``q`` of the counts lies (linear inside a bin)."""
         cdf = np.cumsum(self.counts)
         target = q * cdf[-1]
         i = int(np.searchsorted(cdf, target, side="left"))
@@ -159,8 +157,7 @@ class Observer:
 
 
 class MinMaxObserver(Observer):
-    """Running min / max, per tensor or per channel along ``axis``; optionally an exponential moving
-    average.
+    """Running min / max, per tensor or per channel along ``axis``, optionally a moving average.
 
     Args:
         axis: channel axis of the batches for per-channel ranges; None for per tensor.
@@ -234,8 +231,9 @@ class MinMaxObserver(Observer):
 
     @property
     def nbytes(self) -> int:
-        # type: ignore[union-attr]
-        return 0 if self._lo is None else self._lo.nbytes + self._hi.nbytes
+        if self._lo is None or self._hi is None:
+            return 0
+        return self._lo.nbytes + self._hi.nbytes
 
 
 class _HistogramObserver(Observer):
@@ -254,8 +252,7 @@ class _HistogramObserver(Observer):
         return self.histogram.counts.nbytes
 
     def _finish(self, threshold: float) -> Range:
-        """(rmin, rmax) from a symmetric threshold: (-t, t), or clipped to what was observed when
-        not symmetric."""
+        """(rmin, rmax) from a threshold t: (-t, t), or clipped to the observed min / max."""
         if self.symmetric:
             return -threshold, threshold
         return max(-threshold, self.min), min(threshold, self.max)
@@ -286,8 +283,7 @@ class PercentileObserver(_HistogramObserver):
 
 
 class EntropyObserver(_HistogramObserver):
-    """Threshold minimising the KL divergence between the clipped distribution and its quantized
-    version.
+    """Threshold minimising the KL divergence between the clipped and the quantized distribution.
 
     TensorRT's entropy calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017), which
     onnxruntime's ``EntropyCalibrater`` also follows: on the histogram of |x|, for each candidate
@@ -331,8 +327,10 @@ class EntropyObserver(_HistogramObserver):
 
 
 def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    """KL(P || Q) of two unnormalised histograms; empty Q bins under non-empty P bins get a tiny
-    mass (a penalty)."""
+    """KL(P || Q) of two unnormalised histograms.
+
+    Empty Q bins under non-empty P bins get a tiny mass, which acts as a large penalty.
+    """
     p_sum, q_sum = p.sum(), q.sum()
     if p_sum <= 0 or q_sum <= 0:
         return math.inf
@@ -343,8 +341,7 @@ def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
 
 
 class MSEObserver(_HistogramObserver):
-    """Clip range minimising the expected mean squared quantization error for ``dtype``, from the
-    histogram.
+    """Clip range minimising the expected squared quantization error for ``dtype`` (histogram).
 
     Error model (Banner et al., "Post-training 4-bit quantization of convolution networks for rapid
     deployment", NeurIPS 2019, ACIQ): for a range [lo, hi] with step ``s = (hi - lo) / levels``,
@@ -421,8 +418,7 @@ _METHODS: dict[str, type[Observer]] = {
 
 
 def make_observer(method: str, **options: Any) -> Observer:
-    """Build the observer for a calibration ``method`` (minmax | percentile | entropy | mse) with
-    its options.
+    """Build the observer of a calibration ``method``: minmax | percentile | entropy | mse.
 
     Raises:
         OnnxcompError: naming the unknown method or option.

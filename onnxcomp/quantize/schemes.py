@@ -59,8 +59,7 @@ class QuantType:
 
     @property
     def symmetric_zero_point(self) -> int:
-        """The zero point of a symmetric range: 0 for signed types, 2**(bits-1) (128, 8) for
-        unsigned ones."""
+        """Zero point of a symmetric range: 0 if signed, else 2**(bits-1) (128, 8)."""
         return 0 if self.signed else 1 << (self.bits - 1)
 
     @property
@@ -79,8 +78,7 @@ QuantTypeLike = QuantType | str | type | np.dtype
 
 
 def quant_type(dtype: QuantTypeLike) -> QuantType:
-    """Normalise ``np.int8``, ``np.uint8``, ``"int4"``, ``"uint4"`` or a `QuantType` to a
-    `QuantType`."""
+    """Normalise ``np.int8``, ``np.uint8``, ``"int4"``, ``"uint4"`` or a `QuantType`."""
     if isinstance(dtype, QuantType):
         return dtype
     if isinstance(dtype, str):
@@ -156,8 +154,7 @@ def params_from_range(
     axis: int | None = None,
     reduce_range: bool = False,
 ) -> QuantParams:
-    """Scale and zero point that map the real range [rmin, rmax] (widened to contain 0) onto
-    ``dtype``.
+    """Scale and zero point mapping the real range [rmin, rmax] (widened to contain 0) to ``dtype``.
 
     Works elementwise: pass arrays of per-channel minima/maxima together with ``axis``.
 
@@ -235,8 +232,7 @@ def weight_params(
     symmetric: bool = True,
     reduce_range: bool = False,
 ) -> QuantParams:
-    """Symmetric (default) weight quantization parameters, per output channel along ``axis`` or per
-    tensor.
+    """Weight quantization parameters (symmetric by default), per output channel or per tensor.
 
     Args:
         w: the float weight, any shape (Conv: (M, C/g, kh, kw) with axis 0; MatMul [K, N] with axis
@@ -313,8 +309,7 @@ def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB
-    (float64 sums)."""
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``"""
     ref = np.asarray(reference, dtype=np.float64)
     err = ref - np.asarray(approx, dtype=np.float64)
     signal = float(np.sum(ref * ref))
@@ -361,8 +356,7 @@ def _check_blockwise(block_size: int, bits: int) -> None:
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes (< 2**bits) along the last axis, lowest bits first; the last axis is
-    padded with 0."""
+    """Pack unsigned codes (< 2**bits) along the last axis, lowest bits first, padding with 0."""
     per_byte = 8 // bits
     codes = np.asarray(codes, dtype=np.uint8)
     pad = (-codes.shape[-1]) % per_byte
@@ -392,8 +386,12 @@ def pack_matmulnbits(
     bits: int,
     block_size: int,
 ) -> BlockwiseWeight:
-    """Pack unsigned codes ``(N, n_blocks * block_size)`` and per-block ``scales`` / ``zero_points``
-    ``(N, n_blocks)`` into MatMulNBits layout (GPTQ results go through here too)."""
+    """Pack codes and per-block scales / zero points into MatMulNBits layout.
+
+    Args:
+        codes: unsigned codes, (N, n_blocks * block_size); GPTQ results go through here too.
+        scales, zero_points: (N, n_blocks); zero_points None for the op's default 2**(bits-1).
+    """
     _check_blockwise(block_size, bits)
     n = codes.shape[0]
     n_blocks = -(-K // block_size)
@@ -414,8 +412,7 @@ def pack_matmulnbits(
 def quantize_blockwise(
     w: np.ndarray, block_size: int = 32, bits: int = 4, symmetric: bool = True
 ) -> BlockwiseWeight:
-    """Quantize a MatMul weight ``w: [K, N]`` in blocks of ``block_size`` along K for
-    ``com.microsoft.MatMulNBits``.
+    """Quantize a MatMul weight ``w: [K, N]`` in blocks along K for ``com.microsoft.MatMulNBits``.
 
     Each (column n, block b) has its own scale. Symmetric: codes ``zp +- (2**(bits-1) - 1)`` around
     ``zp = 2**(bits-1)`` with ``scale = absmax / (2**(bits-1) - 1)``, and no zero-point tensor (the
@@ -454,8 +451,7 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(q: BlockwiseWeight) -> np.ndarray:
-    """The float32 ``[K, N]`` weight a MatMulNBits node computes with: ``(code - zero_point) *
-    scale``."""
+    """The float32 ``[K, N]`` weight a MatMulNBits node uses: ``(code - zero_point) * scale``."""
     n, nb, bs = q.N, q.n_blocks, q.block_size
     codes = unpack_bits(q.packed, q.bits, bs).astype(np.int32)  # (N, n_blocks, block_size)
     if q.zero_points is None:
