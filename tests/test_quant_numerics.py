@@ -79,6 +79,9 @@ def test_params_from_range_rules():
 
     p = schemes.params_from_range(0.0, 0.0, UINT8)  # zero range: finite positive scale
     assert p.scale == 1.0 and p.zero_point == 0
+    # A dead channel keeps the symmetric zero point of the others.
+    p = schemes.params_from_range(np.array([0.0, -1.0]), np.array([0.0, 1.0]), UINT8, True, axis=0)
+    assert p.zero_point.tolist() == [128, 128] and p.scale[0] == 1.0
 
     p = schemes.params_from_range(
         np.array([-1.0, 0.0, -4.0]), np.array([1.0, 0.0, 2.0]), INT8, True, axis=0

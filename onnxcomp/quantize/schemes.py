@@ -139,8 +139,7 @@ def _levels(qt: QuantType, symmetric: bool, reduce_range: bool) -> tuple[int, in
         zp = qt.symmetric_zero_point
         return zp - half, zp + half
     if reduce_range:
-        # One bit less on the same zero-based grid (onnxruntime: uint8 -> [0, 127], int8 -> [-64,
-        # 64]).
+        # One bit less on the same grid (onnxruntime: uint8 -> [0, 127], int8 -> [-64, 64]).
         return (qt.qmin // 2, -(qt.qmin // 2)) if qt.signed else (0, qt.qmax // 2)
     return qt.qmin, qt.qmax
 
@@ -168,9 +167,11 @@ def params_from_range(
         avoid it (``reduce_range=True``, [-64, 64]). VNNI (``vpdpbusd``) accumulates in int32 and
         needs neither.
 
-    Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``, ``zero_point = round(qmin - rmin /
-        scale)`` (onnxruntime's ``compute_scale_zp``). A zero or subnormal range gives scale 1.0 and
-        zero point 0 rather than a zero scale.
+    Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``,
+        ``zero_point = round(qmin - rmin / scale)`` (onnxruntime's ``compute_scale_zp``).
+
+    A zero or subnormal range gives scale 1.0 (never 0) and zero point 0, or the symmetric zero
+    point when symmetric.
 
     Raises:
         OnnxcompError: when a bound is NaN or infinite, or rmin > rmax.
@@ -215,7 +216,8 @@ def _scale_zero_point(
             int(np.count_nonzero(degenerate)),
         )
     scale = np.where(degenerate, 1.0, scale)
-    zero_point = np.where(degenerate, 0.0, zero_point)
+    # Keep symmetric zero points uniform across channels (per-channel QLinearConv requires it).
+    zero_point = np.where(degenerate, qt.symmetric_zero_point if symmetric else 0.0, zero_point)
     scale32 = scale.astype(np.float32)
     if not np.all(np.isfinite(scale32)):
         raise OnnxcompError("quantization range too wide: the scale overflows float32")
@@ -235,8 +237,8 @@ def weight_params(
     """Weight quantization parameters (symmetric by default), per output channel or per tensor.
 
     Args:
-        w: the float weight, any shape (Conv: (M, C/g, kh, kw) with axis 0; MatMul [K, N] with axis
-            1).
+        w: the float weight, any shape: Conv (M, C/g, kh, kw) with axis 0, MatMul [K, N] with
+            axis 1.
         dtype: the quantized type; by default int8 for ``bits=8`` and int4 for ``bits=4``.
     """
     if dtype is None:
