@@ -1,0 +1,349 @@
+"""The optimize pass: apply the clean-up rules round by round, then check the result.
+
+Each round plans first (every rule looks at every node, matches that overlap an earlier match
+wait for the next round) and then rewrites all planned matches. Rounds repeat until nothing
+matches. Where a fused op needs a newer opset the model is upgraded once, with onnx's version
+converter; where that fails, the matches are skipped with the converter's message.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from onnxcomp import model as model_io
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.optimize import rules as rules_mod
+from onnxcomp.optimize.rules import ConstantFoldRule, Match, NameSource, Rule
+from onnxcomp.passes import Result
+
+logger = logging.getLogger(__name__)
+
+MAX_SKIPS_LISTED = 20
+
+
+@dataclasses.dataclass
+class OptimizeOptions:
+    """Options of the optimize pass (recipe keys; CLI flags of the same names)."""
+
+    rules: list[str] | None = None  # run only these rules (default: every rule on by default)
+    skip: list[str] = dataclasses.field(default_factory=list)  # rules not to run
+    tolerance: float = 1e-4  # max relative output error of the self-check
+    self_check: bool = True
+    samples: int = 4  # random samples for the self-check when no data is given
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    upgrade_opset: bool = True
+    fold_limit_bytes: int = 1 << 20
+    max_rounds: int = 20
+
+    def check(self, where: str) -> None:
+        known = rules_mod.RULE_NAMES
+        for name in [*(self.rules or []), *self.skip]:
+            if name not in known:
+                raise OnnxcompError(f"{where}: unknown rule {name!r} (rules: {', '.join(known)})")
+        if not self.tolerance > 0:
+            raise OnnxcompError(f"{where}: tolerance must be positive, got {self.tolerance}")
+        if self.samples < 1 or self.max_rounds < 1 or self.fold_limit_bytes < 0:
+            raise OnnxcompError(f"{where}: samples and max_rounds must be at least 1")
+
+    def selected_rules(self) -> list[Rule]:
+        chosen = []
+        for rule in rules_mod.all_rules(self.fold_limit_bytes):
+            wanted = rule.name in self.rules if self.rules is not None else rule.default
+            if wanted and rule.name not in self.skip:
+                chosen.append(rule)
+        return chosen
+
+
+@dataclasses.dataclass
+class RuleLog:
+    """What the rules did: applications in order, the last reason each near-miss gave."""
+
+    applied: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (rule, node)
+    skipped: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    opset_before: int = 0
+    opset_after: int = 0
+    rounds: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def by_rule(self, rules: Sequence[Rule]) -> dict[str, Any]:
+        applied = collections.Counter(rule for rule, _ in self.applied)
+        report: dict[str, Any] = {}
+        for rule in rules:
+            skips = [
+                {"node": node, "reason": reason}
+                for (name, node), reason in self.skipped.items()
+                if name == rule.name
+            ]
+            report[rule.name] = {
+                "applied": applied.get(rule.name, 0),
+                "skipped": len(skips),
+                "reasons": dict(collections.Counter(s["reason"] for s in skips).most_common()),
+                "skips": skips[:MAX_SKIPS_LISTED],
+            }
+        return report
+
+
+def _node_label(node: ir.Node) -> str:
+    return node.name or f"<{node.op_type}>"
+
+
+def apply_rules(
+    model: ir.Model,
+    rules: Sequence[Rule],
+    *,
+    upgrade_opset: bool = True,
+    max_rounds: int = 20,
+    limit: tuple[str, int] | None = None,
+) -> tuple[ir.Model, RuleLog]:
+    """Apply ``rules`` to a normalized model until nothing matches (in place, unless the opset
+    is upgraded: then a new model is returned).
+
+    ``limit=(rule, n)`` applies at most ``n`` matches of that rule (used to find a culprit).
+    """
+    log = RuleLog(opset_before=model_io.opset(model))
+    names = NameSource(model)
+    upgrade_failed: str | None = None
+    counts: collections.Counter[str] = collections.Counter()
+    for round_ in range(1, max_rounds + 1):
+        current = model_io.opset(model)
+        for rule in rules:
+            if isinstance(rule, ConstantFoldRule):
+                rule.opset = current
+        planned = _plan(model, rules, log, limit, counts)
+        needed = max((rule.target_opset for rule, _ in planned), default=0)
+        if needed > current and upgrade_opset and upgrade_failed is None:
+            ops = sorted({r.target_op for r, _ in planned if r.target_opset > current})
+            try:
+                model = model_io.ensure_opset(model, needed, f"{', '.join(ops)} (optimize)")
+            except OnnxcompError as err:
+                upgrade_failed = str(err)
+            else:
+                ShapeInferencePass(strict_mode=False)(model)
+                names = NameSource(model)
+                log.notes.append(f"opset upgraded {current} -> {needed} for {', '.join(ops)}")
+                continue  # plan again on the upgraded model
+        current = model_io.opset(model)
+        kept = []
+        for rule, match in planned:
+            if rule.target_opset > current:
+                why = upgrade_failed or "opset upgrades are off (--no-upgrade-opset)"
+                if not upgrade_opset:
+                    why = f"{rule.target_op} needs opset {rule.target_opset}, the model is opset {current} and opset upgrades are off"
+                log.skipped[(rule.name, _node_label(match.anchor))] = why
+                continue
+            kept.append((rule, match))
+        if not kept:
+            break
+        log.rounds = round_
+        for rule, match in kept:
+            rule.rewrite(match, names)
+            counts[rule.name] += 1
+            label = _node_label(match.anchor)
+            log.applied.append((rule.name, label))
+            log.skipped.pop((rule.name, label), None)
+        logger.info("optimize round %d: %d rewrites", round_, len(kept))
+    else:
+        log.notes.append(f"stopped after {max_rounds} rounds with rules still matching")
+    RemoveUnusedNodesPass()(model)
+    log.opset_after = model_io.opset(model)
+    return model, log
+
+
+def _plan(
+    model: ir.Model,
+    rules: Sequence[Rule],
+    log: RuleLog,
+    limit: tuple[str, int] | None,
+    counts: collections.Counter[str],
+) -> list[tuple[Rule, Match]]:
+    """Every rule at every anchor; the first match to claim a node wins this round."""
+    claimed: set[int] = set()
+    planned: list[tuple[Rule, Match]] = []
+    graphs = list(model.graphs())
+    budget = dict(counts)
+    for rule in rules:
+        for graph in graphs:
+            for node in list(graph):
+                if rule.anchors and node.op_type not in rule.anchors:
+                    continue
+                if id(node) in claimed or node.domain not in ("", "ai.onnx"):
+                    continue
+                result = rule.match(node)
+                if result is None:
+                    continue
+                if isinstance(result, str):
+                    log.skipped[(rule.name, _node_label(node))] = result
+                    continue
+                if any(id(n) in claimed for n in result.nodes):
+                    continue
+                if limit is not None and limit[0] == rule.name:
+                    if budget.get(rule.name, 0) >= limit[1]:
+                        continue
+                budget[rule.name] = budget.get(rule.name, 0) + 1
+                claimed.update(id(n) for n in result.nodes)
+                planned.append((rule, result))
+    return planned
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Node count by op type, subgraphs included."""
+    counts = collections.Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# The self-check
+
+
+def _check_data(model: ir.Model, data: Any, options: OptimizeOptions):
+    from onnxcomp.data import RandomData
+
+    if data is not None:
+        return data
+    return RandomData(model_io.input_specs(model), samples=options.samples, shapes=options.shapes)
+
+
+def worst_error(comparison) -> tuple[float, str | None]:
+    """The largest max_rel_error over outputs (inf for a non-numeric output that differs)."""
+    worst, where = 0.0, None
+    for stats in comparison.outputs:
+        js = stats.to_json()
+        err = js.get("max_rel_error")
+        if err is None:
+            err = 0.0 if js.get("identical", True) else float("inf")
+        if err != err:  # NaN in one model and not the other
+            err = float("inf")
+        if err > worst:
+            worst, where = err, stats.name
+    return worst, where
+
+
+def self_check(reference: ir.Model, candidate: ir.Model, data: Any, options: OptimizeOptions):
+    """Run both models in onnxruntime on ``data`` (or random inputs): (passed, report)."""
+    from onnxcomp.validate import compare
+
+    source = _check_data(reference, data, options)
+    comparison = compare(reference, candidate, source, limit=None if data is None else 64)
+    worst, where = worst_error(comparison)
+    report = {
+        "samples": comparison.samples,
+        "data": source.name,
+        "max_rel_error": worst,
+        "worst_output": where,
+        "tolerance": options.tolerance,
+        "max_abs_error": max((s.max_abs for s in comparison.outputs), default=0.0),
+    }
+    return worst <= options.tolerance, report
+
+
+def find_culprit(
+    original: ir.Model, rules: Sequence[Rule], data: Any, options: OptimizeOptions
+) -> tuple[str, str, float] | None:
+    """Re-apply the rules one more at a time to find the rule, then the match, that breaks the
+    outputs: (rule, node, error), or None when no single step does."""
+    reference = original
+    for i, rule in enumerate(rules):
+        candidate, log = apply_rules(
+            _prepared(original), rules[: i + 1], upgrade_opset=options.upgrade_opset,
+            max_rounds=options.max_rounds,
+        )
+        if not any(r == rule.name for r, _ in log.applied):
+            continue
+        passed, report = self_check(reference, candidate, data, options)
+        if passed:
+            continue
+        applied = [node for r, node in log.applied if r == rule.name]
+        lo, hi = 1, len(applied)  # the smallest n whose first n matches fail
+        error = report["max_rel_error"]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            candidate, _ = apply_rules(
+                _prepared(original), rules[: i + 1], upgrade_opset=options.upgrade_opset,
+                max_rounds=options.max_rounds, limit=(rule.name, mid),
+            )
+            passed, report = self_check(reference, candidate, data, options)
+            if passed:
+                lo = mid + 1
+            else:
+                hi, error = mid, report["max_rel_error"]
+        return rule.name, applied[lo - 1], error
+    return None
+
+
+def _prepared(model: ir.Model) -> ir.Model:
+    work = model.clone()
+    model_io.normalize(work)
+    return work
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+class OptimizePass(ir.passes.FunctionalPass):
+    """Fuse decomposed activations and norms, fold BatchNorm/bias/scales into weights, remove
+    Identity/Dropout, fold constants; then check the outputs against the input model."""
+
+    def __init__(self, options: OptimizeOptions | None = None, data: Any = None):
+        super().__init__()
+        self.options = options or OptimizeOptions()
+        self.data = data
+
+    def call(self, model: ir.Model) -> Result:
+        options = self.options
+        rules = options.selected_rules()
+        work = model.clone()
+        normalized = model_io.normalize(work)
+        before = op_histogram(model)
+        work, log = apply_rules(
+            work, rules, upgrade_opset=options.upgrade_opset, max_rounds=options.max_rounds
+        )
+        after = op_histogram(work)
+        report: dict[str, Any] = {
+            "rules": log.by_rule(rules),
+            "applied": len(log.applied),
+            "rounds": log.rounds,
+            "opset": {"before": log.opset_before, "after": log.opset_after},
+            "constants_lifted": normalized.get("constants_lifted", 0),
+            "nodes": {"before": sum(before.values()), "after": sum(after.values())},
+            "ops_before": before,
+            "ops_after": after,
+            "weight_bytes": {"before": model_io.weight_bytes(model), "after": model_io.weight_bytes(work)},
+            "notes": log.notes,
+        }
+        if options.self_check:
+            passed, check = self_check(model, work, self.data, options)
+            report["check"] = check
+            if not passed:
+                culprit = find_culprit(model, rules, self.data, options)
+                if culprit is None:
+                    raise OnnxcompError(
+                        f"optimize: the optimized model's output {check['worst_output']!r} differs "
+                        f"by {check['max_rel_error']:.3g} (relative; tolerance {options.tolerance}) "
+                        "and no single rule is to blame; nothing saved"
+                    )
+                rule, node, error = culprit
+                raise OnnxcompError(
+                    f"optimize: rule {rule!r} at node {node!r} changes the outputs by "
+                    f"{error:.3g} (relative; tolerance {options.tolerance}); nothing saved "
+                    f"(leave the rule out with --skip {rule})"
+                )
+        return Result(work, modified=bool(log.applied) or bool(normalized.get("constants_lifted")), report=report)
+
+
+def optimize(
+    model: ir.Model, options: OptimizeOptions | None = None, data: Any = None
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Clean up ``model`` (a new model is returned; the input is left as it was) and report."""
+    result = OptimizePass(options, data)(model)
+    return result.model, result.report

@@ -1,0 +1,1163 @@
+"""Rewrite rules for graph clean-up: each is a pattern, a check and a rewrite.
+
+A rule looks at one anchor node (``Rule.anchors``) and returns a :class:`Match` when the whole
+pattern fits, a reason string when the pattern is there but a check fails (a near-miss the user
+sees in the report: "Clip bounds are (0, 5), not (0, 6)"), or None when the node is simply not
+the start of this pattern. Rewrites run only after all matches of a round are collected.
+
+Op knowledge (which input is the weight, which axis is the output channel, which ops are never
+folded, which opset a fused op needs) is kept in the tables at the top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOp:
+    """How a linear op stores its weight: which input, which weight axis is the output channel."""
+
+    weight: int
+    bias: int
+    # "conv": W is [M, C/g, k...]; "conv_transpose": W is [C, M/g, k...]; "gemm": depends on transB
+    layout: str
+
+
+LINEAR_OPS: dict[str, LinearOp] = {
+    "Conv": LinearOp(weight=1, bias=2, layout="conv"),
+    "ConvTranspose": LinearOp(weight=1, bias=2, layout="conv_transpose"),
+    "Gemm": LinearOp(weight=1, bias=2, layout="gemm"),
+}
+
+# Ops whose result is never computed ahead of time: random, quantization boundaries that
+# onnxruntime folds into integer kernels, and ops with side inputs from the outside world.
+NEVER_FOLD = {
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+    "If", "Loop", "Scan", "Constant",
+}
+
+# The opset a fused op needs (first version of the op in the default domain).
+TARGET_OPSET = {
+    "HardSigmoid": 6,
+    "HardSwish": 14,
+    "LayerNormalization": 17,
+    "Gelu": 20,
+    "Swish": 24,
+}
+
+# Above this many elements a constant is not read just to look at it.
+_PEEK_LIMIT = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Matches and rules
+
+
+@dataclasses.dataclass
+class Match:
+    """A place where a rule applies: the nodes it replaces and what the rewrite needs."""
+
+    rule: str
+    anchor: ir.Node
+    nodes: list[ir.Node]  # nodes the rewrite removes or changes (claimed for this round)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Rule:
+    """A pattern / check / rewrite rule (see the module docstring)."""
+
+    name: str = ""
+    description: str = ""
+    anchors: tuple[str, ...] = ()  # empty: every node is an anchor
+    target_op: str | None = None  # the op the rewrite writes, when it needs an opset
+    default: bool = True
+
+    @property
+    def target_opset(self) -> int:
+        return TARGET_OPSET.get(self.target_op or "", 0)
+
+    def match(self, node: ir.Node) -> Match | str | None:
+        raise NotImplementedError
+
+    def rewrite(self, match: Match, names: NameSource) -> None:
+        raise NotImplementedError
+
+
+class NameSource:
+    """Fresh value and node names that collide with nothing in the model."""
+
+    def __init__(self, model: ir.Model):
+        self.used: set[str] = set()
+        for graph in model.graphs():
+            self.used.update(graph.initializers)
+            for value in graph.inputs:
+                self.used.add(value.name or "")
+            for node in graph:
+                self.used.add(node.name or "")
+                for value in node.outputs:
+                    self.used.add(value.name or "")
+
+    def __call__(self, hint: str) -> str:
+        base = hint or "onnxcomp"
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Small graph queries
+
+
+def const(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant array, or None when it is computed or may be fed at run time."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _size(value: ir.Value) -> int | None:
+    tensor = value.const_value
+    if tensor is None:
+        return None
+    return int(np.prod(tensor.shape.numpy())) if tensor.shape is not None else None
+
+
+def scalar(value: ir.Value | None, like: ir.Value | None = None) -> float | None:
+    """The number a one-element constant holds, or None.
+
+    With ``like``, the constant must not raise the rank of ``like`` by broadcasting.
+    """
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    size = _size(value)
+    if size != 1:
+        return None
+    array = value.const_value.numpy()
+    if array.dtype.kind not in "fiu":
+        return None
+    if like is not None and array.ndim > 1:
+        rank = len(like.shape) if like.shape is not None else None
+        if rank is None or array.ndim > rank:
+            return None
+    return float(array.reshape(-1)[0])
+
+
+def close(a: float | None, b: float, rel: float = 1e-5) -> bool:
+    return a is not None and math.isclose(a, b, rel_tol=rel, abs_tol=rel * 1e-3)
+
+
+def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The node computing ``value`` when it is one of ``op_types`` in the default domain."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
+        return None
+    return node
+
+
+def only_use(value: ir.Value) -> ir.Node | None:
+    """The single node reading ``value`` (once or more), when it is not also a graph output."""
+    if value.is_graph_output():
+        return None
+    users = {id(u.node): u.node for u in value.uses()}
+    if len(users) != 1:
+        return None
+    return next(iter(users.values()))
+
+
+def users(value: ir.Value) -> list[ir.Node]:
+    seen: dict[int, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(id(use.node), use.node)
+    return list(seen.values())
+
+
+def split_const(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
+    """For a binary op with one constant input: (the other input, the constant)."""
+    if len(node.inputs) != 2:
+        return None, None
+    a, b = node.inputs
+    if b is not None and b.const_value is not None and not b.is_graph_input():
+        return a, b
+    if node.op_type in ("Add", "Mul") and a is not None and a.const_value is not None and not a.is_graph_input():
+        return b, a
+    return None, None
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other input of a commutative binary node that reads ``value``."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is value:
+        return b
+    if b is value:
+        return a
+    return None
+
+
+def scale_by(node: ir.Node, x: ir.Value) -> float | None:
+    """The factor ``node`` multiplies ``x`` by: Mul(x, c) gives c, Div(x, c) gives 1/c."""
+    if node.op_type == "Mul":
+        c = other_input(node, x)
+        v = scalar(c, like=x)
+        return v
+    if node.op_type == "Div" and node.inputs[0] is x:
+        v = scalar(node.inputs[1], like=x)
+        return None if not v else 1.0 / v
+    return None
+
+
+def attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
+    """(min, max) of a Clip; None when a bound is computed at run time."""
+    if "min" in node.attributes or "max" in node.attributes:  # opset < 11
+        return attr(node, "min", -math.inf), attr(node, "max", math.inf)
+    lo = node.inputs[1] if len(node.inputs) > 1 else None
+    hi = node.inputs[2] if len(node.inputs) > 2 else None
+    lo_v = -math.inf if lo is None else scalar(lo)
+    hi_v = math.inf if hi is None else scalar(hi)
+    if lo_v is None or hi_v is None:
+        return None
+    return lo_v, hi_v
+
+
+def reduce_axes(node: ir.Node) -> list[int] | None | str:
+    """The axes a Reduce* node reduces (attribute or input); a reason string when unknown."""
+    if attr(node, "keepdims", 1) != 1:
+        return "keepdims=0"
+    axes = attr(node, "axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = const(node.inputs[1])
+        if array is None:
+            return "axes are computed at run time"
+        axes = array.reshape(-1).tolist()
+    if axes is None or len(axes) == 0:
+        return "reduces over all axes"
+    return [int(a) for a in axes]
+
+
+def rank(value: ir.Value) -> int | None:
+    return len(value.shape) if value.shape is not None else None
+
+
+def dims(value: ir.Value) -> list[int | None] | None:
+    if value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def fmt(v: float | None) -> str:
+    return "?" if v is None else f"{v:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite helpers
+
+
+def new_const(graph: ir.Graph, names: NameSource, hint: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer in ``graph`` holding ``array``."""
+    name = names(hint)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def rewire(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of ``old`` read ``new``; a graph output keeps its name."""
+    was_output = old.is_graph_output()
+    name = old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        old.name = f"{name}__replaced"
+        new.name = name
+    if new.type is None:
+        new.type = old.type
+    if new.shape is None:
+        new.shape = old.shape
+
+
+def replace_chain(match: Match, op_type: str, inputs: Sequence[ir.Value | None], out: ir.Value,
+                  names: NameSource, attributes: dict[str, Any] | None = None) -> ir.Node:
+    """Replace ``match.nodes`` (which compute ``out``) with one ``op_type`` node."""
+    last = out.producer()
+    assert last is not None
+    graph = last.graph
+    assert graph is not None
+    node = ir.node(op_type, list(inputs), attributes=attributes or {}, name=names(f"{last.name}_{op_type}"))
+    graph.insert_after(last, node)
+    rewire(out, node.outputs[0])
+    graph.remove(match.nodes, safe=True)
+    return node
+
+
+def can_replace_output(value: ir.Value, source: ir.Value) -> str | None:
+    """Why ``value`` (a graph output) cannot be replaced by ``source``, or None."""
+    if value.is_graph_output() and (
+        source.is_graph_input() or source.is_graph_output() or source.is_initializer()
+        or source.producer() is None
+    ):
+        return "its output is a graph output fed straight from a graph input or constant"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: activations
+
+
+class HardSwishRule(Rule):
+    name = "hard-swish"
+    description = "x·Clip(x+3, 0, 6)/6 (or x·HardSigmoid(x)) → HardSwish"
+    anchors = ("Clip", "HardSigmoid")
+    target_op = "HardSwish"
+
+    def match(self, node):
+        if node.op_type == "HardSigmoid":
+            return self._match_hardsigmoid(node)
+        head = _match_relu6_plus3(node)
+        if head is None or isinstance(head, str):
+            return head
+        add, x = head
+        clip_out = node.outputs[0]
+        nxt = only_use(clip_out)
+        if nxt is None:
+            return None
+        if nxt.op_type == "Mul" and other_input(nxt, clip_out) is x:
+            tail = only_use(nxt.outputs[0])
+            if tail is None or tail.op_type not in ("Div", "Mul"):
+                return None
+            factor = scale_by(tail, nxt.outputs[0])
+            if factor is None:
+                return None
+            if not close(factor, 1 / 6):
+                return f"x·Clip(x+3, 0, 6) is scaled by {fmt(factor)}, not 1/6"
+            return Match(self.name, node, [add, node, nxt, tail], {"x": x, "out": tail.outputs[0]})
+        if nxt.op_type in ("Div", "Mul"):
+            factor = scale_by(nxt, clip_out)
+            if factor is None or not close(factor, 1 / 6):
+                return None  # not a hard-sigmoid; the hard-sigmoid rule says why
+            mul = only_use(nxt.outputs[0])
+            if mul is None or mul.op_type != "Mul" or other_input(mul, nxt.outputs[0]) is not x:
+                return None  # a hard-sigmoid gating another tensor
+            return Match(self.name, node, [add, node, nxt, mul], {"x": x, "out": mul.outputs[0]})
+        return None
+
+    def _match_hardsigmoid(self, node):
+        x = node.inputs[0]
+        mul = only_use(node.outputs[0])
+        if mul is None or mul.op_type != "Mul" or other_input(mul, node.outputs[0]) is not x:
+            return None
+        alpha, beta = attr(node, "alpha", 0.2), attr(node, "beta", 0.5)
+        if not (close(alpha, 1 / 6) and close(beta, 0.5)):
+            return f"x·HardSigmoid(x) has alpha={fmt(alpha)}, beta={fmt(beta)}, not 1/6, 0.5"
+        return Match(self.name, node, [node, mul], {"x": x, "out": mul.outputs[0]})
+
+    def rewrite(self, match, names):
+        replace_chain(match, "HardSwish", [match.data["x"]], match.data["out"], names)
+
+
+def _match_relu6_plus3(clip: ir.Node) -> tuple[ir.Node, ir.Value] | str | None:
+    """Clip(Add(x, 3), 0, 6): (the Add, x), a near-miss reason, or None."""
+    add = producer(clip.inputs[0], "Add")
+    if add is None:
+        return None
+    x, c = split_const(add)
+    if x is None:
+        return None
+    shift = scalar(c, like=x)
+    bounds = clip_bounds(clip)
+    if shift is None:
+        return None
+    if bounds is None:
+        return "Clip bounds are computed at run time"
+    if not close(shift, 3.0):
+        return None if bounds != (0.0, 6.0) else f"Clip(x + {fmt(shift)}, 0, 6): the shift is not 3"
+    if bounds != (0.0, 6.0):
+        return f"Clip bounds are ({fmt(bounds[0])}, {fmt(bounds[1])}), not (0, 6)"
+    if only_use(add.outputs[0]) is not clip:
+        return "x + 3 is also used elsewhere"
+    return add, x
+
+
+class HardSigmoidRule(Rule):
+    name = "hard-sigmoid"
+    description = "Clip(x+3, 0, 6)/6 → HardSigmoid(alpha=1/6, beta=0.5)"
+    anchors = ("Clip",)
+    target_op = "HardSigmoid"
+
+    def match(self, node):
+        head = _match_relu6_plus3(node)
+        if head is None or isinstance(head, str):
+            return head
+        add, x = head
+        nxt = only_use(node.outputs[0])
+        if nxt is None or nxt.op_type not in ("Div", "Mul"):
+            return None
+        factor = scale_by(nxt, node.outputs[0])
+        if factor is None:
+            return None
+        if not close(factor, 1 / 6):
+            return f"Clip(x+3, 0, 6) is scaled by {fmt(factor)}, not 1/6"
+        return Match(self.name, node, [add, node, nxt], {"x": x, "out": nxt.outputs[0]})
+
+    def rewrite(self, match, names):
+        replace_chain(
+            match, "HardSigmoid", [match.data["x"]], match.data["out"], names,
+            {"alpha": 1.0 / 6.0, "beta": 0.5},
+        )
+
+
+class SiluRule(Rule):
+    name = "silu"
+    description = "x·Sigmoid(x) → Swish (opset 24); off by default"
+    anchors = ("Sigmoid",)
+    target_op = "Swish"
+    # onnxruntime 1.32 fuses Sigmoid·Mul itself, and its Swish kernel ran 3x slower here
+    # (1x64x80x80: 62 us fused vs 186 us Swish), so this rule only runs when asked for.
+    default = False
+
+    def match(self, node):
+        x = node.inputs[0]
+        mul = only_use(node.outputs[0])
+        if mul is None or mul.op_type != "Mul":
+            return None
+        if other_input(mul, node.outputs[0]) is not x:
+            return None  # a sigmoid gate on another tensor
+        return Match(self.name, node, [node, mul], {"x": x, "out": mul.outputs[0]})
+
+    def rewrite(self, match, names):
+        replace_chain(match, "Swish", [match.data["x"]], match.data["out"], names)
+
+
+def _match_half_x_times(add: ir.Node, x: ir.Value) -> tuple[list[ir.Node], ir.Value] | None:
+    """0.5 · x · add(...) in any of the exporters' orders: (nodes after ``add``, result)."""
+    t = add.outputs[0]
+    u = only_use(t)
+    if u is None or u.op_type != "Mul":
+        return None
+    other = other_input(u, t)
+    if other is None:
+        return None
+    if other is x:  # (x · t) · 0.5
+        v = only_use(u.outputs[0])
+        if v is not None and v.op_type in ("Mul", "Div") and close(scale_by(v, u.outputs[0]), 0.5):
+            return [u, v], v.outputs[0]
+        return None
+    if close(scalar(other), 0.5):  # (t · 0.5) · x
+        v = only_use(u.outputs[0])
+        if v is not None and v.op_type == "Mul" and other_input(v, u.outputs[0]) is x:
+            return [u, v], v.outputs[0]
+        return None
+    half = producer(other, "Mul", "Div")  # (x · 0.5) · t
+    if half is not None and half.inputs[0] is x or (half is not None and half.inputs[1] is x):
+        if close(scale_by(half, x), 0.5) and only_use(half.outputs[0]) is u:
+            return [half, u], u.outputs[0]
+    return None
+
+
+class GeluErfRule(Rule):
+    name = "gelu-erf"
+    description = "0.5·x·(1 + erf(x/√2)) → Gelu (opset 20)"
+    anchors = ("Erf",)
+    target_op = "Gelu"
+
+    def match(self, node):
+        div = producer(node.inputs[0], "Div", "Mul")
+        if div is None:
+            return None
+        x = div.inputs[0] if div.op_type == "Div" else split_const(div)[0]
+        if x is None:
+            return None
+        factor = scale_by(div, x)
+        if factor is None:
+            return None
+        if not close(factor, 1 / math.sqrt(2), rel=1e-4):
+            return f"erf input is x·{fmt(factor)}, not x/√2"
+        if only_use(div.outputs[0]) is not node:
+            return "x/√2 is also used elsewhere"
+        add = only_use(node.outputs[0])
+        if add is None or add.op_type != "Add":
+            return "erf(x/√2) is not followed by + 1"
+        if not close(scalar(other_input(add, node.outputs[0])), 1.0):
+            return "erf(x/√2) is not followed by + 1"
+        tail = _match_half_x_times(add, x)
+        if tail is None:
+            return "1 + erf(x/√2) is not multiplied by 0.5·x"
+        nodes, out = tail
+        return Match(self.name, node, [div, node, add, *nodes], {"x": x, "out": out})
+
+    def rewrite(self, match, names):
+        replace_chain(match, "Gelu", [match.data["x"]], match.data["out"], names)
+
+
+class GeluTanhRule(Rule):
+    name = "gelu-tanh"
+    description = "0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) → Gelu(approximate=tanh)"
+    anchors = ("Tanh",)
+    target_op = "Gelu"
+
+    def match(self, node):
+        scale = producer(node.inputs[0], "Mul")
+        if scale is None:
+            return None
+        inner, c = split_const(scale)
+        if inner is None:
+            return None
+        inner_add = producer(inner, "Add")
+        if inner_add is None:
+            return None
+        x = cube_mul = None
+        for cand, other in ((inner_add.inputs[0], inner_add.inputs[1]), (inner_add.inputs[1], inner_add.inputs[0])):
+            m = producer(other, "Mul")
+            if m is None:
+                continue
+            cube, k = split_const(m)
+            if cube is None or not close(scalar(k), 0.044715, rel=1e-3):
+                continue
+            if _is_cube(cube, cand):
+                x, cube_mul = cand, m
+                break
+        if x is None:
+            return None
+        if not close(scalar(c), math.sqrt(2 / math.pi), rel=1e-3):
+            return f"tanh input is scaled by {fmt(scalar(c))}, not √(2/π)"
+        add = only_use(node.outputs[0])
+        if add is None or add.op_type != "Add" or not close(scalar(other_input(add, node.outputs[0])), 1.0):
+            return "tanh(...) is not followed by + 1"
+        tail = _match_half_x_times(add, x)
+        if tail is None:
+            return "1 + tanh(...) is not multiplied by 0.5·x"
+        cube_nodes = _cube_nodes(cube_mul.inputs[0] if cube_mul.inputs[0] is not None and cube_mul.inputs[0].const_value is None else cube_mul.inputs[1])
+        chain = [*cube_nodes, cube_mul, inner_add, scale]
+        for n in chain:
+            for out in n.outputs:
+                if only_use(out) is None:
+                    return "an intermediate of the tanh chain is also used elsewhere"
+        nodes, out = tail
+        return Match(self.name, node, [*chain, node, add, *nodes], {"x": x, "out": out})
+
+    def rewrite(self, match, names):
+        replace_chain(match, "Gelu", [match.data["x"]], match.data["out"], names, {"approximate": "tanh"})
+
+
+def _is_cube(value: ir.Value, x: ir.Value) -> bool:
+    pw = producer(value, "Pow")
+    if pw is not None:
+        return pw.inputs[0] is x and close(scalar(pw.inputs[1]), 3.0)
+    m = producer(value, "Mul")
+    if m is None:
+        return False
+    a, b = m.inputs
+    sq_a, sq_b = producer(a, "Mul"), producer(b, "Mul")
+    if b is x and sq_a is not None and sq_a.inputs[0] is x and sq_a.inputs[1] is x:
+        return True
+    return a is x and sq_b is not None and sq_b.inputs[0] is x and sq_b.inputs[1] is x
+
+
+def _cube_nodes(value: ir.Value) -> list[ir.Node]:
+    node = value.producer()
+    if node is None:
+        return []
+    if node.op_type == "Pow":
+        return [node]
+    inner = [p for p in (i.producer() for i in node.inputs if i is not None) if p is not None and p.op_type == "Mul"]
+    return [*inner[:1], node]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: LayerNormalization
+
+
+def _mean_of(value: ir.Value, source: ir.Value) -> tuple[list[ir.Node], list[int]] | str | None:
+    """``value`` = mean of ``source`` over some axes: ReduceMean, or ReduceSum times 1/N."""
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "ReduceMean" and node.inputs[0] is source:
+        axes = reduce_axes(node)
+        return axes if isinstance(axes, str) else ([node], axes)
+    if node.op_type in ("Mul", "Div"):
+        total, c = split_const(node)
+        rs = producer(total, "ReduceSum")
+        if rs is None or rs.inputs[0] is not source:
+            return None
+        axes = reduce_axes(rs)
+        if isinstance(axes, str):
+            return axes
+        shape = dims(source)
+        count = None
+        if shape is not None:
+            picked = [shape[a] for a in axes] if all(-len(shape) <= a < len(shape) for a in axes) else [None]
+            count = int(np.prod(picked)) if all(isinstance(d, int) for d in picked) else None
+        factor = scale_by(node, total)
+        if count is None:
+            return "ReduceSum·c: the reduced size is unknown, cannot check c = 1/N"
+        if not close(factor, 1.0 / count, rel=1e-4):
+            return f"ReduceSum is scaled by {fmt(factor)}, not 1/{count}"
+        if only_use(total) is not node:
+            return "the ReduceSum is also used elsewhere"
+        return [rs, node], axes
+    return None
+
+
+class LayerNormRule(Rule):
+    name = "layer-norm"
+    description = "(x − mean)/√(var + ε)·γ + β (ReduceMean or ReduceSum/Reciprocal form) → LayerNormalization"
+    anchors = ("Sub",)
+    target_op = "LayerNormalization"
+
+    def match(self, node):
+        x, mean = node.inputs
+        if x is None or mean is None:
+            return None
+        found = _mean_of(mean, x)
+        if found is None:
+            return None
+        if isinstance(found, str):
+            return found
+        mean_nodes, axes = found
+        if only_use(mean) is not node:
+            return "the mean is also used elsewhere"
+        d = node.outputs[0]
+        readers = users(d)
+        if d.is_graph_output() or len(readers) != 2:
+            return None
+        sq = next((n for n in readers if _is_square(n, d)), None)
+        norm = next((n for n in readers if n is not sq), None)
+        if sq is None or norm is None:
+            return None
+        found_var = var_mean = var_value = None
+        for reader in users(sq.outputs[0]):
+            # ReduceMean(sq), or ReduceSum(sq) then ·1/N: try the reader and its readers.
+            candidates = [reader.outputs[0]] + [u.outputs[0] for u in users(reader.outputs[0]) if u.outputs]
+            for value in candidates:
+                got = _mean_of(value, sq.outputs[0])
+                if isinstance(got, str):
+                    found_var = got
+                elif got is not None:
+                    var_mean, var_value = got, value
+                    break
+            if var_mean is not None:
+                break
+        if var_mean is None:
+            return found_var
+        var_nodes, var_axes = var_mean
+        if sorted(var_axes) != sorted(axes):
+            return f"mean over axes {axes} but variance over {var_axes}"
+        add = only_use(var_value)
+        if add is None or add.op_type != "Add":
+            return "the variance is not followed by + ε"
+        eps = scalar(other_input(add, var_value))
+        if eps is None or not 0 <= eps < 1e-2:
+            return f"variance + {fmt(eps)}: not a small constant ε"
+        sqrt = only_use(add.outputs[0])
+        if sqrt is None or sqrt.op_type != "Sqrt":
+            return "var + ε is not followed by Sqrt"
+        chain = list(mean_nodes) + [node, sq, *var_nodes, add, sqrt]
+        if norm.op_type == "Div" and norm.inputs[0] is d and norm.inputs[1] is sqrt.outputs[0]:
+            chain.append(norm)
+        elif norm.op_type == "Mul":
+            recip = producer(other_input(norm, d), "Reciprocal")
+            if recip is None or recip.inputs[0] is not sqrt.outputs[0]:
+                return "x − mean is not divided by √(var + ε)"
+            chain += [recip, norm]
+        else:
+            return "x − mean is not divided by √(var + ε)"
+        for n in chain[:-1]:
+            for out in n.outputs:
+                if out is not d and only_use(out) is None:
+                    return f"{n.op_type} {n.name!r} inside the pattern is also used elsewhere"
+        axis = _last_axes(axes, x)
+        if isinstance(axis, str):
+            return axis
+        out = norm.outputs[0]
+        gamma = beta = None
+        nxt = only_use(out)
+        if nxt is not None and nxt.op_type == "Mul":
+            _, g = split_const(nxt)
+            if g is not None and g is other_input(nxt, out):
+                gamma, out = g, nxt.outputs[0]
+                chain.append(nxt)
+                nxt = only_use(out)
+        if nxt is not None and nxt.op_type == "Add":
+            _, b = split_const(nxt)
+            if b is not None and b is other_input(nxt, out):
+                beta, out = b, nxt.outputs[0]
+                chain.append(nxt)
+        normalized = dims(x)
+        normalized = normalized[axis:] if normalized is not None else None
+        if normalized is None or any(d is None for d in normalized):
+            return "the normalized dims are not known statically"
+        for param, label in ((gamma, "scale"), (beta, "bias")):
+            if param is None:
+                continue
+            shape = list(param.const_value.shape.numpy())
+            while shape and shape[0] == 1 and len(shape) > len(normalized):
+                shape.pop(0)
+            if len(shape) > len(normalized) or any(
+                s not in (1, n) for s, n in zip(shape[::-1], normalized[::-1])
+            ):
+                return f"the {label} {list(param.const_value.shape.numpy())} is not per normalized element"
+        dtype = x.dtype
+        if dtype is None or not dtype.is_floating_point():
+            return "input type is unknown or not floating point"
+        return Match(
+            self.name, node, chain,
+            {"x": x, "out": out, "axis": axis, "eps": eps, "gamma": gamma, "beta": beta,
+             "normalized": normalized, "dtype": dtype},
+        )
+
+    def rewrite(self, match, names):
+        data = match.data
+        graph = match.anchor.graph
+        np_dtype = data["dtype"].numpy()
+        shape = data["normalized"]
+
+        def full(param: ir.Value | None, fill: float, hint: str) -> ir.Value:
+            if param is None:
+                array = np.full(shape, fill, np_dtype)
+            else:
+                array = const(param)
+                if array.ndim > len(shape):  # leading dims are 1 (checked in match)
+                    array = array.reshape(array.shape[array.ndim - len(shape):])
+                array = np.broadcast_to(array, shape).astype(np_dtype)
+            return new_const(graph, names, f"{match.anchor.name}_{hint}", np.ascontiguousarray(array))
+
+        scale = full(data["gamma"], 1.0, "ln_scale")
+        bias = full(data["beta"], 0.0, "ln_bias")
+        replace_chain(
+            match, "LayerNormalization", [data["x"], scale, bias], data["out"], names,
+            {"axis": data["axis"], "epsilon": float(data["eps"])},
+        )
+
+
+def _is_square(node: ir.Node, d: ir.Value) -> bool:
+    if node.op_type == "Mul":
+        return node.inputs[0] is d and node.inputs[1] is d
+    if node.op_type == "Pow":
+        return node.inputs[0] is d and close(scalar(node.inputs[1]), 2.0)
+    return False
+
+
+def _last_axes(axes: list[int], x: ir.Value) -> int | str:
+    """The LayerNormalization axis for reduce ``axes``, or why they are not the last ones."""
+    r = rank(x)
+    if all(a < 0 for a in axes):
+        norm = sorted(axes)
+        if norm == list(range(-len(norm), 0)):
+            return norm[0] if r is None else r + norm[0]
+        return f"normalizes over axes {axes}, not the last ones"
+    if r is None:
+        return f"normalizes over axes {axes} of a tensor of unknown rank"
+    norm = sorted(a % r for a in axes)
+    if norm != list(range(r - len(norm), r)):
+        return f"normalizes over axes {axes} of a rank-{r} tensor, not the last ones"
+    return norm[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: folding into Conv / ConvTranspose / Gemm
+
+
+def _out_channel_index(op: str, node: ir.Node, w: np.ndarray) -> tuple[int, np.ndarray]:
+    """(number of output channels M, output channel of each weight element along its first two axes)."""
+    if op == "Conv":
+        m = w.shape[0]
+        return m, np.arange(m)[:, None] * np.ones((1, w.shape[1]), np.int64)
+    if op == "ConvTranspose":
+        group = attr(node, "group", 1)
+        c, mg = w.shape[0], w.shape[1]
+        group_of = np.arange(c) // (c // group)
+        return mg * group, group_of[:, None] * mg + np.arange(mg)[None, :]
+    raise ValueError(op)
+
+
+def _scale_weight(op: str, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Multiply output channel o of weight ``w`` by ``s[o]`` (float64 in, weight dtype out)."""
+    if op == "Gemm":
+        s = s.reshape(-1)
+        w64 = w.astype(np.float64)
+        return (w64 * s[:, None] if attr(node, "transB", 0) else w64 * s[None, :]).astype(w.dtype)
+    _, index = _out_channel_index(op, node, w)
+    factor = s.reshape(-1)[index].reshape(index.shape + (1,) * (w.ndim - 2))
+    return (w.astype(np.float64) * factor).astype(w.dtype)
+
+
+def _channels(op: str, node: ir.Node, w: ir.Value) -> int | None:
+    shape = w.shape
+    if shape is None or any(not isinstance(d, int) for d in shape[:2]):
+        return None
+    if op == "Conv":
+        return shape[0]
+    if op == "ConvTranspose":
+        return shape[1] * attr(node, "group", 1)
+    return shape[0] if attr(node, "transB", 0) else shape[1]
+
+
+def _per_channel(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray | str:
+    """A constant that broadcasts along axis 1 of a rank-``out_rank`` tensor only, as [M]."""
+    if c.ndim > out_rank:
+        return f"the constant {list(c.shape)} has a higher rank than the output"
+    shape = (1,) * (out_rank - c.ndim) + tuple(c.shape)
+    if any(s != 1 for i, s in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return f"the constant {list(c.shape)} is not per output channel"
+    return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+
+
+def _linear_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    spec = LINEAR_OPS[node.op_type]
+    w = const(node.inputs[spec.weight])
+    if w is None:
+        return f"the {node.op_type} weight is computed at run time"
+    b_value = node.inputs[spec.bias] if len(node.inputs) > spec.bias else None
+    b = None
+    if b_value is not None:
+        b = const(b_value)
+        if b is None:
+            return f"the {node.op_type} bias is computed at run time"
+    return w, b
+
+
+def _set_linear(node: ir.Node, w: np.ndarray | None, b: np.ndarray, names: NameSource) -> None:
+    """Give ``node`` new weight and bias initializers (shared tensors are never changed in place)."""
+    spec = LINEAR_OPS[node.op_type]
+    graph = node.graph
+    if w is not None:
+        node.replace_input_with(spec.weight, new_const(graph, names, f"{node.name}_weight", w))
+    bias = new_const(graph, names, f"{node.name}_bias", b)
+    if len(node.inputs) <= spec.bias:
+        node.resize_inputs(spec.bias + 1)
+    node.replace_input_with(spec.bias, bias)
+
+
+class FoldBatchNormRule(Rule):
+    name = "fold-batchnorm"
+    description = "BatchNormalization after Conv/ConvTranspose/Gemm → folded into its weights"
+    anchors = ("BatchNormalization",)
+
+    def match(self, node):
+        prev = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if prev is None or prev.op_type not in LINEAR_OPS or prev.domain not in ("", "ai.onnx"):
+            what = prev.op_type if prev is not None else "a graph input"
+            return f"follows {what}, not Conv/ConvTranspose/Gemm"
+        if attr(node, "training_mode", 0):
+            return "training_mode=1"
+        if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+            return "running mean/var outputs are used"
+        params = [const(v) for v in node.inputs[1:5]]
+        if any(p is None for p in params):
+            return "scale/bias/mean/var are computed at run time"
+        if only_use(prev.outputs[0]) is not node:
+            return f"{prev.op_type} {prev.name!r} output is also used elsewhere"
+        parts = _linear_parts(prev)
+        if isinstance(parts, str):
+            return parts
+        if prev.op_type == "Gemm":
+            if rank(node.inputs[0]) not in (2, None):
+                return "Gemm output is not 2-D"
+            channels = params[0].size
+            bias = parts[1]
+            if bias is not None and (bias.size not in (1, channels) or (bias.ndim == 2 and bias.shape[0] != 1)):
+                return f"the Gemm bias {list(bias.shape)} is not per output column"
+        return Match(self.name, node, [node, prev], {"linear": prev, "params": params})
+
+    def rewrite(self, match, names):
+        node, prev = match.anchor, match.data["linear"]
+        scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in match.data["params"])
+        eps = attr(node, "epsilon", 1e-5)
+        w, b = _linear_parts(prev)
+        s = scale / np.sqrt(var + eps)
+        channels = s.shape[0]
+        if prev.op_type == "Gemm":
+            alpha, beta = attr(prev, "alpha", 1.0), attr(prev, "beta", 1.0)
+            w_new = _scale_weight("Gemm", prev, w, s * alpha)
+            c = np.zeros(channels) if b is None else np.broadcast_to(b.astype(np.float64).reshape(-1) * beta, (channels,))
+            prev.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+            prev.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        else:
+            w_new = _scale_weight(prev.op_type, prev, w, s)
+            c = np.zeros(channels) if b is None else b.astype(np.float64)
+        b_new = ((c - mean) * s + bias).astype(w.dtype)
+        _set_linear(prev, w_new, b_new, names)
+        _drop_after(node, prev)
+
+
+class FoldBiasAddRule(Rule):
+    name = "fold-bias-add"
+    description = "Add of a per-channel constant after Conv/ConvTranspose → the Conv bias"
+    anchors = ("Add",)
+
+    def match(self, node):
+        x, c = split_const(node)
+        prev = producer(x, "Conv", "ConvTranspose")
+        if prev is None:
+            return None
+        return _match_channel_op(self.name, node, prev, const(c), x)
+
+    def rewrite(self, match, names):
+        prev, c = match.data["linear"], match.data["per_channel"]
+        w, b = _linear_parts(prev)
+        base = np.zeros(c.shape) if b is None else b.astype(np.float64)
+        _set_linear(prev, None, (base + c).astype(w.dtype), names)
+        _drop_after(match.anchor, prev)
+
+
+class FoldScaleRule(Rule):
+    name = "fold-scale"
+    description = "Mul/Div by a per-channel constant after Conv/ConvTranspose → scaled weights"
+    anchors = ("Mul", "Div")
+
+    def match(self, node):
+        x, c = split_const(node)
+        prev = producer(x, "Conv", "ConvTranspose")
+        if prev is None:
+            return None
+        array = const(c)
+        if node.op_type == "Div":
+            if np.any(array == 0):
+                return "divides by zero"
+            array = 1.0 / array.astype(np.float64)
+        return _match_channel_op(self.name, node, prev, array, x)
+
+    def rewrite(self, match, names):
+        prev, s = match.data["linear"], match.data["per_channel"]
+        w, b = _linear_parts(prev)
+        base = np.zeros(s.shape) if b is None else b.astype(np.float64)
+        _set_linear(prev, _scale_weight(prev.op_type, prev, w, s), (base * s).astype(w.dtype), names)
+        _drop_after(match.anchor, prev)
+
+
+def _match_channel_op(rule: str, node: ir.Node, prev: ir.Node, c: np.ndarray, x: ir.Value):
+    if only_use(x) is not node:
+        return f"{prev.op_type} {prev.name!r} output is also used elsewhere"
+    if c.dtype.kind != "f":
+        return f"the constant is {c.dtype}, not float"
+    parts = _linear_parts(prev)
+    # Scaling needs the weight; adding to the bias needs only a constant (or absent) bias.
+    if isinstance(parts, str) and (rule == "fold-scale" or "bias" in parts):
+        return parts
+    w_value = prev.inputs[1]
+    channels = _channels(prev.op_type, prev, w_value)
+    out_rank = len(w_value.shape) if w_value.shape is not None else None
+    if channels is None or out_rank is None:
+        return f"the {prev.op_type} weight shape is unknown"
+    per_channel = _per_channel(c, out_rank, channels)
+    if isinstance(per_channel, str):
+        return per_channel
+    return Match(rule, node, [node, prev], {"linear": prev, "per_channel": per_channel})
+
+
+def _drop_after(node: ir.Node, prev: ir.Node) -> None:
+    """Remove a node folded into ``prev`` and make its readers read ``prev``'s output."""
+    graph = node.graph
+    rewire(node.outputs[0], prev.outputs[0])
+    graph.remove(node, safe=True)
+
+
+class FoldInputScaleRule(Rule):
+    name = "fold-input-scale"
+    description = "Mul by a per-channel constant before a Conv → scaled input channels of the weight"
+    anchors = ("Mul",)
+
+    def match(self, node):
+        x, c = split_const(node)
+        if x is None or x.const_value is not None:
+            return None
+        conv = only_use(node.outputs[0])
+        if conv is None or conv.op_type != "Conv" or conv.inputs[0] is not node.outputs[0]:
+            return None
+        w = const(conv.inputs[1])
+        if w is None:
+            return "the Conv weight is computed at run time"
+        s = const(c)
+        if s.dtype.kind != "f":
+            return None
+        channels = w.shape[1] * attr(conv, "group", 1)
+        per = _per_channel(s, w.ndim, channels)
+        if isinstance(per, str):
+            return per.replace("output", "input")
+        if rank(x) not in (None, w.ndim):
+            return "the Mul broadcasts its input to a higher rank"
+        return Match(self.name, node, [node, conv], {"conv": conv, "x": x, "per_channel": per})
+
+    def rewrite(self, match, names):
+        conv, s = match.data["conv"], match.data["per_channel"]
+        w = const(conv.inputs[1])
+        m, cg = w.shape[:2]
+        group = attr(conv, "group", 1)
+        in_ch = (np.arange(m) // (m // group))[:, None] * cg + np.arange(cg)[None, :]
+        factor = s[in_ch].reshape(m, cg, *(1,) * (w.ndim - 2))
+        new_w = (w.astype(np.float64) * factor).astype(w.dtype)
+        conv.replace_input_with(1, new_const(conv.graph, names, f"{conv.name}_weight", new_w))
+        conv.replace_input_with(0, match.data["x"])
+        match.anchor.graph.remove(match.anchor, safe=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: removal
+
+
+class IdentityRule(Rule):
+    name = "identity"
+    description = "Identity and inference-mode Dropout removed"
+    anchors = ("Identity", "Dropout")
+
+    def match(self, node):
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        source, out = node.inputs[0], node.outputs[0]
+        if source is None:
+            return None
+        if node.op_type == "Dropout":
+            if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+                return "its mask output is used"
+            mode = node.inputs[2] if len(node.inputs) > 2 else None
+            if mode is not None and (const(mode) is None or bool(const(mode).reshape(-1)[0])):
+                return "training_mode is not a constant false"
+            if attr(node, "is_test", 1) == 0 and "is_test" in node.attributes:
+                return "is_test=0"
+        reason = can_replace_output(out, source)
+        if reason:
+            return reason
+        if out.is_graph_output() and source.is_graph_output():
+            return "both its input and output are graph outputs"
+        return Match(self.name, node, [node], {"source": source})
+
+    def rewrite(self, match, names):
+        node = match.anchor
+        graph = node.graph
+        rewire(node.outputs[0], match.data["source"])
+        graph.remove(node, safe=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: constant folding
+
+
+class ConstantFoldRule(Rule):
+    """Computes nodes whose inputs are all constant, with onnx's reference evaluator."""
+
+    name = "constant-fold"
+    description = "nodes whose inputs are all constant → an initializer (results bounded in size)"
+    anchors = ()
+
+    def __init__(self, limit_bytes: int = 1 << 20):
+        self.limit_bytes = limit_bytes
+        self.opset = 17  # the model's default-domain opset; set by the optimizer before planning
+
+    def match(self, node):
+        if node.domain not in ("", "ai.onnx") or node.op_type in NEVER_FOLD:
+            return None
+        inputs = [v for v in node.inputs if v is not None]
+        if not inputs or any(v.const_value is None or v.is_graph_input() for v in inputs):
+            return None
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return None
+        if any(out.is_graph_output() for out in node.outputs):
+            return "its output is a graph output"
+        in_bytes = sum(v.const_value.nbytes for v in inputs)
+        limit = max(self.limit_bytes, in_bytes)
+        for out in node.outputs:
+            shape = dims(out)
+            if out.dtype is not None and shape is not None and all(isinstance(d, int) for d in shape):
+                size = int(np.prod(shape)) * out.dtype.itemsize
+                if size > limit:
+                    return f"the result would be {size} bytes (limit {limit})"
+        results = self.evaluate(node)
+        if isinstance(results, str):
+            return results
+        size = sum(r.nbytes for r in results)
+        if size > limit:
+            return f"the result is {size} bytes (limit {limit})"
+        return Match(self.name, node, [node], {"results": results})
+
+    def evaluate(self, node: ir.Node) -> list[np.ndarray] | str:
+        """The node's outputs computed by onnx's reference evaluator, or why not."""
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"i{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+        outs = [f"o{i}" for i in range(len(node.outputs))]
+        proto_node = ir.serde.serialize_node(node)
+        del proto_node.input[:]
+        proto_node.input.extend(names)
+        del proto_node.output[:]
+        proto_node.output.extend(outs)
+        feeds = {n: v.const_value.numpy() for n, v in zip(names, node.inputs) if v is not None}
+        graph = onnx.helper.make_graph(
+            [proto_node], "fold",
+            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in feeds.items()],
+            [onnx.helper.make_empty_tensor_value_info(o) for o in outs],
+        )
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
+        try:
+            results = ReferenceEvaluator(proto).run(None, feeds)
+        except Exception as err:  # the evaluator lacks the op, or the inputs are invalid
+            return f"cannot evaluate it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        return [np.asarray(r) for r in results]
+
+    def rewrite(self, match, names):
+        node = match.anchor
+        results = match.data["results"]
+        graph = node.graph
+        for out, array in zip(node.outputs, results):
+            if not out.uses():
+                continue
+            if out.dtype is not None:
+                array = array.astype(out.dtype.numpy(), copy=False)
+            value = new_const(graph, names, f"{out.name or node.name}_folded", np.ascontiguousarray(array))
+            rewire(out, value)
+        graph.remove(node, safe=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of rules, in the order they are tried on each node
+
+
+def all_rules(fold_limit_bytes: int = 1 << 20) -> list[Rule]:
+    return [
+        IdentityRule(),
+        ConstantFoldRule(fold_limit_bytes),
+        # Activations and norms first: a fold rule must not eat the Add of an x + 3.
+        HardSwishRule(),
+        HardSigmoidRule(),
+        GeluErfRule(),
+        GeluTanhRule(),
+        LayerNormRule(),
+        SiluRule(),
+        FoldBatchNormRule(),
+        FoldBiasAddRule(),
+        FoldScaleRule(),
+        FoldInputScaleRule(),
+    ]
+
+
+RULE_NAMES: list[str] = [r.name for r in all_rules()]
+RuleFilter = Callable[[Rule], bool]
