@@ -313,11 +313,15 @@ def _inspect_text(r: dict[str, Any]) -> str:
         lines.append(f"parameters: {params['unavailable']}")
     else:
         init, const = params["initializers"], params["constant_nodes"]
-        lines.append(
+        text = (
             f"parameters: {params['total']:,} ({human_bytes(params['bytes'])}): "
             f"{init['elements']:,} in {init['tensors']} initializers, "
             f"{const['elements']:,} in {const['tensors']} Constant nodes"
         )
+        ml = params.get("ml_op_attributes") or {}
+        if ml.get("nodes"):
+            text += f", {ml['elements']:,} in attributes of {ml['nodes']} ai.onnx.ml nodes"
+        lines.append(text)
     comp = r["compute"]
     lines.append("")
     if "unavailable" in comp:
@@ -325,6 +329,8 @@ def _inspect_text(r: dict[str, Any]) -> str:
     else:
         total = comp["total_macs"]
         text = f"compute: {_count(total)} MACs"
+        if total is not None and comp["uncounted_ops"]:
+            text = f"compute: at least {total:,} MACs"
         if total is None:
             text += (
                 f" ({comp['layers_unknown']} of {comp['layers_counted'] + comp['layers_unknown']}"
@@ -333,6 +339,8 @@ def _inspect_text(r: dict[str, Any]) -> str:
         if comp["assumed"]:
             text += "; assumed " + ", ".join(f"{k} = {v}" for k, v in comp["assumed"].items())
         lines.append(text)
+        if total is None:
+            lines.append("  dynamic dims: fix them with --shape NAME=1x3x224x224 to count all layers")
         if comp["shape_inference"] != "ok":
             lines.append(f"  shape inference {comp['shape_inference']}")
         if comp["uncounted_ops"]:
@@ -460,3 +468,97 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
     for m in payload["models"]:
         if m["memory_error"]:
             click.echo(f"note: {m['model']}: peak memory not measured ({m['memory_error']})")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimize
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the optimized model.")
+@click.option("--data", type=click.Path(), help=".npz file or folder for the self-check (default: random inputs).")
+@shape_option
+@click.option("--tolerance", default=1e-4, show_default=True, help="Max relative output error of the self-check.")
+@click.option("--rule", "only", multiple=True, metavar="NAME", help="Run only these rules (repeatable).")
+@click.option("--skip", multiple=True, metavar="NAME", help="Do not run this rule (repeatable).")
+@click.option("--no-upgrade-opset", is_flag=True, help="Never upgrade the opset (fusions that need it are skipped).")
+@click.option("--runs", default=50, show_default=True, help="Latency runs of each model for the report.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, as_json):
+    """Fuse decomposed activations and norms, fold BatchNorm, biases and constants.
+
+    The result is a plain ONNX model. Both models run in onnxruntime on --data (or random
+    inputs); if an output differs by more than --tolerance nothing is saved and the error names
+    the rule and the node.
+    """
+    from onnxcomp import model as model_io
+    from onnxcomp.data import open_data, parse_shapes
+    from onnxcomp.optimize import OptimizeOptions
+    from onnxcomp.optimize import optimize as run_optimize
+    from onnxcomp.passes import parse_options
+
+    model = model_io.load(model_path)
+    parsed = parse_shapes(shapes)
+    values: dict[str, Any] = {"tolerance": tolerance, "skip": list(skip), "shapes": parsed}
+    if only:
+        values["rules"] = list(only)
+    if no_upgrade_opset:
+        values["upgrade_opset"] = False
+    options = parse_options(OptimizeOptions, values, "optimize")
+    source = open_data(data, model_io.input_specs(model), shapes=parsed) if data else None
+    result, report = run_optimize(model, options, source)
+    saved = model_io.save(result, output, inputs=[model_path])
+    report["size_bytes"] = {"before": Path(model_path).stat().st_size, "after": saved.stat().st_size}
+    report["output"] = str(saved)
+    if not no_bench:
+        from onnxcomp.bench import benchmark
+
+        bench_result = benchmark(
+            [model_path, str(saved)], runs=runs, memory=False, graph=False, shapes=parsed,
+            data=source, names=["input", "optimized"],
+        )
+        report["latency_ms"] = {
+            "input_p50": bench_result.models[0].p50_ms,
+            "optimized_p50": bench_result.models[1].p50_ms,
+            "ratio": bench_result.models[1].ratio_p50,
+            "threads": bench_result.threads,
+        }
+    if as_json:
+        emit_json(report)
+        return
+    rows = []
+    for name, entry in report["rules"].items():
+        reason = next(iter(entry["reasons"]), None)
+        rows.append([name, entry["applied"], entry["skipped"], reason])
+    click.echo(table(rows, ["rule", "applied", "skipped", "first reason skipped"]))
+    before, after = report["ops_before"], report["ops_after"]
+    changed = [
+        [op, before.get(op, 0), after.get(op, 0)]
+        for op in sorted(set(before) | set(after), key=lambda o: -max(before.get(o, 0), after.get(o, 0)))
+        if before.get(op, 0) != after.get(op, 0)
+    ]
+    if changed:
+        click.echo()
+        click.echo(table(changed, ["op", "before", "after"]))
+    click.echo()
+    nodes = report["nodes"]
+    click.echo(f"nodes: {nodes['before']} -> {nodes['after']}; opset {report['opset']['before']} -> {report['opset']['after']}")
+    size = report["size_bytes"]
+    click.echo(f"size: {human_bytes(size['before'])} -> {human_bytes(size['after'])}")
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    check = report.get("check")
+    if check:
+        click.echo(
+            f"check: max relative error {check['max_rel_error']:.3g} (tolerance {check['tolerance']:g}) "
+            f"on {check['samples']} samples of {check['data']}"
+        )
+    latency = report.get("latency_ms")
+    if latency:
+        click.echo(
+            f"latency p50 ({latency['threads']} thread): {latency['input_p50']:.3f} ms -> "
+            f"{latency['optimized_p50']:.3f} ms ({latency['ratio']:.2f}x)"
+        )
+    click.echo(f"saved {saved}")
