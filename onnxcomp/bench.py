@@ -399,9 +399,10 @@ def _make_feeds(
             if spec.name not in shapes and spec.shape and not isinstance(spec.shape[0], int):
                 shapes[spec.name] = [batch_size, *random.shapes[spec.name][1:]]
         random = RandomData(specs, samples=1, shapes=shapes)
-    batch = next(random.batches(1))
-    described = ", ".join(f"{k}=" + "x".join(map(str, v.shape)) for k, v in batch.inputs.items())
-    return dict(batch.inputs), f"random inputs ({described})"
+    # np.asarray: RandomData draws a numpy scalar (not a 0-d array) for a scalar bool input.
+    inputs = {k: np.asarray(v) for k, v in next(random.batches(1)).inputs.items()}
+    described = ", ".join(f"{k}=" + ("x".join(map(str, v.shape)) or "scalar") for k, v in inputs.items())
+    return inputs, f"random inputs ({described})"
 
 
 def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:

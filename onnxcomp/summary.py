@@ -324,6 +324,29 @@ def _weights(model: ir.Model) -> list[dict[str, Any]]:
             else:
                 continue
             tensors.append({"name": name, "source": "Constant node", **entry})
+    # Classical ML ops (scikit-learn exports) keep their coefficients and trees in attributes.
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain != "ai.onnx.ml":
+            continue
+        elements = nbytes = 0
+        for attr in node.attributes.values():
+            if attr.type in (ir.AttributeType.FLOATS, ir.AttributeType.INTS):
+                elements += len(attr.value)
+                nbytes += len(attr.value) * (4 if attr.type == ir.AttributeType.FLOATS else 8)
+            elif attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                elements += math.prod(attr.value.shape)
+                nbytes += _tensor_bytes(attr.value)
+        if elements:
+            tensors.append(
+                {
+                    "name": node.name or node.outputs[0].name,
+                    "source": f"{node.op_type} attributes",
+                    "dtype": None,
+                    "shape": [elements],
+                    "elements": elements,
+                    "bytes": nbytes,
+                }
+            )
     return tensors
 
 
@@ -331,7 +354,13 @@ def _parameters(model: ir.Model) -> dict[str, Any]:
     tensors = _weights(model)
     init = [t for t in tensors if t["source"] == "initializer"]
     const = [t for t in tensors if t["source"] == "Constant node"]
+    attrs = [t for t in tensors if t["source"].endswith(" attributes")]
     return {
+        "ml_op_attributes": {
+            "nodes": len(attrs),
+            "elements": sum(t["elements"] for t in attrs),
+            "bytes": sum(t["bytes"] for t in attrs),
+        },
         "total": sum(t["elements"] for t in tensors),
         "bytes": sum(t["bytes"] for t in tensors),
         "initializers": {
@@ -390,6 +419,8 @@ def _compute(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str, 
     complete = len(counted) == len(layers)
     return {
         "total_macs": sum(counted) if complete else None,
+        # False when ops without a MAC rule (LSTM, ...) do work the total leaves out
+        "complete": complete and not uncounted,
         "known_macs": sum(counted),
         "layers_counted": len(counted),
         "layers_unknown": len(layers) - len(counted),

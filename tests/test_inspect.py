@@ -115,6 +115,7 @@ def test_if_loop_subgraphs_counted(tmp_path):
 def test_lstm_says_what_it_cannot_count(tmp_path):
     report = summarize(_lstm_model(tmp_path / "lstm.onnx"))
     assert report["compute"]["uncounted_ops"] == {"LSTM": 1}
+    assert report["compute"]["complete"] is False
     assert report["parameters"]["initializers"]["elements"] == 4 * 8 * 5 + 4 * 8 * 8
     assert report["inputs"][0]["shape"] == ["seq", "batch", 5]
 
@@ -128,6 +129,21 @@ def test_constant_weights_and_custom_domain(tmp_path):
     assert report["operators"]["custom_domains"] == ["my.ops"]
     assert report["compute"]["total_macs"] == 2 * 16 * 10  # Constant's shape is inferred
     assert report["largest_tensors"][0]["source"] == "Constant node"
+
+
+def test_sklearn_coefficients_counted(tmp_path):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
+    g (float[N, 3] x) => (int64[N] label, float[N, 2] scores) {
+        label, scores = ai.onnx.ml.LinearClassifier <
+            coefficients = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], intercepts = [0.5, -0.5], classlabels_ints = [0, 1]
+        > (x)
+    }
+    """
+    path = tmp_path / "logreg.onnx"
+    onnx.save(onnx.parser.parse_model(text), path)
+    params = summarize(path)["parameters"]
+    assert params["ml_op_attributes"] == {"nodes": 1, "elements": 10, "bytes": 6 * 4 + 2 * 4 + 2 * 8}
 
 
 def test_dynamic_dims_and_strings_do_not_crash(tmp_path):
