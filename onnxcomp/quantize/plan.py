@@ -1,0 +1,460 @@
+"""Where static quantization puts QuantizeLinear/DequantizeLinear, decided before anything is written.
+
+`OP_TABLE` says how onnxruntime's CPU provider runs each op when it is wrapped in Q/DQ (measured on
+onnxruntime 1.32: which fused kernel replaces it, which input is the weight and its channel axis).
+`build_plan` walks the graph once and returns a `QuantPlan`: the activation tensors that get a
+Q -> DQ pair (and which of them share one scale), the weights to store as int8, the nodes that run
+as integer kernels, and every node that stays float with the reason. Nothing is changed here;
+`onnxcomp.quantize.static` applies the plan in one sweep.
+
+Placement rules (why a pair is there or not):
+- a Q/DQ pair goes only on tensors that an integer kernel reads or writes; a pair beside an op that
+  stays float is an island that costs time, so ops without an integer kernel stay float, untouched;
+- Conv needs its output quantized to become QLinearConv; MatMul and Gemm do not (MatMulIntegerToFloat
+  and QGemm write float), so their output is quantized only when an integer kernel reads it;
+- Relu, and Clip with constant bounds around 0, that alone follow a quantized op are absorbed: their
+  output is what gets quantized, and onnxruntime drops them (the Q range already clips);
+- shape ops (Reshape, Transpose, MaxPool, Resize, ...) pass int8 through when their input is
+  quantized: their output shares the input's scale and zero point, and onnxruntime drops the pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+Role = Literal["weighted", "elementwise", "concat", "unary", "passthrough", "activation", "float"]
+
+FLOAT_TYPES = (ir.DataType.FLOAT,)
+
+
+def _conv_axis(node: ir.Node) -> int:
+    return 0  # weight (M, C/group, k...): output channels first
+
+
+def _gemm_axis(node: ir.Node) -> int:
+    trans_b = node.attributes.get_int("transB", 0)
+    return 0 if trans_b else 1  # B: (N, K) when transposed, else (K, N)
+
+
+def _matmul_axis(node: ir.Node) -> int:
+    return 1  # B: (K, N), one scale per output column
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """How onnxruntime's CPU provider runs one op type inside Q/DQ.
+
+    role: weighted (has a weight, anchors the int8 domain), elementwise/concat/unary (integer kernel
+    when all data inputs are quantized), passthrough (moves int8 unchanged, shares its input's
+    scale), activation (absorbed into the producer's output range), float (no integer kernel).
+    kernel: what onnxruntime runs instead (None: stays float).
+    """
+
+    op_type: str
+    role: Role
+    kernel: str | None
+    weight_input: int | None = None
+    data_inputs: tuple[int, ...] = (0,)
+    weight_axis: Callable[[ir.Node], int] | None = None
+    bias_input: int | None = None
+    why_float: str = ""
+
+
+def _rules(*rules: OpRule) -> dict[str, OpRule]:
+    return {r.op_type: r for r in rules}
+
+
+OP_TABLE: dict[str, OpRule] = _rules(
+    OpRule("Conv", "weighted", "QLinearConv", 1, (0,), _conv_axis, 2),
+    OpRule("Gemm", "weighted", "QGemm", 1, (0,), _gemm_axis, 2),
+    OpRule("MatMul", "weighted", "QLinearMatMul / MatMulIntegerToFloat", 1, (0,), _matmul_axis),
+    OpRule(
+        "ConvTranspose",
+        "float",
+        None,
+        why_float="onnxruntime's CPU provider has no integer ConvTranspose (Q/DQ would run as "
+        "DequantizeLinear + float ConvTranspose)",
+    ),
+    OpRule("Add", "elementwise", "QLinearAdd", data_inputs=(0, 1)),
+    OpRule("Mul", "elementwise", "QLinearMul", data_inputs=(0, 1)),
+    OpRule("Concat", "concat", "QLinearConcat"),
+    OpRule("GlobalAveragePool", "unary", "QLinearGlobalAveragePool"),
+    OpRule("AveragePool", "unary", "QLinearAveragePool"),
+    OpRule("Sigmoid", "unary", "QLinearSigmoid"),
+    OpRule("LeakyRelu", "unary", "QLinearLeakyRelu"),
+    OpRule("MaxPool", "passthrough", "MaxPool (int8)"),
+    OpRule("Reshape", "passthrough", "Reshape (int8)"),
+    OpRule("Transpose", "passthrough", "Transpose (int8)"),
+    OpRule("Flatten", "passthrough", "Flatten (int8)"),
+    OpRule("Squeeze", "passthrough", "Squeeze (int8)"),
+    OpRule("Unsqueeze", "passthrough", "Unsqueeze (int8)"),
+    OpRule("Resize", "passthrough", "Resize (int8)"),
+    OpRule("Slice", "passthrough", "Slice (int8)"),
+    OpRule("DepthToSpace", "passthrough", "DepthToSpace (int8)"),
+    OpRule("SpaceToDepth", "passthrough", "SpaceToDepth (int8)"),
+    OpRule("Relu", "activation", "absorbed into the producer's output range"),
+    OpRule("Clip", "activation", "absorbed into the producer's output range"),
+)
+
+# Which weighted ops the user may ask for; the rest of the table follows from them.
+WEIGHTED_OPS = tuple(op for op, rule in OP_TABLE.items() if rule.role == "weighted")
+
+
+@dataclasses.dataclass
+class ActivationPlan:
+    """One activation tensor that gets a QuantizeLinear -> DequantizeLinear pair."""
+
+    value: ir.Value
+    group: str  # name of the tensor whose calibrated range sets this one's scale (itself, or the
+    # input of a chain of pass-through ops)
+    reason: str
+    clip: tuple[float, float] | None = None  # bounds of an absorbed Relu/Clip
+
+    @property
+    def name(self) -> str:
+        return self.value.name or ""
+
+
+@dataclasses.dataclass
+class WeightPlan:
+    """A weight stored as int8 + DequantizeLinear (per channel along ``axis``, or per tensor)."""
+
+    node: ir.Node
+    value: ir.Value
+    axis: int | None
+
+
+@dataclasses.dataclass
+class NodeDecision:
+    node: ir.Node
+    kernel: str | None  # the integer kernel it becomes, or None when it stays float
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"node": self.node.name, "op": self.node.op_type}
+        if self.kernel:
+            out["kernel"] = self.kernel
+        out["reason"] = self.reason
+        return out
+
+
+@dataclasses.dataclass
+class QuantPlan:
+    """What static quantization will do to a graph, with reasons."""
+
+    activations: dict[str, ActivationPlan]
+    weights: list[WeightPlan]
+    quantized: list[NodeDecision]
+    floats: list[NodeDecision]
+    per_channel: bool
+
+    def groups(self) -> dict[str, ir.Value]:
+        """Tensors to calibrate: one per scale group."""
+        out: dict[str, ir.Value] = {}
+        for plan in self.activations.values():
+            if plan.group == plan.name:
+                out[plan.name] = plan.value
+        return out
+
+    def clip_of(self, group: str) -> tuple[float, float] | None:
+        return self.activations[group].clip if group in self.activations else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "quantized_nodes": [d.to_json() for d in self.quantized],
+            "float_nodes": [d.to_json() for d in self.floats],
+            "activation_tensors": len(self.activations),
+            "weights": len(self.weights),
+            "per_channel": self.per_channel,
+        }
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    if value.is_graph_input():
+        return None  # an initializer the caller may override at run time is not a constant
+    return value.const_value.numpy()
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in FLOAT_TYPES
+
+
+def _absorbable(node: ir.Node) -> tuple[float, float] | None:
+    """The (lo, hi) bounds of a Relu or a constant Clip around 0, else None."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    if node.op_type != "Clip":
+        return None
+    lo, hi = -float("inf"), float("inf")
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        c = _const(node.inputs[1])
+        if c is None:
+            return None
+        lo = float(c)
+    elif "min" in node.attributes:  # Clip-6
+        lo = node.attributes.get_float("min")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = _const(node.inputs[2])
+        if c is None:
+            return None
+        hi = float(c)
+    elif "max" in node.attributes:
+        hi = node.attributes.get_float("max")
+    if not lo <= 0.0 <= hi:
+        return None
+    return lo, hi
+
+
+def _output_point(
+    node: ir.Node, excluded: Callable[[ir.Node], str | None]
+) -> tuple[ir.Value, ir.Node | None, tuple[float, float] | None]:
+    """The tensor that carries ``node``'s quantized output: its Relu/Clip's output when that
+    activation is the only reader, else the node's own output."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and not out.is_graph_output():
+        user = uses[0].node
+        bounds = _absorbable(user)
+        if bounds is not None and user.inputs[0] is out and excluded(user) is None:
+            return user.outputs[0], user, bounds
+    return out, None, None
+
+
+def _weight_problem(node: ir.Node, rule: OpRule) -> str | None:
+    """Why a weighted op cannot be quantized, or None."""
+    if len(node.inputs) <= (rule.weight_input or 0) or node.inputs[rule.weight_input] is None:
+        return "has no weight input"
+    weight = node.inputs[rule.weight_input]
+    array = _const(weight)
+    if array is None:
+        if node.op_type == "MatMul":
+            return "both inputs are computed at run time (e.g. attention scores): kept float"
+        return "weight is computed at run time, not an initializer"
+    if array.dtype != np.float32:
+        return f"weight is {array.dtype}, not float32"
+    if not _is_float(node.inputs[0]):
+        return "input is not float32"
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1 has no integer kernel"
+    if node.op_type == "MatMul" and array.ndim != 2:
+        return f"weight has rank {array.ndim}; the integer kernels take a 2-D weight"
+    if node.op_type == "Gemm" and array.ndim != 2:
+        return f"weight has rank {array.ndim}"
+    if node.op_type == "Conv" and array.ndim < 3:
+        return f"weight has rank {array.ndim}"
+    if rule.bias_input is not None and len(node.inputs) > rule.bias_input:
+        bias = node.inputs[rule.bias_input]
+        if bias is not None and _const(bias) is None:
+            return "bias is computed at run time"
+    return None
+
+
+def build_plan(
+    model: ir.Model,
+    *,
+    per_channel: bool = True,
+    exclude_nodes: Iterable[str] = (),
+    exclude_ops: Iterable[str] = (),
+    ops: Iterable[str] | None = None,
+) -> QuantPlan:
+    """Decide which tensors get Q/DQ and which nodes run as integer kernels.
+
+    ops: the weighted op types to quantize (default all of `WEIGHTED_OPS`).
+    """
+    exclude_nodes = set(exclude_nodes)
+    exclude_ops = set(exclude_ops)
+    wanted_ops = set(ops) if ops is not None else set(WEIGHTED_OPS)
+    graph = model.graph
+    nodes = list(graph)
+
+    def excluded(node: ir.Node) -> str | None:
+        if node.name in exclude_nodes:
+            return "excluded by --exclude-nodes"
+        if node.op_type in exclude_ops:
+            return "excluded by --exclude-ops"
+        return None
+
+    decisions: dict[int, NodeDecision] = {}  # id(node) -> decision
+    # value -> group name of the int8 tensor carrying it (only values an integer op produces)
+    available: dict[ir.Value, str] = {}
+    clips: dict[ir.Value, tuple[float, float]] = {}
+    absorbed_by: dict[int, ir.Node] = {}
+    int_nodes: list[ir.Node] = []
+    output_point: dict[int, ir.Value] = {}
+
+    def produce(node: ir.Node, kernel: str, reason: str) -> None:
+        point, activation, bounds = _output_point(node, excluded)
+        decisions[id(node)] = NodeDecision(node, kernel, reason)
+        int_nodes.append(node)
+        output_point[id(node)] = point
+        available[point] = point.name or ""
+        if activation is not None:
+            absorbed_by[id(activation)] = node
+            clips[point] = bounds
+            decisions[id(activation)] = NodeDecision(
+                activation, "absorbed", f"absorbed into {node.name}'s quantized output range"
+            )
+
+    for node in nodes:
+        if id(node) in decisions:
+            continue
+        rule = OP_TABLE.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for attr in node.attributes.values()
+        ):
+            decisions[id(node)] = NodeDecision(
+                node, None, "has subgraphs (If/Loop/Scan): not walked, kept float"
+            )
+            continue
+        if rule is None:
+            decisions[id(node)] = NodeDecision(
+                node, None, "no integer kernel in onnxruntime's CPU provider"
+            )
+            continue
+        reason = excluded(node)
+        if reason:
+            decisions[id(node)] = NodeDecision(node, None, reason)
+            continue
+        if rule.role == "float":
+            decisions[id(node)] = NodeDecision(node, None, rule.why_float)
+        elif rule.role == "weighted":
+            if node.op_type not in wanted_ops:
+                decisions[id(node)] = NodeDecision(
+                    node, None, f"{node.op_type} not among the quantized op types"
+                )
+                continue
+            problem = _weight_problem(node, rule)
+            if problem:
+                decisions[id(node)] = NodeDecision(node, None, problem)
+            else:
+                produce(node, rule.kernel or "", "weight and input quantized")
+        elif rule.role in ("elementwise", "concat", "unary"):
+            data = (
+                [v for v in node.inputs if v is not None]
+                if rule.role == "concat"
+                else [node.inputs[i] for i in rule.data_inputs if i < len(node.inputs)]
+            )
+            missing = [v for v in data if v not in available]
+            if not data or not all(_is_float(v) for v in data):
+                decisions[id(node)] = NodeDecision(node, None, "inputs are not float tensors")
+            elif missing:
+                what = (
+                    "a constant" if missing[0].const_value is not None else "computed by a float op"
+                )
+                decisions[id(node)] = NodeDecision(
+                    node,
+                    None,
+                    f"input {missing[0].name!r} is {what}, not an int8 tensor: kept float",
+                )
+            else:
+                produce(node, rule.kernel or "", "all inputs are int8 tensors")
+        elif rule.role == "passthrough":
+            data = node.inputs[0] if node.inputs else None
+            if data in available and _is_float(node.outputs[0]):
+                available[node.outputs[0]] = available[data]
+                decisions[id(node)] = NodeDecision(node, rule.kernel, "moves int8 data unchanged")
+                int_nodes.append(node)
+                output_point[id(node)] = node.outputs[0]
+            else:
+                decisions[id(node)] = NodeDecision(
+                    node, None, "input is not an int8 tensor (no quantized producer)"
+                )
+        elif rule.role == "activation":
+            decisions[id(node)] = NodeDecision(
+                node, None, "not directly after a quantized op (nothing to absorb it)"
+            )
+
+    # Which int8 tensors are materialised as Q -> DQ pairs.
+    activations: dict[str, ActivationPlan] = {}
+    int_ids = {id(n) for n in int_nodes}
+
+    def readers_int(value: ir.Value) -> bool:
+        return any(
+            id(u.node) in int_ids and u.node.op_type not in ("Relu", "Clip") for u in value.uses()
+        )
+
+    def add(value: ir.Value, group: str, reason: str) -> None:
+        if value.name in activations:
+            return
+        activations[value.name or ""] = ActivationPlan(value, group, reason, clips.get(value))
+
+    # Inputs of integer ops: quantized where they are produced (their group), or at the boundary.
+    for node in int_nodes:
+        rule = OP_TABLE[node.op_type]
+        if rule.role == "passthrough":
+            continue
+        indices = range(len(node.inputs)) if rule.role == "concat" else rule.data_inputs
+        for i in indices:
+            if i >= len(node.inputs) or node.inputs[i] is None:
+                continue
+            value = node.inputs[i]
+            if value in available:
+                continue  # handled below with its producer
+            add(value, value.name or "", f"input of {node.name} ({node.op_type})")
+    # Outputs of integer ops.
+    for node in int_nodes:
+        rule = OP_TABLE[node.op_type]
+        point = output_point[id(node)]
+        if rule.role == "passthrough":
+            source = node.inputs[0]
+            if source.name in activations:
+                add(point, activations[source.name].group, f"int8 through {node.op_type}")
+            continue
+        needed = node.op_type != "MatMul" and node.op_type != "Gemm"
+        if needed:
+            add(point, point.name or "", f"output of {node.name}: {rule.kernel} writes int8")
+        elif readers_int(point) or _passthrough_feeds_int(point, int_ids):
+            add(point, point.name or "", f"output of {node.name}, read by integer kernels")
+    # Pass-through chains whose input got a pair: carried above in topological order only when the
+    # producer came first; run once more for chains seeded late.
+    for node in int_nodes:
+        if OP_TABLE[node.op_type].role == "passthrough":
+            source = node.inputs[0]
+            if source.name in activations:
+                add(
+                    output_point[id(node)],
+                    activations[source.name].group,
+                    f"int8 through {node.op_type}",
+                )
+
+    # Pass-through ops whose input ended up without a pair stay float after all.
+    for node in int_nodes:
+        if OP_TABLE[node.op_type].role == "passthrough" and node.outputs[0].name not in activations:
+            decisions[id(node)] = NodeDecision(
+                node, None, "its input stays float (no integer reader downstream)"
+            )
+
+    weights = []
+    for node in int_nodes:
+        rule = OP_TABLE[node.op_type]
+        if rule.role != "weighted":
+            continue
+        axis = rule.weight_axis(node) if (per_channel and rule.weight_axis) else None
+        weights.append(WeightPlan(node, node.inputs[rule.weight_input], axis))
+
+    quantized = [d for n in nodes if (d := decisions.get(id(n))) and d.kernel]
+    floats = [d for n in nodes if (d := decisions.get(id(n))) and not d.kernel]
+    return QuantPlan(activations, weights, quantized, floats, per_channel)
+
+
+def _passthrough_feeds_int(value: ir.Value, int_ids: set[int]) -> bool:
+    """Whether a chain of int8 pass-through ops from ``value`` reaches an integer kernel."""
+    for use in value.uses():
+        node = use.node
+        if id(node) not in int_ids:
+            continue
+        rule = OP_TABLE[node.op_type]
+        if rule.role == "passthrough":
+            if _passthrough_feeds_int(node.outputs[0], int_ids):
+                return True
+        elif rule.role != "activation":
+            return True
+    return False
