@@ -349,7 +349,17 @@ def _other_pass(module: str, cls_name: str, options: QuantizeOptions, data: Data
     else:
         fields = {f.name for f in dataclasses.fields(opts_cls)}
         mine = dataclasses.asdict(options)
-        their = opts_cls(**{k: v for k, v in mine.items() if k in fields})
+        values = {k: v for k, v in mine.items() if k in fields and v is not None}
+        # Same meaning, the other module's names.
+        if "keep_float" in fields and options.exclude_nodes:
+            values["keep_float"] = list(options.exclude_nodes)
+        if "op_types" in fields and options.exclude_ops:
+            default = next(f for f in dataclasses.fields(opts_cls) if f.name == "op_types")
+            ops = (
+                default.default_factory() if callable(default.default_factory) else default.default
+            )
+            values["op_types"] = [op for op in ops if op not in options.exclude_ops]
+        their = opts_cls(**values)
     import inspect
 
     params = inspect.signature(cls.__init__).parameters
