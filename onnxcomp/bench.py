@@ -122,7 +122,7 @@ def count_kernels(proto: onnx.ModelProto) -> dict[str, Any]:
     """Fused integer kernels, Q/DQ nodes and DequantizeLinear islands of an (optimized) graph."""
     ops: collections.Counter[str] = collections.Counter()
     integer: collections.Counter[str] = collections.Counter()
-    island_consumers: collections.Counter[str] = collections.Counter()
+    island_consumers: dict[int, str] = {}
     islands = 0
     for graph in _proto_graphs(proto.graph):
         consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
@@ -139,7 +139,7 @@ def count_kernels(proto: onnx.ModelProto) -> dict[str, Any]:
             compute = _float_compute_consumers(node.output[0], consumers)
             if compute:
                 islands += 1
-                island_consumers.update(compute)
+                island_consumers.update((id(n), n.op_type) for n in compute)
     return {
         "nodes": sum(ops.values()),
         "integer_kernels": sum(integer.values()),
@@ -147,13 +147,16 @@ def count_kernels(proto: onnx.ModelProto) -> dict[str, Any]:
         "quantize_linear": ops["QuantizeLinear"],
         "dequantize_linear": ops["DequantizeLinear"],
         "islands": islands,
-        "island_consumers": dict(island_consumers.most_common()),
+        # float compute nodes fed by those islands, by op type (each node counted once)
+        "island_consumers": dict(collections.Counter(island_consumers.values()).most_common()),
         "top_ops": dict(ops.most_common(TOP_OPS)),
     }
 
 
-def _float_compute_consumers(name: str, consumers: Mapping[str, list[onnx.NodeProto]]) -> list[str]:
-    """Op types of the float compute ops reading ``name``, looking through layout ops."""
+def _float_compute_consumers(
+    name: str, consumers: Mapping[str, list[onnx.NodeProto]]
+) -> list[onnx.NodeProto]:
+    """The float compute nodes reading ``name``, looking through layout ops."""
     found = []
     seen = set()
     stack = [name]
@@ -168,7 +171,7 @@ def _float_compute_consumers(name: str, consumers: Mapping[str, list[onnx.NodePr
             if node.op_type in LAYOUT_OPS:
                 stack.extend(o for o in node.output if o)
                 continue
-            found.append(node.op_type)
+            found.append(node)
     return found
 
 
@@ -220,8 +223,9 @@ class ModelBench:
 
     @property
     def throughput(self) -> float:
-        """Samples per second at the mean latency."""
-        return self.batch / (float(np.mean(self.latencies_ms)) / 1000.0)
+        """Samples per second at the median latency (the mean follows rare stalls of a
+        noisy machine)."""
+        return self.batch / (self.p50_ms / 1000.0)
 
     def to_json(self) -> dict[str, Any]:
         return {

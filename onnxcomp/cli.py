@@ -274,7 +274,8 @@ def _count(n: int | None) -> str:
 def _dims_text(shape: Any) -> str:
     if shape is None:
         return "unknown rank"
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+    # exporters write symbolic dims like "floor(height/2 - 1/2) + 1": too long for a table
+    return "[" + ", ".join("?" if d is None or len(str(d)) > 16 else str(d) for d in shape) + "]"
 
 
 def _inspect_text(r: dict[str, Any]) -> str:
@@ -466,6 +467,13 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
         )
     click.echo(table(rows, ["model", "nodes", "int kernels", "Q", "DQ", "DQ islands", "top ops"]))
     for m in payload["models"]:
+        g = m["graph"]
+        if g and g.get("islands"):
+            fed = ", ".join(f"{op} x{n}" for op, n in g["island_consumers"].items())
+            click.echo(
+                f"note: {m['model']}: {g['islands']} DequantizeLinear node(s) feed float ops "
+                f"({fed}): quantization that did not take"
+            )
         if m["memory_error"]:
             click.echo(f"note: {m['model']}: peak memory not measured ({m['memory_error']})")
 

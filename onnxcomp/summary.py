@@ -45,7 +45,7 @@ def _known(shape: Shape | None, what: str) -> tuple[int, ...]:
     if shape is None:
         raise _Unknown(f"{what} shape unknown")
     if not all(isinstance(d, int) and d >= 0 for d in shape):
-        dims = "x".join(str(d) if d is not None else "?" for d in shape)
+        dims = "x".join(str(d) if d is not None and len(str(d)) <= 16 else "?" for d in shape)
         raise _Unknown(f"{what} shape [{dims}] is dynamic")
     return tuple(shape)
 
