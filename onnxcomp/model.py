@@ -49,7 +49,32 @@ def load(path: str | os.PathLike) -> ir.Model:
     if not model.graph.outputs:
         raise OnnxcompError(f"{path}: the graph has no outputs")
     _check_external_data(model, path)
+    _check_references(model, path)
     return model
+
+
+def _check_references(model: ir.Model, path: Path) -> None:
+    """Every node input must come from a node, a graph input or an initializer.
+
+    A corrupted name in a file leaves a dangling reference that onnx-ir reads happily; passes
+    would then fail deep inside, so it is named here.
+    """
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for text in (node.name, node.op_type, node.domain, *(v.name for v in node.outputs)):
+            if isinstance(text, bytes):  # onnx-ir keeps names that are not UTF-8 as bytes
+                raise OnnxcompError(
+                    f"{path}: node {node.op_type!r} has a name that is not valid UTF-8 "
+                    f"({text!r}); the file is corrupt"
+                )
+        for value in node.inputs:
+            if value is None or value.producer() is not None:
+                continue
+            if value.is_graph_input() or value.is_initializer():
+                continue
+            raise OnnxcompError(
+                f"{path}: node {node.name or node.op_type!r} reads {value.name!r}, which no node, "
+                "input or initializer defines (a corrupt or incomplete model)"
+            )
 
 
 def _one_line(err: BaseException) -> str:
