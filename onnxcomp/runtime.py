@@ -75,7 +75,10 @@ class _ModelFile:
             for v in g.initializers.values()
         )
         if not has_external and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-            return ir.to_proto(model).SerializeToString()
+            try:
+                return ir.to_proto(model).SerializeToString()
+            except Exception as err:  # a name or attribute that protobuf cannot hold
+                raise OnnxcompError(f"cannot serialize the model ({_one_line(err)})") from None
         # Big or externally stored weights: write a temporary copy with its weights beside it.
         self.tmpdir = tempfile.mkdtemp(prefix="onnxcomp-session-")
         path = os.path.join(self.tmpdir, "model.onnx")
