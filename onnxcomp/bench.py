@@ -110,7 +110,9 @@ def graph_report(model: ModelLike, *, threads: int = 1, label: str = "model") ->
             optimized = onnx.load(path, load_external_data=False)
         except Exception as err:
             logger.info("%s: cannot read onnxruntime's optimized graph: %s", label, err)
-            return {"unavailable": f"onnxruntime's optimized graph is unreadable ({type(err).__name__})"}
+            return {
+                "unavailable": f"onnxruntime's optimized graph is unreadable ({type(err).__name__})"
+            }
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report = count_kernels(optimized)
@@ -305,7 +307,9 @@ def benchmark(
     if not models:
         raise OnnxcompError("bench: no models given")
     if runs < 1 or warmup < 0 or threads < 1 or batch_size < 1:
-        raise OnnxcompError("bench: --runs, --threads and --batch-size must be at least 1, --warmup at least 0")
+        raise OnnxcompError(
+            "bench: --runs, --threads and --batch-size must be at least 1, --warmup at least 0"
+        )
     labels = list(names) if names else _labels(models)
     step = progress or (lambda n: None)
     loaded = [_check_loadable(m) for m in models]
@@ -313,25 +317,29 @@ def benchmark(
     batch = _batch_of(feeds)
 
     sessions = []
-    for label, model in zip(labels, loaded):
+    for label, model in zip(labels, loaded, strict=True):
         session = runtime.create_session(model, threads=threads, label=label)
         try:
             runtime.check_feeds(session, feeds, label)
         except OnnxcompError as err:
             if label == labels[0]:
                 raise
-            raise OnnxcompError(f"{err} (all models must take the same inputs as {labels[0]})") from None
+            raise OnnxcompError(
+                f"{err} (all models must take the same inputs as {labels[0]})"
+            ) from None
         runtime.run(session, feeds, label=label)
         sessions.append(session)
 
     timings = _interleave(sessions, feeds, runs, warmup, step)
-    results = [ModelBench(label, np.array(t), batch) for label, t in zip(labels, timings)]
+    results = [
+        ModelBench(label, np.array(t), batch) for label, t in zip(labels, timings, strict=True)
+    ]
     base = results[0].p50_ms
     for result in results:
         result.ratio_p50 = result.p50_ms / base if base > 0 else float("nan")
     del sessions
 
-    for result, model in zip(results, loaded):
+    for result, model in zip(results, loaded, strict=True):
         if graph:
             result.graph = graph_report(model, threads=threads, label=result.name)
         if memory:
@@ -376,7 +384,9 @@ def _as_ir(model: ModelLike) -> ir.Model:
         try:
             return ir.from_proto(onnx.load_from_string(model))
         except Exception as err:
-            raise OnnxcompError(f"model bytes: not a readable ONNX model ({type(err).__name__})") from None
+            raise OnnxcompError(
+                f"model bytes: not a readable ONNX model ({type(err).__name__})"
+            ) from None
     return model_io.load(model)
 
 
@@ -405,7 +415,9 @@ def _make_feeds(
         random = RandomData(specs, samples=1, shapes=shapes)
     # np.asarray: RandomData draws a numpy scalar (not a 0-d array) for a scalar bool input.
     inputs = {k: np.asarray(v) for k, v in next(random.batches(1)).inputs.items()}
-    described = ", ".join(f"{k}=" + ("x".join(map(str, v.shape)) or "scalar") for k, v in inputs.items())
+    described = ", ".join(
+        f"{k}=" + ("x".join(map(str, v.shape)) or "scalar") for k, v in inputs.items()
+    )
     return inputs, f"random inputs ({described})"
 
 

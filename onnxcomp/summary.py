@@ -135,13 +135,22 @@ def summarize(
     unknown = sorted(set(shapes or {}) - known_inputs)
     if unknown:
         raise OnnxcompError(
-            f"--shape: unknown input name {unknown[0]!r} (inputs: {', '.join(sorted(known_inputs))})"
+            f"--shape: unknown input name {unknown[0]!r} "
+            f"(inputs: {', '.join(sorted(known_inputs))})"
         )
     report["ir_version"] = model.ir_version
-    report["producer"] = " ".join(p for p in (model.producer_name, model.producer_version) if p) or None
-    report["opsets"] = {(domain or "ai.onnx"): int(v) for domain, v in sorted(model.opset_imports.items())}
-    report["inputs"] = _guarded(lambda: [_describe_value(v) for v in _user_inputs(model)], notes, "inputs")
-    report["outputs"] = _guarded(lambda: [_describe_value(v) for v in model.graph.outputs], notes, "outputs")
+    report["producer"] = (
+        " ".join(p for p in (model.producer_name, model.producer_version) if p) or None
+    )
+    report["opsets"] = {
+        (domain or "ai.onnx"): int(v) for domain, v in sorted(model.opset_imports.items())
+    }
+    report["inputs"] = _guarded(
+        lambda: [_describe_value(v) for v in _user_inputs(model)], notes, "inputs"
+    )
+    report["outputs"] = _guarded(
+        lambda: [_describe_value(v) for v in model.graph.outputs], notes, "outputs"
+    )
     report["operators"] = _guarded(lambda: _operators(model), notes, "operators")
     report["parameters"] = _guarded(lambda: _parameters(model), notes, "parameters")
     report["compute"] = _guarded(lambda: _compute(model, shapes or {}), notes, "compute")
@@ -157,7 +166,9 @@ def _guarded(compute: Callable[[], Any], notes: list[str], what: str) -> Any:
         return compute()
     except Exception as err:  # the report must survive any model onnx-ir can hold
         logger.debug("inspect: %s failed", what, exc_info=True)
-        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        reason = (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        )
         notes.append(f"{what}: cannot compute ({reason})")
         return {"unavailable": reason}
 
@@ -312,9 +323,7 @@ def _weights(model: ir.Model) -> list[dict[str, Any]]:
             elif key in _CONSTANT_SCALAR_BYTES:
                 items = attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
                 per_item = _CONSTANT_SCALAR_BYTES[key]
-                size = (
-                    sum(len(s) for s in items) if per_item is None else per_item * len(items)
-                )
+                size = sum(len(s) for s in items) if per_item is None else per_item * len(items)
                 entry = {
                     "dtype": key.removeprefix("value_").rstrip("s"),
                     "shape": [len(items)] if isinstance(attr.value, (list, tuple)) else [],
@@ -398,7 +407,9 @@ def _compute(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str, 
     layers = []
     uncounted: collections.Counter[str] = collections.Counter()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        rule = MAC_RULES.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
+        rule = (
+            MAC_RULES.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
+        )
         if rule is None:
             if node.op_type in UNCOUNTED_COMPUTE_OPS:
                 uncounted[_op_key(node)] += 1
@@ -466,7 +477,9 @@ def _inferred_shapes(
                 fixed[f"{value.name}[0]"] = f"{dims[0].dim_param or '?'} -> 1"
                 dims[0].Clear()
                 dims[0].dim_value = 1
-        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
 
     try:
         inferred = _infer_without_weights(infer, model)

@@ -88,15 +88,26 @@ def test_doubled_conv_stack_is_clearly_slower(models_dir, tmp_path):
     assert result.models[1].ratio_p50 > 1.3, result.models[1].ratio_p50
     # a valid model with twice the Conv nodes (and an Add each), also after onnxruntime's fusions
     assert result.models[1].graph["nodes_before"] == 14 + 2 * 3
-    assert result.models[1].graph["top_ops"]["Conv"] >= 2 * result.models[0].graph["top_ops"]["Conv"]
+    assert (
+        result.models[1].graph["top_ops"]["Conv"] >= 2 * result.models[0].graph["top_ops"]["Conv"]
+    )
 
 
 def test_cli_json_with_memory_and_data(cli, models_dir):
     cnn = models_dir / "digits_cnn.onnx"
     result = cli(
-        "bench", cnn, models_dir / "digits_cnn_opset11.onnx",
-        "--runs", "30", "--warmup", "3", "--data", models_dir / "digits_test.npz",
-        "--batch-size", "4", "--json",
+        "bench",
+        cnn,
+        models_dir / "digits_cnn_opset11.onnx",
+        "--runs",
+        "30",
+        "--warmup",
+        "3",
+        "--data",
+        models_dir / "digits_test.npz",
+        "--batch-size",
+        "4",
+        "--json",
     )
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)  # nothing but JSON on stdout

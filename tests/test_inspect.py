@@ -4,6 +4,7 @@ MACs where shapes are known, and a report (never a crash) for odd models."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,9 +36,7 @@ branchy (float[N, 4] x, bool cond, int64 trips) => (float[N, 4] y, float[N, 4] z
 
 def _if_loop_model(path):
     proto = onnx.parser.parse_model(IF_LOOP)
-    proto.graph.initializer.append(
-        onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
-    )
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w"))
     onnx.checker.check_model(proto)
     onnx.save(proto, path)
     return path
@@ -45,8 +44,12 @@ def _if_loop_model(path):
 
 def _lstm_model(path, hidden=8, features=5):
     rng = np.random.default_rng(0)
-    w = onnx.numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, features)).astype(np.float32), "W")
-    r = onnx.numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R")
+    w = onnx.numpy_helper.from_array(
+        rng.standard_normal((1, 4 * hidden, features)).astype(np.float32), "W"
+    )
+    r = onnx.numpy_helper.from_array(
+        rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32), "R"
+    )
     graph = oh.make_graph(
         [oh.make_node("LSTM", ["X", "W", "R"], ["Y", "Y_h"], hidden_size=hidden)],
         "lstm",
@@ -71,7 +74,9 @@ def _constant_weights_model(path):
         [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
         [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])],
     )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("my.ops", 1)])
+    model = oh.make_model(
+        graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("my.ops", 1)]
+    )
     onnx.save(model, path)
     return path
 
@@ -136,14 +141,20 @@ def test_sklearn_coefficients_counted(tmp_path):
     <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
     g (float[N, 3] x) => (int64[N] label, float[N, 2] scores) {
         label, scores = ai.onnx.ml.LinearClassifier <
-            coefficients = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], intercepts = [0.5, -0.5], classlabels_ints = [0, 1]
+            coefficients = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            intercepts = [0.5, -0.5],
+            classlabels_ints = [0, 1]
         > (x)
     }
     """
     path = tmp_path / "logreg.onnx"
     onnx.save(onnx.parser.parse_model(text), path)
     params = summarize(path)["parameters"]
-    assert params["ml_op_attributes"] == {"nodes": 1, "elements": 10, "bytes": 6 * 4 + 2 * 4 + 2 * 8}
+    assert params["ml_op_attributes"] == {
+        "nodes": 1,
+        "elements": 10,
+        "bytes": 6 * 4 + 2 * 4 + 2 * 8,
+    }
 
 
 def test_dynamic_dims_and_strings_do_not_crash(tmp_path):
@@ -187,7 +198,9 @@ def test_external_data_listed(tmp_path, models_dir):
     path = tmp_path / "ext.onnx"
     model_io.save(model, path, external_data=True)
     report = summarize(path)
-    assert [f["path"] for f in report["external_data"]] == [str((tmp_path / "ext.onnx.data").resolve())]
+    assert [f["path"] for f in report["external_data"]] == [
+        str((tmp_path / "ext.onnx.data").resolve())
+    ]
     assert report["parameters"]["bytes"] == model_io.weight_bytes(model)
 
 
@@ -209,7 +222,7 @@ def test_cli_text_and_json(cli, models_dir):
 
 @pytest.mark.parametrize(
     "path",
-    sorted((p for p in (__import__("pathlib").Path(__file__).parents[1] / "models" / "variety").glob("*.onnx"))),
+    sorted((Path(__file__).resolve().parents[1] / "models" / "variety").glob("*.onnx")),
     ids=lambda p: p.name,
 )
 def test_variety_models(path, cli):
