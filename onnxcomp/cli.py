@@ -570,3 +570,158 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
             f"{latency['optimized_p50']:.3f} ms ({latency['ratio']:.2f}x)"
         )
     click.echo(f"saved {saved}")
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def _split_names(values: tuple[str, ...]) -> list[str]:
+    return [name for value in values for name in value.split(",") if name]
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "static", "dynamic", "weight-only"]),
+    default="auto",
+    show_default=True,
+    help="auto measures static, dynamic and float in onnxruntime and keeps the fastest within --max-drop.",
+)
+@click.option("--data", type=click.Path(), help="Calibration samples: .npz file or folder of them.")
+@click.option(
+    "--calibration",
+    type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+    default="minmax",
+    show_default=True,
+    help="How activation ranges are chosen from the calibration samples.",
+)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
+@click.option("--bits", type=int, default=8, show_default=True, help="8, or 4 with --mode weight-only.")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
+@click.option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
+@click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data (accuracy, top-1 or 1-cosine).")
+@click.option("--eval-data", type=click.Path(), help="Samples the drop and self-check are measured on.")
+@click.option("--calibration-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before quantizing.")
+@click.option("--no-bias-correction", is_flag=True, help="Skip bias correction after static quantization.")
+@click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
+@shape_option
+@click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize(
+    model_path, output, mode, data, calibration, per_channel, bits, activation_type, exclude_nodes, exclude_ops,
+    max_drop, eval_data, calibration_samples, no_optimize, no_bias_correction, allow_random_calibration, shapes,
+    threads, as_json,
+):
+    """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
+
+    Static QDQ places Q/DQ only where onnxruntime runs integer kernels; --mode auto (the default)
+    also tries dynamic quantization and keeps whichever is fastest within --max-drop (default 0.01),
+    or the float model when nothing is faster.
+    """
+    from onnxcomp import model as model_io
+    from onnxcomp.data import parse_shapes
+    from onnxcomp.quantize.api import QuantizeOptions
+    from onnxcomp.quantize.api import quantize as run_quantize
+    from onnxcomp.quantize.auto import BudgetError
+
+    options = QuantizeOptions(
+        mode=mode,
+        calibration=calibration,
+        per_channel=per_channel,
+        bits=bits,
+        activation_type=activation_type,
+        exclude_nodes=_split_names(exclude_nodes),
+        exclude_ops=_split_names(exclude_ops),
+        max_drop=max_drop,
+        optimize=not no_optimize,
+        bias_correction=not no_bias_correction,
+        calibration_samples=calibration_samples,
+        allow_random_calibration=allow_random_calibration,
+        threads=threads,
+        shapes=parse_shapes(shapes),
+    )
+    options.check("quantize")
+    model = model_io.load(model_path)
+    try:
+        result, report = run_quantize(model, options, data=data, eval_data=eval_data)
+    except BudgetError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_CHECK_FAILED)
+    saved = model_io.save(result, output, inputs=[model_path])
+    report["output"] = str(saved)
+    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(_quantize_text(report))
+
+
+def _quantize_text(report: dict[str, Any]) -> str:
+    lines = []
+    auto = report.get("auto")
+    if auto:
+        lines.append(f"mode auto -> {auto['chosen']}: {auto['why']}")
+        rows = [
+            [c["mode"], c.get("latency_ms"), c.get("ratio_to_float"), c.get("drop"), c.get("integer_kernels"),
+             c.get("islands"), c.get("within_budget")]
+            for c in auto["candidates"]
+        ]
+        lines.append(table(rows, ["candidate", "p50 ms", "x fp32", "drop", "int kernels", "islands", "within"]))
+        for mode, why in auto.get("skipped", {}).items():
+            lines.append(f"{mode} not tried: {why}")
+        lines.append("")
+    else:
+        lines.append(f"mode {report.get('mode')}")
+    opset = report.get("prepare", {}).get("opset")
+    if opset:
+        lines.append(f"opset {opset['from']} -> {opset['to']}: {opset['reason']}")
+    tensors = report.get("tensors") or []
+    if tensors:
+        rows = []
+        for t in tensors:
+            scale = t["scale"]
+            scale_text = f"{scale[0]:.3g}..{scale[1]:.3g}" if isinstance(scale, list) else f"{scale:.4g}"
+            rows.append([t["tensor"], t["kind"], t.get("type"), scale_text, t.get("zero_point"), t.get("sqnr_db")])
+        lines.append(table(rows, ["tensor", "kind", "type", "scale", "zero point", "SQNR dB"]))
+        lines.append("")
+    plan = report.get("plan")
+    if plan:
+        kernels: dict[str, int] = {}
+        for d in plan["quantized_nodes"]:
+            kernels[d["kernel"]] = kernels.get(d["kernel"], 0) + 1
+        lines.append("integer: " + ", ".join(f"{k} x{v}" for k, v in kernels.items()))
+        reasons: dict[str, list[str]] = {}
+        for d in plan["float_nodes"]:
+            reasons.setdefault(d["reason"], []).append(d["node"] or d["op"])
+        for reason, nodes in reasons.items():
+            shown = ", ".join(nodes[:4]) + (f" (+{len(nodes) - 4})" if len(nodes) > 4 else "")
+            lines.append(f"float: {shown}: {reason}")
+    fallback = (report.get("budget") or {}).get("fallback_to_float") or []
+    for f in fallback:
+        lines.append(f"float: {f['node']}: {f['reason']} (SQNR {f['sqnr_db']:.1f} dB)")
+    check = report.get("check")
+    if check:
+        comp = check.get("comparison", {})
+        out = (comp.get("outputs") or [{}])[0]
+        text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
+        if out.get("cosine_mean") is not None:
+            text += f", cosine {out['cosine_mean']:.5f} mean / {out['cosine_min']:.5f} min"
+        if out.get("top1_agreement") is not None:
+            text += f", top-1 agreement {out['top1_agreement']:.4f}"
+        if comp.get("accuracy_reference") is not None:
+            text += f", accuracy {comp['accuracy_reference']:.4f} -> {comp['accuracy_candidate']:.4f}"
+        lines.append(text)
+        graph = check.get("graph") or {}
+        if "integer_kernels" in graph:
+            ops = ", ".join(f"{k} x{v}" for k, v in graph["integer_kernel_ops"].items())
+            lines.append(f"onnxruntime runs {graph['integer_kernels']} integer kernels ({ops}); "
+                         f"{graph['islands']} DequantizeLinear feeding float ops")
+    size = report.get("size_bytes")
+    if size:
+        lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    return "\n".join(lines)

@@ -57,8 +57,9 @@ class QuantizeOptions:
     batch_size: int = 32
     allow_random_calibration: bool = False
     block_size: int = 32  # weight-only: MatMulNBits block size
-    check_samples: int = 512  # samples of the self-check
+    check_samples: int = 1000  # samples of the self-check and of the drop
     threads: int = 1
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # for random inputs
 
     def check(self, where: str = "quantize") -> None:
         """Raise OnnxcompError naming the option when values do not fit together."""
@@ -205,8 +206,9 @@ def fold_batchnorm(model: ir.Model) -> int:
     return folded
 
 
-def _random_source(model: ir.Model) -> DataSource:
-    return open_data(None, model_io.input_specs(model), samples=64)
+def _random_source(model: ir.Model, options: QuantizeOptions | None = None) -> DataSource:
+    shapes = options.shapes if options is not None else None
+    return open_data(None, model_io.input_specs(model), samples=64, shapes=shapes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +414,7 @@ def quantize_other(
     source = check_data or data
     if check:
         if source is None:
-            source = _random_source(reference)
+            source = _random_source(reference, options)
         report["check"] = self_check(reference, model, source, options)
     return model, report
 
@@ -452,7 +454,7 @@ def quantize(
 
         model, report = auto.quantize_auto(model, options, data, eval_data, reference)
     elif options.mode == "static":
-        calib_data = data if data is not None else _random_source(model)
+        calib_data = data if data is not None else _random_source(model, options)
         if options.max_drop is not None:
             from onnxcomp.quantize import auto
 

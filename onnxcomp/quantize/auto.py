@@ -49,6 +49,7 @@ def measure(
         runs=100,
         warmup=10,
         data=data,
+        shapes=options.shapes or None,
         memory=False,
         graph=True,
         names=names,
@@ -200,7 +201,7 @@ def quantize_auto(
     budget = options.max_drop if options.max_drop is not None else DEFAULT_MAX_DROP
     judge = eval_data or data
     if judge is None:
-        judge = api._random_source(reference)
+        judge = api._random_source(reference, options)
     candidates: dict[str, ir.Model] = {}
     reports: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
