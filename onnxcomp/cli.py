@@ -232,6 +232,48 @@ def run_command(recipe_path, input_path, output_path, data, as_json):
         sys.exit(EXIT_CHECK_FAILED)
 
 
+@main.command()
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False), help="Keep the results here (default: a temporary folder).")
+@click.option("--runs", default=300, show_default=True, help="Latency runs per model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def demo(output_dir, runs, as_json):
+    """The main job on the bundled digits CNN: compress, validate, benchmark, show before/after."""
+    import tempfile
+
+    from onnxcomp.demo import run_demo
+
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-demo-") as tmp:
+        target = Path(output_dir) if output_dir else Path(tmp)
+
+        def progress(message: str) -> None:
+            if not as_json and sys.stderr.isatty():
+                click.echo(message, err=True)
+
+        result = run_demo(target, runs=runs, progress=progress)
+        if as_json:
+            emit_json(result)
+            return
+        click.echo(f"pipeline: {' -> '.join(result['steps'])} on {result['input']}")
+        rows = [
+            [
+                m["name"],
+                human_bytes(m["size_bytes"]),
+                m["p50_ms"],
+                m["ratio_p50"],
+                m["accuracy"],
+                m["integer_kernels"],
+            ]
+            for m in result["models"]
+        ]
+        click.echo(table(rows, ["model", "size", "p50 ms", "ratio", "accuracy", "int kernels"]))
+        click.echo(
+            f"accuracy on {result['test_samples']} held-out digits; latency at 1 thread, "
+            f"batch 1, {runs} interleaved runs"
+        )
+        if output_dir:
+            click.echo(f"saved {result['output']}")
+
+
 def _summary(report: dict[str, Any], width: int = 70) -> str:
     """One line from a pass report: its scalar figures."""
     parts = [f"{k}={_fmt(v)}" for k, v in report.items() if isinstance(v, (int, float, str, bool))]
@@ -285,7 +327,8 @@ def _inspect_text(r: dict[str, Any]) -> str:
         head += f" ({human_bytes(r['file_bytes'])})"
     lines.append(head)
     opsets = ", ".join(f"{d} {v}" for d, v in r["opsets"].items()) or "none"
-    lines.append(f"IR version {r['ir_version']}, producer {r['producer'] or 'unknown'}, opsets: {opsets}")
+    producer = r["producer"] or "unknown"
+    lines.append(f"IR version {r['ir_version']}, producer {producer}, opsets: {opsets}")
     for key in ("inputs", "outputs"):
         lines.append("")
         values = r[key]
@@ -341,7 +384,7 @@ def _inspect_text(r: dict[str, Any]) -> str:
             text += "; assumed " + ", ".join(f"{k} = {v}" for k, v in comp["assumed"].items())
         lines.append(text)
         if total is None:
-            lines.append("  dynamic dims: fix them with --shape NAME=1x3x224x224 to count all layers")
+            lines.append("  dynamic dims: fix them with --shape NAME=1x3x224x224 to count all")
         if comp["shape_inference"] != "ok":
             lines.append(f"  shape inference {comp['shape_inference']}")
         if comp["uncounted_ops"]:
@@ -363,7 +406,8 @@ def _inspect_text(r: dict[str, Any]) -> str:
     elif largest:
         lines.append("largest tensors:")
         rows = [
-            [t["name"], t["source"], t["dtype"] or "?", _dims_text(t["shape"]), human_bytes(t["bytes"])]
+            [t["name"], t["source"], t["dtype"] or "?", _dims_text(t["shape"])]
+            + [human_bytes(t["bytes"])]
             for t in largest
         ]
         lines.append(table(rows, ["name", "stored as", "dtype", "shape", "size"]))
@@ -394,7 +438,9 @@ def _inspect_text(r: dict[str, Any]) -> str:
 @click.option("--threads", default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--runs", default=100, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", default=10, show_default=True, help="Untimed runs per model first.")
-@click.option("--data", type=click.Path(), help=".npz file or folder: its first --batch-size samples are the input.")
+@click.option(
+    "--data", type=click.Path(), help=".npz file or folder: its first --batch-size samples are fed."
+)
 @click.option("--batch-size", default=1, show_default=True, help="Samples per run.")
 @shape_option
 @click.option("--no-memory", is_flag=True, help="Skip the peak-memory child processes.")
@@ -440,7 +486,8 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
         emit_json(payload)
         return
     click.echo(
-        f"{result.runs} runs interleaved after {result.warmup} warm-up, {result.threads} thread(s), "
+        f"{result.runs} runs interleaved after {result.warmup} warm-up, "
+        f"{result.threads} thread(s), "
         f"batch {result.batch}, {payload['feeds_from']}"
     )
     rows = []
@@ -448,17 +495,20 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
         lat = m["latency_ms"]
         peak = m["peak_memory_bytes"]
         rows.append(
-            [m["model"], lat["p50"], lat["p90"], lat["p99"], f"{m['throughput_samples_per_s']:,.0f}",
-             f"{m['ratio_p50']:.2f}x", human_bytes(peak) if peak is not None else ("-" if not memory else "failed")]
+            [m["model"], lat["p50"], lat["p90"], lat["p99"]]
+            + [f"{m['throughput_samples_per_s']:,.0f}", f"{m['ratio_p50']:.2f}x"]
+            + [human_bytes(peak) if peak is not None else ("failed" if memory else "-")]
         )
-    click.echo(table(rows, ["model", "p50 ms", "p90 ms", "p99 ms", "samples/s", "p50 ratio", "peak mem"]))
+    header = ["model", "p50 ms", "p90 ms", "p99 ms", "samples/s", "p50 ratio", "peak mem"]
+    click.echo(table(rows, header))
     click.echo("")
     click.echo("after onnxruntime's graph optimizations:")
     rows = []
     for m in payload["models"]:
         g = m["graph"]
         if not g or "unavailable" in g:
-            rows.append([m["model"], "-", "-", "-", "-", "-", g.get("unavailable", "-") if g else "-"])
+            why = g.get("unavailable", "-") if g else "-"
+            rows.append([m["model"], "-", "-", "-", "-", "-", why])
             continue
         top = ", ".join(f"{op} {n}" for op, n in list(g["top_ops"].items())[:6])
         rows.append(
@@ -585,22 +635,22 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
 @click.option(
     "--mode",
-    type=click.Choice(["auto", "static", "dynamic", "weight-only"]),
     default="auto",
+    metavar="auto|static|dynamic|weight-only",
     show_default=True,
     help="auto measures static, dynamic and float in onnxruntime and keeps the fastest within --max-drop.",
 )
 @click.option("--data", type=click.Path(), help="Calibration samples: .npz file or folder of them.")
 @click.option(
     "--calibration",
-    type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
     default="minmax",
+    metavar="minmax|percentile|entropy|mse",
     show_default=True,
     help="How activation ranges are chosen from the calibration samples.",
 )
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
 @click.option("--bits", type=int, default=8, show_default=True, help="8, or 4 with --mode weight-only.")
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--activation-type", default="uint8", show_default=True, metavar="uint8|int8")
 @click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @click.option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
 @click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data (accuracy, top-1 or 1-cosine).")
@@ -625,11 +675,13 @@ def quantize(
     """
     from onnxcomp import model as model_io
     from onnxcomp.data import parse_shapes
+    from onnxcomp.passes import parse_options
     from onnxcomp.quantize.api import QuantizeOptions
     from onnxcomp.quantize.api import quantize as run_quantize
     from onnxcomp.quantize.auto import BudgetError
 
-    options = QuantizeOptions(
+    # Parsed like a recipe step, so a bad value gets the same one-line error naming the flag.
+    values = dict(
         mode=mode,
         calibration=calibration,
         per_channel=per_channel,
@@ -645,7 +697,7 @@ def quantize(
         threads=threads,
         shapes=parse_shapes(shapes),
     )
-    options.check("quantize")
+    options = parse_options(QuantizeOptions, {k: v for k, v in values.items() if v is not None}, "quantize")
     model = model_io.load(model_path)
     try:
         result, report = run_quantize(model, options, data=data, eval_data=eval_data)
