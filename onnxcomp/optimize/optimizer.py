@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
@@ -125,7 +125,8 @@ def apply_rules(
             except OnnxcompError as err:
                 upgrade_failed = str(err)
             else:
-                ShapeInferencePass(strict_mode=False)(model)
+                # The converter writes some attributes as Constant nodes (Squeeze axes, ...).
+                model_io.normalize(model)
                 names = NameSource(model)
                 log.notes.append(f"opset upgraded {current} -> {needed} for {', '.join(ops)}")
                 continue  # plan again on the upgraded model
@@ -164,7 +165,10 @@ def _plan(
     counts: collections.Counter[str],
 ) -> list[tuple[Rule, Match]]:
     """Every rule at every anchor; the first match to claim a node wins this round."""
+    # A match may neither touch a node another match changes, nor read a value whose producer
+    # another match removes (that value would be stale): those wait for the next round.
     claimed: set[int] = set()
+    relied: set[int] = set()
     planned: list[tuple[Rule, Match]] = []
     graphs = list(model.graphs())
     budget = dict(counts)
@@ -181,13 +185,21 @@ def _plan(
                 if isinstance(result, str):
                     log.skipped[(rule.name, _node_label(node))] = result
                     continue
-                if any(id(n) in claimed for n in result.nodes):
+                inside = {id(n) for n in result.nodes}
+                boundary = {
+                    id(v.producer())
+                    for v in result.data.values()
+                    if isinstance(v, ir.Value) and v.producer() is not None
+                    and id(v.producer()) not in inside
+                }
+                if inside & (claimed | relied) or boundary & claimed:
                     continue
                 if limit is not None and limit[0] == rule.name:
                     if budget.get(rule.name, 0) >= limit[1]:
                         continue
                 budget[rule.name] = budget.get(rule.name, 0) + 1
-                claimed.update(id(n) for n in result.nodes)
+                claimed |= inside
+                relied |= boundary
                 planned.append((rule, result))
     return planned
 

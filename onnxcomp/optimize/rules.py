@@ -456,29 +456,70 @@ class SiluRule(Rule):
         replace_chain(match, "Swish", [match.data["x"]], match.data["out"], names)
 
 
+def _product_leaves(value: ir.Value, x: ir.Value, inside: list[ir.Node]) -> tuple[int, float] | None:
+    """``value`` as c·x^k through Mul/Pow/Div nodes read only inside the product: (k, c)."""
+    if value is x:
+        return 1, 1.0
+    c = scalar(value)
+    if c is not None:
+        return 0, c
+    node = producer(value, "Mul", "Pow", "Div")
+    if node is None or only_use(value) is None:
+        return None
+    if node.op_type == "Pow":
+        e = scalar(node.inputs[1])
+        if node.inputs[0] is not x or e is None or e != int(e) or e < 1:
+            return None
+        inside.append(node)
+        return int(e), 1.0
+    a = _product_leaves(node.inputs[0], x, inside)
+    if a is None:
+        return None
+    if node.op_type == "Div":
+        d = scalar(node.inputs[1])
+        if not d:
+            return None
+        inside.append(node)
+        return a[0], a[1] / d
+    b = _product_leaves(node.inputs[1], x, inside)
+    if b is None:
+        return None
+    inside.append(node)
+    return a[0] + b[0], a[1] * b[1]
+
+
 def _match_half_x_times(add: ir.Node, x: ir.Value) -> tuple[list[ir.Node], ir.Value] | None:
-    """0.5 · x · add(...) in any of the exporters' orders: (nodes after ``add``, result)."""
-    t = add.outputs[0]
-    u = only_use(t)
-    if u is None or u.op_type != "Mul":
-        return None
-    other = other_input(u, t)
-    if other is None:
-        return None
-    if other is x:  # (x · t) · 0.5
-        v = only_use(u.outputs[0])
-        if v is not None and v.op_type in ("Mul", "Div") and close(scale_by(v, u.outputs[0]), 0.5):
-            return [u, v], v.outputs[0]
-        return None
-    if close(scalar(other), 0.5):  # (t · 0.5) · x
-        v = only_use(u.outputs[0])
-        if v is not None and v.op_type == "Mul" and other_input(v, u.outputs[0]) is x:
-            return [u, v], v.outputs[0]
-        return None
-    half = producer(other, "Mul", "Div")  # (x · 0.5) · t
-    if half is not None and half.inputs[0] is x or (half is not None and half.inputs[1] is x):
-        if close(scale_by(half, x), 0.5) and only_use(half.outputs[0]) is u:
-            return [half, u], u.outputs[0]
+    """0.5 · x · t (t = ``add``'s output) in any order and grouping: (nodes after ``add``, result).
+
+    Walks up the chain of Mul/Div nodes that read t, folding the other factors (x, constants,
+    or small products of them) until the product is 0.5·x·t.
+    """
+    nodes: list[ir.Node] = []
+    cur = add.outputs[0]
+    power, factor = 0, 1.0
+    for _ in range(4):
+        u = only_use(cur)
+        if u is None or u.op_type not in ("Mul", "Div"):
+            return None
+        if u.op_type == "Div":
+            d = scalar(u.inputs[1]) if u.inputs[0] is cur else None
+            if not d:
+                return None
+            factor /= d
+        else:
+            other = other_input(u, cur)
+            inside: list[ir.Node] = []
+            leaves = _product_leaves(other, x, inside) if other is not None else None
+            if leaves is None:
+                return None
+            power, factor = power + leaves[0], factor * leaves[1]
+            nodes += inside
+        nodes.append(u)
+        cur = u.outputs[0]
+        if power == 1 and close(factor, 0.5):
+            return nodes, cur
+        if power > 1:
+            return None
     return None
 
 
@@ -528,24 +569,21 @@ class GeluTanhRule(Rule):
         if scale is None:
             return None
         inner, c = split_const(scale)
-        if inner is None:
-            return None
         inner_add = producer(inner, "Add")
-        if inner_add is None:
+        if inner_add is None or only_use(inner) is not scale:
             return None
-        x = cube_mul = None
-        for cand, other in ((inner_add.inputs[0], inner_add.inputs[1]), (inner_add.inputs[1], inner_add.inputs[0])):
-            m = producer(other, "Mul")
-            if m is None:
-                continue
-            cube, k = split_const(m)
-            if cube is None or not close(scalar(k), 0.044715, rel=1e-3):
-                continue
-            if _is_cube(cube, cand):
-                x, cube_mul = cand, m
+        found = None
+        for x, term in (inner_add.inputs, inner_add.inputs[::-1]):
+            inside: list[ir.Node] = []
+            leaves = _product_leaves(term, x, inside) if x is not None and term is not None else None
+            if leaves is not None and leaves[0] == 3:
+                found = x, leaves[1], inside
                 break
-        if x is None:
+        if found is None:
             return None
+        x, k, inside = found
+        if not close(k, 0.044715, rel=1e-3):
+            return f"the cubic term is {fmt(k)}·x³, not 0.044715·x³"
         if not close(scalar(c), math.sqrt(2 / math.pi), rel=1e-3):
             return f"tanh input is scaled by {fmt(scalar(c))}, not √(2/π)"
         add = only_use(node.outputs[0])
@@ -554,41 +592,11 @@ class GeluTanhRule(Rule):
         tail = _match_half_x_times(add, x)
         if tail is None:
             return "1 + tanh(...) is not multiplied by 0.5·x"
-        cube_nodes = _cube_nodes(cube_mul.inputs[0] if cube_mul.inputs[0] is not None and cube_mul.inputs[0].const_value is None else cube_mul.inputs[1])
-        chain = [*cube_nodes, cube_mul, inner_add, scale]
-        for n in chain:
-            for out in n.outputs:
-                if only_use(out) is None:
-                    return "an intermediate of the tanh chain is also used elsewhere"
         nodes, out = tail
-        return Match(self.name, node, [*chain, node, add, *nodes], {"x": x, "out": out})
+        return Match(self.name, node, [*inside, inner_add, scale, node, add, *nodes], {"x": x, "out": out})
 
     def rewrite(self, match, names):
         replace_chain(match, "Gelu", [match.data["x"]], match.data["out"], names, {"approximate": "tanh"})
-
-
-def _is_cube(value: ir.Value, x: ir.Value) -> bool:
-    pw = producer(value, "Pow")
-    if pw is not None:
-        return pw.inputs[0] is x and close(scalar(pw.inputs[1]), 3.0)
-    m = producer(value, "Mul")
-    if m is None:
-        return False
-    a, b = m.inputs
-    sq_a, sq_b = producer(a, "Mul"), producer(b, "Mul")
-    if b is x and sq_a is not None and sq_a.inputs[0] is x and sq_a.inputs[1] is x:
-        return True
-    return a is x and sq_b is not None and sq_b.inputs[0] is x and sq_b.inputs[1] is x
-
-
-def _cube_nodes(value: ir.Value) -> list[ir.Node]:
-    node = value.producer()
-    if node is None:
-        return []
-    if node.op_type == "Pow":
-        return [node]
-    inner = [p for p in (i.producer() for i in node.inputs if i is not None) if p is not None and p.op_type == "Mul"]
-    return [*inner[:1], node]
 
 
 # ---------------------------------------------------------------------------------------------
