@@ -84,6 +84,15 @@ def _matmul(a_index: int) -> Callable[..., int]:
     return rule
 
 
+def _recurrent(ins, out, attrs) -> int:
+    # X: (seq, batch, in) or (batch, seq, in) with layout=1; W: (dirs, gates*hidden, in),
+    # R: (dirs, gates*hidden, hidden): every step multiplies the input by W and the state by R.
+    x = _known(ins[0], "input")
+    weights = _known(ins[1] if len(ins) > 1 else None, "W")
+    recurrence = _known(ins[2] if len(ins) > 2 else None, "R")
+    return x[0] * x[1] * (math.prod(weights) + math.prod(recurrence))
+
+
 MAC_RULES: dict[str, Callable[..., int]] = {
     "Conv": _conv(0, 1),
     "ConvInteger": _conv(0, 1),
@@ -93,12 +102,15 @@ MAC_RULES: dict[str, Callable[..., int]] = {
     "MatMul": _matmul(0),
     "MatMulInteger": _matmul(0),
     "QLinearMatMul": _matmul(0),
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
 }
 
 # Ops that do heavy arithmetic but have no MAC rule yet: the report names them so a total is
 # never mistaken for complete.
 UNCOUNTED_COMPUTE_OPS = frozenset(
-    {"LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention", "Einsum", "MatMulNBits", "QGemm"}
+    {"Attention", "MultiHeadAttention", "Einsum", "MatMulNBits", "QGemm", "DynamicQuantizeLSTM"}
 )
 
 _CONSTANT_SCALAR_BYTES = {

@@ -117,10 +117,17 @@ def test_if_loop_subgraphs_counted(tmp_path):
     assert len(report["compute"]["layers"]) == 2
 
 
-def test_lstm_says_what_it_cannot_count(tmp_path):
-    report = summarize(_lstm_model(tmp_path / "lstm.onnx"))
-    assert report["compute"]["uncounted_ops"] == {"LSTM": 1}
-    assert report["compute"]["complete"] is False
+def test_lstm_macs_need_the_sequence_length(tmp_path):
+    path = _lstm_model(tmp_path / "lstm.onnx")
+    report = summarize(path)
+    layer = report["compute"]["layers"][0]
+    # the first axis (here the sequence) is taken as 1; the batch axis stays unknown
+    assert report["compute"]["assumed"] == {"X[0]": "seq -> 1"}
+    assert layer["macs"] is None and "batch" in layer["unknown"]
+    assert report["compute"]["total_macs"] is None and report["compute"]["complete"] is False
+    # 3 steps x batch 1 x (input 5 + state 8) x 4 gates x hidden 8
+    fixed = summarize(path, shapes={"X": [3, 1, 5]})["compute"]
+    assert fixed["total_macs"] == 3 * 1 * (5 + 8) * 4 * 8 and fixed["complete"]
     assert report["parameters"]["initializers"]["elements"] == 4 * 8 * 5 + 4 * 8 * 8
     assert report["inputs"][0]["shape"] == ["seq", "batch", 5]
 
