@@ -377,11 +377,6 @@ def _parameters(model: ir.Model) -> dict[str, Any]:
     const = [t for t in tensors if t["source"] == "Constant node"]
     attrs = [t for t in tensors if t["source"].endswith(" attributes")]
     return {
-        "ml_op_attributes": {
-            "nodes": len(attrs),
-            "elements": sum(t["elements"] for t in attrs),
-            "bytes": sum(t["bytes"] for t in attrs),
-        },
         "total": sum(t["elements"] for t in tensors),
         "bytes": sum(t["bytes"] for t in tensors),
         "initializers": {
@@ -393,6 +388,11 @@ def _parameters(model: ir.Model) -> dict[str, Any]:
             "tensors": len(const),
             "elements": sum(t["elements"] for t in const),
             "bytes": sum(t["bytes"] for t in const),
+        },
+        "ml_op_attributes": {
+            "nodes": len(attrs),
+            "elements": sum(t["elements"] for t in attrs),
+            "bytes": sum(t["bytes"] for t in attrs),
         },
     }
 
