@@ -408,9 +408,16 @@ def build_plan(
             if source.name in activations:
                 add(point, activations[source.name].group, f"int8 through {node.op_type}")
             continue
-        needed = node.op_type != "MatMul" and node.op_type != "Gemm"
+        needed = node.op_type not in ("MatMul", "Gemm")
         if needed:
             add(point, point.name or "", f"output of {node.name}: {rule.kernel} writes int8")
+        elif point is not node.outputs[0]:
+            # Without a Q after it, onnxruntime fuses Gemm + Relu into a float FusedGemm first.
+            add(
+                point,
+                point.name or "",
+                f"output of {node.name} with its {point.producer().op_type} absorbed",
+            )
         elif readers_int(point) or _passthrough_feeds_int(point, int_ids):
             add(point, point.name or "", f"output of {node.name}, read by integer kernels")
     # Pass-through chains whose input got a pair: carried above in topological order only when the

@@ -150,6 +150,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
                     if out is value:
                         original = value.name
                         value.name = names(f"{original}_float")
+                        value.meta["onnxcomp.original_name"] = original
                         shared.name = original
                         outputs[i] = shared
             _insert_after(graph, value, new_nodes)
@@ -313,8 +314,13 @@ def correct_biases(
     if not targets:
         return []
     names = [n.outputs[0].name for n in targets]
+    # A graph output an integer kernel writes was renamed `<name>_float` in the quantized model.
+    ref_names = [
+        n.outputs[0].meta.get("onnxcomp.original_name", n.outputs[0].name) for n in targets
+    ]
     # The quantized model may have renamed a graph output (`<name>_float`): look values up by node.
-    sums_ref = _channel_means(reference, names, targets, data, batch_size, limit)
+    sums_ref = _channel_means(reference, ref_names, targets, data, batch_size, limit)
+    sums_ref = dict(zip(names, (sums_ref[n] for n in ref_names), strict=True))
     sums_q = _channel_means(quantized, names, targets, data, batch_size, limit)
     graph = quantized.graph
     name_gen = _Names(graph)
@@ -391,7 +397,7 @@ def _channel_means(
 ) -> dict[str, np.ndarray]:
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
-    axes = {n.outputs[0].name: (1 if n.op_type == "Conv" else -1) for n in nodes}
+    axes = {name: (1 if n.op_type == "Conv" else -1) for name, n in zip(names, nodes, strict=True)}
     for _, tensors in runtime.capture(model, names, data, batch_size=batch_size, limit=limit):
         for name, array in tensors.items():
             axis = axes[name] % array.ndim

@@ -1,0 +1,316 @@
+"""Static QDQ quantization on real models: accuracy on the digits test split, fused kernels counted
+in onnxruntime's optimized graph, every calibration method, per-channel and per-tensor, uint8 and
+int8 activations, opset-11 upgrade, exclusions, the op patterns of the placement table, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxcomp import bench
+from onnxcomp import model as model_io
+from onnxcomp.data import NpzData
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.quantize.api import QuantizeOptions, quantize
+from onnxcomp.validate import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+if str(ROOT) not in sys.path:  # models/build_graphs.py builds the architecture graphs
+    sys.path.insert(0, str(ROOT))
+
+CNN = MODELS / "digits_cnn.onnx"
+MLP = MODELS / "digits_mlp.onnx"
+CNN11 = MODELS / "digits_cnn_opset11.onnx"
+CALIB = MODELS / "digits_calib.npz"
+TEST = MODELS / "digits_test.npz"
+
+
+def static(path, data=CALIB, eval_data=TEST, **kw):
+    options = QuantizeOptions(mode="static", **kw)
+    return quantize(model_io.load(path), options, data=data, eval_data=eval_data)
+
+
+def accuracy_drop(reference, candidate, data=TEST) -> float:
+    return compare(str(reference), candidate, NpzData(data)).accuracy_drop
+
+
+def test_digits_cnn_fuses_every_layer_and_keeps_accuracy():
+    model, report = static(CNN)
+    assert accuracy_drop(CNN, model) <= 0.003
+    graph = bench.graph_report(model)
+    assert graph["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 2}
+    assert graph["islands"] == 0
+    assert graph["quantize_linear"] == 1  # only the model input is quantized by a separate node
+    # the report names every quantized tensor with scale, zero point and SQNR
+    acts = [t for t in report["tensors"] if t["kind"] == "activation"]
+    weights = [t for t in report["tensors"] if t["kind"] == "weight"]
+    assert len(weights) == 5 and all(t["axis"] is not None and t["sqnr_db"] > 30 for t in weights)
+    assert all(t["scale"] > 0 and t["sqnr_db"] > 30 for t in acts)
+    # Relu outputs are what gets quantized: zero point at the bottom of uint8
+    assert all(t["zero_point"] == 0 for t in acts if "Relu" in t["tensor"])
+    assert report["check"]["graph"]["integer_kernels"] == 5
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_calibration_methods(method):
+    model, report = static(CNN, calibration=method, calibration_samples=150)
+    assert report["calibration"]["method"] == method
+    assert report["calibration"]["samples"] == 150
+    # entropy (KL) clips the most on this small CNN: about one point on 540 test digits
+    assert accuracy_drop(CNN, model) <= (0.02 if method == "entropy" else 0.006)
+
+
+def test_per_tensor_and_int8_activations():
+    model, report = static(CNN, per_channel=False, activation_type="int8")
+    dq_axes = [
+        n.attributes.get_int("axis", None)
+        for n in model.graph
+        if n.op_type == "DequantizeLinear"
+        and n.inputs[0].const_value is not None
+        and n.inputs[0].const_value.dtype == ir.DataType.INT8
+    ]
+    assert dq_axes and all(axis is None for axis in dq_axes)
+    acts = [t for t in report["tensors"] if t["kind"] == "activation"]
+    assert all(t["type"] == "int8" for t in acts)
+    assert all(t["zero_point"] == -128 for t in acts if "Relu" in t["tensor"])
+    assert accuracy_drop(CNN, model) <= 0.01
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 2}
+
+
+def test_mlp_gemm_chain():
+    model, _ = static(
+        MLP, data=MODELS / "digits_calib_flat.npz", eval_data=MODELS / "digits_test_flat.npz"
+    )
+    assert accuracy_drop(MLP, model, MODELS / "digits_test_flat.npz") <= 0.003
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QGemm": 3}
+
+
+def test_opset11_model_is_upgraded_for_per_channel_weights():
+    model, report = static(CNN11)
+    assert report["prepare"]["opset"] == {
+        "from": 11,
+        "to": 13,
+        "reason": "per-channel DequantizeLinear needs opset 13",
+    }
+    assert model_io.opset(model) >= 13
+    onnx.checker.check_model(ir.to_proto(model))
+    assert accuracy_drop(CNN11, model) <= 0.003
+    assert bench.graph_report(model)["integer_kernels"] == 5
+
+
+def test_exclude_nodes_and_ops_stay_float_with_reason():
+    last_gemm = [n.name for n in model_io.load(CNN).graph if n.op_type == "Gemm"][-1]
+    model, report = static(CNN, exclude_nodes=[last_gemm])
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert floats[last_gemm] == "excluded by --exclude-nodes"
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 1}
+
+    model, report = static(CNN, exclude_ops=["Gemm"])
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3}
+    reasons = [d["reason"] for d in report["plan"]["float_nodes"] if d["op"] == "Gemm"]
+    assert reasons == ["excluded by --exclude-ops"] * 2
+
+    with pytest.raises(OnnxcompError, match="no node named 'nope'"):
+        static(CNN, exclude_nodes=["nope"])
+
+
+def _calib_npz(tmp_path, model: onnx.ModelProto, n=16, seed=0):
+    from models.build_graphs import example_feed
+
+    rng = np.random.default_rng(seed)
+    feeds = [example_feed(model, batch=1, seed=int(rng.integers(1 << 30))) for _ in range(n)]
+    arrays = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    path = tmp_path / f"calib{seed}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_resnet_residual_add_and_pooling_stay_integer(tmp_path):
+    from models.build_graphs import resnet
+
+    proto = resnet(widths=(16, 32), blocks=1, image_size=16)
+    path = tmp_path / "resnet.onnx"
+    onnx.save(proto, path)
+    calib = _calib_npz(tmp_path, proto)
+    model, report = static(path, data=calib, eval_data=_calib_npz(tmp_path, proto, seed=1))
+    ops = bench.graph_report(model)["integer_kernel_ops"]
+    n_conv = sum(1 for n in proto.graph.node if n.op_type == "Conv")
+    assert (
+        ops["QLinearConv"] == n_conv
+        and ops["QLinearAdd"] == 2
+        and ops["QLinearGlobalAveragePool"] == 1
+    )
+    assert bench.graph_report(model)["islands"] == 0
+    out = report["check"]["comparison"]["outputs"][0]
+    assert out["cosine_mean"] > 0.99
+
+
+def test_mobilenet_relu6_absorbed_and_depthwise(tmp_path):
+    from models.build_graphs import mobilenetv2
+
+    proto = mobilenetv2(width=0.5, image_size=32, last_channels=64)
+    path = tmp_path / "mobilenet.onnx"
+    onnx.save(proto, path)
+    model, report = static(
+        path, data=_calib_npz(tmp_path, proto), eval_data=_calib_npz(tmp_path, proto, seed=1)
+    )
+    graph = bench.graph_report(model)
+    n_conv = sum(1 for n in proto.graph.node if n.op_type == "Conv")
+    assert graph["integer_kernel_ops"]["QLinearConv"] == n_conv
+    assert graph["islands"] == 0
+    assert "Clip" not in graph["top_ops"]  # every ReLU6 absorbed into its QLinearConv
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.99
+
+
+PATTERNS = """
+<ir_version: 8, opset_import: ["" : 17]>
+patterns (float[1, 8, 8, 8] x) => (float[1, 16, 8, 8] y, float[1, 4, 16, 16] up) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    s = Sigmoid (a)
+    silu = Mul (a, s)
+    c = Conv <pads = [1, 1, 1, 1]> (silu, w2, b2)
+    cat = Concat <axis = 1> (silu, c)
+    t = Transpose <perm = [0, 1, 3, 2]> (cat)
+    y = Conv <pads = [1, 1, 1, 1]> (t, w3, b3)
+    up = ConvTranspose <strides = [2, 2]> (c, wt)
+}
+"""
+
+
+def _patterns_model(tmp_path):
+    rng = np.random.default_rng(0)
+    graph = onnx.parser.parse_model(PATTERNS)
+    inits = {
+        "w1": rng.standard_normal((8, 8, 3, 3)) * 0.2,
+        "b1": rng.standard_normal(8) * 0.1,
+        "w2": rng.standard_normal((8, 8, 3, 3)) * 0.2,
+        "b2": rng.standard_normal(8) * 0.1,
+        "w3": rng.standard_normal((16, 16, 3, 3)) * 0.1,
+        "b3": rng.standard_normal(16) * 0.1,
+        "wt": rng.standard_normal((8, 4, 2, 2)) * 0.2,
+    }
+    for name, array in inits.items():
+        graph.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    path = tmp_path / "patterns.onnx"
+    onnx.save(graph, path)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.standard_normal((8, 8, 8, 8)).astype(np.float32))
+    return path, data
+
+
+def test_op_patterns_silu_concat_transpose_and_convtranspose(tmp_path):
+    path, data = _patterns_model(tmp_path)
+    model, report = static(path, data=data, eval_data=data, optimize=False)
+    ops = bench.graph_report(model)["integer_kernel_ops"]
+    assert ops == {"QLinearConv": 3, "QLinearSigmoid": 1, "QLinearMul": 1, "QLinearConcat": 1}
+    floats = {d["op"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert "no integer ConvTranspose" in floats["ConvTranspose"]
+    quantized = {d["op"]: d["kernel"] for d in report["plan"]["quantized_nodes"]}
+    assert quantized["Transpose"] == "Transpose (int8)"
+    for out in report["check"]["comparison"]["outputs"]:
+        assert out["cosine_mean"] > 0.99
+
+
+def test_attention_matmul_stays_float_and_bert_matmuls_quantize(tmp_path):
+    from models.build_graphs import bert
+
+    proto = bert(layers=1, hidden=64, heads=2, intermediate=128)
+    path = tmp_path / "bert.onnx"
+    onnx.save(proto, path)
+    model, report = static(
+        path, data=_calib_npz(tmp_path, proto), eval_data=_calib_npz(tmp_path, proto, seed=1)
+    )
+    reasons = [d["reason"] for d in report["plan"]["float_nodes"] if d["op"] == "MatMul"]
+    assert len(reasons) == 2 and all("both inputs are computed at run time" in r for r in reasons)
+    graph = bench.graph_report(model)
+    assert graph["integer_kernel_ops"] == {"MatMulIntegerToFloat": 6}
+    assert graph["islands"] == 0
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.995
+
+
+def test_calibration_memory_does_not_grow_with_samples(tmp_path):
+    import tracemalloc
+
+    from onnxcomp.quantize import calibrate as calib
+    from onnxcomp.quantize.plan import build_plan
+
+    base = np.load(CALIB)["input"]
+    rng = np.random.default_rng(0)
+    big = np.concatenate(
+        [base + rng.normal(0, 0.01, base.shape).astype(np.float32) for _ in range(4)]
+    )[:1000]
+    np.savez(tmp_path / "c1000.npz", input=big)
+    np.savez(tmp_path / "c100.npz", input=big[:100])
+    model = model_io.load(CNN)
+    model_io.normalize(model)
+    plan = build_plan(model)
+    peaks, sizes = {}, {}
+    for n in (100, 1000):
+        source = NpzData(tmp_path / f"c{n}.npz")
+        tracemalloc.start()
+        result = calib.calibrate(model, plan, source, method="entropy")
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        sizes[n] = result.observer_bytes
+        assert result.samples == n
+    assert sizes[100] == sizes[1000]
+    assert peaks[1000] <= 1.1 * peaks[100]
+
+
+def test_cli_static_json_report(cli, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = cli(
+        "quantize",
+        CNN,
+        "-o",
+        out,
+        "--mode",
+        "static",
+        "--data",
+        CALIB,
+        "--eval-data",
+        TEST,
+        "--calibration",
+        "percentile",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mode"] == "static" and report["calibration"]["method"] == "percentile"
+    assert report["check"]["comparison"]["accuracy_candidate"] >= 0.98
+    assert out.exists() and out.stat().st_size < CNN.stat().st_size / 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "3"], "--bits 3"),
+        (["--calibration", "foo"], "calibration: 'foo' is not one of"),
+        (["--mode", "fast"], "mode: 'fast' is not one of"),
+        (["--mode", "static"], "--mode static needs --data"),
+        (
+            ["--mode", "static", "--bits", "4", "--data", str(CALIB)],
+            "--bits 4 works only with --mode weight-only",
+        ),
+        (["--data", str(MODELS / "digits_calib_flat.npz")], "input 'input' has shape"),
+        (["--max-drop", "2", "--data", str(CALIB)], "--max-drop 2.0"),
+        (
+            ["--exclude-nodes", "nope", "--mode", "static", "--data", str(CALIB)],
+            "no node named 'nope'",
+        ),
+    ],
+)
+def test_cli_bad_options_one_line_exit_2(cli, tmp_path, args, message):
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", CNN, "-o", out, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
