@@ -1,0 +1,157 @@
+"""``--mode auto``: static, dynamic and float measured in onnxruntime; never slower than fp32; the
+drop budget met by putting the most sensitive layers back to float; recipes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp import model as model_io
+from onnxcomp import runtime
+from onnxcomp.data import NpzData
+from onnxcomp.passes import run_pipeline
+from onnxcomp.quantize.api import QuantizeOptions, quantize
+from onnxcomp.quantize.auto import FASTER, BudgetError
+from onnxcomp.validate import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CNN = MODELS / "digits_cnn.onnx"
+MLP = MODELS / "digits_mlp.onnx"
+CALIB = MODELS / "digits_calib.npz"
+TEST = MODELS / "digits_test.npz"
+
+
+def test_auto_picks_static_for_the_digits_cnn():
+    model, report = quantize(model_io.load(CNN), QuantizeOptions(), data=CALIB, eval_data=TEST)
+    auto = report["auto"]
+    assert auto["chosen"] == "static" and report["mode"] == "static"
+    rows = {row["mode"]: row for row in auto["candidates"]}
+    assert set(rows) == {"float", "static", "dynamic"}
+    assert rows["static"]["ratio_to_float"] < 0.9
+    assert rows["static"]["ratio_to_float"] <= rows["dynamic"]["ratio_to_float"]
+    assert "static" in auto["why"] and "fp32 latency" in auto["why"]
+    comparison = compare(str(CNN), model, NpzData(TEST))
+    assert comparison.accuracy_drop <= 0.003
+
+
+def test_auto_is_never_slower_than_fp32():
+    # The digits MLP is 5 microseconds of fp32 work: quantize/dequantize overhead beats any gain.
+    model, report = quantize(
+        model_io.load(MLP),
+        QuantizeOptions(),
+        data=MODELS / "digits_calib_flat.npz",
+        eval_data=MODELS / "digits_test_flat.npz",
+    )
+    auto = report["auto"]
+    chosen = next(row for row in auto["candidates"] if row["mode"] == auto["chosen"])
+    assert chosen["ratio_to_float"] <= FASTER or auto["chosen"] == "float"
+    if auto["chosen"] == "float":
+        assert auto["why"].startswith("kept float:")
+        assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
+
+
+def test_auto_without_data_says_why_static_was_not_tried():
+    _, report = quantize(model_io.load(CNN), QuantizeOptions())
+    assert "no calibration data" in report["auto"]["skipped"]["static"]
+    assert report["auto"]["chosen"] in ("dynamic", "float")
+
+
+def _bert(tmp_path):
+    from models.build_graphs import bert, example_feed
+
+    proto = bert(layers=2, hidden=64, heads=2, intermediate=256, seed=3)
+    path = tmp_path / "bert.onnx"
+    onnx.save(proto, path)
+    for name, seed in (("calib", 0), ("eval", 1)):
+        feeds = [example_feed(proto, batch=1, seq=12, seed=seed * 1000 + i) for i in range(24)]
+        np.savez(
+            tmp_path / f"{name}.npz", **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        )
+    return path, tmp_path / "calib.npz", tmp_path / "eval.npz"
+
+
+def test_max_drop_puts_the_most_sensitive_layers_back_to_float(tmp_path):
+    path, calib, evals = _bert(tmp_path)
+    _, full = quantize(
+        model_io.load(path), QuantizeOptions(mode="static"), data=calib, eval_data=evals
+    )
+    drop = full["check"]["drop"]
+    assert drop > 0
+    budget = drop * 0.6
+    model, report = quantize(
+        model_io.load(path),
+        QuantizeOptions(mode="static", max_drop=budget),
+        data=calib,
+        eval_data=evals,
+    )
+    b = report["budget"]
+    assert b["within_budget"] and b["drop"] <= budget
+    assert b["fallback_to_float"], "at least one layer went back to float"
+    floats = {d["node"] for d in report["plan"]["float_nodes"]}
+    for layer in b["fallback_to_float"]:
+        assert layer["node"] in floats and "most sensitive" in layer["reason"]
+    # the sensitivity ranking: the layers put back have the lowest SQNR
+    assert b["rounds"][0]["float_layers"] == [] and b["rounds"][-1]["drop"] == b["drop"]
+
+
+def test_max_drop_that_cannot_be_met_saves_nothing_exit_1(cli, tmp_path):
+    path, calib, evals = _bert(tmp_path)
+    out = tmp_path / "q.onnx"
+    result = cli(
+        "quantize",
+        path,
+        "-o",
+        out,
+        "--mode",
+        "static",
+        "--data",
+        calib,
+        "--eval-data",
+        evals,
+        "--max-drop",
+        "0",
+    )
+    assert result.exit_code == 1
+    assert "--max-drop 0.0" in result.stderr and "nothing saved" in result.stderr
+    assert not out.exists()
+    with pytest.raises(BudgetError):
+        quantize(
+            model_io.load(path),
+            QuantizeOptions(mode="static", max_drop=0.0),
+            data=calib,
+            eval_data=evals,
+        )
+
+
+def test_auto_cli_table_and_json(cli, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", CNN, "-o", out, "--data", CALIB, "--eval-data", TEST)
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("mode auto -> static")
+    assert "candidate" in text and "SQNR dB" in text and "QLinearConv" in text
+    result = cli("quantize", CNN, "-o", tmp_path / "q2.onnx", "--data", CALIB, "--json")
+    report = json.loads(result.stdout)
+    assert report["auto"]["chosen"] == "static"
+    session = runtime.create_session(str(tmp_path / "q2.onnx"))
+    x = np.load(TEST)["input"][:4]
+    assert runtime.run(session, {"input": x})["logits"].shape == (4, 10)
+
+
+def test_quantize_as_a_recipe_step():
+    model = model_io.load(CNN)
+    model, reports = run_pipeline(
+        model, [("quantize", {"mode": "static", "data": str(CALIB), "calibration": "mse"})]
+    )
+    assert reports[0].report["mode"] == "static"
+    assert reports[0].report["calibration"]["method"] == "mse"
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph)
