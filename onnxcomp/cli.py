@@ -383,8 +383,14 @@ def _inspect_text(r: dict[str, Any]) -> str:
         if comp["assumed"]:
             text += "; assumed " + ", ".join(f"{k} = {v}" for k, v in comp["assumed"].items())
         lines.append(text)
-        if total is None:
+        reasons = [layer.get("unknown", "") for layer in comp["layers"]]
+        if any("dynamic" in why for why in reasons):
             lines.append("  dynamic dims: fix them with --shape NAME=1x3x224x224 to count all")
+        lost = sum("unknown" in why and "dynamic" not in why for why in reasons)
+        if lost:
+            lines.append(
+                f"  onnx shape inference cannot follow {lost} layer(s) (shapes computed at run time)"
+            )
         if comp["shape_inference"] != "ok":
             lines.append(f"  shape inference {comp['shape_inference']}")
         if comp["uncounted_ops"]:

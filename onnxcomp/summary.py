@@ -485,7 +485,8 @@ def _inferred_shapes(
                     value.type.tensor_type.shape.dim.add().dim_value = int(d)
                 fixed[value.name] = "x".join(str(int(d)) for d in given)
                 continue
-            if dims and not dims[0].HasField("dim_value"):
+            # Paddle2ONNX writes a dynamic dim as -1
+            if dims and (not dims[0].HasField("dim_value") or dims[0].dim_value < 0):
                 fixed[f"{value.name}[0]"] = f"{dims[0].dim_param or '?'} -> 1"
                 dims[0].Clear()
                 dims[0].dim_value = 1

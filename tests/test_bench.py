@@ -188,3 +188,17 @@ def test_bad_input_exit_2(cli, models_dir, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert expected in lines[0], lines[0]
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.thirdparty
+def test_paddle_classifier(cli):
+    thirdparty = pytest.importorskip("models.thirdparty")
+    try:
+        path = thirdparty.fetch("orientation")
+    except Exception as err:  # no network / no pip
+        pytest.skip(f"cannot fetch orientation: {err}")
+    result = cli("bench", path, "--runs", "3", "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    entry = json.loads(result.stdout)["models"][0]
+    assert entry["peak_memory_bytes"] > 0
+    assert entry["graph"]["nodes"] < entry["graph"]["nodes_before"]

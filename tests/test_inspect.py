@@ -252,3 +252,37 @@ def test_bad_files_exit_2(cli, tmp_path, models_dir):
         assert result.exit_code == 2, (args, result.stdout)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+def _thirdparty(name: str) -> Path:
+    thirdparty = pytest.importorskip("models.thirdparty")
+    try:
+        return thirdparty.fetch(name)
+    except Exception as err:  # no network / no pip
+        pytest.skip(f"cannot fetch {name}: {err}")
+
+
+@pytest.mark.thirdparty
+def test_paddle_constant_weights_model():
+    report = summarize(_thirdparty("layout"))
+    params = report["parameters"]
+    assert params["initializers"]["tensors"] == 0 and params["constant_nodes"]["tensors"] == 878
+    assert report["compute"]["total_macs"] > 3e9  # fixed input [1, 3, 800, 608]
+    assert report["opsets"]["Paddle"] == 1
+
+
+@pytest.mark.thirdparty
+def test_paddle_minus_one_batch_and_shapes():
+    path = _thirdparty("ocr_cls")  # input x: [-1, 3, ?, ?], weights in Constant nodes
+    report = summarize(path)
+    assert report["compute"]["assumed"] == {"x[0]": "? -> 1"}
+    assert report["compute"]["total_macs"] is None
+    fixed = summarize(path, shapes={"x": [1, 3, 48, 192]})["compute"]
+    assert fixed["known_macs"] > 1e7 and fixed["layers_unknown"] <= 1
+
+
+@pytest.mark.thirdparty
+def test_yolo_symbolic_dims(cli):
+    result = cli("inspect", _thirdparty("yolov8n"), "--shape", "images=1x3x320x320")
+    assert result.exit_code == 0, result.stderr
+    assert "compute: 1,012,627,200 MACs" in result.stdout
