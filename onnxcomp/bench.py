@@ -433,7 +433,9 @@ def _interleave(sessions, feeds, runs: int, warmup: int, step) -> list[list[floa
     feeds = dict(feeds)
     timings: list[list[float]] = [[] for _ in sessions]
     count = len(sessions)
-    for round_index in range(warmup + runs):
+    rounds = warmup + runs
+    every = max(1, rounds // 100)  # about 100 progress updates, not one per round
+    for round_index in range(rounds):
         for offset in range(count):
             index = (round_index + offset) % count
             start = time.perf_counter_ns()
@@ -441,7 +443,8 @@ def _interleave(sessions, feeds, runs: int, warmup: int, step) -> list[list[floa
             elapsed = time.perf_counter_ns() - start
             if round_index >= warmup:
                 timings[index].append(elapsed / 1e6)
-        step(1)
+        if (round_index + 1) % every == 0 or round_index + 1 == rounds:
+            step(every if (round_index + 1) % every == 0 else (round_index + 1) % every)
     return timings
 
 
