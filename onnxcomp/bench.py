@@ -468,11 +468,16 @@ def peak_memory(model: ModelLike, feeds: Mapping[str, np.ndarray], *, threads: i
         np.savez(feeds_path, **feeds)
         result_path = os.path.join(tmpdir, "result.json")
         args = {"model": model_path, "feeds": feeds_path, "threads": threads, "result": result_path}
+        # The child must import this very onnxcomp, installed or not.
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         proc = subprocess.run(
             [sys.executable, "-m", "onnxcomp.bench", json.dumps(args)],
             capture_output=True,
             text=True,
             timeout=600,
+            env=env,
         )
         if proc.returncode != 0 or not os.path.exists(result_path):
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
