@@ -189,18 +189,30 @@ def _guarded(compute: Callable[[], Any], notes: list[str], what: str) -> Any:
 # Loading: onnx-ir cannot hold sparse tensors, so those models are densified for inspection.
 
 
+# onnx-ir drops sparse initializers without a word; files up to this size are also read as
+# protobuf to find them (larger ones are not read twice).
+SPARSE_CHECK_BYTES = 256 * 1024 * 1024
+
+
 def _load_for_inspect(path: Path) -> tuple[ir.Model, list[str]]:
+    error: OnnxcompError | None = None
     try:
-        return model_io.load(path), []
+        model = model_io.load(path)
     except OnnxcompError as err:
         error = err
+    if error is None and path.stat().st_size > SPARSE_CHECK_BYTES:
+        return model, []
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception:
-        raise error from None
+        if error is not None:
+            raise error from None
+        return model, []
     sparse = _densify_sparse(proto)
     if not sparse:
-        raise error
+        if error is not None:
+            raise error
+        return model, []
     model = ir.from_proto(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     return model, [

@@ -200,6 +200,26 @@ def test_sparse_constant_is_densified(tmp_path):
     assert any("sparse" in note for note in report["notes"])
 
 
+def test_sparse_initializer_is_counted(tmp_path):
+    sparse = oh.make_sparse_tensor(
+        oh.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0]),
+        oh.make_tensor("w_i", TensorProto.INT64, [2], [0, 3]),
+        [4],
+    )
+    graph = oh.make_graph(
+        [oh.make_node("Add", ["x", "w"], ["y"])],
+        "sparse_init",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        sparse_initializer=[sparse],
+    )
+    path = tmp_path / "sparse_init.onnx"
+    onnx.save(oh.make_model(graph), path)
+    report = summarize(path)
+    assert report["parameters"]["initializers"] == {"tensors": 1, "elements": 4, "bytes": 16}
+    assert [i["name"] for i in report["inputs"]] == ["x"]
+
+
 def test_external_data_listed(tmp_path, models_dir):
     model = model_io.load(models_dir / "digits_cnn.onnx")
     path = tmp_path / "ext.onnx"
