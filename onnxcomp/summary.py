@@ -143,13 +143,7 @@ def summarize(
         notes.extend(load_notes)
         report["file"] = str(path)
         report["file_bytes"] = path.stat().st_size
-    known_inputs = {v.name for v in _user_inputs(model)}
-    unknown = sorted(set(shapes or {}) - known_inputs)
-    if unknown:
-        raise OnnxcompError(
-            f"--shape: unknown input name {unknown[0]!r} "
-            f"(inputs: {', '.join(sorted(known_inputs))})"
-        )
+    _check_shapes(model, shapes or {})
     report["ir_version"] = model.ir_version
     report["producer"] = (
         " ".join(p for p in (model.producer_name, model.producer_version) if p) or None
@@ -170,6 +164,27 @@ def summarize(
     report["external_data"] = _guarded(lambda: _external_data(model), notes, "external data")
     report["notes"] = notes
     return report
+
+
+def _check_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raise OnnxcompError for a --shape naming no input or contradicting its fixed dims."""
+    specs = {spec.name: spec for spec in model_io.input_specs(model)}
+    for name, dims in shapes.items():
+        spec = specs.get(name)
+        if spec is None:
+            raise OnnxcompError(
+                f"--shape: unknown input name {name!r} (inputs: {', '.join(sorted(specs))})"
+            )
+        if spec.shape is None:
+            continue
+        given = "x".join(str(d) for d in dims)
+        if len(dims) != len(spec.shape):
+            raise OnnxcompError(
+                f"--shape {name}={given}: rank {len(dims)}, the model wants {spec.describe()}"
+            )
+        for have, want in zip(dims, spec.shape, strict=True):
+            if isinstance(want, int) and want > 0 and have != want:
+                raise OnnxcompError(f"--shape {name}={given} does not fit {spec.describe()}")
 
 
 def _guarded(compute: Callable[[], Any], notes: list[str], what: str) -> Any:

@@ -267,6 +267,8 @@ def test_bad_files_exit_2(cli, tmp_path, models_dir):
         ["inspect", tmp_path / "missing.onnx"],
         ["inspect", models_dir / "digits_cnn.onnx", "--shape", "nope=1x2"],
         ["inspect", models_dir / "digits_cnn.onnx", "--shape", "input=abc"],
+        ["inspect", models_dir / "digits_cnn.onnx", "--shape", "input=1x3x8x8"],
+        ["inspect", models_dir / "digits_cnn.onnx", "--shape", "input=1x64"],
     ):
         result = cli(*args)
         assert result.exit_code == 2, (args, result.stdout)
