@@ -341,7 +341,12 @@ def benchmark(
 
     for result, model in zip(results, loaded, strict=True):
         if graph:
-            result.graph = graph_report(model, threads=threads, label=result.name)
+            try:
+                result.graph = graph_report(model, threads=threads, label=result.name)
+            except OnnxcompError as err:
+                # e.g. onnxruntime cannot write the optimized graph of a model over 2 GB
+                logger.warning("%s: optimized graph not inspected (%s)", result.name, err)
+                result.graph = {"unavailable": str(err)}
         if memory:
             try:
                 result.peak_memory_bytes = peak_memory(model, feeds, threads=threads)
