@@ -35,6 +35,7 @@ from onnxcomp import runtime
 from onnxcomp.data import DataSource, RandomData, open_data
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.runtime import ModelLike
+from onnxcomp.summary import expand_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +411,7 @@ def _make_feeds(
         for batch in source.batches(batch_size, limit=batch_size):
             return dict(batch.inputs), f"first {len(batch)} sample(s) of {source.name}"
         raise OnnxcompError(f"{source.name}: holds no samples")
-    shapes = dict(shapes or {})
+    shapes = expand_shapes(specs, shapes or {})
     random = RandomData(specs, samples=1, shapes=shapes)
     if batch_size != 1:
         # Random inputs: a dynamic first axis takes the batch size unless --shape fixed it.

@@ -159,11 +159,38 @@ def summarize(
     )
     report["operators"] = _guarded(lambda: _operators(model), notes, "operators")
     report["parameters"] = _guarded(lambda: _parameters(model), notes, "parameters")
-    report["compute"] = _guarded(lambda: _compute(model, shapes or {}), notes, "compute")
+    shapes = expand_shapes(model_io.input_specs(model), shapes or {})
+    report["compute"] = _guarded(lambda: _compute(model, shapes), notes, "compute")
     report["largest_tensors"] = _guarded(lambda: _largest_tensors(model), notes, "largest tensors")
     report["external_data"] = _guarded(lambda: _external_data(model), notes, "external data")
     report["notes"] = notes
     return report
+
+
+def expand_shapes(
+    specs: Sequence[model_io.InputSpec], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, list[int]]:
+    """Give inputs that share named dims with a ``--shape`` input the same sizes.
+
+    ``input_ids=1x128`` fixes ``batch`` and ``seq``, hence ``attention_mask: [batch, seq]`` too.
+    Inputs with a dim that stays unnamed or unknown are left out.
+    """
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        given = shapes.get(spec.name)
+        if given is None or spec.shape is None or len(given) != len(spec.shape):
+            continue
+        for dim, size in zip(spec.shape, given, strict=True):
+            if isinstance(dim, str):
+                sizes.setdefault(dim, int(size))
+    expanded = {name: [int(d) for d in dims] for name, dims in shapes.items()}
+    for spec in specs:
+        if spec.name in expanded or spec.shape is None or not sizes:
+            continue
+        dims = [d if isinstance(d, int) and d > 0 else sizes.get(d) for d in spec.shape]
+        if any(isinstance(d, str) for d in spec.shape) and all(d is not None for d in dims):
+            expanded[spec.name] = dims
+    return expanded
 
 
 def _check_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> None:

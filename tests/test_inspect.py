@@ -108,6 +108,25 @@ def test_shape_option_scales_macs(models_dir, cli):
     assert json.loads(result.stdout)["compute"]["total_macs"] == 4 * one
 
 
+def test_shape_of_one_input_fixes_inputs_sharing_its_dims(tmp_path):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[batch, seq, 4] x, float[batch, seq, 4] mask) => (float[batch, seq, 8] y)
+        <float[4, 8] w = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0,
+                          7.0, 8.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1.0, 2.0, 3.0, 4.0,
+                          5.0, 6.0, 7.0, 8.0}>
+    {
+        masked = Mul (x, mask)
+        y = MatMul (masked, w)
+    }
+    """
+    path = tmp_path / "two_inputs.onnx"
+    onnx.save(onnx.parser.parse_model(text), path)
+    compute = summarize(path, shapes={"x": [2, 16, 4]})["compute"]
+    assert compute["assumed"] == {"x": "2x16x4", "mask": "2x16x4"}
+    assert compute["total_macs"] == 2 * 16 * 4 * 8
+
+
 def test_if_loop_subgraphs_counted(tmp_path):
     report = summarize(_if_loop_model(tmp_path / "branchy.onnx"))
     ops = report["operators"]
