@@ -142,7 +142,7 @@ def test_silu_to_swish_when_asked():
 
 
 GELU_ERF = """
-<ir_version: 8, opset_import: ["" : 17]>
+<ir_version: 8, opset_import: ["" : %s]>
 g (float[2, 16] x) => (float[2, 16] y) {
     r2 = Constant<value = float {%s}>()
     one = Constant<value = float {1.0}>()
@@ -157,19 +157,24 @@ g (float[2, 16] x) => (float[2, 16] y) {
 
 
 def test_gelu_erf_pytorch_form():
-    result, report = _optimize(GELU_ERF % "1.4142135")
+    result, report = _optimize(GELU_ERF % ("20", "1.4142135"))
     assert op_histogram(result) == {"Gelu": 1}
-    assert report["opset"]["after"] == 20
+
+
+def test_gelu_is_not_worth_an_opset_upgrade():
+    result, report = _optimize(GELU_ERF % ("17", "1.4142135"))
+    assert "Gelu" not in op_histogram(result) and report["opset"]["after"] == 17
+    assert any("needs opset 20" in r for r in _skips(report, "gelu-erf"))
 
 
 def test_gelu_erf_near_miss_divisor():
-    result, report = _optimize(GELU_ERF % "2.0")
+    result, report = _optimize(GELU_ERF % ("20", "2.0"))
     assert "Gelu" not in op_histogram(result)
     assert "erf input is x·0.5, not x/√2" in _skips(report, "gelu-erf")
 
 
 GELU_TANH = """
-<ir_version: 8, opset_import: ["" : 17]>
+<ir_version: 8, opset_import: ["" : 20]>
 g (float[2, 16] x) => (float[2, 16] y) {
     k = Constant<value = float {%s}>()
     c = Constant<value = float {0.7978846}>()
@@ -230,19 +235,62 @@ def test_layer_norm_reduce_mean_form():
     assert report["opset"] == {"before": 13, "after": 17}
 
 
-def test_layer_norm_near_miss_wrong_axis():
-    text = LAYER_NORM.replace("float[16]", "float[1, 5, 1]").replace(
+def _per_channel_params(text: str) -> str:
+    return text.replace("float[16]", "float[1, 5, 1]").replace(
         "{1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}", "{1,2,3,4,5}").replace(
         "{0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1}", "{0,1,0,1,0}")
-    result, report = _optimize(text % ("1", "1"))
+
+
+def test_layer_norm_over_a_middle_axis_is_transposed():
+    result, _ = _optimize(_per_channel_params(LAYER_NORM) % ("1", "1"))
+    assert op_histogram(result) == {"Transpose": 2, "LayerNormalization": 1}
+
+
+def test_layer_norm_near_miss_scale_on_wrong_axis():
+    result, report = _optimize(_per_channel_params(LAYER_NORM) % ("-1", "-1"))
     assert "LayerNormalization" not in op_histogram(result)
-    assert "normalizes over axes [1] of a rank-3 tensor, not the last ones" in _skips(report, "layer-norm")
+    assert "the scale [1, 5, 1] is not per normalized element" in _skips(report, "layer-norm")
 
 
 def test_layer_norm_near_miss_axes_differ():
     result, report = _optimize(LAYER_NORM % ("-1", "-2"))
     assert "LayerNormalization" not in op_histogram(result)
     assert "mean over axes [-1] but variance over [-2]" in _skips(report, "layer-norm")
+
+
+def test_layer_norm_moments_form_with_keepdims_0():
+    # jax2tf writes var = max(mean(x²) − mean², 0) with keepdims=0 sums re-shaped back.
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[2, 5, 16] x) => (float[2, 5, 16] y) {
+        axes = Constant<value = int64[1] {-1}>()
+        inv_n = Constant<value = float {0.0625}>()
+        zero = Constant<value = float {0.0}>()
+        eps = Constant<value = float {1e-6}>()
+        back = Constant<value = int64[3] {2, 5, 1}>()
+        gamma = Constant<value = float[16] {1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}>()
+        beta = Constant<value = float[1, 1, 16] {0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1}>()
+        s1 = ReduceSum<keepdims = 0>(x, axes)
+        xx = Mul(x, x)
+        s2 = ReduceSum<keepdims = 0>(xx, axes)
+        ex2 = Mul(s2, inv_n)
+        ex = Mul(s1, inv_n)
+        ex_sq = Mul(ex, ex)
+        v = Sub(ex2, ex_sq)
+        vm = Max(zero, v)
+        vr = Reshape(vm, back)
+        ve = Add(vr, eps)
+        std = Sqrt(ve)
+        r = Reciprocal(std)
+        rg = Mul(r, gamma)
+        mr = Reshape(ex, back)
+        d = Sub(x, mr)
+        n = Mul(d, rg)
+        y = Add(n, beta)
+    }
+    """
+    result, _ = _optimize(text)
+    assert op_histogram(result) == {"LayerNormalization": 1}
 
 
 def test_layer_norm_reduce_sum_reciprocal_form():
@@ -419,7 +467,7 @@ def test_constant_folding_and_its_size_limit():
 
 def test_rules_run_inside_if_branches():
     text = """
-    <ir_version: 8, opset_import: ["" : 17]>
+    <ir_version: 8, opset_import: ["" : 20]>
     g (bool[1] c, float[2, 16] x) => (float[2, 16] y) {
         y = If(c) <
             then_branch = t () => (float[2, 16] a) {

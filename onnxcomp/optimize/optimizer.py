@@ -20,7 +20,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.optimize import rules as rules_mod
-from onnxcomp.optimize.rules import ConstantFoldRule, Match, NameSource, Rule
+from onnxcomp.optimize.rules import NO_UPGRADE, ConstantFoldRule, Match, NameSource, Rule
 from onnxcomp.passes import Result
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,10 @@ def apply_rules(
             if isinstance(rule, ConstantFoldRule):
                 rule.opset = current
         planned = _plan(model, rules, log, limit, counts)
-        needed = max((rule.target_opset for rule, _ in planned), default=0)
+        wanted = [r for r, _ in planned if r.target_opset > current and r.target_op not in NO_UPGRADE]
+        needed = max((rule.target_opset for rule in wanted), default=0)
         if needed > current and upgrade_opset and upgrade_failed is None:
-            ops = sorted({r.target_op for r, _ in planned if r.target_opset > current})
+            ops = sorted({r.target_op for r in wanted if r.target_op})
             try:
                 model = model_io.ensure_opset(model, needed, f"{', '.join(ops)} (optimize)")
             except OnnxcompError as err:
@@ -134,9 +135,13 @@ def apply_rules(
         kept = []
         for rule, match in planned:
             if rule.target_opset > current:
-                why = upgrade_failed or "opset upgrades are off (--no-upgrade-opset)"
-                if not upgrade_opset:
-                    why = f"{rule.target_op} needs opset {rule.target_opset}, the model is opset {current} and opset upgrades are off"
+                why = f"{rule.target_op} needs opset {rule.target_opset}, the model is opset {current}"
+                if rule.target_op in NO_UPGRADE:
+                    why += f" and is not upgraded for it: {NO_UPGRADE[rule.target_op]}"
+                elif not upgrade_opset:
+                    why += " and opset upgrades are off"
+                elif upgrade_failed:
+                    why = upgrade_failed
                 log.skipped[(rule.name, _node_label(match.anchor))] = why
                 continue
             kept.append((rule, match))
