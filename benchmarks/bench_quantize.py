@@ -1,0 +1,353 @@
+"""onnxcomp quantize versus onnxruntime.quantization, measured side by side in one run.
+
+    python benchmarks/bench_quantize.py [--models digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm]
+                                        [--runs 200] [--workdir /tmp/onnxcomp-bench-quantize] [--json]
+
+For each model, every tool runs in a fresh child process (wall time and peak resident memory,
+VmHWM, belong to that tool alone):
+- ort-static: ``quantize_static`` QDQ, per-channel, MinMax, uint8 activations / int8 weights;
+- ort-dynamic: ``quantize_dynamic``, per-channel int8;
+- onnxcomp auto (the default), static, dynamic, and weight-only int4 on models with MatMul weights.
+Then all results of a model are timed interleaved with fp32 in one process (p50 at 1 thread,
+batch 1) and compared with fp32: top-1 accuracy on the digits test split, else cosine of the
+embedding (MiniLM: ``sentence_embedding`` over 64 sentences) or of the output on held-out inputs.
+Generated graphs (resnet, mobilenetv2, bert) have random weights and are fed random inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+sys.path.insert(0, str(ROOT))
+
+
+def _peak_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an .npz (one sample per call)."""
+
+    def __init__(self, path: Path, limit: int | None = None):
+        data = np.load(path)
+        self.arrays = {k: data[k] for k in data.files if k != "labels"}
+        n = len(next(iter(self.arrays.values())))
+        self.n = min(n, limit) if limit else n
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= self.n:
+            return None
+        feed = {k: v[self.i : self.i + 1] for k, v in self.arrays.items()}
+        self.i += 1
+        return feed
+
+    def rewind(self):
+        self.i = 0
+
+
+def _tool(tool: str, src: str, dst: str, calib: str, evals: str, queue) -> None:
+    try:
+        start = time.perf_counter()
+        note = ""
+        if tool.startswith("ort-"):
+            from onnxruntime.quantization import (
+                CalibrationDataReader,
+                CalibrationMethod,
+                QuantFormat,
+                QuantType,
+                quantize_dynamic,
+                quantize_static,
+            )
+
+            if tool == "ort-static":
+                reader = type("R", (_Reader, CalibrationDataReader), {})(Path(calib), limit=256)
+                quantize_static(
+                    src,
+                    dst,
+                    reader,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
+            else:
+                quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        else:
+            from onnxcomp import model as model_io
+            from onnxcomp.quantize.api import QuantizeOptions, quantize
+
+            mode = tool.split("-", 1)[1]
+            bits = 4 if mode == "weight-only" else 8
+            options = QuantizeOptions(mode=mode, bits=bits, check_samples=256)
+            model, report = quantize(
+                model_io.load(src),
+                options,
+                data=calib if mode != "weight-only" else None,
+                eval_data=evals,
+            )
+            model_io.save(model, dst)
+            note = report.get("auto", {}).get("chosen", "") if mode == "auto" else ""
+        queue.put(
+            {
+                "ok": True,
+                "seconds": time.perf_counter() - start,
+                "peak_mb": _peak_kb() / 1024,
+                "note": note,
+            }
+        )
+    except Exception as err:  # a tool failing is a result, not a crash of the benchmark
+        queue.put(
+            {
+                "ok": False,
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:150]}",
+                "trace": traceback.format_exc(),
+            }
+        )
+
+
+def run_tool(tool: str, src: Path, dst: Path, calib: Path, evals: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_tool, args=(tool, str(src), str(dst), str(calib), str(evals), queue))
+    proc.start()
+    try:
+        result = queue.get(timeout=1800)
+    except Exception:
+        result = {"ok": False, "error": "timed out or crashed"}
+    proc.join()
+    return result
+
+
+def _random_npz(model_path: Path, path: Path, n: int, seed: int) -> None:
+    import onnx
+
+    from models.build_graphs import example_feed
+
+    proto = onnx.load(model_path, load_external_data=False)
+    feeds = [example_feed(proto, batch=1, seed=seed * 10_000 + i) for i in range(n)]
+    np.savez(path, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+
+
+def model_set(workdir: Path) -> dict[str, dict]:
+    """name -> {path, calib, eval, output to judge}"""
+    out = {
+        "digits_cnn": {
+            "path": MODELS / "digits_cnn.onnx",
+            "calib": MODELS / "digits_calib.npz",
+            "eval": MODELS / "digits_test.npz",
+        },
+        "digits_mlp": {
+            "path": MODELS / "digits_mlp.onnx",
+            "calib": MODELS / "digits_calib_flat.npz",
+            "eval": MODELS / "digits_test_flat.npz",
+        },
+    }
+    build = MODELS / "build"
+    for name in ("resnet", "mobilenetv2", "bert"):
+        path = build / f"{name}.onnx"
+        if not path.exists():
+            import onnx
+
+            from models import build_graphs
+
+            build.mkdir(exist_ok=True)
+            onnx.save(getattr(build_graphs, name)(), path)
+        calib, evals = workdir / f"{name}_calib.npz", workdir / f"{name}_eval.npz"
+        _random_npz(path, calib, 64, 0)
+        _random_npz(path, evals, 64, 1)
+        out[name] = {"path": path, "calib": calib, "eval": evals}
+    minilm = build / "minilm.onnx"
+    if minilm.exists():
+        sentences = build / "minilm_sentences.npz"
+        out["minilm"] = {
+            "path": minilm,
+            "calib": sentences,
+            "eval": sentences,
+            "output": "sentence_embedding",
+        }
+    return out
+
+
+def fidelity(reference: Path, candidate: Path, evals: Path, output: str | None) -> dict:
+    from onnxcomp.data import NpzData
+    from onnxcomp.validate import compare
+
+    comparison = compare(str(reference), str(candidate), NpzData(evals))
+    stats = comparison.to_json()
+    out = (
+        next((o for o in stats["outputs"] if o["output"] == output), stats["outputs"][0])
+        if output
+        else stats["outputs"][0]
+    )
+    result = {"cosine_mean": out.get("cosine_mean"), "cosine_min": out.get("cosine_min")}
+    if comparison.accuracy_candidate is not None:
+        result["top1"] = comparison.accuracy_candidate
+        result["top1_fp32"] = comparison.accuracy_reference
+    return result
+
+
+TOOLS = [
+    "ort-static",
+    "ort-dynamic",
+    "onnxcomp-auto",
+    "onnxcomp-static",
+    "onnxcomp-dynamic",
+    "onnxcomp-weight-only",
+]
+
+
+def bench_model(name: str, spec: dict, workdir: Path, runs: int) -> list[dict]:
+    from onnxcomp import bench
+
+    rows = []
+    outputs = {"fp32": spec["path"]}
+    info = {"fp32": {"ok": True, "seconds": 0.0, "peak_mb": None, "note": ""}}
+    has_matmul = name in ("bert", "minilm", "digits_mlp")
+    for tool in TOOLS:
+        if tool == "onnxcomp-weight-only" and not has_matmul:
+            continue
+        dst = workdir / f"{name}.{tool}.onnx"
+        result = run_tool(tool, spec["path"], dst, spec["calib"], spec["eval"])
+        info[tool] = result
+        if result["ok"]:
+            outputs[tool] = dst
+        else:
+            print(f"{name} {tool}: {result['error']}", file=sys.stderr)
+    result = bench.benchmark(
+        list(outputs.values()),
+        names=list(outputs),
+        runs=runs,
+        warmup=20,
+        memory=False,
+        graph=True,
+        data=spec["eval"],
+    )
+    timing = {r.name: r for r in result.models}
+    for tool in ["fp32", *TOOLS]:
+        if tool not in info:
+            continue
+        row = {"model": name, "tool": tool}
+        if not info[tool]["ok"]:
+            row["error"] = info[tool]["error"]
+            rows.append(row)
+            continue
+        r = timing[tool]
+        row.update(
+            size_kb=outputs[tool].stat().st_size / 1024,
+            p50_ms=r.p50_ms,
+            ratio=r.ratio_p50,
+            int_kernels=(r.graph or {}).get("integer_kernels"),
+            islands=(r.graph or {}).get("islands"),
+            seconds=info[tool]["seconds"],
+            peak_mb=info[tool]["peak_mb"],
+            note=info[tool].get("note", ""),
+        )
+        try:
+            row.update(fidelity(spec["path"], outputs[tool], spec["eval"], spec.get("output")))
+        except Exception as err:
+            row["error"] = f"compare: {str(err).splitlines()[0][:120]}"
+        rows.append(row)
+    return rows
+
+
+def _fmt(v, spec="{:.3f}"):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return spec.format(v)
+    return str(v)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = [
+        "model",
+        "tool",
+        "size KB",
+        "p50 ms",
+        "x fp32",
+        "top-1",
+        "cos mean",
+        "cos min",
+        "int k",
+        "islands",
+        "tool s",
+        "peak MB",
+        "note",
+    ]
+    table = []
+    for r in rows:
+        if "error" in r and "p50_ms" not in r:
+            table.append(
+                [r["model"], r["tool"], "failed"] + [""] * (len(header) - 4) + [r["error"][:90]]
+            )
+            continue
+        table.append(
+            [
+                r["model"],
+                r["tool"],
+                _fmt(r.get("size_kb"), "{:.0f}"),
+                _fmt(r.get("p50_ms"), "{:.4f}"),
+                _fmt(r.get("ratio"), "{:.2f}"),
+                _fmt(r.get("top1"), "{:.4f}"),
+                _fmt(r.get("cosine_mean"), "{:.4f}"),
+                _fmt(r.get("cosine_min"), "{:.4f}"),
+                _fmt(r.get("int_kernels")),
+                _fmt(r.get("islands")),
+                _fmt(r.get("seconds"), "{:.1f}"),
+                _fmt(r.get("peak_mb"), "{:.0f}"),
+                r.get("note", "") or r.get("error", ""),
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in table:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxcomp-bench-quantize"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    specs = model_set(args.workdir)
+    rows = []
+    for name in args.models.split(","):
+        if name not in specs:
+            print(
+                f"{name}: not available (minilm needs models/build_minilm.py first)",
+                file=sys.stderr,
+            )
+            continue
+        rows += bench_model(name, specs[name], args.workdir, args.runs)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
