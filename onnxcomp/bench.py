@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -331,7 +332,14 @@ def benchmark(
         runtime.run(session, feeds, label=label)
         sessions.append(session)
 
-    timings = _interleave(sessions, feeds, runs, warmup, step)
+    # A garbage collection in the middle of a timed run would land on one model only.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        timings = _interleave(sessions, feeds, runs, warmup, step)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     results = [
         ModelBench(label, np.array(t), batch) for label, t in zip(labels, timings, strict=True)
     ]
