@@ -289,5 +289,8 @@ def value_spec(value: ir.Value) -> InputSpec:
             dtype = np.dtype(object)
     shape = None
     if value.shape is not None:
-        shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+        # Exporters write unknown dims as names, as -1 or as 0; all mean "dynamic".
+        shape = tuple(
+            (d if d > 0 else None) if isinstance(d, int) else (d.value or None) for d in value.shape
+        )
     return InputSpec(value.name or "", dtype, shape)
