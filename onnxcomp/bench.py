@@ -314,8 +314,10 @@ def benchmark(
         )
     labels = list(names) if names else _labels(models)
     step = progress or (lambda n: None)
-    loaded = [_check_loadable(m) for m in models]
-    feeds, feeds_from = _make_feeds(_as_ir(models[0]), feeds, data, shapes, batch_size)
+    first = _as_ir(models[0])
+    loaded = [first if isinstance(models[0], ir.Model) else _source(models[0])]
+    loaded += [_source(m, check=True) for m in models[1:]]
+    feeds, feeds_from = _make_feeds(first, feeds, data, shapes, batch_size)
     batch = _batch_of(feeds)
 
     sessions = []
@@ -382,11 +384,12 @@ def _labels(models: Sequence[ModelLike]) -> list[str]:
     return labels
 
 
-def _check_loadable(model: ModelLike) -> ModelLike:
-    """Paths are checked (a clear error for a missing or truncated file) but passed on as
-    paths, so onnxruntime reads them itself."""
+def _source(model: ModelLike, check: bool = False) -> ModelLike:
+    """What sessions are made from: paths stay paths, so onnxruntime reads them itself; with
+    ``check`` they are loaded once first, for a clear error on a missing or truncated file."""
     if isinstance(model, (str, os.PathLike)):
-        model_io.load(model)
+        if check:
+            model_io.load(model)
         return str(model)
     return model
 
