@@ -35,11 +35,17 @@ def build(path: Path, gigabytes: float, width: int = 8192) -> int:
     rng = np.random.default_rng(0)
     with open(path.with_name(data_name), "wb") as f:
         for i in range(layers):
-            w = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
+            w = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(
+                np.float32
+            )
             f.write(w.tobytes())
             tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[width, width])
             tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(w.nbytes))):
+            for key, value in (
+                ("location", data_name),
+                ("offset", str(offset)),
+                ("length", str(w.nbytes)),
+            ):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
             offset += w.nbytes
@@ -126,13 +132,17 @@ def main() -> None:
 
     x = np.random.default_rng(1).standard_normal((1, 8192)).astype(np.float32)
     a = runtime.run(runtime.create_session(str(src)), {"x": x})["y"]
-    b = runtime.run(runtime.create_session(str(work / "out_onnxcomp" / "large.onnx")), {"x": x})["y"]
+    b = runtime.run(runtime.create_session(str(work / "out_onnxcomp" / "large.onnx")), {"x": x})[
+        "y"
+    ]
     same = bool(np.array_equal(a, b))
 
     print(f"\n{'tool':28} {'load+shapes+save s':>18} {'peak RSS MB':>12} {'over imports':>13}")
     for name, seconds, extra, peak in rows:
         print(f"{name:28} {seconds:18.1f} {peak:12.0f} {extra:13.0f}")
-    print(f"\nweights {size / 1e6:.0f} MB; onnxcomp output identical to input in onnxruntime: {same}")
+    print(
+        f"\nweights {size / 1e6:.0f} MB; onnxcomp output identical to input in onnxruntime: {same}"
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

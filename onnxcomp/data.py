@@ -171,7 +171,9 @@ class NpzData(DataSource):
         total = self._count if limit is None else min(limit, self._count)
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            inputs = {k: np.ascontiguousarray(self._arrays[k][start:stop]) for k in self.input_names}
+            inputs = {
+                k: np.ascontiguousarray(self._arrays[k][start:stop]) for k in self.input_names
+            }
             labels = None
             if self.has_labels:
                 labels = np.asarray(self._arrays[LABELS][start:stop])

@@ -30,11 +30,13 @@ def demo_steps() -> list[tuple[str, dict[str, Any]]]:
     _load_builtin_passes()
     steps = [(name, options) for name, options in DEMO_STEPS if name in PASSES]
     if not steps:
-        steps = [next((s for s in FALLBACK_STEPS if s[0] in PASSES))]
+        steps = [next(s for s in FALLBACK_STEPS if s[0] in PASSES)]
     return steps
 
 
-def run_demo(output_dir: Path, *, runs: int = 300, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def run_demo(
+    output_dir: Path, *, runs: int = 300, progress: Callable[[str], None] = lambda m: None
+) -> dict[str, Any]:
     """Compress the digits CNN into ``output_dir``, validate on the test split, benchmark both."""
     from onnxcomp import bench
     from onnxcomp import model as model_io
@@ -62,11 +64,15 @@ def run_demo(output_dir: Path, *, runs: int = 300, progress: Callable[[str], Non
     progress(f"running {' -> '.join(name for name, _ in steps)} on {source.name} ...")
     result = run_recipe(recipe)
     if not result.saved:
-        raise OnnxcompError("demo: the compressed model failed validation (accuracy drop > 1 point)")
+        raise OnnxcompError(
+            "demo: the compressed model failed validation (accuracy drop > 1 point)"
+        )
 
     progress(f"benchmarking both models ({runs} interleaved runs) ...")
     data = open_data(test, model_io.input_specs(model_io.load(source)))
-    timing = bench.benchmark([str(source), str(output)], runs=runs, warmup=20, data=data, memory=False)
+    timing = bench.benchmark(
+        [str(source), str(output)], runs=runs, warmup=20, data=data, memory=False
+    )
     comparison = compare(str(source), str(output), data)
     models = []
     for path, measured, accuracy in zip(

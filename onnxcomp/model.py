@@ -152,7 +152,9 @@ def save(
     data_target = target.with_name(data_name)
     for candidate in (target, data_target) if external_data else (target,):
         if candidate in protected or (candidate.exists() and _same_file(candidate, protected)):
-            raise OnnxcompError(f"{path}: refusing to overwrite an input file; choose another output")
+            raise OnnxcompError(
+                f"{path}: refusing to overwrite an input file; choose another output"
+            )
     if target.is_dir():
         raise OnnxcompError(f"{path}: is a directory; give a file name for the output")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,9 @@ def read_recipe(path: str | Path) -> Recipe:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         first = str(err).strip().splitlines()[0]
-        raise OnnxcompError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
+        raise OnnxcompError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})"
+        ) from None
     return parse_recipe(raw, base_dir=path.parent, source=str(path))
 
 
@@ -79,7 +81,9 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
         )
     version = raw.get("version", 1)
     if version != 1:
-        raise OnnxcompError(f"{source}: version {version!r} is not supported (this onnxcomp reads version 1)")
+        raise OnnxcompError(
+            f"{source}: version {version!r} is not supported (this onnxcomp reads version 1)"
+        )
     steps = raw.get("steps")
     if not isinstance(steps, list) or not steps:
         raise OnnxcompError(f"{source}: 'steps' must be a non-empty list of passes")
@@ -201,7 +205,9 @@ def run_recipe(
     passed = True
     if recipe.validate is not None:
         check = recipe.validate
-        source = open_data(check.get("data"), specs, shapes=recipe.shapes, samples=int(check.get("samples", 16)))
+        source = open_data(
+            check.get("data"), specs, shapes=recipe.shapes, samples=int(check.get("samples", 16))
+        )
         comparison = compare(
             str(recipe.input), model, source, limit=check.get("limit"), threads=recipe.threads
         )

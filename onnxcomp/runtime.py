@@ -200,7 +200,9 @@ def iter_outputs(
         batch_size = fixed
     for batch in data.batches(batch_size, limit=limit):
         if fixed is not None and len(batch) != fixed:
-            logger.info("%s: dropping a last batch of %d (model fixes %d)", label, len(batch), fixed)
+            logger.info(
+                "%s: dropping a last batch of %d (model fixes %d)", label, len(batch), fixed
+            )
             continue
         yield batch, run(session, batch.inputs, output_names, label)
 
@@ -235,7 +237,9 @@ def capture(
         if known[name] is not None:
             output.type.CopyFrom(known[name])
     session = create_session(
-        proto.SerializeToString() if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD else _save_tmp(proto),
+        proto.SerializeToString()
+        if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD
+        else _save_tmp(proto),
         threads=threads,
         optimization=optimization,
         label="capture",

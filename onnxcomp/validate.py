@@ -63,7 +63,9 @@ class OutputStats:
         rows_b = b.reshape(rows_a.shape)
         norms = np.linalg.norm(rows_a, axis=1) * np.linalg.norm(rows_b, axis=1)
         dots = np.sum(rows_a * rows_b, axis=1)
-        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1), np.where(dots == 0, 1.0, 0.0))
+        cos = np.where(
+            norms > 0, dots / np.where(norms > 0, norms, 1), np.where(dots == 0, 1.0, 0.0)
+        )
         # Two all-zero rows are identical: cosine 1.
         both_zero = (np.linalg.norm(rows_a, axis=1) == 0) & (np.linalg.norm(rows_b, axis=1) == 0)
         cos = np.where(both_zero, 1.0, cos)
@@ -78,7 +80,9 @@ class OutputStats:
     def to_json(self) -> dict[str, Any]:
         if self.count == 0:
             return {"output": self.name, "samples": self.samples, "identical": self.exact}
-        snr = math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+        snr = (
+            math.inf if self.noise == 0 else 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+        )
         result = {
             "output": self.name,
             "samples": self.samples,

@@ -24,7 +24,11 @@ def _mutants(source: bytes, seed: int = 0):
             # Flip bytes in the protobuf structure (the first KB and the tail hold names, ops, dims).
             for _ in range(int(rng.integers(1, 8))):
                 region = int(rng.integers(0, 2))
-                pos = int(rng.integers(0, min(1024, len(data)))) if region == 0 else int(rng.integers(len(data) - 2048, len(data)))
+                pos = (
+                    int(rng.integers(0, min(1024, len(data))))
+                    if region == 0
+                    else int(rng.integers(len(data) - 2048, len(data)))
+                )
                 data[pos] = int(rng.integers(0, 256))
         yield i, bytes(data)
 

@@ -43,7 +43,10 @@ def test_compressed_npz_and_folder(tmp_path):
         ({"x": np.zeros((3, 4), np.float64)}, "'x' is float64, the model wants float32"),
         ({"x": np.zeros((3, 5), np.float32)}, "axis 1 differs"),
         ({"x": np.zeros((3, 4, 1), np.float32)}, "rank 3"),
-        ({"x": np.zeros((3, 4), np.float32), "labels": np.zeros(2)}, "disagree on the number of samples"),
+        (
+            {"x": np.zeros((3, 4), np.float32), "labels": np.zeros(2)},
+            "disagree on the number of samples",
+        ),
     ],
 )
 def test_data_that_does_not_fit_is_named(tmp_path, arrays, message):
@@ -65,7 +68,9 @@ def test_random_data_resolves_shapes():
     ]
     with pytest.raises(OnnxcompError, match="--shape input_ids="):
         RandomData(specs)
-    source = RandomData(specs, samples=3, shapes=parse_shapes(["input_ids=2x7", "attention_mask=2x7"]))
+    source = RandomData(
+        specs, samples=3, shapes=parse_shapes(["input_ids=2x7", "attention_mask=2x7"])
+    )
     batches = list(source.batches())
     assert len(batches) == 3
     assert batches[0].inputs["input_ids"].shape == (2, 7)

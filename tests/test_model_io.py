@@ -83,7 +83,9 @@ def _model_with_external_data(tmp_path):
     )
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     path = tmp_path / "ext.onnx"
-    onnx.save_model(proto, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save_model(
+        proto, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0
+    )
     return path, w
 
 

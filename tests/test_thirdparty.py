@@ -49,7 +49,18 @@ def test_validate_and_bench(cli, name, tmp_path):
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
     assert all(out.get("identical") for out in payload["outputs"])
-    result = cli("bench", path, path, "--runs", "3", "--warmup", "1", "--no-memory", "--json", *_shape_args(name))
+    result = cli(
+        "bench",
+        path,
+        path,
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--no-memory",
+        "--json",
+        *_shape_args(name),
+    )
     assert result.exit_code == 0, result.stderr
     bench = json.loads(result.stdout)
     assert len(bench["models"]) == 2
