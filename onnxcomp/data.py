@@ -234,8 +234,9 @@ class FolderData(DataSource):
 class RandomData(DataSource):
     """Random inputs of the right dtype and shape, for latency-only work and self-checks.
 
-    Floats are standard normal; integer inputs whose name mentions "mask" are ones, other
-    integers are drawn from [0, ``int_high``) (token ids, indices); bools are random.
+    Floats are standard normal; integer inputs whose name mentions "mask" are ones, "type" or
+    "segment" zeros, "position" 0..n-1; other integers are drawn from [0, ``int_high``) (token
+    ids, indices); bools are random.
     Dynamic dims must be given in ``shapes`` unless they are the first (batch) axis, which
     defaults to 1.
     """
@@ -320,14 +321,20 @@ class RandomData(DataSource):
     def _draw(self, rng: np.random.Generator, spec: InputSpec) -> np.ndarray:
         shape = self.shapes[spec.name]
         dtype = spec.dtype
+        name = spec.name.lower()
         if dtype == np.bool_:
-            return rng.random(shape) < 0.5
+            return np.asarray(rng.random(shape) < 0.5)
         if np.issubdtype(dtype, np.integer):
-            if "mask" in spec.name.lower():
+            # Transformer-style side inputs need values a real tokenizer would give.
+            if "mask" in name:
                 return np.ones(shape, dtype)
-            return rng.integers(0, self.int_high, size=shape).astype(dtype)
+            if "type" in name or "segment" in name:
+                return np.zeros(shape, dtype)
+            if "position" in name and shape:
+                return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            return np.asarray(rng.integers(0, self.int_high, size=shape), dtype=dtype)
         if np.issubdtype(dtype, np.floating):
-            return rng.standard_normal(shape).astype(dtype)
+            return np.asarray(rng.standard_normal(shape), dtype=dtype)
         raise OnnxcompError(f"input {spec.name!r}: cannot make random data of type {dtype}")
 
 

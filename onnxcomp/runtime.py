@@ -27,6 +27,9 @@ from onnxcomp.model import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
 logger = logging.getLogger(__name__)
 
+# onnxruntime logs run-time errors to stderr itself before raising; the error we raise says it.
+ort.set_default_logger_severity(3)
+
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
