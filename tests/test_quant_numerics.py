@@ -228,6 +228,18 @@ def test_histogram_growth_keeps_quantiles():
     assert abs(hi - np.percentile(x, 99.5)) < 2 * width
 
 
+def test_histogram_survives_zeros_first_and_huge_jumps():
+    rng = np.random.default_rng(11)
+    for method in ("percentile", "entropy", "mse"):
+        obs = observers.make_observer(method)
+        obs.update(np.zeros(100, np.float32))  # e.g. a ReLU output that is all zero at first
+        obs.update(rng.standard_normal(1000).astype(np.float32))
+        obs.update(np.float32([1e30, -1e25]))  # an absurd outlier: one coarse histogram, no hang
+        assert obs.histogram.total == obs.count == 1102
+        lo, hi = obs.compute()
+        assert np.isfinite(lo) and np.isfinite(hi) and lo <= 0 <= hi
+
+
 def test_minmax_per_channel_and_moving_average():
     rng = np.random.default_rng(4)
     batches = [rng.standard_normal((8, 3, 5)).astype(np.float32) for _ in range(5)]

@@ -37,6 +37,7 @@ class Histogram:
         self.counts = np.zeros(self.bins, dtype=np.float64)  # (bins,)
         self.lo = 0.0
         self.hi = 0.0
+        self._zeros = 0.0  # zeros seen before the range had any width
 
     @property
     def width(self) -> float:
@@ -52,7 +53,7 @@ class Histogram:
 
     @property
     def total(self) -> float:
-        return float(self.counts.sum())
+        return float(self.counts.sum()) + self._zeros
 
     def update(self, values: np.ndarray) -> None:
         """Add finite values (any shape)."""
@@ -61,10 +62,13 @@ class Histogram:
             return
         vmin = min(float(values.min()), 0.0)
         vmax = max(float(values.max()), 0.0)
-        if self.hi == self.lo:  # first data: the range is [min(x, 0), max(x, 0)]
+        if self.hi == self.lo:  # no range yet: [min(x, 0), max(x, 0)] of the first nonzero data
+            if vmin == vmax:  # only zeros: count them in a zero-width histogram for now
+                self._zeros += float(values.size)
+                return
             self.lo, self.hi = vmin, vmax
-            if self.hi == self.lo:  # all zeros so far: any small positive width will do
-                self.hi = self.lo + 1e-30
+            self.counts[min(int(-self.lo / self.width), self.bins - 1)] += self._zeros
+            self._zeros = 0.0
         elif vmin < self.lo or vmax > self.hi:
             self._grow(vmin, vmax)
         clipped = np.clip(values, self.lo, self.hi)  # guards against rounding at the grown edges
@@ -77,20 +81,34 @@ class Histogram:
         # Pick the smallest factor that fits and center the slack, so that growth on one side does
         # not waste the bins on the other.
         factor = max(1, math.ceil((need_hi - need_lo) / (self.bins * w)))
-        while True:
-            shift_min = math.ceil((self.lo - need_lo) / w)
-            shift_max = math.floor((self.lo + self.bins * factor * w - need_hi) / w)
-            if shift_min <= shift_max:
-                break
-            factor += 1
-        if need_lo >= 0.0:  # no negative data: keep lo at 0 (|x| histograms, post-ReLU tensors)
-            shift = shift_min
-        elif need_hi <= 0.0:
-            shift = shift_max
-        else:
-            shift = (shift_min + shift_max) // 2
-        new_lo = self.lo - shift * w
-        new_w = factor * w
+        aligned = False
+        if factor <= self.bins:  # beyond, the whole old range falls in one new bin anyway
+            for _ in range(4):
+                shift_min = math.ceil((self.lo - need_lo) / w)
+                shift_max = math.floor((self.lo + self.bins * factor * w - need_hi) / w)
+                if shift_min <= shift_max:
+                    aligned = True
+                    break
+                factor += 1
+        if aligned:
+            if need_lo >= 0.0:  # no negative data: keep lo at 0 (|x| histograms, post-ReLU)
+                shift = shift_min
+            elif need_hi <= 0.0:
+                shift = shift_max
+            else:
+                shift = (shift_min + shift_max) // 2
+            new_lo = self.lo - shift * w
+            new_w = factor * w
+        else:  # a huge jump: cover [need_lo, need_hi] with a little slack, no alignment
+            span = (need_hi - need_lo) * (1.0 + 1e-6)
+            new_w = span / self.bins
+            new_lo = (
+                need_lo
+                if need_lo >= 0.0
+                else need_hi - span
+                if need_hi <= 0.0
+                else (need_lo - (span - (need_hi - need_lo)) / 2)
+            )
         # Old bins lie whole inside new ones (edges aligned), so place each by its center.
         idx = np.floor((self.centers - new_lo) / new_w).astype(np.int64)
         self.counts = np.bincount(
