@@ -102,13 +102,13 @@ class Histogram:
         else:  # a huge jump: cover [need_lo, need_hi] with a little slack, no alignment
             span = (need_hi - need_lo) * (1.0 + 1e-6)
             new_w = span / self.bins
-            new_lo = (
-                need_lo
-                if need_lo >= 0.0
-                else need_hi - span
-                if need_hi <= 0.0
-                else (need_lo - (span - (need_hi - need_lo)) / 2)
-            )
+            slack = span - (need_hi - need_lo)
+            if need_lo >= 0.0:
+                new_lo = need_lo
+            elif need_hi <= 0.0:
+                new_lo = need_lo - slack
+            else:
+                new_lo = need_lo - slack / 2
         # Old bins lie whole inside new ones (edges aligned), so place each by its center.
         idx = np.floor((self.centers - new_lo) / new_w).astype(np.int64)
         self.counts = np.bincount(
