@@ -1,0 +1,594 @@
+"""Dynamic int8 quantization of MatMul and Gemm: weights quantized offline, activations at run time.
+
+Each MatMul / Gemm whose weight is a constant ``[K, N]`` becomes the integer kernel onnxruntime's CPU provider runs
+for dynamic quantization:
+
+- ``com.microsoft.DynamicQuantizeMatMul(x, W_int8, w_scale, w_zero_point, bias)`` when ``x`` feeds one quantized
+  MatMul;
+- one ``DynamicQuantizeLinear(x)`` shared by several ``com.microsoft.MatMulIntegerToFloat`` when it feeds several
+  (the query/key/value projections of an attention block).
+
+These are the ops onnxruntime's own optimizer fuses ``quantize_dynamic``'s DynamicQuantizeLinear + MatMulInteger +
+Cast + Mul + Add chains into; writing them directly makes the speed independent of the fusion. ``form="onnx"`` writes
+the unfused standard-ONNX chain instead (DynamicQuantizeLinear, MatMulInteger, Cast, Mul, Add), for runtimes without
+the contrib ops. A bias Add that follows the MatMul is folded into the kernel.
+
+Weights are symmetric int8 with one scale per output column. Activations are uint8 with a per-tensor range computed
+at run time, the error that dominates on transformers: with calibration data the pass measures each layer's output
+SQNR on the data, optionally moves activation outliers into the weights (SmoothQuant, `onnxcomp.quantize.smooth`),
+corrects the mean output error in the bias, and keeps the least accurate layers float.
+
+Conv is left float unless asked for (``op_types`` includes "Conv"): dynamic quantization of Conv runs as
+ConvInteger, which is several times slower than float Conv on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp import runtime
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.passes import Result
+from onnxcomp.quantize import schemes, smooth
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
+
+
+@dataclasses.dataclass
+class DynamicQuantizeOptions:
+    """Options of dynamic quantization.
+
+    Attributes:
+        op_types: ops to quantize; "Conv" only when listed (it becomes ConvInteger, slow on CPU).
+        per_channel: one weight scale per output column (else one per tensor).
+        reduce_range: 7-bit weights ([-64, 64]); only needed on CPUs without AVX-512 VNNI / AVX-VNNI.
+        form: "contrib": onnxruntime's fused kernels; "onnx": standard ops only.
+        keep_float: node names to leave float.
+        min_sqnr_db: with data, layers whose output SQNR on the data stays below this are kept float.
+        max_float_layers: at most this many layers kept float by ``min_sqnr_db`` (the least accurate first).
+        smooth: with data, try SmoothQuant on each group of MatMuls sharing an input and keep what helps.
+        smooth_alphas: migration strengths tried; the best output SQNR wins (0 = no smoothing).
+        bias_correction: with data, add the mean output error of each quantized layer to its bias.
+        calibration_samples: samples of the data used for the measurements.
+    """
+
+    op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
+    per_channel: bool = True
+    reduce_range: bool = False
+    form: Literal["contrib", "onnx"] = "contrib"
+    keep_float: list[str] = dataclasses.field(default_factory=list)
+    min_sqnr_db: float = 0.0
+    max_float_layers: int = 0
+    smooth: bool = True
+    smooth_alphas: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    bias_correction: bool = True
+    calibration_samples: int = 64
+
+    def check(self, where: str = "dynamic quantization") -> None:
+        for op in self.op_types:
+            if op not in SUPPORTED_OPS:
+                raise OnnxcompError(
+                    f"{where}: op_types: {op!r} is not one of {', '.join(SUPPORTED_OPS)}"
+                )
+        if self.form not in ("contrib", "onnx"):
+            raise OnnxcompError(f"{where}: form: {self.form!r} is not one of 'contrib', 'onnx'")
+        if self.max_float_layers < 0:
+            raise OnnxcompError(f"{where}: max_float_layers must be >= 0, got {self.max_float_layers}")
+        for alpha in self.smooth_alphas:
+            if not 0.0 <= alpha <= 1.0:
+                raise OnnxcompError(f"{where}: smooth_alphas: {alpha} is not in [0, 1]")
+        if self.calibration_samples < 1:
+            raise OnnxcompError(
+                f"{where}: calibration_samples must be >= 1, got {self.calibration_samples}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching: which nodes can run as a dynamic integer kernel, and why the others cannot.
+
+
+@dataclasses.dataclass
+class _Match:
+    """A node to quantize: ``y = x @ w (+ bias)`` with ``w: [K, N]``; ``nodes`` are replaced, ``output`` kept."""
+
+    name: str
+    op_type: str
+    x: ir.Value
+    w: np.ndarray  # (K, N) float32, Gemm's transB and alpha applied
+    bias: np.ndarray | None  # (N,) float32
+    nodes: list[ir.Node]
+    output: ir.Value
+    conv: ir.Node | None = None  # for Conv: the original node (attributes are copied)
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant array if it is an initializer the user cannot override, else None."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _is_float32(value: ir.Value) -> bool:
+    return value.dtype in (None, ir.DataType.FLOAT)
+
+
+def _bias_add(out: ir.Value, n: int) -> tuple[ir.Node, np.ndarray, ir.Value] | None:
+    """The Add right after a MatMul that adds a constant [N] vector, to fold into the kernel."""
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    bias = _const(other)
+    if bias is None or bias.dtype != np.float32 or bias.size != n or bias.shape[-1:] != (n,):
+        return None
+    return add, bias.reshape(n), add.outputs[0]
+
+
+def _match_matmul(node: ir.Node) -> _Match | str:
+    x, b = node.inputs[0], node.inputs[1]
+    w = _const(b)
+    if w is None:
+        return "weight is computed at run time (not a constant)"
+    if w.dtype != np.float32 or not _is_float32(x):
+        return f"weight is {w.dtype}, not float32"
+    if w.ndim != 2:
+        return f"weight has rank {w.ndim}; the integer kernels need a [K, N] matrix"
+    if x.shape is not None and len(x.shape) < 2:
+        return "input is a vector; the integer kernels need a matrix"
+    nodes, output, bias = [node], node.outputs[0], None
+    fold = _bias_add(node.outputs[0], w.shape[1])
+    if fold is not None:
+        add, bias, output = fold
+        nodes.append(add)
+    return _Match(node.name or "", "MatMul", x, w, bias, nodes, output)
+
+
+def _match_gemm(node: ir.Node) -> _Match | str:
+    attrs = node.attributes
+    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
+    beta = attrs["beta"].as_float() if "beta" in attrs else 1.0
+    if ("transA" in attrs and attrs["transA"].as_int()) != 0:
+        return "Gemm with transA=1 (the input would need a Transpose)"
+    b = _const(node.inputs[1])
+    if b is None:
+        return "weight is computed at run time (not a constant)"
+    if b.dtype != np.float32 or b.ndim != 2:
+        return f"weight is {b.dtype} of rank {b.ndim}, not a float32 matrix"
+    w = b.T if ("transB" in attrs and attrs["transB"].as_int()) else b
+    w = np.ascontiguousarray(w * np.float32(alpha), dtype=np.float32)
+    n = w.shape[1]
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = _const(node.inputs[2])
+        if c is None:
+            return "bias C is computed at run time"
+        if c.size not in (1, n) or (c.size == n and c.shape[-1:] != (n,)):
+            return f"bias C of shape {list(c.shape)} is not a per-column vector"
+        bias = np.broadcast_to(c.reshape(-1) * np.float32(beta), (n,)).astype(np.float32)
+    return _Match(node.name or "", "Gemm", node.inputs[0], w, bias, [node], node.outputs[0])
+
+
+def _match_conv(node: ir.Node) -> _Match | str:
+    w = _const(node.inputs[1])
+    if w is None:
+        return "weight is computed at run time (not a constant)"
+    if w.dtype != np.float32:
+        return f"weight is {w.dtype}, not float32"
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = _const(node.inputs[2])
+        if bias is None:
+            return "bias is computed at run time"
+    return _Match(node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node)
+
+
+# op type -> rule; a rule returns a match or the reason the node stays float.
+RULES = {"MatMul": _match_matmul, "Gemm": _match_gemm, "Conv": _match_conv}
+
+_NOT_ASKED = {
+    "Conv": "Conv stays float by default: dynamic quantization makes it ConvInteger, slower than "
+    "float Conv on CPU (add Conv to op_types to force it)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: per layer, int8 or float and why; per group of layers sharing an input, a smoothing.
+
+
+@dataclasses.dataclass
+class _Layer:
+    match: _Match
+    weight_sqnr_db: float = math.nan
+    output_sqnr_db: float | None = None
+    float_reason: str | None = None
+    smooth_alpha: float = 0.0
+    bias_delta: np.ndarray | None = None  # (N,) added to the bias (bias correction)
+    smooth_scale: np.ndarray | None = None  # (K,) SmoothQuant factors s: x / s, s * w
+    new_output: ir.Value | None = None
+
+    def to_json(self) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "node": self.match.name,
+            "op": self.match.op_type,
+            "weight": list(self.match.w.shape),
+            "weight_sqnr_db": _round(self.weight_sqnr_db),
+            "status": "float" if self.float_reason else "int8",
+        }
+        if self.output_sqnr_db is not None:
+            entry["output_sqnr_db"] = _round(self.output_sqnr_db)
+        if self.smooth_alpha:
+            entry["smooth_alpha"] = self.smooth_alpha
+        if self.bias_delta is not None:
+            entry["bias_corrected"] = True
+        if self.float_reason:
+            entry["reason"] = self.float_reason
+        return entry
+
+
+def _round(x: float) -> float | str:
+    return x if math.isinf(x) or math.isnan(x) else round(float(x), 2)
+
+
+class _GroupStats:
+    """Running calibration figures of the layers reading one activation ``x``, for each smoothing candidate.
+
+    Keeps sums only: per candidate and layer the signal and noise energies and the sum of output errors.
+    """
+
+    def __init__(self, layers: list[_Layer], alphas: list[float]):
+        self.layers = layers
+        self.alphas = alphas
+        self.act_absmax: np.ndarray | None = None  # (K,)
+        self.scales: dict[float, np.ndarray] = {}
+        self.signal = np.zeros(len(layers))
+        self.noise = np.zeros((len(alphas), len(layers)))
+        self.err_sum = [[np.zeros(lay.match.w.shape[1]) for lay in layers] for _ in alphas]
+        self.count = 0
+
+    def observe_range(self, x: np.ndarray) -> None:
+        m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+        self.act_absmax = m if self.act_absmax is None else np.maximum(self.act_absmax, m)
+
+    def prepare(self, per_channel: bool, reduce_range: bool) -> None:
+        """Compute the smoothing factors and quantized weights of every candidate."""
+        w_absmax = np.max([np.abs(lay.match.w).max(axis=1) for lay in self.layers], axis=0)  # (K,)
+        self.candidates = []
+        for alpha in self.alphas:
+            s = (
+                np.ones_like(w_absmax, dtype=np.float32)
+                if alpha == 0.0
+                else smooth.smooth_scales(self.act_absmax, w_absmax, alpha)
+            )
+            self.scales[alpha] = s
+            wqs = []
+            for lay in self.layers:
+                ws = lay.match.w * s[:, None]
+                p = schemes.weight_params(ws, axis=1, per_channel=per_channel, reduce_range=reduce_range)
+                wqs.append(schemes.dequantize(schemes.quantize(ws, p), p))
+            self.candidates.append(wqs)
+
+    def observe_error(self, x: np.ndarray) -> None:
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)  # (tokens, K)
+        refs = [x2 @ lay.match.w for lay in self.layers]  # (tokens, N) each
+        for i, ref in enumerate(refs):
+            flat = ref.reshape(-1)
+            self.signal[i] += float(np.dot(flat, flat))
+        for a, alpha in enumerate(self.alphas):
+            # Per sample ranges, as DynamicQuantizeLinear sees one sample at a time.
+            xq = smooth.dynamic_quantize_activation(x / self.scales[alpha]).reshape(-1, k)
+            for i, wq in enumerate(self.candidates[a]):
+                err = refs[i] - xq @ wq  # (tokens, N)
+                flat = err.reshape(-1)
+                self.noise[a, i] += float(np.dot(flat, flat))
+                self.err_sum[a][i] += err.sum(axis=0, dtype=np.float64)
+        self.count += x2.shape[0]
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+class DynamicQuantizePass(ir.passes.InPlacePass):
+    """Quantize MatMul / Gemm weights to int8 per output column; activations are quantized at run time."""
+
+    def __init__(self, options: DynamicQuantizeOptions | None = None, data=None):
+        self.options = options or DynamicQuantizeOptions()
+        self.options.check()
+        self.data = data
+
+    def call(self, model: ir.Model) -> Result:
+        opts = self.options
+        layers, skipped = self._plan_matches(model)
+        for lay in layers:
+            if lay.match.name in opts.keep_float:
+                lay.float_reason = "listed in keep_float"
+        calibration: dict[str, object] = {}
+        active = [lay for lay in layers if not lay.float_reason and lay.match.op_type != "Conv"]
+        if active and (opts.smooth or opts.bias_correction or opts.min_sqnr_db > 0):
+            calibration = self._calibrate(model, active)
+        for lay in layers:
+            if math.isnan(lay.weight_sqnr_db):
+                lay.weight_sqnr_db = self._weight_sqnr(lay)
+        self._choose_float(layers)
+        quantized = [lay for lay in layers if not lay.float_reason]
+        if quantized:
+            self._rewrite(model, quantized)
+        report: dict[str, object] = {
+            "quantized": len(quantized),
+            "kept_float": len(layers) - len(quantized),
+            "form": opts.form,
+            "per_channel": opts.per_channel,
+            "reduce_range": opts.reduce_range,
+            **calibration,
+            "layers": [lay.to_json() for lay in layers],
+            "skipped": skipped,
+        }
+        for lay in layers:
+            if lay.float_reason:
+                logger.info("%s stays float: %s", lay.match.name, lay.float_reason)
+        return Result(model, modified=bool(quantized), report=report)
+
+    # -- plan ------------------------------------------------------------------------------
+
+    def _plan_matches(self, model: ir.Model) -> tuple[list[_Layer], list[dict[str, str]]]:
+        layers, skipped = [], []
+        claimed: set[int] = set()
+        for node in model.graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+                continue
+            name = node.name or node.outputs[0].name or node.op_type
+            if node.op_type not in self.options.op_types:
+                reason = _NOT_ASKED.get(node.op_type, f"{node.op_type} not in op_types")
+                skipped.append({"node": name, "op": node.op_type, "reason": reason})
+                continue
+            if id(node) in claimed:
+                continue
+            match = RULES[node.op_type](node)
+            if isinstance(match, str):
+                skipped.append({"node": name, "op": node.op_type, "reason": match})
+                continue
+            match.name = name
+            claimed.update(id(n) for n in match.nodes)
+            layers.append(_Layer(match))
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.graph is not model.graph and node.op_type in self.options.op_types:
+                skipped.append(
+                    {
+                        "node": node.name or node.op_type,
+                        "op": node.op_type,
+                        "reason": "inside an If/Loop/Scan subgraph (not quantized)",
+                    }
+                )
+        return layers, skipped
+
+    def _weight_sqnr(self, lay: _Layer) -> float:
+        w = lay.match.w
+        if lay.match.op_type == "Conv":
+            p = schemes.weight_params(w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel)
+        else:
+            p = schemes.weight_params(
+                w,
+                axis=1,
+                per_channel=self.options.per_channel,
+                reduce_range=self.options.reduce_range,
+            )
+        return schemes.sqnr_db(w, schemes.dequantize(schemes.quantize(w, p), p))
+
+    def _calibrate(self, model: ir.Model, layers: list[_Layer]) -> dict[str, object]:
+        """Two streaming runs over the data: activation ranges, then output errors per candidate."""
+        opts = self.options
+        data = self.data
+        if data is None:
+            from onnxcomp.data import RandomData
+            from onnxcomp.model import input_specs
+
+            try:
+                data = RandomData(input_specs(model), samples=min(8, opts.calibration_samples))
+            except OnnxcompError as err:
+                logger.warning("no calibration data and no random inputs (%s): no smoothing", err)
+                return {"calibration": f"none ({err})"}
+        groups: dict[str, _GroupStats] = {}
+        by_input: dict[str, list[_Layer]] = {}
+        for lay in layers:
+            by_input.setdefault(lay.match.x.name, []).append(lay)
+        alphas = sorted(set([0.0] + (list(opts.smooth_alphas) if opts.smooth else [])))
+        for name, group in by_input.items():
+            groups[name] = _GroupStats(group, alphas)
+        names = list(groups)
+        limit = opts.calibration_samples
+        for _, acts in runtime.capture(model, names, data, limit=limit):
+            for name, x in acts.items():
+                groups[name].observe_range(x)
+        for stats in groups.values():
+            stats.prepare(opts.per_channel, opts.reduce_range)
+        for _, acts in runtime.capture(model, names, data, limit=limit):
+            for name, x in acts.items():
+                groups[name].observe_error(np.asarray(x, np.float32))
+        smoothed = 0
+        for stats in groups.values():
+            totals = [_sqnr(stats.signal.sum(), stats.noise[a].sum()) for a in range(len(alphas))]
+            best = int(np.argmax(totals))
+            alpha = alphas[best]
+            smoothed += alpha > 0
+            for i, lay in enumerate(stats.layers):
+                lay.smooth_alpha = alpha
+                lay.output_sqnr_db = _sqnr(stats.signal[i], stats.noise[best, i])
+                if alpha:
+                    lay.smooth_scale = stats.scales[alpha]
+                if opts.bias_correction and stats.count:
+                    lay.bias_delta = (stats.err_sum[best][i] / stats.count).astype(np.float32)
+        return {
+            "calibration": getattr(data, "name", "data"),
+            "smoothed_groups": int(smoothed),
+        }
+
+    def _choose_float(self, layers: list[_Layer]) -> None:
+        opts = self.options
+        if opts.min_sqnr_db <= 0 or opts.max_float_layers == 0:
+            return
+        ranked = sorted(
+            (lay for lay in layers if not lay.float_reason and lay.output_sqnr_db is not None),
+            key=lambda lay: lay.output_sqnr_db,
+        )
+        for lay in ranked[: opts.max_float_layers]:
+            if lay.output_sqnr_db < opts.min_sqnr_db:
+                lay.float_reason = (
+                    f"output SQNR {lay.output_sqnr_db:.1f} dB on the data is below "
+                    f"min_sqnr_db={opts.min_sqnr_db:g}"
+                )
+
+    # -- rewrite ---------------------------------------------------------------------------
+
+    def _rewrite(self, model: ir.Model, layers: list[_Layer]) -> None:
+        graph = model.graph
+        if self.options.form == "contrib" and any(lay.match.op_type != "Conv" for lay in layers):
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        self._order = {id(node): i for i, node in enumerate(graph)}
+        groups: dict[tuple[int, float], list[_Layer]] = {}
+        for lay in layers:
+            groups.setdefault((id(lay.match.x), lay.smooth_alpha), []).append(lay)
+        for group in groups.values():
+            self._rewrite_group(graph, group)
+
+    def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        base, n = name, 1
+        while name in graph.initializers:
+            name = f"{base}_{n}"
+            n += 1
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        graph.register_initializer(value)
+        return value
+
+    def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
+        opts = self.options
+        first = group[0].match
+        x = first.x
+        anchor = min((lay.match.nodes[0] for lay in group), key=lambda n: self._order[id(n)])
+        new_nodes: list[ir.Node] = []
+        tag = first.name.replace("/", "_").strip("_") or "x"
+        scale_vec = group[0].smooth_scale
+        if scale_vec is not None and first.op_type != "Conv":
+            inv = self._initializer(graph, f"{tag}_smooth_inv", (1.0 / scale_vec).astype(np.float32))
+            mul = ir.node("Mul", [x, inv], name=f"{tag}_smooth")
+            new_nodes.append(mul)
+            x = mul.outputs[0]
+        if first.op_type == "Conv":
+            for lay in group:
+                new_nodes += self._conv_integer(graph, lay, x)
+            self._replace(graph, anchor, group, new_nodes)
+            return
+        shared = None
+        if opts.form == "onnx" or len(group) > 1:
+            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{tag}_quantize")
+            new_nodes.append(dql)
+            shared = dql.outputs
+        for lay in group:
+            m = lay.match
+            w = m.w * scale_vec[:, None] if scale_vec is not None else m.w
+            p = schemes.weight_params(w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range)
+            wq = schemes.quantize(w, p)  # (K, N) int8
+            name = m.name.replace("/", "_").strip("_") or "matmul"
+            w_q = self._initializer(graph, f"{name}_W_int8", wq)
+            w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
+            w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8))
+            bias = m.bias
+            if lay.bias_delta is not None:
+                bias = (bias if bias is not None else 0.0) + lay.bias_delta
+            b = self._initializer(graph, f"{name}_bias", np.asarray(bias, np.float32)) if bias is not None else None
+            if opts.form == "onnx":
+                new_nodes += _standard_chain(shared, w_q, w_s, w_zp, b, name)
+            elif shared is None:
+                new_nodes.append(
+                    ir.node("DynamicQuantizeMatMul", [x, w_q, w_s, w_zp, b], domain=MS_DOMAIN, name=name)
+                )
+            else:
+                new_nodes.append(
+                    ir.node(
+                        "MatMulIntegerToFloat",
+                        [shared[0], w_q, shared[1], w_s, shared[2], w_zp, b],
+                        domain=MS_DOMAIN,
+                        name=name,
+                    )
+                )
+            lay.new_output = new_nodes[-1].outputs[0]
+        self._replace(graph, anchor, group, new_nodes)
+
+    def _conv_integer(self, graph: ir.Graph, lay: _Layer, x: ir.Value) -> list[ir.Node]:
+        """Conv -> DynamicQuantizeLinear, ConvInteger (uint8 weights), Cast, Mul, Add (only when asked)."""
+        m = lay.match
+        name = m.name.replace("/", "_").strip("_") or "conv"
+        p = schemes.weight_params(m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=False)
+        wq = schemes.quantize(m.w, p)
+        w_q = self._initializer(graph, f"{name}_W_uint8", wq)
+        w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.uint8).reshape(-1))
+        shape = (1, -1) + (1,) * (m.w.ndim - 2)
+        w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32).reshape(shape))
+        dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_quantize")
+        conv = ir.node(
+            "ConvInteger",
+            [dql.outputs[0], w_q, dql.outputs[2], w_zp],
+            attributes={k: v for k, v in m.conv.attributes.items()},
+            name=f"{name}_integer",
+        )
+        cast = ir.node("Cast", [conv.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+        scale = ir.node("Mul", [dql.outputs[1], w_s], name=f"{name}_scale")
+        out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_rescale")
+        nodes = [dql, conv, cast, scale, out]
+        if m.bias is not None:
+            b = self._initializer(graph, f"{name}_bias", m.bias.astype(np.float32).reshape(shape))
+            nodes.append(ir.node("Add", [out.outputs[0], b], name=f"{name}_bias"))
+        lay.new_output = nodes[-1].outputs[0]
+        return nodes
+
+    def _replace(self, graph: ir.Graph, anchor: ir.Node, group: list[_Layer], new_nodes: list[ir.Node]) -> None:
+        graph.insert_before(anchor, new_nodes)
+        for lay in group:
+            old, new = lay.match.output, lay.new_output
+            new.name, old_name = old.name, old.name
+            old.name = f"{old_name}__float"
+            new.name = old_name
+            new.shape, new.type = old.shape, old.type
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        for lay in group:
+            inputs = [v for node in lay.match.nodes for v in node.inputs]
+            for node in reversed(lay.match.nodes):
+                graph.remove(node, safe=True)
+            _drop_unused(graph, inputs)
+
+
+def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+    """Remove initializers the rewrite left without readers (the float weights and biases)."""
+    for value in values:
+        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.name in graph.initializers and graph.initializers[value.name] is value:
+            del graph.initializers[value.name]
+
+
+def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:
+    """DynamicQuantizeLinear outputs -> MatMulInteger, Cast, Mul (scales), Add (bias): standard ONNX."""
+    mm = ir.node("MatMulInteger", [shared[0], w_q, shared[2], w_zp], name=f"{name}_integer")
+    cast = ir.node("Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+    scale = ir.node("Mul", [shared[1], w_s], name=f"{name}_scale")
+    out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_rescale")
+    nodes = [mm, cast, scale, out]
+    if b is not None:
+        nodes.append(ir.node("Add", [out.outputs[0], b], name=f"{name}_bias"))
+    return nodes

@@ -1,0 +1,408 @@
+"""Weight-only block-wise quantization (int4 / int8) for transformer and LLM-style models.
+
+- MatMul with a constant ``[K, N]`` weight -> ``com.microsoft.MatMulNBits``: weights in blocks of ``block_size``
+  along K, one scale (and, asymmetric, one zero point) per block and column; a following bias Add is folded into
+  the op's bias input. ``accuracy_level=4`` lets onnxruntime's CPU kernel quantize the activations to int8 per block
+  and run an integer GEMM (the fast path); 0 dequantizes the weights and multiplies in float.
+- Gather of a constant embedding table -> ``com.microsoft.GatherBlockQuantized`` (uint8-packed codes, blocks along
+  the hidden axis).
+
+Rounding is round-to-nearest (``algorithm="rtn"``) or GPTQ (``algorithm="gptq"``, Frantar et al. 2022, Alg. 1), which
+needs each layer's input Hessian: the layer inputs are streamed over the calibration data with `runtime.capture` and
+folded into `onnxcomp.quantize.gptq.HessianAccumulator`, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp import runtime
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.passes import Result
+from onnxcomp.quantize import gptq, schemes
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+SUPPORTED_OPS = ("MatMul", "Gather")
+
+
+@dataclasses.dataclass
+class WeightOnlyOptions:
+    """Options of weight-only quantization.
+
+    Attributes:
+        bits: 4 or 8.
+        block_size: weights per scale along the input axis (a power of two, >= 16: 32, 64, 128).
+        symmetric: codes around the fixed zero point 2**(bits-1) (no zero-point tensor), else per-block zero points.
+        algorithm: "rtn" (round to nearest) or "gptq" (error-correcting rounding, needs calibration data).
+        accuracy_level: MatMulNBits' compute type for the activations: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.
+        op_types: ops to quantize ("MatMul", "Gather").
+        keep_float: node names to leave float.
+        calibration_samples: samples of the data used by GPTQ.
+        damp: GPTQ's relative Hessian dampening.
+        act_order: GPTQ quantizes columns by decreasing Hessian diagonal (groups stay contiguous).
+    """
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    algorithm: Literal["rtn", "gptq"] = "rtn"
+    accuracy_level: int = 4
+    op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gather"])
+    keep_float: list[str] = dataclasses.field(default_factory=list)
+    calibration_samples: int = 64
+    damp: float = 0.01
+    act_order: bool = False
+
+    def check(self, where: str = "weight-only quantization") -> None:
+        if self.bits not in (4, 8):
+            raise OnnxcompError(f"{where}: bits: {self.bits!r} is not one of 4, 8")
+        if (
+            not isinstance(self.block_size, int)
+            or self.block_size < 16
+            or self.block_size & (self.block_size - 1)
+        ):
+            raise OnnxcompError(
+                f"{where}: block_size: {self.block_size!r} is not a power of two >= 16 (32, 64, 128)"
+            )
+        if self.algorithm not in ("rtn", "gptq"):
+            raise OnnxcompError(f"{where}: algorithm: {self.algorithm!r} is not one of 'rtn', 'gptq'")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OnnxcompError(f"{where}: accuracy_level: {self.accuracy_level!r} is not one of 0-4")
+        for op in self.op_types:
+            if op not in SUPPORTED_OPS:
+                raise OnnxcompError(f"{where}: op_types: {op!r} is not one of {', '.join(SUPPORTED_OPS)}")
+        if self.calibration_samples < 1:
+            raise OnnxcompError(f"{where}: calibration_samples must be >= 1, got {self.calibration_samples}")
+        if not 0.0 <= self.damp < 1.0:
+            raise OnnxcompError(f"{where}: damp must be in [0, 1), got {self.damp}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+
+
+@dataclasses.dataclass
+class _Match:
+    name: str
+    op_type: str
+    node: ir.Node
+    w: np.ndarray  # MatMul: (K, N); Gather: the table (rows, hidden)
+    x: ir.Value | None = None  # MatMul input (for GPTQ)
+    bias: np.ndarray | None = None
+    bias_add: ir.Node | None = None
+    output: ir.Value | None = None
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return value.const_value.numpy()
+
+
+def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
+    w = _const(node.inputs[1])
+    if w is None:
+        return "weight is computed at run time (not a constant)"
+    if w.dtype != np.float32:
+        return f"weight is {w.dtype}, not float32"
+    if w.ndim != 2:
+        return f"weight has rank {w.ndim}; MatMulNBits needs a [K, N] matrix"
+    x = node.inputs[0]
+    if x.shape is not None and len(x.shape) < 2:
+        return "input is a vector; MatMulNBits needs a matrix"
+    match = _Match(node.name or "", "MatMul", node, w, x=x, output=node.outputs[0])
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and not out.is_graph_output():
+        add = uses[0].node
+        if add.op_type == "Add" and add.domain in ("", "ai.onnx"):
+            bias = _const(add.inputs[1 - uses[0].idx])
+            n = w.shape[1]
+            if bias is not None and bias.dtype == np.float32 and bias.size == n and bias.shape[-1:] == (n,):
+                match.bias, match.bias_add, match.output = bias.reshape(n), add, add.outputs[0]
+    return match
+
+
+def _match_gather(node: ir.Node, block_size: int) -> _Match | str:
+    table = _const(node.inputs[0])
+    if table is None:
+        return "the gathered data is not a constant (not an embedding table)"
+    if table.dtype != np.float32 or table.ndim != 2:
+        return f"data is {table.dtype} of rank {table.ndim}, not a float32 [rows, hidden] table"
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+    if axis not in (0, -2):
+        return f"gathers along axis {axis}; GatherBlockQuantized needs axis 0"
+    if table.shape[1] % block_size:
+        return f"hidden size {table.shape[1]} is not a multiple of block_size {block_size}"
+    return _Match(node.name or "", "Gather", node, table, output=node.outputs[0])
+
+
+RULES = {"MatMul": _match_matmul, "Gather": _match_gather}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+class WeightOnlyQuantizePass(ir.passes.InPlacePass):
+    """MatMul -> MatMulNBits and embedding Gather -> GatherBlockQuantized, int4 / int8 block-wise weights."""
+
+    def __init__(self, options: WeightOnlyOptions | None = None, data=None):
+        self.options = options or WeightOnlyOptions()
+        self.options.check()
+        self.data = data
+
+    def call(self, model: ir.Model) -> Result:
+        opts = self.options
+        matches, skipped = self._plan(model)
+        hessians: dict[str, gptq.HessianAccumulator] = {}
+        calibration: dict[str, object] = {}
+        matmuls = [m for m in matches if m.op_type == "MatMul"]
+        if opts.algorithm == "gptq" and matmuls:
+            hessians, calibration = self._hessians(model, matmuls)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        layers = []
+        bytes_before = bytes_after = 0
+        for match in matches:
+            if match.op_type == "MatMul":
+                entry, new_bytes = self._rewrite_matmul(model.graph, match, hessians.get(match.x.name))
+            else:
+                entry, new_bytes = self._rewrite_gather(model.graph, match)
+            bytes_before += match.w.nbytes
+            bytes_after += new_bytes
+            layers.append(entry)
+        report: dict[str, object] = {
+            "quantized": len(layers),
+            "bits": opts.bits,
+            "block_size": opts.block_size,
+            "symmetric": opts.symmetric,
+            "algorithm": opts.algorithm,
+            "accuracy_level": opts.accuracy_level,
+            "weight_bytes_before": bytes_before,
+            "weight_bytes_after": bytes_after,
+            **calibration,
+            "layers": layers,
+            "skipped": skipped,
+        }
+        return Result(model, modified=bool(layers), report=report)
+
+    def _plan(self, model: ir.Model) -> tuple[list[_Match], list[dict[str, str]]]:
+        matches, skipped = [], []
+        for node in model.graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
+                continue
+            name = node.name or node.outputs[0].name or node.op_type
+            if node.op_type not in self.options.op_types:
+                continue
+            if name in self.options.keep_float:
+                skipped.append({"node": name, "op": node.op_type, "reason": "listed in keep_float"})
+                continue
+            match = RULES[node.op_type](node, self.options.block_size)
+            if isinstance(match, str):
+                if node.op_type == "Gather" and _const(node.inputs[0]) is None:
+                    continue  # a Gather of run-time data (shapes, indices) is not a weight: no report line
+                skipped.append({"node": name, "op": node.op_type, "reason": match})
+                continue
+            match.name = name
+            matches.append(match)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.graph is not model.graph and node.op_type in self.options.op_types:
+                skipped.append(
+                    {
+                        "node": node.name or node.op_type,
+                        "op": node.op_type,
+                        "reason": "inside an If/Loop/Scan subgraph (not quantized)",
+                    }
+                )
+        return matches, skipped
+
+    def _hessians(
+        self, model: ir.Model, matches: list[_Match]
+    ) -> tuple[dict[str, gptq.HessianAccumulator], dict[str, object]]:
+        """Stream each MatMul input over the calibration data into a Hessian (one per distinct input)."""
+        data = self.data
+        if data is None:
+            from onnxcomp.data import RandomData
+            from onnxcomp.model import input_specs
+
+            try:
+                data = RandomData(input_specs(model), samples=min(8, self.options.calibration_samples))
+            except OnnxcompError as err:
+                raise OnnxcompError(
+                    f"algorithm=gptq needs calibration data: give --data ({err})"
+                ) from None
+            logger.warning("GPTQ without calibration data: using random inputs")
+        names = list(dict.fromkeys(m.x.name for m in matches))
+        hessians = {name: gptq.HessianAccumulator() for name in names}
+        for _, acts in runtime.capture(model, names, data, limit=self.options.calibration_samples):
+            for name, x in acts.items():
+                hessians[name].update(x)
+        samples = min(hessians[n].n_samples for n in names)
+        return hessians, {"calibration": getattr(data, "name", "data"), "calibration_rows": samples}
+
+    def _quantize_weight(
+        self, w: np.ndarray, hessian: gptq.HessianAccumulator | None
+    ) -> schemes.BlockwiseWeight:
+        """``w: [K, N]`` -> MatMulNBits layout, by RTN or GPTQ."""
+        opts = self.options
+        if hessian is None:
+            return schemes.quantize_blockwise(w, opts.block_size, opts.bits, opts.symmetric)
+        k, n = w.shape
+        qt = schemes.UINT4 if opts.bits == 4 else schemes.UINT8
+        result = gptq.gptq_quantize(
+            w.T,  # (N, K): GPTQ's (out, in) layout
+            hessian.H,
+            dtype=qt,
+            symmetric=opts.symmetric,
+            group_size=opts.block_size,
+            damp=opts.damp,
+            act_order=opts.act_order,
+        )
+        n_blocks = -(-k // opts.block_size)
+        codes = np.asarray(result.quantized, np.uint8)  # (N, K)
+        zero = np.asarray(result.zero_point, np.uint8)  # (N, n_blocks)
+        pad = n_blocks * opts.block_size - k
+        if pad:
+            codes = np.concatenate([codes, np.repeat(zero[:, -1:], pad, axis=1)], axis=1)
+        return schemes.pack_matmulnbits(
+            codes,
+            np.asarray(result.scale, np.float32),
+            None if opts.symmetric else zero,
+            k,
+            opts.bits,
+            opts.block_size,
+        )
+
+    def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        base, n = name, 1
+        while name in graph.initializers:
+            name = f"{base}_{n}"
+            n += 1
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        return value
+
+    def _rewrite_matmul(
+        self, graph: ir.Graph, match: _Match, hessian: gptq.HessianAccumulator | None
+    ) -> tuple[dict[str, object], int]:
+        opts = self.options
+        q = self._quantize_weight(match.w, hessian)
+        deq = schemes.dequantize_blockwise(q)
+        tag = match.name.replace("/", "_").strip("_") or "matmul"
+        inputs: list[ir.Value | None] = [
+            match.x,
+            self._initializer(graph, f"{tag}_B_q{opts.bits}", q.packed),
+            self._initializer(graph, f"{tag}_scales", q.scales),
+            None,
+            None,
+            None,
+        ]
+        if q.zero_points is not None:
+            inputs[3] = self._initializer(graph, f"{tag}_zero_points", q.zero_points)
+        if match.bias is not None:
+            inputs[5] = self._initializer(graph, f"{tag}_bias", match.bias.astype(np.float32))
+        while inputs[-1] is None:
+            inputs.pop()
+        node = ir.node(
+            "MatMulNBits",
+            inputs,
+            attributes={
+                "K": q.K,
+                "N": q.N,
+                "bits": q.bits,
+                "block_size": q.block_size,
+                "accuracy_level": opts.accuracy_level,
+            },
+            domain=MS_DOMAIN,
+            name=tag,
+        )
+        old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
+        self._replace(graph, old, node, match.output)
+        entry: dict[str, object] = {
+            "node": match.name,
+            "op": "MatMul",
+            "to": "MatMulNBits",
+            "weight": list(match.w.shape),
+            "weight_sqnr_db": _round(schemes.sqnr_db(match.w, deq)),
+        }
+        if hessian is not None:
+            rtn = schemes.quantize_blockwise(match.w, opts.block_size, opts.bits, opts.symmetric)
+            entry["output_error_rtn"] = _output_error(match.w, schemes.dequantize_blockwise(rtn), hessian.H)
+            entry["output_error"] = _output_error(match.w, deq, hessian.H)
+        return entry, _nbytes(q)
+
+    def _rewrite_gather(self, graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
+        opts = self.options
+        table = match.w  # (rows, hidden)
+        rows, hidden = table.shape
+        q = schemes.quantize_blockwise(table.T, opts.block_size, opts.bits, opts.symmetric)
+        n_blocks = q.n_blocks
+        tag = match.name.replace("/", "_").strip("_") or "gather"
+        inputs = [
+            self._initializer(graph, f"{tag}_data_q{opts.bits}", q.packed.reshape(rows, -1)),
+            match.node.inputs[1],
+            self._initializer(graph, f"{tag}_scales", q.scales.reshape(rows, n_blocks)),
+        ]
+        if q.zero_points is not None:
+            inputs.append(self._initializer(graph, f"{tag}_zero_points", q.zero_points.reshape(rows, -1)))
+        node = ir.node(
+            "GatherBlockQuantized",
+            inputs,
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": opts.block_size, "bits": opts.bits},
+            domain=MS_DOMAIN,
+            name=tag,
+        )
+        self._replace(graph, [match.node], node, match.output)
+        entry = {
+            "node": match.name,
+            "op": "Gather",
+            "to": "GatherBlockQuantized",
+            "weight": [rows, hidden],
+            "weight_sqnr_db": _round(schemes.sqnr_db(table, schemes.dequantize_blockwise(q).T)),
+        }
+        return entry, _nbytes(q)
+
+    def _replace(self, graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value) -> None:
+        graph.insert_before(old_nodes[0], node)
+        new = node.outputs[0]
+        name = old_out.name
+        old_out.name = f"{name}__float"
+        new.name = name
+        new.shape, new.type = old_out.shape, old_out.type
+        ir.convenience.replace_all_uses_with(old_out, new, replace_graph_outputs=True)
+        inputs = [v for old in old_nodes for v in old.inputs]
+        for old in reversed(old_nodes):
+            graph.remove(old, safe=True)
+        _drop_unused(graph, inputs)
+
+
+def _output_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
+    """``E||x (W - W_q)||^2`` per sample for ``H = 2 X^T X / n`` (as `gptq.reconstruction_error`, in O(K^2 N))."""
+    dw = np.asarray(w, np.float64) - np.asarray(w_q, np.float64)  # (K, N)
+    return float(f"{float(np.sum((h @ dw) * dw)) / 2.0:.4g}")
+
+
+def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+    """Remove initializers the rewrite left without readers (the float weights)."""
+    for value in values:
+        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.name in graph.initializers and graph.initializers[value.name] is value:
+            del graph.initializers[value.name]
+
+
+def _nbytes(q: schemes.BlockwiseWeight) -> int:
+    return q.packed.nbytes + q.scales.nbytes + (0 if q.zero_points is None else q.zero_points.nbytes)
+
+
+def _round(x: float) -> float | str:
+    return x if not np.isfinite(x) else round(float(x), 2)
+
+
