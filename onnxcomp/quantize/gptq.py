@@ -19,8 +19,8 @@ from onnxcomp.quantize.schemes import (
     INT8,
     QuantParams,
     QuantTypeLike,
-    _scale_zero_point,
     quant_type,
+    scale_zero_point,
 )
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def gptq_quantize(
             result_scale, result_zero = quantizer.scale, quantizer.zero_point
         elif group_size is None:
             # (out,)
-            scale, zero = _scale_zero_point(w.min(axis=1), w.max(axis=1), qt, symmetric, False)
+            scale, zero = scale_zero_point(w.min(axis=1), w.max(axis=1), qt, symmetric, False)
             result_scale, result_zero = scale, zero
         else:
             if group_size < 1:
@@ -214,7 +214,7 @@ def gptq_quantize(
 
             def group_params(g: int, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 # cols: (out, <= group_size), the group's columns
-                s, z = _scale_zero_point(cols.min(axis=1), cols.max(axis=1), qt, symmetric, False)
+                s, z = scale_zero_point(cols.min(axis=1), cols.max(axis=1), qt, symmetric, False)
                 result_scale[:, g], result_zero[:, g] = s, z
                 return s, z
 

@@ -177,7 +177,7 @@ def params_from_range(
         OnnxcompError: when a bound is NaN or infinite, or rmin > rmax.
     """
     qt = quant_type(dtype)
-    scale32, zero_point = _scale_zero_point(rmin, rmax, qt, symmetric, reduce_range)
+    scale32, zero_point = scale_zero_point(rmin, rmax, qt, symmetric, reduce_range)
     if scale32.ndim > 1 or (scale32.ndim == 1 and axis is None and scale32.size != 1):
         raise OnnxcompError(
             f"per-channel ranges of shape {scale32.shape} need a 1-D range and an axis"
@@ -185,7 +185,7 @@ def params_from_range(
     return QuantParams(scale32, zero_point, qt, axis if scale32.ndim else None)
 
 
-def _scale_zero_point(
+def scale_zero_point(
     rmin: np.ndarray | float,
     rmax: np.ndarray | float,
     qt: QuantType,
@@ -437,7 +437,7 @@ def quantize_blockwise(
     blocks = wt.reshape(n, n_blocks, block_size)
     qt = QuantType(f"uint{bits}", bits, False, 0)
     # (N, n_blocks)
-    scale2, zp2 = _scale_zero_point(blocks.min(axis=2), blocks.max(axis=2), qt, symmetric, False)
+    scale2, zp2 = scale_zero_point(blocks.min(axis=2), blocks.max(axis=2), qt, symmetric, False)
     scale = scale2[:, :, None]
     zp = zp2[:, :, None]
     r = np.clip(np.rint(blocks / scale), -zp.astype(np.float32), np.float32(qt.qmax) - zp)
