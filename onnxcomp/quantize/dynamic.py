@@ -36,6 +36,7 @@ from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
+from onnxcomp.quantize.weight_only import matmul_nbits_node
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ class DynamicQuantizeOptions:
         smooth: with data, try SmoothQuant on each group of MatMuls sharing an input and keep what helps.
         smooth_alphas: migration strengths tried; the best output SQNR wins (0 = no smoothing).
         bias_correction: with data, add the mean output error of each quantized layer to its bias.
+        blockwise: with data, layers whose simulated output SQNR gains at least ``blockwise_gain_db`` from int8
+            activations scaled per token and block (instead of per tensor) run as MatMulNBits 8-bit with
+            accuracy_level 4: the FFN down-projections of transformers, whose inputs have outliers that
+            per-tensor scales cannot hold and smoothing cannot reach.
+        blockwise_gain_db: the gain (dB) that earns a layer the block-wise kernel.
+        blockwise_block_size: block size along K of the block-wise layers (weights and activations).
         calibration_samples: samples of the data used for the measurements.
     """
 
@@ -71,6 +78,9 @@ class DynamicQuantizeOptions:
     smooth: bool = True
     smooth_alphas: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
     bias_correction: bool = True
+    blockwise: bool = True
+    blockwise_gain_db: float = 3.0
+    blockwise_block_size: int = 128
     calibration_samples: int = 64
 
     def check(self, where: str = "dynamic quantization") -> None:
@@ -82,13 +92,20 @@ class DynamicQuantizeOptions:
         if self.form not in ("contrib", "onnx"):
             raise OnnxcompError(f"{where}: form: {self.form!r} is not one of 'contrib', 'onnx'")
         if self.max_float_layers < 0:
-            raise OnnxcompError(f"{where}: max_float_layers must be >= 0, got {self.max_float_layers}")
+            raise OnnxcompError(
+                f"{where}: max_float_layers must be >= 0, got {self.max_float_layers}"
+            )
         for alpha in self.smooth_alphas:
             if not 0.0 <= alpha <= 1.0:
                 raise OnnxcompError(f"{where}: smooth_alphas: {alpha} is not in [0, 1]")
         if self.calibration_samples < 1:
             raise OnnxcompError(
                 f"{where}: calibration_samples must be >= 1, got {self.calibration_samples}"
+            )
+        bs = self.blockwise_block_size
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise OnnxcompError(
+                f"{where}: blockwise_block_size: {bs!r} is not a power of two >= 16 (32, 64, 128)"
             )
 
 
@@ -191,7 +208,9 @@ def _match_conv(node: ir.Node) -> _Match | str:
         bias = _const(node.inputs[2])
         if bias is None:
             return "bias is computed at run time"
-    return _Match(node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node)
+    return _Match(
+        node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node
+    )
 
 
 # op type -> rule; a rule returns a match or the reason the node stays float.
@@ -216,6 +235,8 @@ class _Layer:
     smooth_alpha: float = 0.0
     bias_delta: np.ndarray | None = None  # (N,) added to the bias (bias correction)
     smooth_scale: np.ndarray | None = None  # (K,) SmoothQuant factors s: x / s, s * w
+    blockwise_sqnr_db: float | None = None  # simulated output SQNR with per-block int8 activations
+    blockwise_reason: str | None = None  # set when the layer runs as MatMulNBits
     new_output: ir.Value | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -224,7 +245,9 @@ class _Layer:
             "op": self.match.op_type,
             "weight": list(self.match.w.shape),
             "weight_sqnr_db": _round(self.weight_sqnr_db),
-            "status": "float" if self.float_reason else "int8",
+            "status": "float"
+            if self.float_reason
+            else ("int8-blockwise" if self.blockwise_reason else "int8"),
         }
         if self.output_sqnr_db is not None:
             entry["output_sqnr_db"] = _round(self.output_sqnr_db)
@@ -232,8 +255,10 @@ class _Layer:
             entry["smooth_alpha"] = self.smooth_alpha
         if self.bias_delta is not None:
             entry["bias_corrected"] = True
-        if self.float_reason:
-            entry["reason"] = self.float_reason
+        if self.blockwise_sqnr_db is not None:
+            entry["blockwise_sqnr_db"] = _round(self.blockwise_sqnr_db)
+        if self.float_reason or self.blockwise_reason:
+            entry["reason"] = self.float_reason or self.blockwise_reason
         return entry
 
 
@@ -247,9 +272,11 @@ class _GroupStats:
     Keeps sums only: per candidate and layer the signal and noise energies and the sum of output errors.
     """
 
-    def __init__(self, layers: list[_Layer], alphas: list[float]):
+    def __init__(self, layers: list[_Layer], alphas: list[float], block_size: int | None):
         self.layers = layers
         self.alphas = alphas
+        self.block_size = block_size  # None: no block-wise candidate
+        self.noise_blockwise = np.zeros(len(layers))
         self.act_absmax: np.ndarray | None = None  # (K,)
         self.scales: dict[float, np.ndarray] = {}
         self.signal = np.zeros(len(layers))
@@ -275,9 +302,18 @@ class _GroupStats:
             wqs = []
             for lay in self.layers:
                 ws = lay.match.w * s[:, None]
-                p = schemes.weight_params(ws, axis=1, per_channel=per_channel, reduce_range=reduce_range)
+                p = schemes.weight_params(
+                    ws, axis=1, per_channel=per_channel, reduce_range=reduce_range
+                )
                 wqs.append(schemes.dequantize(schemes.quantize(ws, p), p))
             self.candidates.append(wqs)
+        if self.block_size:
+            self.blockwise_weights = [
+                schemes.dequantize_blockwise(
+                    schemes.quantize_blockwise(lay.match.w, self.block_size, 8, True)
+                )
+                for lay in self.layers
+            ]
 
     def observe_error(self, x: np.ndarray) -> None:
         k = x.shape[-1]
@@ -294,6 +330,11 @@ class _GroupStats:
                 flat = err.reshape(-1)
                 self.noise[a, i] += float(np.dot(flat, flat))
                 self.err_sum[a][i] += err.sum(axis=0, dtype=np.float64)
+        if self.block_size:
+            xb = smooth.blockwise_quantize_activation(x2, self.block_size)
+            for i, wb in enumerate(self.blockwise_weights):
+                flat = (refs[i] - xb @ wb).reshape(-1)
+                self.noise_blockwise[i] += float(np.dot(flat, flat))
         self.count += x2.shape[0]
 
 
@@ -319,7 +360,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                 lay.float_reason = "listed in keep_float"
         calibration: dict[str, object] = {}
         active = [lay for lay in layers if not lay.float_reason and lay.match.op_type != "Conv"]
-        if active and (opts.smooth or opts.bias_correction or opts.min_sqnr_db > 0):
+        if active and (
+            opts.smooth or opts.bias_correction or opts.blockwise or opts.min_sqnr_db > 0
+        ):
             calibration = self._calibrate(model, active)
         for lay in layers:
             if math.isnan(lay.weight_sqnr_db):
@@ -379,7 +422,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     def _weight_sqnr(self, lay: _Layer) -> float:
         w = lay.match.w
         if lay.match.op_type == "Conv":
-            p = schemes.weight_params(w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel)
+            p = schemes.weight_params(
+                w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel
+            )
         else:
             p = schemes.weight_params(
                 w,
@@ -407,8 +452,10 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in layers:
             by_input.setdefault(lay.match.x.name, []).append(lay)
         alphas = sorted(set([0.0] + (list(opts.smooth_alphas) if opts.smooth else [])))
+        block = opts.blockwise_block_size if opts.blockwise and opts.form == "contrib" else None
         for name, group in by_input.items():
-            groups[name] = _GroupStats(group, alphas)
+            eligible = block if all(lay.match.op_type == "MatMul" for lay in group) else None
+            groups[name] = _GroupStats(group, alphas, eligible)
         names = list(groups)
         limit = opts.calibration_samples
         for _, acts in runtime.capture(model, names, data, limit=limit):
@@ -419,7 +466,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for _, acts in runtime.capture(model, names, data, limit=limit):
             for name, x in acts.items():
                 groups[name].observe_error(np.asarray(x, np.float32))
-        smoothed = 0
+        smoothed = blockwise = 0
         for stats in groups.values():
             totals = [_sqnr(stats.signal.sum(), stats.noise[a].sum()) for a in range(len(alphas))]
             best = int(np.argmax(totals))
@@ -432,9 +479,19 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                     lay.smooth_scale = stats.scales[alpha]
                 if opts.bias_correction and stats.count:
                     lay.bias_delta = (stats.err_sum[best][i] / stats.count).astype(np.float32)
+                if stats.block_size:
+                    lay.blockwise_sqnr_db = _sqnr(stats.signal[i], stats.noise_blockwise[i])
+                    gain = lay.blockwise_sqnr_db - lay.output_sqnr_db
+                    if gain >= opts.blockwise_gain_db:
+                        blockwise += 1
+                        lay.blockwise_reason = (
+                            f"per-block int8 activations gain {gain:.1f} dB over per-tensor on the data: "
+                            f"MatMulNBits 8-bit, block {stats.block_size}, accuracy_level 4"
+                        )
         return {
             "calibration": getattr(data, "name", "data"),
             "smoothed_groups": int(smoothed),
+            "blockwise_layers": blockwise,
         }
 
     def _choose_float(self, layers: list[_Layer]) -> None:
@@ -456,7 +513,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
 
     def _rewrite(self, model: ir.Model, layers: list[_Layer]) -> None:
         graph = model.graph
-        if self.options.form == "contrib" and any(lay.match.op_type != "Conv" for lay in layers):
+        if any(lay.blockwise_reason for lay in layers) or (
+            self.options.form == "contrib" and any(lay.match.op_type != "Conv" for lay in layers)
+        ):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         self._order = {id(node): i for i, node in enumerate(graph)}
         groups: dict[tuple[int, float], list[_Layer]] = {}
@@ -483,40 +542,62 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         anchor = min((lay.match.nodes[0] for lay in group), key=lambda n: self._order[id(n)])
         new_nodes: list[ir.Node] = []
         tag = first.name.replace("/", "_").strip("_") or "x"
-        scale_vec = group[0].smooth_scale
-        if scale_vec is not None and first.op_type != "Conv":
-            inv = self._initializer(graph, f"{tag}_smooth_inv", (1.0 / scale_vec).astype(np.float32))
-            mul = ir.node("Mul", [x, inv], name=f"{tag}_smooth")
-            new_nodes.append(mul)
-            x = mul.outputs[0]
         if first.op_type == "Conv":
             for lay in group:
                 new_nodes += self._conv_integer(graph, lay, x)
             self._replace(graph, anchor, group, new_nodes)
             return
+        for lay in [lay for lay in group if lay.blockwise_reason]:
+            m = lay.match
+            q = schemes.quantize_blockwise(m.w, opts.blockwise_block_size, 8, True)
+            node = matmul_nbits_node(graph, x, q, m.bias, 4, m.name)
+            new_nodes.append(node)
+            lay.new_output = node.outputs[0]
+        per_tensor = [lay for lay in group if not lay.blockwise_reason]
+        scale_vec = group[0].smooth_scale
+        if per_tensor and scale_vec is not None:
+            inv = self._initializer(
+                graph, f"{tag}_smooth_inv", (1.0 / scale_vec).astype(np.float32)
+            )
+            mul = ir.node("Mul", [x, inv], name=f"{tag}_smooth")
+            new_nodes.append(mul)
+            x = mul.outputs[0]
+        if not per_tensor:
+            self._replace(graph, anchor, group, new_nodes)
+            return
         shared = None
-        if opts.form == "onnx" or len(group) > 1:
+        if opts.form == "onnx" or len(per_tensor) > 1:
             dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{tag}_quantize")
             new_nodes.append(dql)
             shared = dql.outputs
-        for lay in group:
+        for lay in per_tensor:
             m = lay.match
             w = m.w * scale_vec[:, None] if scale_vec is not None else m.w
-            p = schemes.weight_params(w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range)
+            p = schemes.weight_params(
+                w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range
+            )
             wq = schemes.quantize(w, p)  # (K, N) int8
             name = m.name.replace("/", "_").strip("_") or "matmul"
             w_q = self._initializer(graph, f"{name}_W_int8", wq)
             w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
-            w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8))
+            w_zp = self._initializer(
+                graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8)
+            )
             bias = m.bias
             if lay.bias_delta is not None:
                 bias = (bias if bias is not None else 0.0) + lay.bias_delta
-            b = self._initializer(graph, f"{name}_bias", np.asarray(bias, np.float32)) if bias is not None else None
+            b = (
+                self._initializer(graph, f"{name}_bias", np.asarray(bias, np.float32))
+                if bias is not None
+                else None
+            )
             if opts.form == "onnx":
                 new_nodes += _standard_chain(shared, w_q, w_s, w_zp, b, name)
             elif shared is None:
                 new_nodes.append(
-                    ir.node("DynamicQuantizeMatMul", [x, w_q, w_s, w_zp, b], domain=MS_DOMAIN, name=name)
+                    ir.node(
+                        "DynamicQuantizeMatMul", [x, w_q, w_s, w_zp, b], domain=MS_DOMAIN, name=name
+                    )
                 )
             else:
                 new_nodes.append(
@@ -534,12 +615,18 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         """Conv -> DynamicQuantizeLinear, ConvInteger (uint8 weights), Cast, Mul, Add (only when asked)."""
         m = lay.match
         name = m.name.replace("/", "_").strip("_") or "conv"
-        p = schemes.weight_params(m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=False)
+        p = schemes.weight_params(
+            m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=False
+        )
         wq = schemes.quantize(m.w, p)
         w_q = self._initializer(graph, f"{name}_W_uint8", wq)
-        w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.uint8).reshape(-1))
+        w_zp = self._initializer(
+            graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.uint8).reshape(-1)
+        )
         shape = (1, -1) + (1,) * (m.w.ndim - 2)
-        w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32).reshape(shape))
+        w_s = self._initializer(
+            graph, f"{name}_W_scale", np.asarray(p.scale, np.float32).reshape(shape)
+        )
         dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_quantize")
         conv = ir.node(
             "ConvInteger",
@@ -547,7 +634,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             attributes={k: v for k, v in m.conv.attributes.items()},
             name=f"{name}_integer",
         )
-        cast = ir.node("Cast", [conv.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+        cast = ir.node(
+            "Cast", [conv.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast"
+        )
         scale = ir.node("Mul", [dql.outputs[1], w_s], name=f"{name}_scale")
         out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_rescale")
         nodes = [dql, conv, cast, scale, out]
@@ -557,7 +646,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         lay.new_output = nodes[-1].outputs[0]
         return nodes
 
-    def _replace(self, graph: ir.Graph, anchor: ir.Node, group: list[_Layer], new_nodes: list[ir.Node]) -> None:
+    def _replace(
+        self, graph: ir.Graph, anchor: ir.Node, group: list[_Layer], new_nodes: list[ir.Node]
+    ) -> None:
         graph.insert_before(anchor, new_nodes)
         for lay in group:
             old, new = lay.match.output, lay.new_output
@@ -585,7 +676,9 @@ def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
 def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:
     """DynamicQuantizeLinear outputs -> MatMulInteger, Cast, Mul (scales), Add (bias): standard ONNX."""
     mm = ir.node("MatMulInteger", [shared[0], w_q, shared[2], w_zp], name=f"{name}_integer")
-    cast = ir.node("Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
+    cast = ir.node(
+        "Cast", [mm.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast"
+    )
     scale = ir.node("Mul", [shared[1], w_s], name=f"{name}_scale")
     out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_rescale")
     nodes = [mm, cast, scale, out]

@@ -55,6 +55,24 @@ def dynamic_quantize_activation(x: np.ndarray) -> np.ndarray:
     return ((q - zp32) * scale32).reshape(x.shape)
 
 
+def blockwise_quantize_activation(x: np.ndarray, block_size: int) -> np.ndarray:
+    """What MatMulNBits with ``accuracy_level=4`` makes of its input, dequantized: symmetric int8 with one scale
+    (absmax / 127) per row and block of ``block_size`` along the last axis (onnxruntime MLAS, CompInt8)."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    n_blocks = -(-k // block_size)
+    rows = x.reshape(-1, k)
+    if n_blocks * block_size != k:
+        rows = np.concatenate(
+            [rows, np.zeros((rows.shape[0], n_blocks * block_size - k), np.float32)], axis=1
+        )
+    blocks = rows.reshape(rows.shape[0], n_blocks, block_size)
+    scale = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127.0)
+    scale = np.where(scale == 0, np.float32(1.0), scale)
+    q = np.clip(np.rint(blocks / scale), -127, 127) * scale
+    return q.reshape(rows.shape[0], -1)[:, :k].reshape(x.shape)
+
+
 def quantized_matmul(
     x: np.ndarray, w: np.ndarray, *, per_channel: bool = True, reduce_range: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -72,14 +72,22 @@ class WeightOnlyOptions:
                 f"{where}: block_size: {self.block_size!r} is not a power of two >= 16 (32, 64, 128)"
             )
         if self.algorithm not in ("rtn", "gptq"):
-            raise OnnxcompError(f"{where}: algorithm: {self.algorithm!r} is not one of 'rtn', 'gptq'")
+            raise OnnxcompError(
+                f"{where}: algorithm: {self.algorithm!r} is not one of 'rtn', 'gptq'"
+            )
         if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise OnnxcompError(f"{where}: accuracy_level: {self.accuracy_level!r} is not one of 0-4")
+            raise OnnxcompError(
+                f"{where}: accuracy_level: {self.accuracy_level!r} is not one of 0-4"
+            )
         for op in self.op_types:
             if op not in SUPPORTED_OPS:
-                raise OnnxcompError(f"{where}: op_types: {op!r} is not one of {', '.join(SUPPORTED_OPS)}")
+                raise OnnxcompError(
+                    f"{where}: op_types: {op!r} is not one of {', '.join(SUPPORTED_OPS)}"
+                )
         if self.calibration_samples < 1:
-            raise OnnxcompError(f"{where}: calibration_samples must be >= 1, got {self.calibration_samples}")
+            raise OnnxcompError(
+                f"{where}: calibration_samples must be >= 1, got {self.calibration_samples}"
+            )
         if not 0.0 <= self.damp < 1.0:
             raise OnnxcompError(f"{where}: damp must be in [0, 1), got {self.damp}")
 
@@ -125,7 +133,12 @@ def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
         if add.op_type == "Add" and add.domain in ("", "ai.onnx"):
             bias = _const(add.inputs[1 - uses[0].idx])
             n = w.shape[1]
-            if bias is not None and bias.dtype == np.float32 and bias.size == n and bias.shape[-1:] == (n,):
+            if (
+                bias is not None
+                and bias.dtype == np.float32
+                and bias.size == n
+                and bias.shape[-1:] == (n,)
+            ):
                 match.bias, match.bias_add, match.output = bias.reshape(n), add, add.outputs[0]
     return match
 
@@ -172,7 +185,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         bytes_before = bytes_after = 0
         for match in matches:
             if match.op_type == "MatMul":
-                entry, new_bytes = self._rewrite_matmul(model.graph, match, hessians.get(match.x.name))
+                entry, new_bytes = self._rewrite_matmul(
+                    model.graph, match, hessians.get(match.x.name)
+                )
             else:
                 entry, new_bytes = self._rewrite_gather(model.graph, match)
             bytes_before += match.w.nbytes
@@ -233,7 +248,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             from onnxcomp.model import input_specs
 
             try:
-                data = RandomData(input_specs(model), samples=min(8, self.options.calibration_samples))
+                data = RandomData(
+                    input_specs(model), samples=min(8, self.options.calibration_samples)
+                )
             except OnnxcompError as err:
                 raise OnnxcompError(
                     f"algorithm=gptq needs calibration data: give --data ({err})"
@@ -295,34 +312,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         opts = self.options
         q = self._quantize_weight(match.w, hessian)
         deq = schemes.dequantize_blockwise(q)
-        tag = match.name.replace("/", "_").strip("_") or "matmul"
-        inputs: list[ir.Value | None] = [
-            match.x,
-            self._initializer(graph, f"{tag}_B_q{opts.bits}", q.packed),
-            self._initializer(graph, f"{tag}_scales", q.scales),
-            None,
-            None,
-            None,
-        ]
-        if q.zero_points is not None:
-            inputs[3] = self._initializer(graph, f"{tag}_zero_points", q.zero_points)
-        if match.bias is not None:
-            inputs[5] = self._initializer(graph, f"{tag}_bias", match.bias.astype(np.float32))
-        while inputs[-1] is None:
-            inputs.pop()
-        node = ir.node(
-            "MatMulNBits",
-            inputs,
-            attributes={
-                "K": q.K,
-                "N": q.N,
-                "bits": q.bits,
-                "block_size": q.block_size,
-                "accuracy_level": opts.accuracy_level,
-            },
-            domain=MS_DOMAIN,
-            name=tag,
-        )
+        node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
         self._replace(graph, old, node, match.output)
         entry: dict[str, object] = {
@@ -334,7 +324,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         }
         if hessian is not None:
             rtn = schemes.quantize_blockwise(match.w, opts.block_size, opts.bits, opts.symmetric)
-            entry["output_error_rtn"] = _output_error(match.w, schemes.dequantize_blockwise(rtn), hessian.H)
+            entry["output_error_rtn"] = _output_error(
+                match.w, schemes.dequantize_blockwise(rtn), hessian.H
+            )
             entry["output_error"] = _output_error(match.w, deq, hessian.H)
         return entry, _nbytes(q)
 
@@ -351,11 +343,18 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             self._initializer(graph, f"{tag}_scales", q.scales.reshape(rows, n_blocks)),
         ]
         if q.zero_points is not None:
-            inputs.append(self._initializer(graph, f"{tag}_zero_points", q.zero_points.reshape(rows, -1)))
+            inputs.append(
+                self._initializer(graph, f"{tag}_zero_points", q.zero_points.reshape(rows, -1))
+            )
         node = ir.node(
             "GatherBlockQuantized",
             inputs,
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": opts.block_size, "bits": opts.bits},
+            attributes={
+                "gather_axis": 0,
+                "quantize_axis": 1,
+                "block_size": opts.block_size,
+                "bits": opts.bits,
+            },
             domain=MS_DOMAIN,
             name=tag,
         )
@@ -369,7 +368,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         }
         return entry, _nbytes(q)
 
-    def _replace(self, graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value) -> None:
+    def _replace(
+        self, graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value
+    ) -> None:
         graph.insert_before(old_nodes[0], node)
         new = node.outputs[0]
         name = old_out.name
@@ -381,6 +382,51 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         for old in reversed(old_nodes):
             graph.remove(old, safe=True)
         _drop_unused(graph, inputs)
+
+
+def matmul_nbits_node(
+    graph: ir.Graph,
+    x: ir.Value,
+    q: schemes.BlockwiseWeight,
+    bias: np.ndarray | None,
+    accuracy_level: int,
+    name: str,
+) -> ir.Node:
+    """A ``com.microsoft.MatMulNBits`` node computing ``x @ dequantize(q) + bias``; its constants are registered."""
+    tag = name.replace("/", "_").strip("_") or "matmul"
+
+    def initializer(suffix: str, array: np.ndarray) -> ir.Value:
+        value_name, n = f"{tag}_{suffix}", 1
+        while value_name in graph.initializers:
+            value_name = f"{tag}_{suffix}_{n}"
+            n += 1
+        value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
+        graph.register_initializer(value)
+        return value
+
+    inputs: list[ir.Value | None] = [
+        x,
+        initializer(f"B_q{q.bits}", q.packed),
+        initializer("scales", q.scales),
+        None if q.zero_points is None else initializer("zero_points", q.zero_points),
+        None,
+        None if bias is None else initializer("bias", np.asarray(bias, np.float32)),
+    ]
+    while inputs[-1] is None:
+        inputs.pop()
+    return ir.node(
+        "MatMulNBits",
+        inputs,
+        attributes={
+            "K": q.K,
+            "N": q.N,
+            "bits": q.bits,
+            "block_size": q.block_size,
+            "accuracy_level": accuracy_level,
+        },
+        domain=MS_DOMAIN,
+        name=tag,
+    )
 
 
 def _output_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
@@ -399,10 +445,10 @@ def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
 
 
 def _nbytes(q: schemes.BlockwiseWeight) -> int:
-    return q.packed.nbytes + q.scales.nbytes + (0 if q.zero_points is None else q.zero_points.nbytes)
+    return (
+        q.packed.nbytes + q.scales.nbytes + (0 if q.zero_points is None else q.zero_points.nbytes)
+    )
 
 
 def _round(x: float) -> float | str:
     return x if not np.isfinite(x) else round(float(x), 2)
-
-
