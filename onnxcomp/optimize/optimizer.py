@@ -320,11 +320,13 @@ class OptimizePass(ir.passes.FunctionalPass):
         options = self.options
         rules = options.selected_rules()
         work = model.clone()
+        annotated = _annotated_values(work)
         normalized = model_io.normalize(work)
         before = op_histogram(model)
         work, log = apply_rules(
             work, rules, upgrade_opset=options.upgrade_opset, max_rounds=options.max_rounds
         )
+        _drop_inferred_shapes(work, annotated)
         after = op_histogram(work)
         report: dict[str, Any] = {
             "rules": log.by_rule(rules),
@@ -356,6 +358,32 @@ class OptimizePass(ir.passes.FunctionalPass):
                     f"(leave the rule out with --skip {rule})"
                 )
         return Result(work, modified=bool(log.applied) or bool(normalized.get("constants_lifted")), report=report)
+
+
+def _annotated_values(model: ir.Model) -> set[str]:
+    """Names of the intermediate values the input model gives a type or shape for."""
+    names = set()
+    for graph in model.graphs():
+        for node in graph:
+            for value in node.outputs:
+                if value.name and (value.type is not None or value.shape is not None):
+                    names.add(value.name)
+    return names
+
+
+def _drop_inferred_shapes(model: ir.Model, keep: set[str]) -> None:
+    """Forget the shapes our shape inference added to intermediate values.
+
+    They are written out as value_info, and onnxruntime runs a model carrying them slower:
+    measured on all-MiniLM-L6-v2 at 1 thread, 1.13-1.15x, with no other change to the model.
+    """
+    for graph in model.graphs():
+        outputs = {id(v) for v in graph.outputs}
+        for node in graph:
+            for value in node.outputs:
+                if id(value) not in outputs and value.name not in keep:
+                    value.shape = None
+                    value.type = None
 
 
 def optimize(
