@@ -269,7 +269,9 @@ def _round(x: float) -> float | str:
 class _GroupStats:
     """Running calibration figures of the layers reading one activation ``x``, for each smoothing candidate.
 
-    Keeps sums only: per candidate and layer the signal and noise energies and the sum of output errors.
+    Keeps sums only: per candidate and layer the output noise relative to each token's output energy, and the sum
+    of output errors. The noise is measured per token (row) so that a few huge tokens, which per-tensor scales
+    serve well, do not hide the error on all the others; the SQNR reported is ``-10 log10(mean_t |e_t|^2 / |y_t|^2)``.
     """
 
     def __init__(self, layers: list[_Layer], alphas: list[float], block_size: int | None):
@@ -319,22 +321,27 @@ class _GroupStats:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (tokens, K)
         refs = [x2 @ lay.match.w for lay in self.layers]  # (tokens, N) each
-        for i, ref in enumerate(refs):
-            flat = ref.reshape(-1)
-            self.signal[i] += float(np.dot(flat, flat))
+        # 1 / |y_t|^2 per token; all-zero outputs (padding) weigh nothing.
+        inv = [1.0 / np.maximum(np.einsum("tn,tn->t", r, r), 1e-30) for r in refs]
+        for i in range(len(refs)):
+            self.signal[i] += float(np.count_nonzero(inv[i] < 1e29))
+
+        def noise(i: int, approx: np.ndarray) -> tuple[float, np.ndarray]:
+            err = refs[i] - approx  # (tokens, N)
+            per_token = np.einsum("tn,tn->t", err, err) * inv[i]
+            return float(np.sum(np.where(inv[i] < 1e29, per_token, 0.0))), err
+
         for a, alpha in enumerate(self.alphas):
             # Per sample ranges, as DynamicQuantizeLinear sees one sample at a time.
             xq = smooth.dynamic_quantize_activation(x / self.scales[alpha]).reshape(-1, k)
             for i, wq in enumerate(self.candidates[a]):
-                err = refs[i] - xq @ wq  # (tokens, N)
-                flat = err.reshape(-1)
-                self.noise[a, i] += float(np.dot(flat, flat))
+                value, err = noise(i, xq @ wq)
+                self.noise[a, i] += value
                 self.err_sum[a][i] += err.sum(axis=0, dtype=np.float64)
         if self.block_size:
             xb = smooth.blockwise_quantize_activation(x2, self.block_size)
             for i, wb in enumerate(self.blockwise_weights):
-                flat = (refs[i] - xb @ wb).reshape(-1)
-                self.noise_blockwise[i] += float(np.dot(flat, flat))
+                self.noise_blockwise[i] += noise(i, xb @ wb)[0]
         self.count += x2.shape[0]
 
 
@@ -612,17 +619,19 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         self._replace(graph, anchor, group, new_nodes)
 
     def _conv_integer(self, graph: ir.Graph, lay: _Layer, x: ir.Value) -> list[ir.Node]:
-        """Conv -> DynamicQuantizeLinear, ConvInteger (uint8 weights), Cast, Mul, Add (only when asked)."""
+        """Conv -> DynamicQuantizeLinear, ConvInteger (uint8 weights), Cast, Mul, Add (only when asked).
+
+        onnxruntime's ConvInteger takes one weight zero point per tensor: weights are symmetric uint8 around 128,
+        so per-channel scales can still be applied after the integer convolution.
+        """
         m = lay.match
         name = m.name.replace("/", "_").strip("_") or "conv"
         p = schemes.weight_params(
-            m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=False
+            m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=True
         )
         wq = schemes.quantize(m.w, p)
         w_q = self._initializer(graph, f"{name}_W_uint8", wq)
-        w_zp = self._initializer(
-            graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.uint8).reshape(-1)
-        )
+        w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(128, np.uint8))
         shape = (1, -1) + (1,) * (m.w.ndim - 2)
         w_s = self._initializer(
             graph, f"{name}_W_scale", np.asarray(p.scale, np.float32).reshape(shape)

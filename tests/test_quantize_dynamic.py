@@ -1,0 +1,294 @@
+"""Dynamic int8 quantization: quantized models run in onnxruntime, stay close to float, and use the integer kernels."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxcomp import runtime
+from onnxcomp.data import NpzData
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.passes import parse_options
+from onnxcomp.quantize.dynamic import DynamicQuantizeOptions, DynamicQuantizePass
+
+
+def from_text(text: str, **weights: np.ndarray) -> ir.Model:
+    """A model from ONNX text, with its float32 weights given as arrays."""
+    proto = onnx.parser.parse_model(text)
+    for name, array in weights.items():
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.asarray(array, np.float32), name)
+        )
+    return ir.from_proto(proto)
+
+
+def mlp(rng: np.random.Generator, k: int = 64, hidden: int = 128, n: int = 32) -> ir.Model:
+    """x -> MatMul + bias Add -> Relu -> MatMul: the shape of a transformer feed-forward block."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        mlp (float[batch, seq, {k}] x) => (float[batch, seq, {n}] y) {{
+            h = MatMul(x, w1)
+            hb = Add(h, b1)
+            r = Relu(hb)
+            y = MatMul(r, w2)
+        }}
+    """
+    return from_text(
+        text,
+        w1=rng.standard_normal((k, hidden)) / np.sqrt(k),
+        b1=rng.standard_normal(hidden) * 0.1,
+        w2=rng.standard_normal((hidden, n)) / np.sqrt(hidden),
+    )
+
+
+def attention_projections(rng: np.random.Generator, k: int = 64) -> ir.Model:
+    """Three MatMuls reading one input, as the query/key/value projections do."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        qkv (float[batch, seq, {k}] x) => (float[batch, seq, {k}] q, float[batch, seq, {k}] kk, float[batch, seq, {k}] v) {{
+            q = MatMul(x, wq)
+            kk = MatMul(x, wk)
+            v = MatMul(x, wv)
+        }}
+    """
+    return from_text(
+        text, **{n: rng.standard_normal((k, k)) / np.sqrt(k) for n in ("wq", "wk", "wv")}
+    )
+
+
+def copy_of(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = runtime.create_session(model)
+    return list(runtime.run(session, feeds).values())
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - approx) ** 2.0)))
+
+
+def optimized_ops(model: ir.Model, tmp_path) -> collections.Counter:
+    """Op types of the graph onnxruntime actually runs (after its own fusions)."""
+    path = tmp_path / "optimized.onnx"
+    runtime.create_session(model, optimized_model_path=str(path))
+    return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def npz(tmp_path, name: str = "calib.npz", **arrays: np.ndarray) -> NpzData:
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return NpzData(path)
+
+
+def test_mlp_runs_as_integer_kernels_and_stays_close(tmp_path):
+    rng = np.random.default_rng(0)
+    model = mlp(rng)
+    x = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    (ref,) = run(model, {"x": x})
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(smooth=False, bias_correction=False))(model)
+
+    (out,) = run(result.model, {"x": x})
+    assert cosine(ref, out) > 0.999
+    ops = optimized_ops(result.model, tmp_path)
+    assert ops["DynamicQuantizeMatMul"] == 2
+    assert ops["MatMul"] == 0 and ops["Add"] == 0  # the bias Add went into the kernel
+    report = result.report
+    assert report["quantized"] == 2 and report["kept_float"] == 0
+    assert [layer["status"] for layer in report["layers"]] == ["int8", "int8"]
+    assert all(layer["weight_sqnr_db"] > 35 for layer in report["layers"])
+    # The float weights are gone: int8 weights are a quarter of the size.
+    assert "w1" not in result.model.graph.initializers
+
+
+def test_shared_input_is_quantized_once(tmp_path):
+    rng = np.random.default_rng(1)
+    model = attention_projections(rng)
+    x = rng.standard_normal((1, 11, 64)).astype(np.float32)
+    refs = run(model, {"x": x})
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(smooth=False, bias_correction=False))(model)
+
+    ops = collections.Counter(node.op_type for node in result.model.graph)
+    assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulIntegerToFloat"] == 3
+    for ref, out in zip(refs, run(result.model, {"x": x})):
+        assert cosine(ref, out) > 0.999
+
+
+def test_gemm_with_trans_b_alpha_beta():
+    rng = np.random.default_rng(2)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, 48] x) => (float[batch, 16] y) {
+            y = Gemm <transB: int = 1, alpha: float = 0.5, beta: float = 2.0> (x, w, c)
+        }
+    """
+    model = from_text(text, w=rng.standard_normal((16, 48)), c=rng.standard_normal(16))
+    x = rng.standard_normal((4, 48)).astype(np.float32)
+    (ref,) = run(model, {"x": x})
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(smooth=False, bias_correction=False))(model)
+
+    assert [n.op_type for n in result.model.graph] == ["DynamicQuantizeMatMul"]
+    (out,) = run(result.model, {"x": x})
+    assert cosine(ref, out) > 0.999
+
+
+def test_standard_onnx_form_is_fused_by_onnxruntime(tmp_path):
+    rng = np.random.default_rng(3)
+    model = mlp(rng)
+    x = rng.standard_normal((1, 8, 64)).astype(np.float32)
+    (ref,) = run(model, {"x": x})
+
+    result = DynamicQuantizePass(
+        DynamicQuantizeOptions(form="onnx", smooth=False, bias_correction=False)
+    )(model)
+
+    written = collections.Counter(node.op_type for node in result.model.graph)
+    assert written["MatMulInteger"] == 2 and not any(n.domain for n in result.model.graph)
+    fused = optimized_ops(result.model, tmp_path)
+    assert fused["MatMulInteger"] == 0
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 2
+    (out,) = run(result.model, {"x": x})
+    assert cosine(ref, out) > 0.999
+
+
+def test_conv_never_becomes_conv_integer_by_default(models_dir):
+    model = ir.load(models_dir / "digits_cnn.onnx")
+    convs = sum(node.op_type == "Conv" for node in model.graph)
+    assert convs > 0
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions())(model)
+
+    ops = collections.Counter(node.op_type for node in result.model.graph)
+    assert ops["ConvInteger"] == 0 and ops["Conv"] == convs
+    reasons = [s["reason"] for s in result.report["skipped"] if s["op"] == "Conv"]
+    assert len(reasons) == convs and "ConvInteger" in reasons[0]
+
+
+def test_conv_integer_when_asked(models_dir):
+    model = ir.load(models_dir / "digits_cnn.onnx")
+    data = NpzData(models_dir / "digits_test.npz")
+    batch = next(data.batches(16))
+    (ref, *_) = run(model, batch.inputs)
+
+    options = parse_options(DynamicQuantizeOptions, {"op_types": "Conv,MatMul,Gemm"}, "test")
+    result = DynamicQuantizePass(options, data)(model)
+
+    ops = collections.Counter(node.op_type for node in result.model.graph)
+    assert ops["ConvInteger"] > 0
+    (out, *_) = run(result.model, batch.inputs)
+    assert np.mean(ref.argmax(-1) == out.argmax(-1)) >= 0.9
+
+
+def test_smoothing_moves_activation_outliers_into_weights(tmp_path):
+    # Inputs with a few outlier channels (as LayerNorm outputs of transformers have): per-tensor activation scales
+    # waste their levels on the outliers; SmoothQuant divides them out and gives the output error back.
+    rng = np.random.default_rng(4)
+    model = attention_projections(rng)
+    channel_scale = np.ones(64, np.float32)
+    channel_scale[[3, 17, 40]] = 60.0
+    calib = (rng.standard_normal((16, 11, 64)) * channel_scale).astype(np.float32)
+    test = (rng.standard_normal((4, 11, 64)) * channel_scale).astype(np.float32)
+    refs = run(model, {"x": test})
+    plain_options = DynamicQuantizeOptions(smooth=False, bias_correction=False, blockwise=False)
+    smooth_options = DynamicQuantizeOptions(smooth=True, bias_correction=False, blockwise=False)
+
+    plain = DynamicQuantizePass(plain_options, npz(tmp_path, x=calib))(copy_of(model))
+    smoothed = DynamicQuantizePass(smooth_options, npz(tmp_path, x=calib))(copy_of(model))
+
+    assert smoothed.report["smoothed_groups"] == 1
+    assert smoothed.report["layers"][0]["smooth_alpha"] > 0
+    assert sum(n.op_type == "Mul" for n in smoothed.model.graph) == 1  # x / s, shared by the three
+    plain_out = run(plain.model, {"x": test})
+    smooth_out = run(smoothed.model, {"x": test})
+    for ref, a, b in zip(refs, plain_out, smooth_out):
+        assert sqnr_db(ref, b) > sqnr_db(ref, a) + 6
+
+
+def test_outlier_tokens_get_blockwise_kernel(tmp_path):
+    # Inputs whose first token is huge (as the first token of transformer layers often is): one per-tensor scale
+    # loses all the other tokens and no per-channel smoothing can help, so the layers run as MatMulNBits with
+    # per-token, per-block activation scales.
+    rng = np.random.default_rng(5)
+    model = mlp(rng, k=128, hidden=256, n=64)
+    calib = rng.standard_normal((16, 11, 128)).astype(np.float32)
+    test = rng.standard_normal((4, 11, 128)).astype(np.float32)
+    calib[:, 0] *= 50.0
+    test[:, 0] *= 50.0
+    refs = run(model, {"x": test})
+    original = copy_of(model)
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(), npz(tmp_path, x=calib))(model)
+
+    blockwise = [layer for layer in result.report["layers"] if layer["status"] == "int8-blockwise"]
+    assert blockwise and result.report["blockwise_layers"] == len(blockwise)
+    assert all(layer["blockwise_sqnr_db"] >= layer["output_sqnr_db"] + 3 for layer in blockwise)
+    assert "gain" in blockwise[0]["reason"]
+    assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == len(blockwise)
+    (out,) = run(result.model, {"x": test})
+    plain = DynamicQuantizePass(DynamicQuantizeOptions(blockwise=False), npz(tmp_path, x=calib))(
+        original
+    )
+    (plain_out,) = run(plain.model, {"x": test})
+    # Judged on the ordinary tokens, which per-tensor scales sacrifice.
+    assert sqnr_db(refs[0][:, 1:], out[:, 1:]) > sqnr_db(refs[0][:, 1:], plain_out[:, 1:]) + 6
+
+
+def test_bert_graph_close_to_float(tmp_path):
+    from models.build_graphs import bert
+
+    model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=2, heads=4, intermediate=256))
+    rng = np.random.default_rng(6)
+    calib = npz(tmp_path, input_ids=rng.integers(0, 500, (16, 12)).astype(np.int64))
+    ids = rng.integers(0, 500, (4, 12)).astype(np.int64)
+    (ref,) = run(model, {"input_ids": ids})
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(), calib)(model)
+
+    (out,) = run(result.model, {"input_ids": ids})
+    assert cosine(ref, out) > 0.995
+    assert result.report["quantized"] == 12
+    # The attention products (both inputs computed at run time) stay float, and say why.
+    reasons = {s["reason"] for s in result.report["skipped"]}
+    assert reasons == {"weight is computed at run time (not a constant)"}
+
+
+def test_keep_float_by_name():
+    rng = np.random.default_rng(7)
+    model = mlp(rng)
+    first = "h"  # nodes without a name are known by their first output's name
+
+    result = DynamicQuantizePass(
+        DynamicQuantizeOptions(keep_float=[first], smooth=False, bias_correction=False)
+    )(model)
+
+    layers = {layer["node"]: layer for layer in result.report["layers"]}
+    assert layers[first]["status"] == "float" and layers[first]["reason"] == "listed in keep_float"
+    assert sum(n.op_type == "MatMul" for n in result.model.graph) == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"op_types": "MatMul,Softmax"}, "op_types"),
+        ({"form": "qdq"}, "form"),
+        ({"smooth_alphas": [0.5, 1.5]}, "smooth_alphas"),
+        ({"blockwise_block_size": 48}, "blockwise_block_size"),
+        ({"per_chanel": True}, "per_chanel"),
+    ],
+)
+def test_bad_options_name_the_key(values, key):
+    with pytest.raises(OnnxcompError, match=key):
+        parse_options(DynamicQuantizeOptions, values, "quantize")
