@@ -1,0 +1,214 @@
+"""Weight-only int4/int8 quantization: MatMulNBits and GatherBlockQuantized run in onnxruntime as written."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxcomp import runtime
+from onnxcomp.data import NpzData
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.passes import parse_options
+from onnxcomp.quantize import schemes
+from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
+
+
+def from_text(text: str, **weights: np.ndarray) -> ir.Model:
+    proto = onnx.parser.parse_model(text)
+    for name, array in weights.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(array), name))
+    return ir.from_proto(proto)
+
+
+def linear(w: np.ndarray, b: np.ndarray | None = None) -> ir.Model:
+    k, n = w.shape
+    body = "y = MatMul(x, w)" if b is None else "h = MatMul(x, w)\n y = Add(h, b)"
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        linear (float[batch, seq, {k}] x) => (float[batch, seq, {n}] y) {{
+            {body}
+        }}
+    """
+    weights = {"w": w.astype(np.float32)}
+    if b is not None:
+        weights["b"] = b.astype(np.float32)
+    return from_text(text, **weights)
+
+
+def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = runtime.create_session(model)
+    return next(iter(runtime.run(session, feeds).values()))
+
+
+def blockwise_weight(model: ir.Model) -> tuple[ir.Node, np.ndarray]:
+    """The MatMulNBits node and the float weight it computes with, read back from its initializers."""
+    node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+    q = schemes.BlockwiseWeight(
+        packed=node.inputs[1].const_value.numpy(),
+        scales=node.inputs[2].const_value.numpy(),
+        zero_points=None if zero_points is None else zero_points.const_value.numpy(),
+        K=attrs["K"],
+        N=attrs["N"],
+        bits=attrs["bits"],
+        block_size=attrs["block_size"],
+    )
+    return node, schemes.dequantize_blockwise(q)
+
+
+@pytest.mark.parametrize(
+    ("bits", "block_size", "symmetric"),
+    [(4, 32, True), (4, 64, False), (4, 128, True), (8, 32, False), (8, 128, True)],
+)
+def test_matmulnbits_matches_float_matmul_with_dequantized_weights(bits, block_size, symmetric):
+    rng = np.random.default_rng(bits * 1000 + block_size)
+    w = rng.standard_normal((200, 48)).astype(np.float32)  # K = 200: not a whole number of blocks
+    model = linear(w)
+    x = rng.standard_normal((2, 5, 200)).astype(np.float32)
+    options = WeightOnlyOptions(
+        bits=bits, block_size=block_size, symmetric=symmetric, accuracy_level=1
+    )
+
+    result = WeightOnlyQuantizePass(options)(model)
+
+    node, deq = blockwise_weight(result.model)
+    assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
+    assert (len(node.inputs) > 3) == (not symmetric)  # zero points only when asymmetric
+    out = run(result.model, {"x": x})
+    np.testing.assert_allclose(out, x @ deq, rtol=1e-4, atol=1e-4)
+    layer = result.report["layers"][0]
+    assert layer["to"] == "MatMulNBits" and layer["weight_sqnr_db"] > (30 if bits == 8 else 10)
+    assert result.report["weight_bytes_after"] < result.report["weight_bytes_before"] * (
+        bits / 32 + 0.15
+    )
+
+
+def test_bias_add_is_folded_and_int8_activations_stay_close():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    x = rng.standard_normal((1, 9, 128)).astype(np.float32)
+    model = linear(w, b)
+    ref = run(model, {"x": x})
+
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=8, accuracy_level=4))(model)
+
+    assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
+    assert "w" not in result.model.graph.initializers  # the float weight is gone
+    out = run(result.model, {"x": x})
+    cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > 0.999
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(tmp_path):
+    # Correlated inputs (a low-rank mix plus noise) make some weight directions matter far more than others:
+    # GPTQ spreads each column's rounding error where the inputs do not look.
+    rng = np.random.default_rng(2)
+    k, n = 128, 64
+    mix = rng.standard_normal((16, k)).astype(np.float32)
+
+    def inputs(samples: int) -> np.ndarray:
+        z = rng.standard_normal((samples, 8, 16)).astype(np.float32)
+        return (z @ mix + 0.05 * rng.standard_normal((samples, 8, k))).astype(np.float32)
+
+    calib_path = tmp_path / "calib.npz"
+    np.savez(calib_path, x=inputs(64))
+    test = inputs(16)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    ref = run(linear(w), {"x": test})
+    errors = {}
+    reports = {}
+    for algorithm in ("rtn", "gptq"):
+        options = WeightOnlyOptions(bits=4, block_size=32, algorithm=algorithm, accuracy_level=1)
+        result = WeightOnlyQuantizePass(options, NpzData(calib_path))(linear(w))
+        errors[algorithm] = float(np.mean((run(result.model, {"x": test}) - ref) ** 2))
+        reports[algorithm] = result.report
+
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+    layer = reports["gptq"]["layers"][0]
+    assert layer["output_error"] < layer["output_error_rtn"]
+    assert reports["gptq"]["calibration_rows"] == 64 * 8
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True)])
+def test_embedding_gather_becomes_gather_block_quantized(bits, symmetric):
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((100, 64)).astype(np.float32)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        embed (int64[batch, seq] ids) => (float[batch, seq, 64] y) {
+            y = Gather(table, ids)
+        }
+    """
+    model = from_text(text, table=table)
+    ids = rng.integers(0, 100, (2, 7)).astype(np.int64)
+
+    result = WeightOnlyQuantizePass(
+        WeightOnlyOptions(bits=bits, block_size=32, symmetric=symmetric)
+    )(model)
+
+    assert [n.op_type for n in result.model.graph] == ["GatherBlockQuantized"]
+    out = run(result.model, {"ids": ids})
+    q = schemes.quantize_blockwise(table.T, 32, bits, symmetric)
+    expected = schemes.dequantize_blockwise(q).T[ids]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert result.report["layers"][0]["to"] == "GatherBlockQuantized"
+
+
+def test_bert_graph_int4_and_reasons(tmp_path):
+    from models.build_graphs import bert
+
+    model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=2, heads=4, intermediate=256))
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 500, (2, 12)).astype(np.int64)
+    ref = run(model, {"input_ids": ids})
+
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=4, block_size=32))(model)
+
+    ops = collections.Counter(n.op_type for n in result.model.graph)
+    assert ops["MatMulNBits"] == 12 and ops["GatherBlockQuantized"] == 2
+    out = run(result.model, {"input_ids": ids})
+    cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > 0.95
+    reasons = {s["reason"] for s in result.report["skipped"]}
+    assert reasons == {"weight is computed at run time (not a constant)"}
+
+
+def test_gather_with_odd_hidden_size_stays_float_with_reason():
+    table = np.zeros((10, 40), np.float32)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        embed (int64[n] ids) => (float[n, 40] y) {
+            y = Gather(table, ids)
+        }
+    """
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(block_size=32))(from_text(text, table=table))
+
+    assert not result.modified
+    assert "not a multiple of block_size 32" in result.report["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"bits": 3}, "bits"),
+        ({"block_size": 48}, "block_size"),
+        ({"algorithm": "awq"}, "algorithm"),
+        ({"accuracy_level": 7}, "accuracy_level"),
+        ({"op_types": "MatMul,Conv"}, "op_types"),
+        ({"bitz": 4}, "bitz"),
+    ],
+)
+def test_bad_options_name_the_key(values, key):
+    with pytest.raises(OnnxcompError, match=key):
+        parse_options(WeightOnlyOptions, values, "quantize")
+
+
+def test_bad_options_in_the_constructor_too():
+    with pytest.raises(OnnxcompError, match="bits"):
+        WeightOnlyQuantizePass(WeightOnlyOptions(bits=3))
