@@ -661,6 +661,13 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
 @click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data (accuracy, top-1 or 1-cosine).")
 @click.option("--eval-data", type=click.Path(), help="Samples the drop and self-check are measured on.")
+@click.option(
+    "--metric",
+    default="auto",
+    show_default=True,
+    metavar="auto|accuracy|top1|cosine",
+    help="What --max-drop measures; auto: accuracy with labels, top-1 agreement for class scores, else cosine.",
+)
 @click.option("--calibration-samples", type=int, help="Use at most this many calibration samples.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before quantizing.")
 @click.option("--no-bias-correction", is_flag=True, help="Skip bias correction after static quantization.")
@@ -670,7 +677,7 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
     model_path, output, mode, data, calibration, per_channel, bits, activation_type, exclude_nodes, exclude_ops,
-    max_drop, eval_data, calibration_samples, no_optimize, no_bias_correction, allow_random_calibration, shapes,
+    max_drop, eval_data, metric, calibration_samples, no_optimize, no_bias_correction, allow_random_calibration, shapes,
     threads, as_json,
 ):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
@@ -696,6 +703,7 @@ def quantize(
         exclude_nodes=_split_names(exclude_nodes),
         exclude_ops=_split_names(exclude_ops),
         max_drop=max_drop,
+        metric=metric,
         optimize=not no_optimize,
         bias_correction=not no_bias_correction,
         calibration_samples=calibration_samples,

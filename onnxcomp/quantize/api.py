@@ -49,6 +49,7 @@ class QuantizeOptions:
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
     exclude_ops: list[str] = dataclasses.field(default_factory=list)
     max_drop: float | None = None
+    metric: Literal["auto", "accuracy", "top1", "cosine"] = "auto"  # what --max-drop measures
     data: str | None = None  # calibration .npz (or folder); recipes may give it per step instead
     eval_data: str | None = None  # where --max-drop and the self-check are measured
     optimize: bool = True
@@ -114,12 +115,23 @@ def prepare(
         except OnnxcompError:
             spec = None
         if spec is not None:
+            before = model_io.copy_model(model)
             pass_ = spec.build(
                 parse_options(spec.options, {}, "optimize"),
                 Context(data=data, threads=options.threads),
             )
             model, step = run_pass(pass_, model, "optimize")
             report["optimize"] = step.report
+            ratio = _slowdown(before, model, data, options)
+            if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
+                # The clean-up is for quantization; it must not cost fp32 time the int8 kernels
+                # then have to win back. Keep the input graph, with BatchNorm folded only.
+                model = before
+                report["optimize"] = {
+                    "batchnorm_folded": fold_batchnorm(model),
+                    "note": f"optimize made fp32 {ratio:.2f}x slower on this machine: not used, "
+                    "only BatchNormalization folded",
+                }
         else:
             report["optimize"] = {
                 "batchnorm_folded": fold_batchnorm(model),
@@ -141,6 +153,30 @@ def prepare(
             options.per_channel = False
             report["opset"] = {"from": before, "to": before, "reason": f"per-tensor weights: {err}"}
     return model, report
+
+
+OPTIMIZE_SLOWDOWN = 1.05
+
+
+def _slowdown(before: ir.Model, after: ir.Model, data: DataSource | None, options) -> float | None:
+    """fp32 latency of ``after`` over ``before`` (interleaved), or None when it cannot be timed."""
+    from onnxcomp import bench
+
+    try:
+        result = bench.benchmark(
+            [before, after],
+            threads=options.threads,
+            runs=60,
+            warmup=5,
+            data=data,
+            shapes=options.shapes or None,
+            memory=False,
+            graph=False,
+        )
+    except OnnxcompError as err:
+        logger.info("optimize not timed: %s", err)
+        return None
+    return result.models[1].ratio_p50
 
 
 def fold_batchnorm(model: ir.Model) -> int:
@@ -318,11 +354,14 @@ def self_check(
         limit=options.check_samples,
         threads=options.threads,
     )
+    from onnxcomp.quantize.auto import drop_of
+
+    drop, metric = drop_of(comparison, options.metric)
     out: dict[str, Any] = {
         "data": data.name,
         "comparison": comparison.to_json(),
-        "drop": comparison.drop(),
-        "drop_metric": comparison.drop_metric(),
+        "drop": drop,
+        "drop_metric": metric,
     }
     try:
         out["graph"] = bench.graph_report(candidate, threads=options.threads, label="quantized")
@@ -447,12 +486,13 @@ def quantize(
             "meaningless for real inputs (pass --allow-random-calibration to do it anyway)"
         )
     original_opset = model_io.opset(model)
+    original = model_io.copy_model(model) if options.mode == "auto" else None
     model, prep = prepare(model, options, data or eval_data)
     reference = model_io.copy_model(model)
     if options.mode == "auto":
         from onnxcomp.quantize import auto
 
-        model, report = auto.quantize_auto(model, options, data, eval_data, reference)
+        model, report = auto.quantize_auto(model, options, data, eval_data, reference, original)
     elif options.mode == "static":
         calib_data = data if data is not None else _random_source(model, options)
         if options.max_drop is not None:

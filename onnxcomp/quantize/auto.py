@@ -24,7 +24,8 @@ from onnxcomp.errors import OnnxcompError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_DROP = 0.01  # without --max-drop: 1 point of accuracy / top-1 agreement, or cosine 0.99
+DEFAULT_MAX_DROP = 0.01  # without --max-drop: 1 point of accuracy or of top-1 agreement
+DEFAULT_COSINE_DROP = 0.005  # ... or a mean cosine of 0.995 to fp32 (embeddings, features)
 FASTER = 0.97  # a candidate must take at most this fraction of fp32's time to count as faster
 MAX_FALLBACK_ROUNDS = 6
 
@@ -66,6 +67,45 @@ def measure(
     return out
 
 
+# Output names that hold embeddings or features, not class scores: their argmax means nothing.
+_NOT_CLASSES = ("embed", "hidden", "feature", "pool", "encod", "vector", "state")
+
+
+def resolve_metric(comparison, metric: str) -> str:
+    """The drop metric ``auto`` stands for on this data: accuracy with labels, top-1 agreement
+    for class scores, else cosine."""
+    if metric != "auto":
+        return metric
+    if comparison.accuracy_drop is not None:
+        return "accuracy"
+    for stats in comparison.outputs:
+        if stats.top1_total and not any(word in stats.name.lower() for word in _NOT_CLASSES):
+            return "top1"
+    return "cosine"
+
+
+def drop_of(comparison, metric: str) -> tuple[float, str]:
+    """(drop, metric name) of a Comparison: accuracy drop, 1 - top-1 agreement, or 1 - the
+    lowest mean cosine over the outputs."""
+    metric = resolve_metric(comparison, metric)
+    if metric == "accuracy":
+        if comparison.accuracy_drop is None:
+            raise OnnxcompError("--metric accuracy: the evaluation data has no labels")
+        return comparison.accuracy_drop, "accuracy drop"
+    if metric == "top1":
+        for stats in comparison.outputs:
+            if stats.top1_total:
+                return 1.0 - stats.top1_same / stats.top1_total, "1 - top-1 agreement"
+        raise OnnxcompError("--metric top1: no output holds class scores (float, [batch, classes])")
+    cosines = [st.cos_sum / st.samples for st in comparison.outputs if st.count and st.samples]
+    return (1.0 - min(cosines) if cosines else 0.0), "1 - cosine"
+
+
+def default_budget(metric_name: str) -> float:
+    """The drop accepted without --max-drop: 0.01 of accuracy or top-1, 0.005 of cosine."""
+    return DEFAULT_COSINE_DROP if metric_name == "1 - cosine" else DEFAULT_MAX_DROP
+
+
 def _drop(
     reference: ir.Model, candidate: ir.Model, data: DataSource, options
 ) -> tuple[float, str, dict]:
@@ -79,7 +119,10 @@ def _drop(
         limit=options.check_samples,
         threads=options.threads,
     )
-    return comparison.drop(), comparison.drop_metric(), comparison.to_json()
+    drop, metric = drop_of(comparison, options.metric)
+    payload = comparison.to_json()
+    payload["drop"], payload["drop_metric"] = drop, metric
+    return drop, metric, payload
 
 
 def sensitivity(report: dict[str, Any]) -> list[tuple[str, float]]:
@@ -122,6 +165,8 @@ def static_within_budget(
         model, options, calib_data, reference=reference, check=False
     )
     drop, metric, comparison = _drop(reference, candidate, eval_data, options)
+    if budget is None:
+        budget = default_budget(metric)
     history = [{"float_layers": [], "drop": drop}]
     ranking = sensitivity(report)
     count = 1
@@ -195,10 +240,16 @@ def quantize_auto(
     data: DataSource | None,
     eval_data: DataSource | None,
     reference: ir.Model,
+    original: ir.Model | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
-    """Try static and dynamic, measure drop and latency against fp32, keep the best (or float)."""
+    """Try static and dynamic, measure drop and latency against fp32, keep the best (or float).
+
+    model/reference: the prepared graph (quantized in place / kept as fp32 reference);
+    original: the user's model, the baseline for latency and drop and what "float" returns.
+    """
     api = _api()
-    budget = options.max_drop if options.max_drop is not None else DEFAULT_MAX_DROP
+    original = original if original is not None else reference
+    budget = options.max_drop  # None: the default for the metric, once the metric is known
     judge = eval_data or data
     if judge is None:
         judge = api._random_source(reference, options)
@@ -212,7 +263,7 @@ def quantize_auto(
                 dataclasses.replace(options, mode="auto"),
                 data,
                 judge,
-                reference,
+                original,
                 budget,
             )
         except OnnxcompError as err:
@@ -232,34 +283,30 @@ def quantize_auto(
             "no MatMul/Gemm weights (dynamic quantization of Conv runs as slow ConvInteger)"
         )
 
-    timing = (
-        measure(reference, candidates, eval_data or data, options)
-        if candidates
-        else {"float": {"latency_ms": None, "ratio_to_float": 1.0}}
-    )
+    if candidates:
+        timing = measure(original, candidates, eval_data or data, options)
+    else:
+        timing = {"float": {"latency_ms": None, "ratio_to_float": 1.0}}
     table = [{"mode": "float", **timing["float"], "drop": 0.0, "within_budget": True}]
+    metric = None
     for mode, cand in candidates.items():
         rep = reports[mode]
         if "budget" in rep:
             drop = rep["budget"]["drop"]
             metric = rep["budget"]["drop_metric"]
         else:
-            drop, metric, comparison = _drop(reference, cand, judge, options)
+            drop, metric, comparison = _drop(original, cand, judge, options)
             rep["check"] = {
                 "data": judge.name,
                 "comparison": comparison,
                 "drop": drop,
                 "drop_metric": metric,
             }
-        table.append(
-            {
-                "mode": mode,
-                **timing[mode],
-                "drop": drop,
-                "drop_metric": metric,
-                "within_budget": drop <= budget,
-            }
-        )
+        if budget is None:
+            budget = default_budget(metric)
+        table.append({"mode": mode, **timing[mode], "drop": drop, "drop_metric": metric})
+    for row in table[1:]:
+        row["within_budget"] = row["drop"] <= budget
     eligible = [
         row for row in table[1:] if row["within_budget"] and row["ratio_to_float"] <= FASTER
     ]
@@ -267,26 +314,35 @@ def quantize_auto(
         best = min(eligible, key=lambda row: row["ratio_to_float"])
         chosen = best["mode"]
         why = (
-            f"{chosen}: {best['ratio_to_float']:.2f}x fp32 latency, drop {best['drop']:.4f} within "
-            f"{budget} on {judge.name}"
+            f"{chosen}: {best['ratio_to_float']:.2f}x fp32 latency, {best['drop_metric']} "
+            f"{best['drop']:.4f} within {budget} on {judge.name}"
         )
         result_model, report = candidates[chosen], reports[chosen]
+        try:
+            from onnxcomp import bench
+
+            report.setdefault("check", {})["graph"] = bench.graph_report(result_model, label=chosen)
+        except OnnxcompError as err:
+            report.setdefault("check", {})["graph"] = {"unavailable": str(err)}
     else:
         chosen = "float"
         reasons = []
         for row in table[1:]:
             if not row["within_budget"]:
-                reasons.append(f"{row['mode']} loses {row['drop']:.4f} (> {budget})")
+                reasons.append(
+                    f"{row['mode']} loses {row['drop']:.4f} {row['drop_metric']} (> {budget})"
+                )
             else:
                 reasons.append(f"{row['mode']} is not faster ({row['ratio_to_float']:.2f}x fp32)")
         reasons += [f"{mode} skipped: {why}" for mode, why in skipped.items()]
-        why = "kept float: " + "; ".join(reasons)
-        result_model = reference
+        why = "kept float (the input model, unchanged): " + "; ".join(reasons)
+        result_model = original
         report = {"mode": "float"}
     report["auto"] = {
         "chosen": chosen,
         "why": why,
         "max_drop": budget,
+        "metric": metric,
         "candidates": table,
         "skipped": skipped,
     }
