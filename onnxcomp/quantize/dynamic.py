@@ -36,7 +36,7 @@ from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
-from onnxcomp.quantize.weight_only import matmul_nbits_node
+from onnxcomp.quantize.weight_only import match_embedding, matmul_nbits_node, rewrite_gather
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class DynamicQuantizeOptions:
             per-tensor scales cannot hold and smoothing cannot reach.
         blockwise_gain_db: the gain (dB) that earns a layer the block-wise kernel.
         blockwise_block_size: block size along K of the block-wise layers (weights and activations).
+        embeddings: Gathers of constant tables (token, position embeddings) become GatherBlockQuantized with
+            8-bit blocks along the hidden axis: a quarter of the size, no measurable error.
         calibration_samples: samples of the data used for the measurements.
     """
 
@@ -79,8 +81,9 @@ class DynamicQuantizeOptions:
     smooth_alphas: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
     bias_correction: bool = True
     blockwise: bool = True
-    blockwise_gain_db: float = 3.0
+    blockwise_gain_db: float = 6.0
     blockwise_block_size: int = 128
+    embeddings: bool = True
     calibration_samples: int = 64
 
     def check(self, where: str = "dynamic quantization") -> None:
@@ -378,9 +381,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         quantized = [lay for lay in layers if not lay.float_reason]
         if quantized:
             self._rewrite(model, quantized)
+        embeddings = self._quantize_embeddings(model, skipped) if opts.embeddings else []
         report: dict[str, object] = {
             "quantized": len(quantized),
             "kept_float": len(layers) - len(quantized),
+            "embeddings": embeddings,
             "form": opts.form,
             "per_channel": opts.per_channel,
             "reduce_range": opts.reduce_range,
@@ -391,7 +396,34 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in layers:
             if lay.float_reason:
                 logger.info("%s stays float: %s", lay.match.name, lay.float_reason)
-        return Result(model, modified=bool(quantized), report=report)
+        return Result(model, modified=bool(quantized or embeddings), report=report)
+
+    def _quantize_embeddings(
+        self, model: ir.Model, skipped: list[dict[str, str]]
+    ) -> list[dict[str, object]]:
+        """Embedding Gathers -> GatherBlockQuantized 8-bit (blocks of 128, 64, 32 or 16 along the hidden axis)."""
+        plan = []
+        for node in model.graph:
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            table = node.inputs[0]
+            if table.const_value is None or table.is_graph_input():
+                continue  # a Gather of shapes or indices, not a weight
+            shape = table.const_value.shape
+            hidden = shape[-1] if len(shape) == 2 else 0
+            block = next((b for b in (128, 64, 32, 16) if hidden and hidden % b == 0), 128)
+            match = match_embedding(node, block)
+            if isinstance(match, str):
+                skipped.append({"node": node.name or "Gather", "op": "Gather", "reason": match})
+            else:
+                plan.append((match, block))
+        entries = []
+        for match, block in plan:
+            entry, _ = rewrite_gather(model.graph, match, 8, block, True)
+            entries.append(entry)
+        if entries:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return entries
 
     # -- plan ------------------------------------------------------------------------------
 

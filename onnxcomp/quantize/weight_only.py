@@ -314,7 +314,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         deq = schemes.dequantize_blockwise(q)
         node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
-        self._replace(graph, old, node, match.output)
+        replace_with(graph, old, node, match.output)
         entry: dict[str, object] = {
             "node": match.name,
             "op": "MatMul",
@@ -332,56 +332,75 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
     def _rewrite_gather(self, graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
         opts = self.options
-        table = match.w  # (rows, hidden)
-        rows, hidden = table.shape
-        q = schemes.quantize_blockwise(table.T, opts.block_size, opts.bits, opts.symmetric)
-        n_blocks = q.n_blocks
-        tag = match.name.replace("/", "_").strip("_") or "gather"
-        inputs = [
-            self._initializer(graph, f"{tag}_data_q{opts.bits}", q.packed.reshape(rows, -1)),
-            match.node.inputs[1],
-            self._initializer(graph, f"{tag}_scales", q.scales.reshape(rows, n_blocks)),
-        ]
-        if q.zero_points is not None:
-            inputs.append(
-                self._initializer(graph, f"{tag}_zero_points", q.zero_points.reshape(rows, -1))
-            )
-        node = ir.node(
-            "GatherBlockQuantized",
-            inputs,
-            attributes={
-                "gather_axis": 0,
-                "quantize_axis": 1,
-                "block_size": opts.block_size,
-                "bits": opts.bits,
-            },
-            domain=MS_DOMAIN,
-            name=tag,
-        )
-        self._replace(graph, [match.node], node, match.output)
-        entry = {
-            "node": match.name,
-            "op": "Gather",
-            "to": "GatherBlockQuantized",
-            "weight": [rows, hidden],
-            "weight_sqnr_db": _round(schemes.sqnr_db(table, schemes.dequantize_blockwise(q).T)),
-        }
-        return entry, _nbytes(q)
+        return rewrite_gather(graph, match, opts.bits, opts.block_size, opts.symmetric)
 
-    def _replace(
-        self, graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value
-    ) -> None:
-        graph.insert_before(old_nodes[0], node)
-        new = node.outputs[0]
-        name = old_out.name
-        old_out.name = f"{name}__float"
-        new.name = name
-        new.shape, new.type = old_out.shape, old_out.type
-        ir.convenience.replace_all_uses_with(old_out, new, replace_graph_outputs=True)
-        inputs = [v for old in old_nodes for v in old.inputs]
-        for old in reversed(old_nodes):
-            graph.remove(old, safe=True)
-        _drop_unused(graph, inputs)
+
+def match_embedding(node: ir.Node, block_size: int) -> _Match | str:
+    """A Gather of a constant [rows, hidden] float table, or why it cannot become GatherBlockQuantized."""
+    match = _match_gather(node, block_size)
+    if isinstance(match, _Match):
+        match.name = node.name or node.outputs[0].name or "Gather"
+    return match
+
+
+def rewrite_gather(
+    graph: ir.Graph, match: _Match, bits: int, block_size: int, symmetric: bool
+) -> tuple[dict[str, object], int]:
+    """Replace an embedding Gather by GatherBlockQuantized; returns its report entry and weight bytes."""
+    table = match.w  # (rows, hidden)
+    rows, hidden = table.shape
+    q = schemes.quantize_blockwise(table.T, block_size, bits, symmetric)
+    tag = match.name.replace("/", "_").strip("_") or "gather"
+
+    def initializer(suffix: str, array: np.ndarray) -> ir.Value:
+        value_name, n = f"{tag}_{suffix}", 1
+        while value_name in graph.initializers:
+            value_name = f"{tag}_{suffix}_{n}"
+            n += 1
+        value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
+        graph.register_initializer(value)
+        return value
+
+    inputs = [
+        initializer(f"data_q{bits}", q.packed.reshape(rows, -1)),
+        match.node.inputs[1],
+        initializer("scales", q.scales.reshape(rows, q.n_blocks)),
+    ]
+    if q.zero_points is not None:
+        inputs.append(initializer("zero_points", q.zero_points.reshape(rows, -1)))
+    node = ir.node(
+        "GatherBlockQuantized",
+        inputs,
+        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": bits},
+        domain=MS_DOMAIN,
+        name=tag,
+    )
+    replace_with(graph, [match.node], node, match.output)
+    entry = {
+        "node": match.name,
+        "op": "Gather",
+        "to": "GatherBlockQuantized",
+        "weight": [rows, hidden],
+        "weight_sqnr_db": _round(schemes.sqnr_db(table, schemes.dequantize_blockwise(q).T)),
+    }
+    return entry, _nbytes(q)
+
+
+def replace_with(
+    graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value
+) -> None:
+    """Put ``node`` where ``old_nodes`` were; its output takes over ``old_out``'s name and readers."""
+    graph.insert_before(old_nodes[0], node)
+    new = node.outputs[0]
+    name = old_out.name
+    old_out.name = f"{name}__float"
+    new.name = name
+    new.shape, new.type = old_out.shape, old_out.type
+    ir.convenience.replace_all_uses_with(old_out, new, replace_graph_outputs=True)
+    inputs = [v for old in old_nodes for v in old.inputs]
+    for old in reversed(old_nodes):
+        graph.remove(old, safe=True)
+    _drop_unused(graph, inputs)
 
 
 def matmul_nbits_node(
