@@ -112,6 +112,18 @@ def test_mlp_runs_as_integer_kernels_and_stays_close(tmp_path):
     assert "w1" not in result.model.graph.initializers
 
 
+def test_without_data_only_per_channel_int8():
+    rng = np.random.default_rng(8)
+    model = attention_projections(rng)
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions())(model)
+
+    assert result.report["calibration"].startswith("none")
+    ops = collections.Counter(node.op_type for node in result.model.graph)
+    assert ops == {"DynamicQuantizeLinear": 1, "MatMulIntegerToFloat": 3}
+    assert all("output_sqnr_db" not in layer for layer in result.report["layers"])
+
+
 def test_shared_input_is_quantized_once(tmp_path):
     rng = np.random.default_rng(1)
     model = attention_projections(rng)

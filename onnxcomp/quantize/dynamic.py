@@ -478,14 +478,14 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         opts = self.options
         data = self.data
         if data is None:
-            from onnxcomp.data import RandomData
-            from onnxcomp.model import input_specs
-
-            try:
-                data = RandomData(input_specs(model), samples=min(8, opts.calibration_samples))
-            except OnnxcompError as err:
-                logger.warning("no calibration data and no random inputs (%s): no smoothing", err)
-                return {"calibration": f"none ({err})"}
+            # Random inputs would pick smoothing factors and bias corrections for data the model never sees.
+            logger.info(
+                "no calibration data: per-channel int8 only (no smoothing, bias correction, block-wise)"
+            )
+            return {
+                "calibration": "none: per-channel int8 only; give data for smoothing, bias correction "
+                "and block-wise layers"
+            }
         groups: dict[str, _GroupStats] = {}
         by_input: dict[str, list[_Layer]] = {}
         for lay in layers:
