@@ -670,14 +670,19 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 )
 @click.option("--calibration-samples", type=int, help="Use at most this many calibration samples.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before quantizing.")
-@click.option("--no-bias-correction", is_flag=True, help="Skip bias correction after static quantization.")
+@click.option(
+    "--bias-correction/--no-bias-correction",
+    default=False,
+    show_default=True,
+    help="Static: add (W - W_q) E[x] to each Conv/Gemm bias.",
+)
 @click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
 @shape_option
 @click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
     model_path, output, mode, data, calibration, per_channel, bits, activation_type, exclude_nodes, exclude_ops,
-    max_drop, eval_data, metric, calibration_samples, no_optimize, no_bias_correction, allow_random_calibration, shapes,
+    max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, allow_random_calibration, shapes,
     threads, as_json,
 ):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
@@ -705,7 +710,7 @@ def quantize(
         max_drop=max_drop,
         metric=metric,
         optimize=not no_optimize,
-        bias_correction=not no_bias_correction,
+        bias_correction=bias_correction,
         calibration_samples=calibration_samples,
         allow_random_calibration=allow_random_calibration,
         threads=threads,

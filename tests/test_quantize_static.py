@@ -314,3 +314,12 @@ def test_cli_bad_options_one_line_exit_2(cli, tmp_path, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_bias_correction_adjusts_int32_biases_and_keeps_accuracy():
+    model, report = static(CNN, bias_correction=True)
+    corrected = {r["node"] for r in report["bias_correction"]}
+    assert len(corrected) == 5  # 3 Conv + 2 Gemm, each with an int32 bias
+    assert all(r["relative_shift"] < 0.5 for r in report["bias_correction"])
+    assert accuracy_drop(CNN, model) <= 0.003
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 2}

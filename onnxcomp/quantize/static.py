@@ -295,109 +295,120 @@ def correct_biases(
     quantized: ir.Model,
     plan: QuantPlan,
     data: DataSource,
+    input_names: dict[int, str],
     *,
     batch_size: int = 32,
     limit: int | None = 256,
 ) -> list[dict[str, Any]]:
-    """Add the per-channel mean output error of each quantized Conv/Gemm to its bias, in place.
+    """Add ``(W - W_q) E[x]`` to the bias of each quantized Conv/Gemm, in place.
 
-    Layers without a bias get one (Conv, Gemm); MatMul has no bias input and is left as is.
+    E[x] is the per-channel mean of the layer's input in the fp32 model on ``data``; for a Conv
+    the weight error is summed over the kernel window (zero padding at the borders is ignored).
+    Only the layer's own weight error is corrected, so errors are never compensated twice down a
+    chain (measuring output means of the quantized model instead does exactly that: on a
+    MobileNetV3-like classifier it took cosine to fp32 from 0.993 down to 0.83).
+
+    input_names: id(node) -> name of the node's float input before the rewrite.
     """
-    targets = []
-    for wp in plan.weights:
-        node = wp.node
-        if node.op_type not in ("Conv", "Gemm"):
-            continue
-        if node.op_type == "Gemm" and (node.attributes.get_float("beta", 1.0) == 0.0):
-            continue
-        targets.append(node)
+    targets = [wp for wp in plan.weights if wp.node.op_type in ("Conv", "Gemm")]
+    targets = [wp for wp in targets if _bias_dq(wp.node) is not None]
     if not targets:
         return []
-    names = [n.outputs[0].name for n in targets]
-    # A graph output an integer kernel writes was renamed `<name>_float` in the quantized model.
-    ref_names = [
-        n.outputs[0].meta.get("onnxcomp.original_name", n.outputs[0].name) for n in targets
-    ]
-    # The quantized model may have renamed a graph output (`<name>_float`): look values up by node.
-    sums_ref = _channel_means(reference, ref_names, targets, data, batch_size, limit)
-    sums_ref = dict(zip(names, (sums_ref[n] for n in ref_names), strict=True))
-    sums_q = _channel_means(quantized, names, targets, data, batch_size, limit)
+    names = sorted({input_names[id(wp.node)] for wp in targets})
+    axes = {}
+    for wp in targets:
+        axes[input_names[id(wp.node)]] = 1 if wp.node.op_type == "Conv" else -1
+    means = _channel_means(reference, names, axes, data, batch_size, limit)
     graph = quantized.graph
     name_gen = _Names(graph)
     report = []
-    for node, name in zip(targets, names):
-        delta = (sums_ref[name] - sums_q[name]).astype(np.float32)  # (C,)
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        producer = bias_value.producer() if bias_value is not None else None
-        if producer is not None and producer.op_type == "DequantizeLinear":
-            codes = producer.inputs[0].const_value.numpy().astype(np.float64)
-            scale = producer.inputs[1].const_value.numpy().astype(np.float32)
-            beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
-            new = codes * scale + delta / beta
-            q, new_scale = _bias_int32(new.astype(np.float32), scale)
-            producer.replace_input_with(
-                0, _initializer(graph, name_gen, f"{node.name}_bias_corrected_quantized", q)
-            )
-            producer.replace_input_with(
-                1, _initializer(graph, name_gen, f"{node.name}_bias_corrected_scale", new_scale)
-            )
-            report.append(
-                {
-                    "node": node.name,
-                    "mean_abs_shift": float(np.mean(np.abs(delta))),
-                    "relative_shift": float(
-                        np.linalg.norm(delta) / (np.linalg.norm(codes * scale) + 1e-12)
-                    ),
-                }
-            )
-            continue
-        if bias_value is None:
-            bias = np.zeros_like(delta)
+    for wp in targets:
+        node = wp.node
+        mean_x = means[input_names[id(node)]]  # (C_in,)
+        w_fp = wp.value.const_value.numpy().astype(np.float64)
+        w_dq_node = node.inputs[OP_TABLE[node.op_type].weight_input].producer()
+        w_q = _dequantized(w_dq_node).astype(np.float64)
+        err = w_fp - w_q
+        if node.op_type == "Conv":
+            groups = node.attributes.get_int("group", 1)
+            m, cg = err.shape[:2]
+            err_sum = err.reshape(m, cg, -1).sum(axis=2)  # (M, C/g)
+            if mean_x.shape[0] != cg * groups:
+                continue
+            x_groups = mean_x.reshape(groups, cg)  # (g, C/g)
+            group_of = np.arange(m) // (m // groups)
+            delta = np.sum(err_sum * x_groups[group_of], axis=1)  # (M,)
         else:
-            bias = bias_value.const_value.numpy().astype(np.float32)
-            if bias.shape != delta.shape:
-                if bias.size == 1:
-                    bias = np.broadcast_to(bias, delta.shape).copy()
-                else:
-                    continue
-        if node.op_type == "Gemm":
+            alpha = node.attributes.get_float("alpha", 1.0)
             beta = node.attributes.get_float("beta", 1.0)
-            new_bias = bias + delta / beta
-        else:
-            new_bias = bias + delta
-        new_value = _initializer(
-            graph, name_gen, f"{node.name}_bias_corrected", new_bias.astype(np.float32)
-        )
-        if len(node.inputs) > 2:
-            old = node.inputs[2]
-            node.replace_input_with(2, new_value)
-            if old is not None and not old.uses() and not old.is_graph_input():
-                graph.initializers.pop(old.name, None)
-        else:
-            node.resize_inputs(3)
-            node.replace_input_with(2, new_value)
+            if node.attributes.get_int("transB", 0):
+                delta = err @ mean_x  # B: (N, K)
+            else:
+                delta = mean_x @ err  # B: (K, N)
+            delta = delta * alpha / beta
+        bias_dq = _bias_dq(node)
+        codes = bias_dq.inputs[0].const_value.numpy().astype(np.float64)
+        scale = bias_dq.inputs[1].const_value.numpy().astype(np.float32)
+        old = codes * scale
+        if old.shape != delta.shape:
+            continue
+        q, new_scale = _bias_int32((old + delta).astype(np.float32), scale)
+        base = f"{node.name}_bias_corrected"
+        bias_dq.replace_input_with(0, _initializer(graph, name_gen, f"{base}_quantized", q))
+        bias_dq.replace_input_with(1, _initializer(graph, name_gen, f"{base}_scale", new_scale))
         report.append(
             {
                 "node": node.name,
                 "mean_abs_shift": float(np.mean(np.abs(delta))),
-                "relative_shift": float(np.linalg.norm(delta) / (np.linalg.norm(bias) + 1e-12)),
+                "relative_shift": float(np.linalg.norm(delta) / (np.linalg.norm(old) + 1e-12)),
             }
         )
     ir.passes.common.RemoveUnusedNodesPass()(quantized)
     return report
 
 
+def _bias_dq(node: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear that feeds ``node``'s int32 bias, or None."""
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    producer = node.inputs[2].producer()
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    if producer.inputs[0].const_value is None or producer.inputs[1].const_value is None:
+        return None
+    return producer
+
+
+def _dequantized(dq: ir.Node) -> np.ndarray:
+    """What a DequantizeLinear of constants computes."""
+    q = dq.inputs[0].const_value.numpy()
+    scale = dq.inputs[1].const_value.numpy()
+    zp = (
+        dq.inputs[2].const_value.numpy()
+        if len(dq.inputs) > 2 and dq.inputs[2] is not None
+        else None
+    )
+    axis = dq.attributes.get_int("axis", 1)
+    params = schemes.QuantParams(
+        scale,
+        zp if zp is not None else np.zeros_like(scale, dtype=q.dtype),
+        q.dtype,
+        axis if np.ndim(scale) else None,
+    )
+    return schemes.dequantize(q, params)
+
+
 def _channel_means(
     model: ir.Model,
     names: list[str],
-    nodes: list[ir.Node],
+    axes: dict[str, int],
     data: DataSource,
     batch_size: int,
     limit: int | None,
 ) -> dict[str, np.ndarray]:
+    """Per-channel means of the named tensors over ``data`` (channel axis per tensor), streamed."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
-    axes = {name: (1 if n.op_type == "Conv" else -1) for name, n in zip(names, nodes, strict=True)}
     for _, tensors in runtime.capture(model, names, data, batch_size=batch_size, limit=limit):
         for name, array in tensors.items():
             axis = axes[name] % array.ndim
