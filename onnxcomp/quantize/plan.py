@@ -95,6 +95,7 @@ OP_TABLE: dict[str, OpRule] = _rules(
     OpRule("Unsqueeze", "passthrough", "Unsqueeze (int8)"),
     OpRule("Resize", "passthrough", "Resize (int8)"),
     OpRule("Slice", "passthrough", "Slice (int8)"),
+    OpRule("Split", "passthrough", "Split (int8)"),
     OpRule("DepthToSpace", "passthrough", "DepthToSpace (int8)"),
     OpRule("SpaceToDepth", "passthrough", "SpaceToDepth (int8)"),
     OpRule("Relu", "activation", "absorbed into the producer's output range"),
@@ -358,8 +359,9 @@ def build_plan(
                 produce(node, rule.kernel or "", "all inputs are int8 tensors")
         elif rule.role == "passthrough":
             data = node.inputs[0] if node.inputs else None
-            if data in available and _is_float(node.outputs[0]):
-                available[node.outputs[0]] = available[data]
+            if data in available and all(_is_float(o) for o in node.outputs):
+                for out in node.outputs:
+                    available[out] = available[data]
                 decisions[id(node)] = NodeDecision(node, rule.kernel, "moves int8 data unchanged")
                 int_nodes.append(node)
                 output_point[id(node)] = node.outputs[0]
@@ -406,7 +408,8 @@ def build_plan(
         if rule.role == "passthrough":
             source = node.inputs[0]
             if source.name in activations:
-                add(point, activations[source.name].group, f"int8 through {node.op_type}")
+                for out in node.outputs:
+                    add(out, activations[source.name].group, f"int8 through {node.op_type}")
             continue
         needed = node.op_type not in ("MatMul", "Gemm")
         if needed:
@@ -426,11 +429,8 @@ def build_plan(
         if OP_TABLE[node.op_type].role == "passthrough":
             source = node.inputs[0]
             if source.name in activations:
-                add(
-                    output_point[id(node)],
-                    activations[source.name].group,
-                    f"int8 through {node.op_type}",
-                )
+                for out in node.outputs:
+                    add(out, activations[source.name].group, f"int8 through {node.op_type}")
 
     # Pass-through ops whose input ended up without a pair stay float after all.
     for node in int_nodes:
@@ -460,7 +460,7 @@ def _passthrough_feeds_int(value: ir.Value, int_ids: set[int]) -> bool:
             continue
         rule = OP_TABLE[node.op_type]
         if rule.role == "passthrough":
-            if _passthrough_feeds_int(node.outputs[0], int_ids):
+            if any(_passthrough_feeds_int(out, int_ids) for out in node.outputs):
                 return True
         elif rule.role != "activation":
             return True
