@@ -589,6 +589,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in [lay for lay in group if lay.blockwise_reason]:
             m = lay.match
             q = schemes.quantize_blockwise(m.w, opts.blockwise_block_size, 8, True)
+            lay.weight_sqnr_db = schemes.sqnr_db(m.w, schemes.dequantize_blockwise(q))
             node = matmul_nbits_node(graph, x, q, m.bias, 4, m.name)
             new_nodes.append(node)
             lay.new_output = node.outputs[0]
@@ -616,6 +617,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                 w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range
             )
             wq = schemes.quantize(w, p)  # (K, N) int8
+            # Of the weight actually quantized (smoothed: s * w).
+            lay.weight_sqnr_db = schemes.sqnr_db(w, schemes.dequantize(wq, p))
             name = m.name.replace("/", "_").strip("_") or "matmul"
             w_q = self._initializer(graph, f"{name}_W_int8", wq)
             w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
