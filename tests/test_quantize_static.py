@@ -209,9 +209,11 @@ def test_op_patterns_silu_concat_transpose_and_convtranspose(tmp_path):
     path, data = _patterns_model(tmp_path)
     model, report = static(path, data=data, eval_data=data, optimize=False)
     ops = bench.graph_report(model)["integer_kernel_ops"]
-    assert ops == {"QLinearConv": 3, "QLinearSigmoid": 1, "QLinearMul": 1, "QLinearConcat": 1}
+    assert ops == {"QLinearConv": 2, "QLinearSigmoid": 1, "QLinearMul": 1, "QLinearConcat": 1}
     floats = {d["op"]: d["reason"] for d in report["plan"]["float_nodes"]}
     assert "no integer ConvTranspose" in floats["ConvTranspose"]
+    # the Conv writing model output y stays float: QLinearConv would round the output to uint8
+    assert "reaches model output 'y'" in floats["Conv"]
     quantized = {d["op"]: d["kernel"] for d in report["plan"]["quantized_nodes"]}
     assert quantized["Transpose"] == "Transpose (int8)"
     for out in report["check"]["comparison"]["outputs"]:

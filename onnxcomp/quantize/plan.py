@@ -303,6 +303,7 @@ def build_plan(
                 activation, "absorbed", f"absorbed into {node.name}'s quantized output range"
             )
 
+    near_output = _near_outputs(graph)
     for node in nodes:
         if id(node) in decisions:
             continue
@@ -333,10 +334,24 @@ def build_plan(
                 )
                 continue
             problem = _weight_problem(node, rule)
+            if problem is None and node.op_type == "Conv":
+                point = _output_point(node, excluded)[0]
+                if point in near_output:
+                    problem = (
+                        f"its output reaches model output {near_output[point]!r} through shape "
+                        "ops only: kept float so the output keeps fp32 precision"
+                    )
             if problem:
                 decisions[id(node)] = NodeDecision(node, None, problem)
             else:
                 produce(node, rule.kernel or "", "weight and input quantized")
+        elif any(out in near_output for out in node.outputs) and rule.role != "activation":
+            decisions[id(node)] = NodeDecision(
+                node,
+                None,
+                f"its output reaches model output {near_output[node.outputs[0]]!r} through "
+                "shape ops only: kept float",
+            )
         elif rule.role in ("elementwise", "concat", "unary"):
             data = (
                 [v for v in node.inputs if v is not None]
@@ -384,7 +399,7 @@ def build_plan(
         )
 
     def add(value: ir.Value, group: str, reason: str) -> None:
-        if value.name in activations:
+        if value.name in activations or value in near_output:
             return
         activations[value.name or ""] = ActivationPlan(value, group, reason, clips.get(value))
 
@@ -450,6 +465,28 @@ def build_plan(
     quantized = [d for n in nodes if (d := decisions.get(id(n))) and d.kernel]
     floats = [d for n in nodes if (d := decisions.get(id(n))) and not d.kernel]
     return QuantPlan(activations, weights, quantized, floats, per_channel)
+
+
+def _near_outputs(graph: ir.Graph) -> dict[ir.Value, str]:
+    """Values that become a model output through pass-through, unary or activation ops only
+    (e.g. a detection head's Conv -> Split -> Sigmoid -> Reshape -> Transpose -> output), mapped
+    to that output's name. Quantizing them would round the model's outputs themselves."""
+    near: dict[ir.Value, str] = {}
+    stack = [(v, v.name or "") for v in graph.outputs]
+    while stack:
+        value, output = stack.pop()
+        if value in near:
+            continue
+        near[value] = output
+        producer = value.producer()
+        if producer is None or producer.domain not in ("", "ai.onnx"):
+            continue
+        rule = OP_TABLE.get(producer.op_type)
+        if rule is None or rule.role not in ("passthrough", "unary", "activation"):
+            continue
+        if producer.inputs and producer.inputs[0] is not None:
+            stack.append((producer.inputs[0], output))
+    return near
 
 
 def _passthrough_feeds_int(value: ir.Value, int_ids: set[int]) -> bool:
