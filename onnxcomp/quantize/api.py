@@ -124,6 +124,7 @@ def prepare(
             )
             model, step = run_pass(pass_, model, "optimize")
             report["optimize"] = step.report
+            model_io.normalize(model)  # types of the values the clean-up wrote
             ratio = _slowdown(before, model, data, options)
             if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
                 # The clean-up is for quantization; it must not cost fp32 time the int8 kernels
