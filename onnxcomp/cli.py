@@ -676,13 +676,14 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     show_default=True,
     help="Static: add (W - W_q) E[x] to each Conv/Gemm bias.",
 )
+@click.option("--gptq", is_flag=True, help="Static: GPTQ rounding of Gemm/MatMul weights on the calibration data.")
 @click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
 @shape_option
 @click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
     model_path, output, mode, data, calibration, per_channel, bits, activation_type, exclude_nodes, exclude_ops,
-    max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, allow_random_calibration, shapes,
+    max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, gptq, allow_random_calibration, shapes,
     threads, as_json,
 ):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
@@ -711,6 +712,7 @@ def quantize(
         metric=metric,
         optimize=not no_optimize,
         bias_correction=bias_correction,
+        gptq=gptq,
         calibration_samples=calibration_samples,
         allow_random_calibration=allow_random_calibration,
         threads=threads,

@@ -325,3 +325,15 @@ def test_bias_correction_adjusts_int32_biases_and_keeps_accuracy():
     assert all(r["relative_shift"] < 0.5 for r in report["bias_correction"])
     assert accuracy_drop(CNN, model) <= 0.003
     assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 2}
+
+
+def test_gptq_rounding_lowers_layer_error_and_output_noise():
+    calib, test = MODELS / "digits_calib_flat.npz", MODELS / "digits_test_flat.npz"
+    _, rtn = static(MLP, data=calib, eval_data=test)
+    model, report = static(MLP, data=calib, eval_data=test, gptq=True)
+    assert len(report["gptq"]) == 3
+    assert all(r["gptq_error"] < r["rtn_error"] for r in report["gptq"])
+    snr = report["check"]["comparison"]["outputs"][0]["snr_db"]
+    assert snr > rtn["check"]["comparison"]["outputs"][0]["snr_db"] + 1.0
+    assert accuracy_drop(MLP, model, test) <= 0.003
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QGemm": 3}

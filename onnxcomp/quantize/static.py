@@ -72,10 +72,18 @@ def _insert_after(graph: ir.Graph, value: ir.Value, new_nodes: list[ir.Node]) ->
 class InsertQdqPass(ir.passes.InPlacePass):
     """Write a quantization plan: Q/DQ on planned activations, int8 weights + DequantizeLinear."""
 
-    def __init__(self, plan: QuantPlan, activation_params: Mapping[str, schemes.QuantParams]):
+    def __init__(
+        self,
+        plan: QuantPlan,
+        activation_params: Mapping[str, schemes.QuantParams],
+        weight_codes: Mapping[int, np.ndarray] | None = None,
+    ):
+        """weight_codes: id(node) -> int8 codes (the weight's layout) chosen by GPTQ, used
+        instead of round-to-nearest with the same per-channel scales."""
         super().__init__()
         self.plan = plan
         self.params = activation_params
+        self.weight_codes = dict(weight_codes or {})
 
     def call(self, model: ir.Model) -> Result:
         graph = model.graph
@@ -170,7 +178,9 @@ class InsertQdqPass(ir.passes.InPlacePass):
             if key not in done:
                 w = wp.value.const_value.numpy().astype(np.float32)
                 params = schemes.weight_params(w, axis=wp.axis, per_channel=wp.axis is not None)
-                q = schemes.quantize(w, params)
+                q = self.weight_codes.get(id(wp.node))
+                if q is None:
+                    q = schemes.quantize(w, params)
                 base = wp.value.name or "weight"
                 q_init = _initializer(graph, names, f"{base}_quantized", q)
                 s_init = _initializer(graph, names, f"{base}_scale", params.scale)
@@ -288,6 +298,58 @@ def _bias_int32(b: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarra
     scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     q = np.clip(np.rint(b.astype(np.float64) / scale), -limit, limit).astype(np.int32)
     return q, scale
+
+
+def gptq_codes(
+    reference: ir.Model,
+    plan: QuantPlan,
+    data: DataSource,
+    input_names: dict[int, str],
+    *,
+    batch_size: int = 32,
+    limit: int | None = 256,
+) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
+    """int8 codes for the Gemm/MatMul weights of ``plan`` by GPTQ (Frantar et al. 2022, "GPTQ:
+    Accurate Post-Training Quantization for Generative Pre-trained Transformers", Alg. 1), on the
+    same per-channel grid as round-to-nearest; the layer inputs are streamed from the fp32 model
+    into one Hessian ``2 X^T X / n`` per input tensor (layers reading the same tensor share it).
+
+    Returns (id(node) -> codes in the weight's own layout, report rows with the layer-wise
+    reconstruction error of round-to-nearest and of GPTQ). Conv weights keep round-to-nearest.
+    """
+    from onnxcomp.quantize import gptq
+
+    targets = [wp for wp in plan.weights if wp.node.op_type in ("Gemm", "MatMul")]
+    if not targets:
+        return {}, []
+    names = sorted({input_names[id(wp.node)] for wp in targets})
+    hessians = {name: gptq.HessianAccumulator() for name in names}
+    for _, tensors in runtime.capture(reference, names, data, batch_size=batch_size, limit=limit):
+        for name, array in tensors.items():
+            hessians[name].update(array)
+    codes: dict[int, np.ndarray] = {}
+    report = []
+    for wp in targets:
+        node = wp.node
+        b = wp.value.const_value.numpy().astype(np.float32)
+        transposed = not (node.op_type == "Gemm" and node.attributes.get_int("transB", 0))
+        w = b.T if transposed else b  # (out, in)
+        params = schemes.weight_params(
+            w, axis=0 if wp.axis is not None else None, per_channel=wp.axis is not None
+        )
+        h = hessians[input_names[id(node)]].H
+        result = gptq.gptq_quantize(w, h, quantizer=params)
+        rtn = schemes.dequantize(schemes.quantize(w, params), params)
+        q = result.quantized.astype(np.int8)
+        codes[id(node)] = np.ascontiguousarray(q.T if transposed else q)
+        report.append(
+            {
+                "node": node.name,
+                "rtn_error": gptq.reconstruction_error(w, rtn, h),
+                "gptq_error": gptq.reconstruction_error(w, result.dequantized, h),
+            }
+        )
+    return codes, report
 
 
 def correct_biases(
