@@ -156,3 +156,38 @@ def test_quantize_as_a_recipe_step():
     assert reports[0].report["mode"] == "static"
     assert reports[0].report["calibration"]["method"] == "mse"
     assert any(n.op_type == "QuantizeLinear" for n in model.graph)
+
+
+def test_dynamic_and_weight_only_modes_dispatch(cli, tmp_path):
+    from onnxcomp import bench
+
+    path, calib, evals = _bert(tmp_path)
+    model, report = quantize(
+        model_io.load(path), QuantizeOptions(mode="dynamic"), data=calib, eval_data=evals
+    )
+    assert report["mode"] == "dynamic"
+    ops = bench.graph_report(model)["integer_kernel_ops"]
+    assert sum(ops.get(k, 0) for k in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")) >= 12
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.99
+
+    out = tmp_path / "w4.onnx"
+    result = cli(
+        "quantize",
+        path,
+        "-o",
+        out,
+        "--mode",
+        "weight-only",
+        "--bits",
+        "4",
+        "--data",
+        calib,
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["mode"] == "weight-only"
+    assert bench.graph_report(str(out))["integer_kernel_ops"].get("MatMulNBits", 0) >= 12
+    assert out.stat().st_size < path.stat().st_size / 3
+
+    result = cli("quantize", path, "-o", tmp_path / "x.onnx", "--bits", "4", "--data", calib)
+    assert result.exit_code == 2 and "--bits 4 works only with --mode weight-only" in result.stderr

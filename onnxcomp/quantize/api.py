@@ -69,7 +69,7 @@ class QuantizeOptions:
         """Raise OnnxcompError naming the option when values do not fit together."""
         if self.bits not in (4, 8):
             raise OnnxcompError(f"{where}: --bits {self.bits}: only 8 and 4 are supported")
-        if self.bits == 4 and self.mode in ("static", "dynamic"):
+        if self.bits == 4 and self.mode != "weight-only":
             raise OnnxcompError(
                 f"{where}: --bits 4 works only with --mode weight-only (onnxruntime has no 4-bit "
                 f"{self.mode} kernels); got --mode {self.mode}"
@@ -118,6 +118,8 @@ def prepare(
         except OnnxcompError:
             spec = None
         if spec is not None:
+            if data is None:  # the clean-up checks itself on random inputs shaped by --shape
+                data = _random_source(model, options)
             before = model_io.copy_model(model)
             pass_ = spec.build(
                 parse_options(spec.options, {}, "optimize"),
@@ -412,6 +414,8 @@ def _other_pass(module: str, cls_name: str, options: QuantizeOptions, data: Data
                 default.default_factory() if callable(default.default_factory) else default.default
             )
             values["op_types"] = [op for op in ops if op not in options.exclude_ops]
+        if "algorithm" in fields and options.gptq:
+            values["algorithm"] = "gptq"
         their = opts_cls(**values)
     import inspect
 
