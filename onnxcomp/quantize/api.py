@@ -190,12 +190,8 @@ def fold_batchnorm(model: ir.Model) -> int:
     graph = model.graph
     folded = 0
     for bn in list(graph):
-        if (
-            bn.op_type != "BatchNormalization"
-            or len(bn.outputs) != 1
-            and any(o.uses() for o in bn.outputs[1:])
-        ):
-            continue
+        if bn.op_type != "BatchNormalization" or any(o.uses() for o in bn.outputs[1:]):
+            continue  # training-mode outputs (running mean/var) in use
         conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
         if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1:
             continue
@@ -238,8 +234,6 @@ def fold_batchnorm(model: ir.Model) -> int:
         out = bn.outputs[0]
         conv_out = conv.outputs[0]
         out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
-        if out.is_graph_output():
-            pass
         name = out.name
         graph.remove(bn, safe=True)
         conv_out.name = name
