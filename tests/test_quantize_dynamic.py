@@ -291,6 +291,18 @@ def test_keep_float_by_name():
     assert sum(n.op_type == "MatMul" for n in result.model.graph) == 1
 
 
+def test_opset_below_11_is_refused_with_the_reason():
+    text = """
+        <ir_version: 7, opset_import: ["" : 10]>
+        g (float[2, 4] x) => (float[2, 3] y) {
+            y = MatMul(x, w)
+        }
+    """
+    model = from_text(text, w=np.ones((4, 3)))
+    with pytest.raises(OnnxcompError, match="opset 10"):
+        DynamicQuantizePass(DynamicQuantizeOptions())(model)
+
+
 @pytest.mark.parametrize(
     ("values", "key"),
     [

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import model as model_io
 from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Result
@@ -161,8 +162,10 @@ def _match_matmul(node: ir.Node) -> _Match | str:
     w = _const(b)
     if w is None:
         return "weight is computed at run time (not a constant)"
-    if w.dtype != np.float32 or not _is_float32(x):
+    if w.dtype != np.float32:
         return f"weight is {w.dtype}, not float32"
+    if not _is_float32(x):
+        return f"input is {x.dtype}, not float32"
     if w.ndim != 2:
         return f"weight has rank {w.ndim}; the integer kernels need a [K, N] matrix"
     if x.shape is not None and len(x.shape) < 2:
@@ -362,8 +365,19 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         self.options.check()
         self.data = data
 
+    def _check_opset(self, model: ir.Model) -> None:
+        # Not in requires(): onnx-ir wraps what requires() raises in PreconditionError, and the user's
+        # mistake must reach the CLI as an OnnxcompError.
+        version = model_io.opset(model)
+        if version < 11:
+            raise OnnxcompError(
+                f"dynamic quantization writes DynamicQuantizeLinear (opset 11); the model imports opset "
+                f"{version}: upgrade it first (onnxcomp.model.ensure_opset)"
+            )
+
     def call(self, model: ir.Model) -> Result:
         opts = self.options
+        self._check_opset(model)
         layers, skipped = self._plan_matches(model)
         for lay in layers:
             if lay.match.name in opts.keep_float:

@@ -39,7 +39,8 @@ class WeightOnlyOptions:
     Attributes:
         bits: 4 or 8.
         block_size: weights per scale along the input axis (a power of two, >= 16: 32, 64, 128).
-        symmetric: codes around the fixed zero point 2**(bits-1) (no zero-point tensor), else per-block zero points.
+        symmetric: codes around the fixed zero point 2**(bits-1) (no zero-point tensor); the default, asymmetric,
+            stores a zero point per block and uses all 2**bits levels (MiniLM int4: cosine 0.973 versus 0.954).
         algorithm: "rtn" (round to nearest) or "gptq" (error-correcting rounding, needs calibration data).
         accuracy_level: MatMulNBits' compute type for the activations: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.
         op_types: ops to quantize ("MatMul", "Gather").
@@ -51,7 +52,7 @@ class WeightOnlyOptions:
 
     bits: int = 4
     block_size: int = 32
-    symmetric: bool = True
+    symmetric: bool = False
     algorithm: Literal["rtn", "gptq"] = "rtn"
     accuracy_level: int = 4
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gather"])
