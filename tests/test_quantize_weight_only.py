@@ -105,6 +105,30 @@ def test_bias_add_is_folded_and_int8_activations_stay_close():
     assert cos > 0.999
 
 
+def test_gemm_becomes_matmulnbits_with_bias():
+    rng = np.random.default_rng(6)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[batch, 64] x) => (float[batch, 16] y) {
+            y = Gemm <transB: int = 1, alpha: float = 0.5, beta: float = 2.0> (x, w, c)
+        }
+    """
+    model = from_text(
+        text,
+        w=rng.standard_normal((16, 64)).astype(np.float32),
+        c=rng.standard_normal(16).astype(np.float32),
+    )
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ref = run(model, {"x": x})
+
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=8, accuracy_level=1))(model)
+
+    assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
+    assert result.report["layers"][0]["op"] == "Gemm"
+    out = run(result.model, {"x": x})
+    np.testing.assert_allclose(out, ref, rtol=0.02, atol=0.02)
+
+
 def test_gptq_beats_round_to_nearest_on_correlated_inputs(tmp_path):
     # Correlated inputs (a low-rank mix plus noise) make some weight directions matter far more than others:
     # GPTQ spreads each column's rounding error where the inputs do not look.

@@ -29,7 +29,7 @@ from onnxcomp.quantize import gptq, schemes
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-SUPPORTED_OPS = ("MatMul", "Gather")
+SUPPORTED_OPS = ("MatMul", "Gemm", "Gather")
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class WeightOnlyOptions:
             stores a zero point per block and uses all 2**bits levels (MiniLM int4: cosine 0.973 versus 0.954).
         algorithm: "rtn" (round to nearest) or "gptq" (error-correcting rounding, needs calibration data).
         accuracy_level: MatMulNBits' compute type for the activations: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.
-        op_types: ops to quantize ("MatMul", "Gather").
+        op_types: ops to quantize ("MatMul", "Gemm", "Gather").
         keep_float: node names to leave float.
         calibration_samples: samples of the data used by GPTQ.
         damp: GPTQ's relative Hessian dampening.
@@ -55,7 +55,7 @@ class WeightOnlyOptions:
     symmetric: bool = False
     algorithm: Literal["rtn", "gptq"] = "rtn"
     accuracy_level: int = 4
-    op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gather"])
+    op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm", "Gather"])
     keep_float: list[str] = dataclasses.field(default_factory=list)
     calibration_samples: int = 64
     damp: float = 0.01
@@ -144,6 +144,34 @@ def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
     return match
 
 
+def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
+    """Gemm with a constant weight: ``alpha * x @ W (+ beta * C)`` as MatMulNBits with a bias."""
+    attrs = node.attributes
+    if "transA" in attrs and attrs["transA"].as_int():
+        return "Gemm with transA=1 (the input would need a Transpose)"
+    b = _const(node.inputs[1])
+    if b is None:
+        return "weight is computed at run time (not a constant)"
+    if b.dtype != np.float32 or b.ndim != 2:
+        return f"weight is {b.dtype} of rank {b.ndim}, not a float32 matrix"
+    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
+    beta = attrs["beta"].as_float() if "beta" in attrs else 1.0
+    w = b.T if ("transB" in attrs and attrs["transB"].as_int()) else b
+    w = np.ascontiguousarray(w * np.float32(alpha), dtype=np.float32)  # (K, N)
+    n = w.shape[1]
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = _const(node.inputs[2])
+        if c is None:
+            return "bias C is computed at run time"
+        if c.size not in (1, n) or (c.size == n and c.shape[-1:] != (n,)):
+            return f"bias C of shape {list(c.shape)} is not a per-column vector"
+        bias = np.broadcast_to(c.reshape(-1) * np.float32(beta), (n,)).astype(np.float32)
+    return _Match(
+        node.name or "", "MatMul", node, w, x=node.inputs[0], bias=bias, output=node.outputs[0]
+    )
+
+
 def _match_gather(node: ir.Node, block_size: int) -> _Match | str:
     table = _const(node.inputs[0])
     if table is None:
@@ -158,7 +186,7 @@ def _match_gather(node: ir.Node, block_size: int) -> _Match | str:
     return _Match(node.name or "", "Gather", node, table, output=node.outputs[0])
 
 
-RULES = {"MatMul": _match_matmul, "Gather": _match_gather}
+RULES = {"MatMul": _match_matmul, "Gemm": _match_gemm, "Gather": _match_gather}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +258,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             matches.append(match)
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.graph is not model.graph and node.op_type in self.options.op_types:
+                if node.op_type == "Gather" and _const(node.inputs[0]) is None:
+                    continue  # shapes and indices, not a weight
                 skipped.append(
                     {
                         "node": node.name or node.op_type,
@@ -318,7 +348,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         replace_with(graph, old, node, match.output)
         entry: dict[str, object] = {
             "node": match.name,
-            "op": "MatMul",
+            "op": match.node.op_type,
             "to": "MatMulNBits",
             "weight": list(match.w.shape),
             "weight_sqnr_db": _round(schemes.sqnr_db(match.w, deq)),
