@@ -303,6 +303,21 @@ def test_opset_below_11_is_refused_with_the_reason():
         DynamicQuantizePass(DynamicQuantizeOptions())(model)
 
 
+def test_least_accurate_layers_kept_float_on_request(tmp_path):
+    rng = np.random.default_rng(9)
+    model = mlp(rng)
+    calib = npz(tmp_path, x=rng.standard_normal((8, 11, 64)).astype(np.float32))
+    options = DynamicQuantizeOptions(min_sqnr_db=100.0, max_float_layers=1, blockwise=False)
+
+    result = DynamicQuantizePass(options, calib)(model)
+
+    layers = result.report["layers"]
+    floats = [layer for layer in layers if layer["status"] == "float"]
+    assert len(floats) == 1 and "below min_sqnr_db=100" in floats[0]["reason"]
+    assert floats[0]["output_sqnr_db"] == min(layer["output_sqnr_db"] for layer in layers)
+    assert sum(n.op_type == "MatMul" for n in result.model.graph) == 1
+
+
 @pytest.mark.parametrize(
     ("values", "key"),
     [

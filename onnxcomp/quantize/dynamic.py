@@ -55,8 +55,10 @@ class DynamicQuantizeOptions:
         reduce_range: 7-bit weights ([-64, 64]); only needed on CPUs without AVX-512 VNNI / AVX-VNNI.
         form: "contrib": onnxruntime's fused kernels; "onnx": standard ops only.
         keep_float: node names to leave float.
-        min_sqnr_db: with data, layers whose output SQNR on the data stays below this are kept float.
-        max_float_layers: at most this many layers kept float by ``min_sqnr_db`` (the least accurate first).
+        min_sqnr_db: with data, layers whose output SQNR on the data (per-tensor or, for block-wise layers,
+            block-wise) stays below this are kept float (0: none).
+        max_float_layers: at most this many layers kept float by ``min_sqnr_db``, the least accurate first
+            (0: no limit).
         smooth: with data, try SmoothQuant on each group of MatMuls sharing an input and keep what helps.
         smooth_alphas: migration strengths tried; the best output SQNR wins (0 = no smoothing).
         bias_correction: with data, add the mean output error of each quantized layer to its bias.
@@ -549,18 +551,27 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
 
     def _choose_float(self, layers: list[_Layer]) -> None:
         opts = self.options
-        if opts.min_sqnr_db <= 0 or opts.max_float_layers == 0:
+        if opts.min_sqnr_db <= 0:
             return
-        ranked = sorted(
-            (lay for lay in layers if not lay.float_reason and lay.output_sqnr_db is not None),
-            key=lambda lay: lay.output_sqnr_db,
+
+        def effective(lay: _Layer) -> float:
+            return lay.blockwise_sqnr_db if lay.blockwise_reason else lay.output_sqnr_db
+
+        below = sorted(
+            (
+                lay
+                for lay in layers
+                if not lay.float_reason
+                and lay.output_sqnr_db is not None
+                and effective(lay) < opts.min_sqnr_db
+            ),
+            key=effective,
         )
-        for lay in ranked[: opts.max_float_layers]:
-            if lay.output_sqnr_db < opts.min_sqnr_db:
-                lay.float_reason = (
-                    f"output SQNR {lay.output_sqnr_db:.1f} dB on the data is below "
-                    f"min_sqnr_db={opts.min_sqnr_db:g}"
-                )
+        if opts.max_float_layers:
+            below = below[: opts.max_float_layers]
+        for lay in below:
+            lay.float_reason = f"output SQNR {effective(lay):.1f} dB on the data is below min_sqnr_db={opts.min_sqnr_db:g}"
+            lay.blockwise_reason = None
 
     # -- rewrite ---------------------------------------------------------------------------
 
