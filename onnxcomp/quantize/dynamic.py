@@ -62,14 +62,14 @@ class DynamicQuantizeOptions:
         smooth: with data, try SmoothQuant on each group of MatMuls sharing an input and keep what helps.
         smooth_alphas: migration strengths tried; the best output SQNR wins (0 = no smoothing).
         bias_correction: with data, add the mean output error of each quantized layer to its bias.
-        blockwise: with data, layers whose simulated output SQNR gains at least ``blockwise_gain_db`` from int8
+        blockwise: with data and the contrib form, layers whose simulated output SQNR gains at least ``blockwise_gain_db`` from int8
             activations scaled per token and block (instead of per tensor) run as MatMulNBits 8-bit with
             accuracy_level 4: the FFN down-projections of transformers, whose inputs have outliers that
             per-tensor scales cannot hold and smoothing cannot reach.
         blockwise_gain_db: the gain (dB) that earns a layer the block-wise kernel.
         blockwise_block_size: block size along K of the block-wise layers (weights and activations).
         embeddings: Gathers of constant tables (token, position embeddings) become GatherBlockQuantized with
-            8-bit blocks along the hidden axis: a quarter of the size, no measurable error.
+            8-bit blocks along the hidden axis: a quarter of the size, no measurable error (contrib form only).
         calibration_samples: samples of the data used for the measurements.
     """
 
@@ -397,7 +397,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         quantized = [lay for lay in layers if not lay.float_reason]
         if quantized:
             self._rewrite(model, quantized)
-        embeddings = self._quantize_embeddings(model, skipped) if opts.embeddings else []
+        embeddings = []
+        if opts.embeddings and opts.form == "contrib":
+            embeddings = self._quantize_embeddings(model, skipped)
         report: dict[str, object] = {
             "quantized": len(quantized),
             "kept_float": len(layers) - len(quantized),
