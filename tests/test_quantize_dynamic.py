@@ -277,6 +277,24 @@ def test_bert_graph_close_to_float(tmp_path):
     assert reasons == {"weight is computed at run time (not a constant)"}
 
 
+def test_calibration_in_chunks_gives_the_same_model(tmp_path, monkeypatch):
+    # Models whose candidate weights do not fit the calibration memory budget are calibrated a few groups at a
+    # time, with more runs over the data and the same result.
+    from onnxcomp.quantize import dynamic
+
+    rng = np.random.default_rng(10)
+    calib = npz(tmp_path, x=rng.standard_normal((8, 11, 64)).astype(np.float32))
+    one = DynamicQuantizePass(DynamicQuantizeOptions(), calib)(mlp(np.random.default_rng(0)))
+    monkeypatch.setattr(dynamic, "CALIBRATION_MEMORY_BYTES", 1)
+    chunked = DynamicQuantizePass(DynamicQuantizeOptions(), calib)(mlp(np.random.default_rng(0)))
+
+    assert one.report["calibration_runs"] == 2 and chunked.report["calibration_runs"] == 4
+    assert one.report["layers"] == chunked.report["layers"]
+    assert (
+        ir.to_proto(one.model).SerializeToString() == ir.to_proto(chunked.model).SerializeToString()
+    )
+
+
 def test_keep_float_by_name():
     rng = np.random.default_rng(7)
     model = mlp(rng)

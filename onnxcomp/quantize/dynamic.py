@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
+# Candidate weights held at once during calibration; more layers than this take more runs over the data.
+CALIBRATION_MEMORY_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -325,6 +327,11 @@ class _GroupStats:
                 for lay in self.layers
             ]
 
+    def release(self) -> None:
+        """Drop the candidate weights once the errors are summed."""
+        self.candidates = []
+        self.blockwise_weights = []
+
     def observe_error(self, x: np.ndarray) -> None:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (tokens, K)
@@ -351,6 +358,21 @@ class _GroupStats:
             for i, wb in enumerate(self.blockwise_weights):
                 self.noise_blockwise[i] += noise(i, xb @ wb)[0]
         self.count += x2.shape[0]
+
+
+def _chunks(names: list[str], cost, budget: int) -> list[list[str]]:
+    """Split ``names`` (in order) into runs whose summed ``cost(name)`` stays within ``budget`` (at least one each)."""
+    chunks: list[list[str]] = []
+    used = 0
+    for name in names:
+        c = cost(name)
+        if chunks and used + c <= budget:
+            chunks[-1].append(name)
+            used += c
+        else:
+            chunks.append([name])
+            used = c
+    return chunks
 
 
 def _sqnr(signal: float, noise: float) -> float:
@@ -513,16 +535,25 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for name, group in by_input.items():
             eligible = block if all(lay.match.op_type == "MatMul" for lay in group) else None
             groups[name] = _GroupStats(group, alphas, eligible)
-        names = list(groups)
         limit = opts.calibration_samples
-        for _, acts in runtime.capture(model, names, data, limit=limit):
-            for name, x in acts.items():
-                groups[name].observe_range(x)
-        for stats in groups.values():
-            stats.prepare(opts.per_channel, opts.reduce_range)
-        for _, acts in runtime.capture(model, names, data, limit=limit):
-            for name, x in acts.items():
-                groups[name].observe_error(np.asarray(x, np.float32))
+        # The candidate weights of every group are held while the data streams by: groups are taken in chunks
+        # that fit CALIBRATION_MEMORY_BYTES, each chunk with its own two runs over the data.
+        chunks = _chunks(
+            list(groups),
+            lambda name: (len(alphas) + 1) * sum(lay.match.w.size * 4 for lay in by_input[name]),
+            CALIBRATION_MEMORY_BYTES,
+        )
+        for names in chunks:
+            for _, acts in runtime.capture(model, names, data, limit=limit):
+                for name, x in acts.items():
+                    groups[name].observe_range(x)
+            for name in names:
+                groups[name].prepare(opts.per_channel, opts.reduce_range)
+            for _, acts in runtime.capture(model, names, data, limit=limit):
+                for name, x in acts.items():
+                    groups[name].observe_error(np.asarray(x, np.float32))
+            for name in names:
+                groups[name].release()
         smoothed = blockwise = 0
         for stats in groups.values():
             totals = [_sqnr(stats.signal.sum(), stats.noise[a].sum()) for a in range(len(alphas))]
@@ -547,6 +578,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                         )
         return {
             "calibration": getattr(data, "name", "data"),
+            "calibration_runs": 2 * len(chunks),
             "smoothed_groups": int(smoothed),
             "blockwise_layers": blockwise,
         }
