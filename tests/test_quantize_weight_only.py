@@ -159,6 +159,36 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(tmp_path):
     assert reports["gptq"]["calibration_rows"] == 64 * 8
 
 
+def test_gptq_in_chunks_when_hessians_exceed_the_budget(tmp_path, monkeypatch):
+    # One Hessian per run over the data; the second layer is calibrated on the first one's quantized output.
+    from onnxcomp.quantize import weight_only
+
+    rng = np.random.default_rng(7)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        two (float[batch, 64] x) => (float[batch, 32] y) {
+            h = MatMul(x, w1)
+            r = Relu(h)
+            y = MatMul(r, w2)
+        }
+    """
+    weights = {"w1": rng.standard_normal((64, 64)), "w2": rng.standard_normal((64, 32))}
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    calib_path = tmp_path / "calib.npz"
+    np.savez(calib_path, x=rng.standard_normal((32, 64)).astype(np.float32))
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    ref = run(from_text(text, **weights), {"x": x})
+    monkeypatch.setattr(weight_only, "HESSIAN_MEMORY_BYTES", 1)
+    options = WeightOnlyOptions(bits=8, algorithm="gptq", accuracy_level=1)
+
+    result = WeightOnlyQuantizePass(options, NpzData(calib_path))(from_text(text, **weights))
+
+    assert result.report["calibration_runs"] == 2
+    assert [n.op_type for n in result.model.graph] == ["MatMulNBits", "Relu", "MatMulNBits"]
+    out = run(result.model, {"x": x})
+    assert float(np.sum((out - ref) ** 2) / np.sum(ref**2)) < 1e-3
+
+
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True)])
 def test_embedding_gather_becomes_gather_block_quantized(bits, symmetric):
     rng = np.random.default_rng(3)

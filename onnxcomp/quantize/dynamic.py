@@ -37,7 +37,12 @@ from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
-from onnxcomp.quantize.weight_only import match_embedding, matmul_nbits_node, rewrite_gather
+from onnxcomp.quantize.weight_only import (
+    match_embedding,
+    matmul_nbits_node,
+    rewrite_gather,
+    split_by_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -360,21 +365,6 @@ class _GroupStats:
         self.count += x2.shape[0]
 
 
-def _chunks(names: list[str], cost, budget: int) -> list[list[str]]:
-    """Split ``names`` (in order) into runs whose summed ``cost(name)`` stays within ``budget`` (at least one each)."""
-    chunks: list[list[str]] = []
-    used = 0
-    for name in names:
-        c = cost(name)
-        if chunks and used + c <= budget:
-            chunks[-1].append(name)
-            used += c
-        else:
-            chunks.append([name])
-            used = c
-    return chunks
-
-
 def _sqnr(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
@@ -538,7 +528,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         limit = opts.calibration_samples
         # The candidate weights of every group are held while the data streams by: groups are taken in chunks
         # that fit CALIBRATION_MEMORY_BYTES, each chunk with its own two runs over the data.
-        chunks = _chunks(
+        chunks = split_by_budget(
             list(groups),
             lambda name: (len(alphas) + 1) * sum(lay.match.w.size * 4 for lay in by_input[name]),
             CALIBRATION_MEMORY_BYTES,

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_OPS = ("MatMul", "Gemm", "Gather")
+# GPTQ Hessians held at once; more inputs than this take more runs over the calibration data.
+HESSIAN_MEMORY_BYTES = 2 << 30
 
 
 @dataclasses.dataclass
@@ -204,24 +206,22 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> Result:
         opts = self.options
         matches, skipped = self._plan(model)
-        hessians: dict[str, gptq.HessianAccumulator] = {}
         calibration: dict[str, object] = {}
         matmuls = [m for m in matches if m.op_type == "MatMul"]
-        if opts.algorithm == "gptq" and matmuls:
-            hessians, calibration = self._hessians(model, matmuls)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        layers = []
-        bytes_before = bytes_after = 0
+        entries: dict[int, tuple[dict[str, object], int]] = {}
+        if opts.algorithm == "gptq" and matmuls:
+            calibration = self._gptq(model, matmuls, entries)
         for match in matches:
+            if id(match) in entries:
+                continue
             if match.op_type == "MatMul":
-                entry, new_bytes = self._rewrite_matmul(
-                    model.graph, match, hessians.get(match.x.name)
-                )
+                entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
             else:
-                entry, new_bytes = self._rewrite_gather(model.graph, match)
-            bytes_before += match.w.nbytes
-            bytes_after += new_bytes
-            layers.append(entry)
+                entries[id(match)] = self._rewrite_gather(model.graph, match)
+        layers = [entries[id(m)][0] for m in matches]
+        bytes_before = sum(m.w.nbytes for m in matches)
+        bytes_after = sum(entries[id(m)][1] for m in matches)
         report: dict[str, object] = {
             "quantized": len(layers),
             "bits": opts.bits,
@@ -269,10 +269,18 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 )
         return matches, skipped
 
-    def _hessians(
-        self, model: ir.Model, matches: list[_Match]
-    ) -> tuple[dict[str, gptq.HessianAccumulator], dict[str, object]]:
-        """Stream each MatMul input over the calibration data into a Hessian (one per distinct input)."""
+    def _gptq(
+        self,
+        model: ir.Model,
+        matches: list[_Match],
+        entries: dict[int, tuple[dict[str, object], int]],
+    ) -> dict[str, object]:
+        """Stream each MatMul input over the calibration data into a Hessian (one per distinct input), quantize.
+
+        The Hessians (``K^2`` float64 each) are accumulated for as many inputs as fit HESSIAN_MEMORY_BYTES at a
+        time, in graph order; the layers of a chunk are rewritten before the next chunk's run, so later layers
+        see the already-quantized ones, as in GPTQ.
+        """
         data = self.data
         if data is None:
             from onnxcomp.data import RandomData
@@ -287,13 +295,35 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                     f"algorithm=gptq needs calibration data: give --data ({err})"
                 ) from None
             logger.warning("GPTQ without calibration data: using random inputs")
-        names = list(dict.fromkeys(m.x.name for m in matches))
-        hessians = {name: gptq.HessianAccumulator() for name in names}
-        for _, acts in runtime.capture(model, names, data, limit=self.options.calibration_samples):
-            for name, x in acts.items():
-                hessians[name].update(x)
-        samples = min(hessians[n].n_samples for n in names)
-        return hessians, {"calibration": getattr(data, "name", "data"), "calibration_rows": samples}
+        by_input: dict[str, list[_Match]] = {}
+        for match in matches:
+            by_input.setdefault(match.x.name, []).append(match)
+        chunks = split_by_budget(
+            list(by_input),
+            lambda name: 8 * by_input[name][0].w.shape[0] ** 2,
+            HESSIAN_MEMORY_BYTES,
+        )
+        rows = None
+        for names in chunks:
+            hessians = {name: gptq.HessianAccumulator() for name in names}
+            limit = self.options.calibration_samples
+            for _, acts in runtime.capture(model, names, data, limit=limit):
+                for name, x in acts.items():
+                    hessians[name].update(x)
+            for name in names:
+                rows = (
+                    hessians[name].n_samples
+                    if rows is None
+                    else min(rows, hessians[name].n_samples)
+                )
+                for match in by_input[name]:
+                    entries[id(match)] = self._rewrite_matmul(model.graph, match, hessians[name])
+            del hessians
+        return {
+            "calibration": getattr(data, "name", "data"),
+            "calibration_rows": rows,
+            "calibration_runs": len(chunks),
+        }
 
     def _quantize_weight(
         self, w: np.ndarray, hessian: gptq.HessianAccumulator | None
@@ -477,6 +507,21 @@ def matmul_nbits_node(
         domain=MS_DOMAIN,
         name=tag,
     )
+
+
+def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
+    """Split ``names`` (in order) into runs whose summed ``cost(name)`` stays within ``budget`` (at least one each)."""
+    chunks: list[list[str]] = []
+    used = 0
+    for name in names:
+        c = cost(name)
+        if chunks and used + c <= budget:
+            chunks[-1].append(name)
+            used += c
+        else:
+            chunks.append([name])
+            used = c
+    return chunks
 
 
 def _output_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
