@@ -295,6 +295,7 @@ def print_table(rows: list[dict]) -> None:
         "p50 ms",
         "x fp32",
         "top-1",
+        "agree",
         "cos mean",
         "cos min",
         "int k",
@@ -318,6 +319,7 @@ def print_table(rows: list[dict]) -> None:
                 _fmt(r.get("p50_ms"), "{:.4f}"),
                 _fmt(r.get("ratio"), "{:.2f}"),
                 _fmt(r.get("top1"), "{:.4f}"),
+                _fmt(r.get("agree"), "{:.3f}"),
                 _fmt(r.get("cosine_mean"), "{:.4f}"),
                 _fmt(r.get("cosine_min"), "{:.4f}"),
                 _fmt(r.get("int_kernels")),
@@ -327,11 +329,11 @@ def print_table(rows: list[dict]) -> None:
                 r.get("note", "") or r.get("error", ""),
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=False)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in table:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
 
 
 def main() -> None:
