@@ -415,6 +415,22 @@ def test_fold_input_scale_into_grouped_conv():
     assert op_histogram(result) == {"Conv": 1}
 
 
+def test_fold_input_shift_only_into_unpadded_conv():
+    weights = {"w": _rand((6, 2, 3, 3)), "k": _rand((1, 4, 1, 1), 7)}
+    unpadded = _graph_with(
+        "m = Sub(x, k)\n y = Conv<group = 2>(m, w)", "float[1, 4, 5, 5] x", "float[1, 6, 3, 3] y", weights
+    )
+    result, _ = _optimize(unpadded)
+    assert op_histogram(result) == {"Conv": 1}
+    padded = _graph_with(
+        "m = Add(x, k)\n y = Conv<group = 2, pads = [1, 1, 1, 1]>(m, w)",
+        "float[1, 4, 5, 5] x", "float[1, 6, 5, 5] y", weights,
+    )
+    result, report = _optimize(padded)
+    assert op_histogram(result) == {"Add": 1, "Conv": 1}
+    assert any("pads with zeros" in r for r in _skips(report, "fold-input-shift"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Removal and constant folding
 
@@ -620,3 +636,29 @@ def test_orientation_model_batchnorm_folded():
     feeds = {"x": np.random.default_rng(1).random((2, 3, 224, 224), np.float32)}
     for a, b in zip(_run(model, feeds), _run(result, feeds)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.thirdparty
+def test_magika_layer_norms_fused_gelu_left_at_its_opset():
+    # jax2tf: LayerNorm as max(mean(x²) − mean², 0) with keepdims=0 sums, one over a middle axis.
+    model = ir.load(_thirdparty("magika"))
+    result, report = optimize(model)
+    hist = op_histogram(result)
+    assert hist["LayerNormalization"] == 2 and "Reciprocal" not in hist
+    assert report["opset"]["after"] == 17 and "Gelu" not in hist
+    assert any("needs opset 20" in r for r in _skips(report, "gelu-tanh"))
+    feeds = {"bytes": np.random.default_rng(1).integers(0, 256, (3, 2048)).astype(np.int32)}
+    for a, b in zip(_run(model, feeds), _run(result, feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.thirdparty
+def test_yolov8n_dynamic_shapes_silu_left_to_onnxruntime():
+    model = ir.load(_thirdparty("yolov8n"))
+    result, report = optimize(model, OptimizeOptions(shapes={"images": [1, 3, 320, 320]}))
+    assert op_histogram(result)["Sigmoid"] == op_histogram(model)["Sigmoid"]
+    assert report["rules"]["reshape-shape"]["applied"] >= 1
+    # Another input size than the self-check used: the model stays dynamic.
+    feeds = {"images": np.random.default_rng(1).random((1, 3, 256, 320), np.float32)}
+    for a, b in zip(_run(model, feeds), _run(result, feeds)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())

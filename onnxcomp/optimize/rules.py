@@ -1165,6 +1165,52 @@ class FoldInputScaleRule(Rule):
         match.anchor.graph.remove(match.anchor, safe=True)
 
 
+class FoldInputShiftRule(Rule):
+    name = "fold-input-shift"
+    description = "Add of a per-channel constant before an unpadded Conv → the Conv bias"
+    anchors = ("Add", "Sub")
+
+    def match(self, node):
+        x, c = split_const(node)
+        if x is None or x.const_value is not None or (node.op_type == "Sub" and node.inputs[0] is not x):
+            return None
+        conv = only_use(node.outputs[0])
+        if conv is None or conv.op_type != "Conv" or conv.inputs[0] is not node.outputs[0]:
+            return None
+        shift = const(c)
+        if shift.dtype.kind != "f":
+            return None
+        parts = _linear_parts(conv)
+        if isinstance(parts, str):
+            return parts
+        w, b = parts
+        channels = w.shape[1] * attr(conv, "group", 1)
+        per = _per_channel(shift, w.ndim, channels)
+        if isinstance(per, str):
+            return per.replace("output", "input")
+        if rank(x) not in (None, w.ndim):
+            return "the Add broadcasts its input to a higher rank"
+        pads = attr(conv, "pads") or ()
+        if any(pads) or attr(conv, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return "the Conv pads with zeros, which the shift would not reach: folding is not exact"
+        if node.op_type == "Sub":
+            per = -per
+        return Match(self.name, node, [node, conv], {"conv": conv, "x": x, "per_channel": per})
+
+    def rewrite(self, match, names):
+        conv, shift = match.data["conv"], match.data["per_channel"]
+        w, b = _linear_parts(conv)
+        m, cg = w.shape[:2]
+        group = attr(conv, "group", 1)
+        in_ch = (np.arange(m) // (m // group))[:, None] * cg + np.arange(cg)[None, :]
+        # Conv(x + s) = Conv(x) + Σ_ci,k W[o, ci, k]·s[ci]: a constant per output channel.
+        extra = (w.astype(np.float64).reshape(m, cg, -1).sum(-1) * shift[in_ch]).sum(1)
+        base = np.zeros(m) if b is None else b.astype(np.float64)
+        _set_linear(conv, None, (base + extra).astype(w.dtype), names)
+        conv.replace_input_with(0, match.data["x"])
+        match.anchor.graph.remove(match.anchor, safe=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rules: removal
 
@@ -1404,6 +1450,7 @@ def all_rules(fold_limit_bytes: int = 1 << 20) -> list[Rule]:
         FoldBiasAddRule(),
         FoldScaleRule(),
         FoldInputScaleRule(),
+        FoldInputShiftRule(),
         ReshapeShapeRule(),
     ]
 
