@@ -120,6 +120,29 @@ def test_hard_sigmoid_near_miss_scale():
     assert "Clip(x+3, 0, 6) is scaled by 0.2, not 1/6" in _skips(report, "hard-sigmoid")
 
 
+def test_hard_sigmoid_affine_form_and_hard_swish_on_top():
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[1, 8] x) => (float[1, 8] y, float[1, 8] z) {
+        a = Constant<value = float {0.2}>()
+        b = Constant<value = float {0.5}>()
+        sixth = Constant<value = float {0.16666667}>()
+        zero = Constant<value = float {0.0}>()
+        one = Constant<value = float {1.0}>()
+        ax = Mul(x, a)
+        t = Add(ax, b)
+        y = Clip(t, zero, one)
+        sx = Mul(sixth, x)
+        u = Add(b, sx)
+        h = Clip(u, zero, one)
+        z = Mul(x, h)
+    }
+    """
+    result, _ = _optimize(text)
+    # Clip(x/6 + 0.5, 0, 1) is the hard-sigmoid of hard-swish: x·it becomes HardSwish next round.
+    assert op_histogram(result) == {"HardSigmoid": 1, "HardSwish": 1}
+
+
 SILU = """
 <ir_version: 10, opset_import: ["" : 17]>
 g (float[1, 8, 4, 4] x) => (float[1, 8, 4, 4] y) {

@@ -413,11 +413,13 @@ def _match_relu6_plus3(clip: ir.Node) -> tuple[ir.Node, ir.Value] | str | None:
 
 class HardSigmoidRule(Rule):
     name = "hard-sigmoid"
-    description = "Clip(x+3, 0, 6)/6 → HardSigmoid(alpha=1/6, beta=0.5)"
+    description = "Clip(x+3, 0, 6)/6 or Clip(a·x + b, 0, 1) → HardSigmoid"
     anchors = ("Clip",)
     target_op = "HardSigmoid"
 
     def match(self, node):
+        if clip_bounds(node) == (0.0, 1.0):
+            return self._match_affine(node)
         head = _match_relu6_plus3(node)
         if head is None or isinstance(head, str):
             return head
@@ -430,12 +432,32 @@ class HardSigmoidRule(Rule):
             return None
         if not close(factor, 1 / 6):
             return f"Clip(x+3, 0, 6) is scaled by {fmt(factor)}, not 1/6"
-        return Match(self.name, node, [add, node, nxt], {"x": x, "out": nxt.outputs[0]})
+        return Match(self.name, node, [add, node, nxt],
+                     {"x": x, "out": nxt.outputs[0], "alpha": 1.0 / 6.0, "beta": 0.5})
+
+    def _match_affine(self, clip):
+        """Clip(a·x + b, 0, 1), as TensorFlow and older Paddle2ONNX write hard-sigmoid."""
+        add = producer(clip.inputs[0], "Add")
+        if add is None:
+            return None
+        ax, b = split_const(add)
+        mul = producer(ax, "Mul", "Div")
+        beta = scalar(b, like=ax)
+        if mul is None or beta is None:
+            return None
+        x = mul.inputs[0] if mul.op_type == "Div" else split_const(mul)[0]
+        alpha = scale_by(mul, x) if x is not None else None
+        if alpha is None:
+            return None
+        if only_use(ax) is not add or only_use(add.outputs[0]) is not clip:
+            return "a·x + b is also used elsewhere"
+        return Match(self.name, clip, [mul, add, clip],
+                     {"x": x, "out": clip.outputs[0], "alpha": alpha, "beta": beta})
 
     def rewrite(self, match, names):
         replace_chain(
             match, "HardSigmoid", [match.data["x"]], match.data["out"], names,
-            {"alpha": 1.0 / 6.0, "beta": 0.5},
+            {"alpha": float(match.data["alpha"]), "beta": float(match.data["beta"])},
         )
 
 
