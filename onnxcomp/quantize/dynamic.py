@@ -266,9 +266,10 @@ class _Layer:
         }
         if self.output_sqnr_db is not None:
             entry["output_sqnr_db"] = _round(self.output_sqnr_db)
-        if self.smooth_alpha:
+        # A block-wise layer reads the unsmoothed input and keeps its own bias.
+        if self.smooth_alpha and not self.blockwise_reason:
             entry["smooth_alpha"] = self.smooth_alpha
-        if self.bias_delta is not None:
+        if self.bias_delta is not None and not self.blockwise_reason:
             entry["bias_corrected"] = True
         if self.blockwise_sqnr_db is not None:
             entry["blockwise_sqnr_db"] = _round(self.blockwise_sqnr_db)
