@@ -176,6 +176,21 @@ def test_standard_onnx_form_is_fused_by_onnxruntime(tmp_path):
     assert cosine(ref, out) > 0.999
 
 
+def test_standard_form_writes_no_contrib_op_even_with_data(tmp_path):
+    from models.build_graphs import bert
+
+    model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=1, heads=4, intermediate=256))
+    rng = np.random.default_rng(11)
+    calib = npz(tmp_path, input_ids=rng.integers(0, 500, (8, 12)).astype(np.int64))
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(form="onnx"), calib)(model)
+
+    assert not [n.op_type for n in result.model.graph if n.domain not in ("", "ai.onnx")]
+    assert result.report["embeddings"] == [] and result.report["blockwise_layers"] == 0
+    ids = rng.integers(0, 500, (2, 12)).astype(np.int64)
+    runtime.run(runtime.create_session(result.model), {"input_ids": ids})
+
+
 def test_conv_never_becomes_conv_integer_by_default(models_dir):
     model = ir.load(models_dir / "digits_cnn.onnx")
     convs = sum(node.op_type == "Conv" for node in model.graph)
