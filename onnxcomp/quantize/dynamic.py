@@ -440,12 +440,18 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             table = node.inputs[0]
             if table.const_value is None or table.is_graph_input():
                 continue  # a Gather of shapes or indices, not a weight
+            if table.const_value.dtype != ir.DataType.FLOAT:
+                continue  # integer lookup tables (shapes, indices) are not weights
+            name = node.name or node.outputs[0].name or "Gather"
+            if name in self.options.keep_float:
+                skipped.append({"node": name, "op": "Gather", "reason": "listed in keep_float"})
+                continue
             shape = table.const_value.shape
             hidden = shape[-1] if len(shape) == 2 else 0
             block = next((b for b in (128, 64, 32, 16) if hidden and hidden % b == 0), 128)
             match = match_embedding(node, block)
             if isinstance(match, str):
-                skipped.append({"node": node.name or "Gather", "op": "Gather", "reason": match})
+                skipped.append({"node": name, "op": "Gather", "reason": match})
             else:
                 plan.append((match, block))
         entries = []
