@@ -307,6 +307,12 @@ def test_cli_static_json_report(cli, tmp_path):
             ["--exclude-nodes", "nope", "--mode", "static", "--data", str(CALIB)],
             "no node named 'nope'",
         ),
+        (["--metric", "accuracy"], "--metric accuracy: random inputs has no 'labels'"),
+        (
+            ["--eval-data", str(MODELS / "digits_test_flat.npz"), "--data", str(CALIB)],
+            "--eval-data: ",
+        ),
+        (["--metric", "f1"], "metric: 'f1' is not one of"),
     ],
 )
 def test_cli_bad_options_one_line_exit_2(cli, tmp_path, args, message):

@@ -490,6 +490,10 @@ def quantize(
     )
     if options.max_drop is not None and eval_data is None and data is None:
         raise OnnxcompError("--max-drop needs --eval-data (or --data) to measure the drop on")
+    judge = eval_data if eval_data is not None else data
+    if options.metric == "accuracy" and (judge is None or not judge.has_labels):
+        where = judge.name if judge is not None else "random inputs"
+        raise OnnxcompError(f"--metric accuracy: {where} has no 'labels' array to score against")
     if options.mode == "static" and data is None and not options.allow_random_calibration:
         raise OnnxcompError(
             "--mode static needs --data: activation ranges calibrated on random inputs are "
