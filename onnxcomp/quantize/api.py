@@ -272,9 +272,8 @@ def quantize_static(
         exclude_nodes=options.exclude_nodes,
         exclude_ops=options.exclude_ops,
     )
-    unknown = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
-    if unknown:
-        raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
+    # Names were checked against the input model; the clean-up may have fused some away.
+    gone = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
     calibration = calib.calibrate(
         model,
         plan,
@@ -326,6 +325,8 @@ def quantize_static(
             }
         )
     report["plan"] = plan.to_json()
+    if gone:
+        report["plan"]["excluded_but_fused_away"] = gone
     report["tensors"] = tensors
     report["calibration"] = {
         "method": calibration.method,
@@ -499,6 +500,9 @@ def quantize(
             "--mode static needs --data: activation ranges calibrated on random inputs are "
             "meaningless for real inputs (pass --allow-random-calibration to do it anyway)"
         )
+    unknown = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
+    if unknown:
+        raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     original_opset = model_io.opset(model)
     original = model_io.copy_model(model) if options.mode == "auto" else None
     model, prep = prepare(model, options, data or eval_data)
