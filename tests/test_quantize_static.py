@@ -353,3 +353,22 @@ def test_fold_batchnorm_fallback_keeps_outputs():
     assert not any(n.op_type == "BatchNormalization" for n in model.graph)
     comparison = compare(str(CNN), model, NpzData(TEST), limit=64)
     assert comparison.outputs[0].max_abs < 1e-4
+
+
+def test_capture_batches_shrink_to_the_memory_budget(monkeypatch):
+    from onnxcomp.quantize import calibrate as calib
+    from onnxcomp.quantize.plan import build_plan
+
+    model = model_io.load(CNN)
+    model_io.normalize(model)
+    plan = build_plan(model)
+    monkeypatch.setattr(calib, "CAPTURE_BUDGET_BYTES", 64 * 1024)  # one batch of 32 is ~200 KB
+    sizes = [
+        len(batch)
+        for batch, _ in calib.stream(
+            model, list(plan.groups()), NpzData(CALIB), batch_size=32, limit=100
+        )
+    ]
+    assert max(sizes) < 32 and sum(sizes) == 100
+    result = calib.calibrate(model, plan, NpzData(CALIB), limit=100)
+    assert result.samples == 100

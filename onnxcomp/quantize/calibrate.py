@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import runtime
-from onnxcomp.data import DataSource
+from onnxcomp.data import Batch, DataSource
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.observers import make_observer
@@ -44,6 +44,38 @@ def _observer(method: str, activation_type: str):
     return make_observer(method)
 
 
+# One batch of captured tensors may hold at most this much; a bigger first batch makes the stream
+# restart with fewer samples per batch (a BERT layer stack asks for ~100 tensors per sample).
+CAPTURE_BUDGET_BYTES = 256 << 20
+
+
+def stream(
+    model: ir.Model, names: list[str], data: DataSource, *, batch_size: int, limit: int | None
+) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+    """`runtime.capture`, with the batch size lowered when one batch of the named tensors would
+    exceed `CAPTURE_BUDGET_BYTES`, so memory stays bounded by the budget, not by the model."""
+    while True:
+        batches = runtime.capture(model, names, data, batch_size=batch_size, limit=limit)
+        first = next(batches, None)
+        if first is None:
+            return
+        nbytes = sum(a.nbytes for a in first[1].values())
+        if nbytes <= CAPTURE_BUDGET_BYTES or len(first[0]) <= 1:
+            break
+        per_sample = nbytes / len(first[0])
+        smaller = max(1, int(CAPTURE_BUDGET_BYTES // per_sample))
+        logger.info(
+            "capture: %d MB per batch of %d; batches of %d instead",
+            nbytes >> 20,
+            len(first[0]),
+            smaller,
+        )
+        del first, batches
+        batch_size = smaller
+    yield first
+    yield from batches
+
+
 def calibrate(
     model: ir.Model,
     plan: QuantPlan,
@@ -62,9 +94,7 @@ def calibrate(
         return Calibration({}, 0, method)
     observers = {name: _observer(method, activation_type) for name in groups}
     samples = 0
-    for batch, tensors in runtime.capture(
-        model, list(groups), data, batch_size=batch_size, limit=limit
-    ):
+    for batch, tensors in stream(model, list(groups), data, batch_size=batch_size, limit=limit):
         samples += len(batch)
         for name, array in tensors.items():
             observers[name].update(array)
@@ -132,9 +162,7 @@ def activation_sqnr(
         return {}
     signal = dict.fromkeys(groups, 0.0)
     noise = dict.fromkeys(groups, 0.0)
-    for _, tensors in runtime.capture(
-        model, list(groups), data, batch_size=batch_size, limit=limit
-    ):
+    for _, tensors in stream(model, list(groups), data, batch_size=batch_size, limit=limit):
         for name, array in tensors.items():
             ref = np.asarray(array, np.float32)
             approx = schemes.dequantize(schemes.quantize(ref, params[name]), params[name])

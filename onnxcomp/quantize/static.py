@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import runtime
 from onnxcomp.data import DataSource
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes
+from onnxcomp.quantize.calibrate import stream
 from onnxcomp.quantize.plan import OP_TABLE, QuantPlan
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def gptq_codes(
         return {}, []
     names = sorted({input_names[id(wp.node)] for wp in targets})
     hessians = {name: gptq.HessianAccumulator() for name in names}
-    for _, tensors in runtime.capture(reference, names, data, batch_size=batch_size, limit=limit):
+    for _, tensors in stream(reference, names, data, batch_size=batch_size, limit=limit):
         for name, array in tensors.items():
             hessians[name].update(array)
     codes: dict[int, np.ndarray] = {}
@@ -471,7 +471,7 @@ def _channel_means(
     """Per-channel means of the named tensors over ``data`` (channel axis per tensor), streamed."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
-    for _, tensors in runtime.capture(model, names, data, batch_size=batch_size, limit=limit):
+    for _, tensors in stream(model, names, data, batch_size=batch_size, limit=limit):
         for name, array in tensors.items():
             axis = axes[name] % array.ndim
             other = tuple(i for i in range(array.ndim) if i != axis)
