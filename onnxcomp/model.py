@@ -218,7 +218,7 @@ def ensure_opset(model: ir.Model, version: int, why: str) -> ir.Model:
     current = opset(model)
     if current >= version:
         return model
-    logger.warning("upgrading opset %d -> %d (%s)", current, version, why)
+    logger.info("upgrading opset %d -> %d (%s)", current, version, why)
     base_dir = _external_base_dir(model)
     proto = ir.to_proto(model)
     try:
