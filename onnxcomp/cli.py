@@ -745,6 +745,11 @@ def _quantize_text(report: dict[str, Any]) -> str:
             for c in auto["candidates"]
         ]
         lines.append(table(rows, ["candidate", "p50 ms", "x fp32", "drop", "int kernels", "islands", "within"]))
+        for c in auto["candidates"]:
+            if c.get("note"):
+                lines.append(f"{c['mode']}: {c['note']}")
+            if c.get("float_layers"):
+                lines.append(f"{c['mode']}: {c['float_layers']} most sensitive layers put back to float")
         for mode, why in auto.get("skipped", {}).items():
             lines.append(f"{mode} not tried: {why}")
         lines.append("")
