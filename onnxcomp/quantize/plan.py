@@ -337,9 +337,10 @@ def build_plan(
             if problem is None and node.op_type == "Conv":
                 point = _output_point(node, excluded)[0]
                 if point in near_output:
+                    how = "is" if point.is_graph_output() else "reaches through shape ops only"
                     problem = (
-                        f"its output reaches model output {near_output[point]!r} through shape "
-                        "ops only: kept float so the output keeps fp32 precision"
+                        f"its output {how} model output {near_output[point]!r}: kept float so "
+                        "the output keeps fp32 precision (QLinearConv would write it in 8 bits)"
                     )
             if problem:
                 decisions[id(node)] = NodeDecision(node, None, problem)
