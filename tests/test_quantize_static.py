@@ -372,3 +372,53 @@ def test_capture_batches_shrink_to_the_memory_budget(monkeypatch):
     assert max(sizes) < 32 and sum(sizes) == 100
     result = calib.calibrate(model, plan, NpzData(CALIB), limit=100)
     assert result.samples == 100
+
+
+def test_if_subgraph_reads_a_quantized_tensor(tmp_path):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    rng = np.random.default_rng(0)
+    then_g = h.make_graph(
+        [h.make_node("Relu", ["c"], ["t"])],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", T.FLOAT, None)],
+    )
+    else_g = h.make_graph(
+        [h.make_node("Neg", ["c"], ["e"])],
+        "else",
+        [],
+        [h.make_tensor_value_info("e", T.FLOAT, None)],
+    )
+    nodes = [
+        h.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        h.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+        h.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+        h.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="branch"),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(
+            (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w"
+        ),
+        onnx.numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+        onnx.numpy_helper.from_array(np.array(0, np.float32), "zero"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 16, 16])],
+        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        inits,
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "if.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    model, report = static(
+        tmp_path / "if.onnx", data=tmp_path / "x.npz", eval_data=tmp_path / "x.npz"
+    )
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert floats["branch"] == "has subgraphs (If/Loop/Scan): not walked, kept float"
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 1}
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
