@@ -422,3 +422,23 @@ def test_if_subgraph_reads_a_quantized_tensor(tmp_path):
     assert floats["branch"] == "has subgraphs (If/Loop/Scan): not walked, kept float"
     assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 1}
     assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
+
+
+@pytest.mark.thirdparty
+def test_yolov8n_silu_split_concat_resize_run_as_integer_kernels(tmp_path):
+    thirdparty = pytest.importorskip("models.thirdparty")
+    try:
+        path = thirdparty.fetch("yolov8n")
+    except Exception as err:  # no registry access: skip, do not fail
+        pytest.skip(f"cannot fetch yolov8n: {err}")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "images.npz", images=rng.uniform(0, 1, (4, 3, 320, 320)).astype(np.float32))
+    model, report = static(
+        path, data=tmp_path / "images.npz", eval_data=tmp_path / "images.npz", batch_size=2
+    )
+    graph = bench.graph_report(model)
+    ops = graph["integer_kernel_ops"]
+    assert ops["QLinearConv"] == 64 and ops["QLinearSigmoid"] >= 57 and ops["QLinearMul"] >= 57
+    assert ops["QLinearConcat"] >= 9
+    assert graph["islands"] <= 8  # only where the detection head's decoding reads int8 tensors
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
