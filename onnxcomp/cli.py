@@ -134,13 +134,22 @@ shape_option = click.option(
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--limit", type=int, help="Use at most this many samples of --data.")
 @click.option("--max-drop", type=float, help="Exit 1 when the candidate is worse by more than this.")
+@click.option(
+    "--metric",
+    type=click.Choice(["auto", "accuracy", "top1", "cosine"]),
+    default="auto",
+    show_default=True,
+    help="What --max-drop measures (auto: accuracy with labels, top-1 for class scores, else cosine).",
+)
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def validate(reference, candidate, data, shapes, samples, batch_size, limit, max_drop, threads, as_json):
+def validate(
+    reference, candidate, data, shapes, samples, batch_size, limit, max_drop, metric, threads, as_json
+):
     """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
 
-    The drop held against --max-drop is the accuracy drop when the data has labels, else
-    1 - top-1 agreement for classifier outputs, else 1 - mean cosine similarity.
+    The drop held against --max-drop (see --metric) is the accuracy drop when the data has
+    labels, else 1 - top-1 agreement for class-score outputs, else 1 - the lowest mean cosine.
     """
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
@@ -151,7 +160,8 @@ def validate(reference, candidate, data, shapes, samples, batch_size, limit, max
     source = open_data(data, model_io.input_specs(ref), shapes=parse_shapes(shapes), samples=samples)
     result = compare(reference, candidate, source, batch_size=batch_size, limit=limit, threads=threads)
     payload = result.to_json()
-    passed = max_drop is None or result.drop() <= max_drop
+    payload["drop"], payload["drop_metric"] = result.drop(metric), result.drop_metric(metric)
+    passed = max_drop is None or result.drop(metric) <= max_drop
     payload["max_drop"] = max_drop
     payload["passed"] = passed
     if as_json:
@@ -179,7 +189,9 @@ def validate(reference, candidate, data, shapes, samples, batch_size, limit, max
             )
         if max_drop is not None:
             verdict = "PASS" if passed else "FAIL"
-            click.echo(f"{verdict}: {result.drop_metric()} {result.drop():.4f} (max {max_drop})")
+            click.echo(
+                f"{verdict}: {result.drop_metric(metric)} {result.drop(metric):.4f} (max {max_drop})"
+            )
     if not passed:
         sys.exit(EXIT_CHECK_FAILED)
 

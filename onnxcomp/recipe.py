@@ -36,7 +36,7 @@ from onnxcomp.passes import Context, StepReport, get_pass, parse_options, run_pa
 logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"version", "input", "output", "data", "shape", "steps", "validate", "threads"}
-VALIDATE_KEYS = {"data", "max_drop", "limit", "samples"}
+VALIDATE_KEYS = {"data", "max_drop", "metric", "limit", "samples"}
 
 
 @dataclasses.dataclass
@@ -121,6 +121,10 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
             )
         validate = dict(validate)
         validate["data"] = resolve(validate.get("data"), "validate: data")
+        if validate.get("metric", "auto") not in ("auto", "accuracy", "top1", "cosine"):
+            raise OnnxcompError(
+                f"{source}: validate: metric {validate['metric']!r} is not one of auto, accuracy, top1, cosine"
+            )
         if validate.get("max_drop") is not None:
             try:
                 validate["max_drop"] = float(validate["max_drop"])
@@ -212,8 +216,11 @@ def run_recipe(
             str(recipe.input), model, source, limit=check.get("limit"), threads=recipe.threads
         )
         validation = comparison.to_json()
+        metric = check.get("metric", "auto")
+        validation["drop"] = comparison.drop(metric)
+        validation["drop_metric"] = comparison.drop_metric(metric)
         max_drop = check.get("max_drop")
-        passed = max_drop is None or comparison.drop() <= max_drop
+        passed = max_drop is None or validation["drop"] <= max_drop
         validation["max_drop"] = max_drop
         validation["passed"] = passed
     size_after = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -99,6 +99,17 @@ class OutputStats:
         return result
 
 
+Metric = Literal["auto", "accuracy", "top1", "cosine"]
+DROP_NAMES = {"accuracy": "accuracy drop", "top1": "1 - top-1 agreement", "cosine": "1 - cosine"}
+
+# Output names that hold embeddings or features, not class scores: their argmax means nothing.
+_FEATURE_WORDS = ("embed", "hidden", "feature", "pool", "encod", "vector", "state")
+
+
+def _names_features(name: str) -> bool:
+    return any(word in name.lower() for word in _FEATURE_WORDS)
+
+
 def is_classifier_output(array: np.ndarray) -> bool:
     """Scores over classes: float, rank 2, more than one class."""
     return array.ndim == 2 and array.shape[-1] > 1 and np.issubdtype(array.dtype, np.floating)
@@ -119,23 +130,35 @@ class Comparison:
             return None
         return self.accuracy_reference - self.accuracy_candidate
 
-    def drop(self) -> float:
-        """The figure ``--max-drop`` is held against: accuracy drop where the data has labels,
-        else 1 - top-1 agreement of the first classifier output, else 1 - mean cosine."""
+    def metric(self, metric: Metric = "auto") -> Metric:
+        """What ``auto`` stands for on this data: accuracy where the data has labels, top-1
+        agreement where an output holds class scores, else cosine."""
+        if metric != "auto":
+            return metric
         if self.accuracy_drop is not None:
+            return "accuracy"
+        if any(s.top1_total and not _names_features(s.name) for s in self.outputs):
+            return "top1"
+        return "cosine"
+
+    def drop(self, metric: Metric = "auto") -> float:
+        """The figure ``--max-drop`` is held against: the accuracy drop, 1 - top-1 agreement of
+        the first class-score output, or 1 - the lowest mean cosine over the outputs."""
+        metric = self.metric(metric)
+        if metric == "accuracy":
+            if self.accuracy_drop is None:
+                raise OnnxcompError("metric accuracy: the data has no labels")
             return self.accuracy_drop
-        for stats in self.outputs:
-            if stats.top1_total:
-                return 1.0 - stats.top1_same / stats.top1_total
+        if metric == "top1":
+            for stats in self.outputs:
+                if stats.top1_total and not _names_features(stats.name):
+                    return 1.0 - stats.top1_same / stats.top1_total
+            raise OnnxcompError("metric top1: no output holds class scores ([batch, classes])")
         cosines = [s.cos_sum / s.samples for s in self.outputs if s.count and s.samples]
         return 1.0 - min(cosines) if cosines else 0.0
 
-    def drop_metric(self) -> str:
-        if self.accuracy_drop is not None:
-            return "accuracy drop"
-        if any(s.top1_total for s in self.outputs):
-            return "1 - top-1 agreement"
-        return "1 - cosine"
+    def drop_metric(self, metric: Metric = "auto") -> str:
+        return DROP_NAMES[self.metric(metric)]
 
     def to_json(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -205,7 +228,7 @@ def compare(
 def _label_output(outputs: dict[str, np.ndarray], names: list[str]) -> str | None:
     """The output that predicts labels: the first classifier-like output, else an int vector."""
     for name in names:
-        if is_classifier_output(outputs[name]):
+        if is_classifier_output(outputs[name]) and not _names_features(name):
             return name
     for name in names:
         array = outputs[name]

@@ -67,38 +67,15 @@ def measure(
     return out
 
 
-# Output names that hold embeddings or features, not class scores: their argmax means nothing.
-_NOT_CLASSES = ("embed", "hidden", "feature", "pool", "encod", "vector", "state")
-
-
 def resolve_metric(comparison, metric: str) -> str:
-    """The drop metric ``auto`` stands for on this data: accuracy with labels, top-1 agreement
-    for class scores, else cosine."""
-    if metric != "auto":
-        return metric
-    if comparison.accuracy_drop is not None:
-        return "accuracy"
-    for stats in comparison.outputs:
-        if stats.top1_total and not any(word in stats.name.lower() for word in _NOT_CLASSES):
-            return "top1"
-    return "cosine"
+    """The drop metric ``auto`` stands for on this data (see ``Comparison.metric``)."""
+    return comparison.metric(metric)
 
 
 def drop_of(comparison, metric: str) -> tuple[float, str]:
     """(drop, metric name) of a Comparison: accuracy drop, 1 - top-1 agreement, or 1 - the
     lowest mean cosine over the outputs."""
-    metric = resolve_metric(comparison, metric)
-    if metric == "accuracy":
-        if comparison.accuracy_drop is None:
-            raise OnnxcompError("--metric accuracy: the evaluation data has no labels")
-        return comparison.accuracy_drop, "accuracy drop"
-    if metric == "top1":
-        for stats in comparison.outputs:
-            if stats.top1_total:
-                return 1.0 - stats.top1_same / stats.top1_total, "1 - top-1 agreement"
-        raise OnnxcompError("--metric top1: no output holds class scores (float, [batch, classes])")
-    cosines = [st.cos_sum / st.samples for st in comparison.outputs if st.count and st.samples]
-    return (1.0 - min(cosines) if cosines else 0.0), "1 - cosine"
+    return comparison.drop(metric), comparison.drop_metric(metric)
 
 
 def default_budget(metric_name: str) -> float:
