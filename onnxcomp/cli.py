@@ -667,7 +667,10 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     help="How activation ranges are chosen from the calibration samples.",
 )
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
-@click.option("--bits", type=int, default=8, show_default=True, help="8, or 4 with --mode weight-only.")
+@click.option("--bits", type=int, help="8 (default), or 4 with --mode weight-only (its default).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only: MatMulNBits block size (32, 64, 128).")
+@click.option("--symmetric", is_flag=True, help="Weight-only: symmetric blocks (no zero points).")
+@click.option("--accuracy-level", type=int, default=4, show_default=True, help="Weight-only: MatMulNBits compute type (4: int8 activations).")
 @click.option("--activation-type", default="uint8", show_default=True, metavar="uint8|int8")
 @click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @click.option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
@@ -684,17 +687,17 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before quantizing.")
 @click.option(
     "--bias-correction/--no-bias-correction",
-    default=False,
-    show_default=True,
-    help="Static: add (W - W_q) E[x] to each Conv/Gemm bias.",
+    default=None,
+    help="Add the mean output error of each quantized layer to its bias (default: off for static, on for dynamic).",
 )
-@click.option("--gptq", is_flag=True, help="Static: GPTQ rounding of Gemm/MatMul weights on the calibration data.")
+@click.option("--gptq", is_flag=True, help="Static and weight-only: GPTQ rounding of Gemm/MatMul weights on the calibration data.")
 @click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
 @shape_option
 @click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
-    model_path, output, mode, data, calibration, per_channel, bits, activation_type, exclude_nodes, exclude_ops,
+    model_path, output, mode, data, calibration, per_channel, bits, block_size, symmetric, accuracy_level,
+    activation_type, exclude_nodes, exclude_ops,
     max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, gptq, allow_random_calibration, shapes,
     threads, as_json,
 ):
@@ -717,6 +720,9 @@ def quantize(
         calibration=calibration,
         per_channel=per_channel,
         bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
+        accuracy_level=accuracy_level,
         activation_type=activation_type,
         exclude_nodes=_split_names(exclude_nodes),
         exclude_ops=_split_names(exclude_ops),

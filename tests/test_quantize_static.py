@@ -345,11 +345,11 @@ def test_gptq_rounding_lowers_layer_error_and_output_noise():
     assert bench.graph_report(model)["integer_kernel_ops"] == {"QGemm": 3}
 
 
-def test_fold_batchnorm_fallback_keeps_outputs():
-    from onnxcomp.quantize.api import fold_batchnorm
+def test_batchnorm_only_fallback_keeps_outputs():
+    from onnxcomp.quantize.api import QuantizeOptions, _optimize
 
     model = model_io.load(CNN)
-    assert fold_batchnorm(model) == 2
+    model, report = _optimize(model, QuantizeOptions(), NpzData(TEST), rules=["fold-batchnorm"])
     assert not any(n.op_type == "BatchNormalization" for n in model.graph)
     comparison = compare(str(CNN), model, NpzData(TEST), limit=64)
     assert comparison.outputs[0].max_abs < 1e-4

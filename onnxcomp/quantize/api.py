@@ -13,7 +13,6 @@ candidates (`onnxcomp.quantize.auto`). Registered as the recipe step ``quantize`
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import time
@@ -44,7 +43,7 @@ class QuantizeOptions:
     mode: Mode = "auto"
     calibration: Method = "minmax"
     per_channel: bool = True
-    bits: int = 8
+    bits: int | None = None  # default: 8, or 4 with --mode weight-only
     activation_type: Literal["uint8", "int8"] = "uint8"
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
     exclude_ops: list[str] = dataclasses.field(default_factory=list)
@@ -55,18 +54,22 @@ class QuantizeOptions:
     optimize: bool = True
     # Off by default: measured on the digits CNN it changes nothing, on a MobileNetV3-like
     # classifier it lowers cosine to fp32 (0.993 -> 0.986): the kernel-window mean ignores padding.
-    bias_correction: bool = False
+    bias_correction: bool | None = None  # default by mode: off for static, on for dynamic
     gptq: bool = False  # static: GPTQ rounding for Gemm/MatMul weights (same int8 grid)
     calibration_samples: int | None = None  # use at most this many calibration samples
     batch_size: int = 32
     allow_random_calibration: bool = False
     block_size: int = 32  # weight-only: MatMulNBits block size
+    symmetric: bool = False  # weight-only: codes around a fixed zero point (no zero-point tensor)
+    accuracy_level: int = 4  # weight-only: MatMulNBits compute precision (4 = int8 activations)
     check_samples: int = 1000  # samples of the self-check and of the drop
     threads: int = 1
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # for random inputs
 
     def check(self, where: str = "quantize") -> None:
         """Raise OnnxcompError naming the option when values do not fit together."""
+        if self.bits is None:
+            self.bits = 4 if self.mode == "weight-only" else 8
         if self.bits not in (4, 8):
             raise OnnxcompError(f"{where}: --bits {self.bits}: only 8 and 4 are supported")
         if self.bits == 4 and self.mode != "weight-only":
@@ -113,36 +116,20 @@ def prepare(
     report: dict[str, Any] = {}
     report["normalize"] = model_io.normalize(model)
     if options.optimize:
-        try:
-            spec = get_pass("optimize")
-        except OnnxcompError:
-            spec = None
-        if spec is not None:
-            if data is None:  # the clean-up checks itself on random inputs shaped by --shape
-                data = _random_source(model, options)
-            before = model_io.copy_model(model)
-            pass_ = spec.build(
-                parse_options(spec.options, {}, "optimize"),
-                Context(data=data, threads=options.threads),
+        if data is None:  # the clean-up checks itself on random inputs shaped by --shape
+            data = _random_source(model, options)
+        before = model_io.copy_model(model)
+        model, report["optimize"] = _optimize(model, options, data)
+        ratio = _slowdown(before, model, data, options)
+        if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
+            # The clean-up is for quantization; it must not cost fp32 time the int8 kernels
+            # then have to win back. Keep the input graph, with BatchNorm folded only.
+            model, folded = _optimize(before, options, data, rules=["fold-batchnorm"])
+            folded["note"] = (
+                f"optimize made fp32 {ratio:.2f}x slower on this machine: not used, "
+                "only BatchNormalization folded"
             )
-            model, step = run_pass(pass_, model, "optimize")
-            report["optimize"] = step.report
-            model_io.normalize(model)  # types of the values the clean-up wrote
-            ratio = _slowdown(before, model, data, options)
-            if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
-                # The clean-up is for quantization; it must not cost fp32 time the int8 kernels
-                # then have to win back. Keep the input graph, with BatchNorm folded only.
-                model = before
-                report["optimize"] = {
-                    "batchnorm_folded": fold_batchnorm(model),
-                    "note": f"optimize made fp32 {ratio:.2f}x slower on this machine: not used, "
-                    "only BatchNormalization folded",
-                }
-        else:
-            report["optimize"] = {
-                "batchnorm_folded": fold_batchnorm(model),
-                "note": "optimize pass not installed: only BatchNormalization folded",
-            }
+            report["optimize"] = folded
     if options.per_channel and model_io.opset(model) < 13 and options.mode != "weight-only":
         before = model_io.opset(model)
         try:
@@ -164,6 +151,22 @@ def prepare(
 OPTIMIZE_SLOWDOWN = 1.05
 
 
+def _optimize(
+    model: ir.Model, options: QuantizeOptions, data: DataSource, rules: list[str] | None = None
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Run the ``optimize`` clean-up (all default rules, or only ``rules``), checked on ``data``."""
+    spec = get_pass("optimize")
+    values: dict[str, Any] = {"shapes": dict(options.shapes)}
+    if rules is not None:
+        values["rules"] = rules
+    pass_ = spec.build(
+        parse_options(spec.options, values, "optimize"), Context(data=data, threads=options.threads)
+    )
+    model, step = run_pass(pass_, model, "optimize")
+    model_io.normalize(model)  # types of the values the clean-up wrote
+    return model, step.report
+
+
 def _slowdown(before: ir.Model, after: ir.Model, data: DataSource | None, options) -> float | None:
     """fp32 latency of ``after`` over ``before`` (interleaved), or None when it cannot be timed."""
     from onnxcomp import bench
@@ -183,63 +186,6 @@ def _slowdown(before: ir.Model, after: ir.Model, data: DataSource | None, option
         logger.info("optimize not timed: %s", err)
         return None
     return result.models[1].ratio_p50
-
-
-def fold_batchnorm(model: ir.Model) -> int:
-    """Fold BatchNormalization into the Conv before it (weights and bias initializers), in place."""
-    graph = model.graph
-    folded = 0
-    for bn in list(graph):
-        if bn.op_type != "BatchNormalization" or any(o.uses() for o in bn.outputs[1:]):
-            continue  # training-mode outputs (running mean/var) in use
-        conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
-        if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1:
-            continue
-        if bn.inputs[0].is_graph_output():
-            continue
-        consts = [qplan._const(v) for v in bn.inputs[1:5]]
-        w = qplan._const(conv.inputs[1])
-        b = (
-            qplan._const(conv.inputs[2])
-            if len(conv.inputs) > 2 and conv.inputs[2] is not None
-            else None
-        )
-        if (
-            w is None
-            or any(c is None for c in consts)
-            or (len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None)
-        ):
-            continue
-        gamma, beta, mean, var = (c.astype(np.float64) for c in consts)
-        eps = bn.attributes.get_float("epsilon", 1e-5)
-        k = gamma / np.sqrt(var + eps)  # (M,)
-        w_new = (w.astype(np.float64) * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-        b0 = b.astype(np.float64) if b is not None else np.zeros_like(mean)
-        b_new = ((b0 - mean) * k + beta).astype(np.float32)
-        w_value = ir.Value(
-            name=f"{conv.inputs[1].name}_bn",
-            const_value=ir.tensor(w_new, name=f"{conv.inputs[1].name}_bn"),
-        )
-        b_value = ir.Value(
-            name=f"{conv.name}_bias_bn", const_value=ir.tensor(b_new, name=f"{conv.name}_bias_bn")
-        )
-        for v in (w_value, b_value):
-            v.dtype = ir.DataType.FLOAT
-            v.shape = ir.Shape(v.const_value.shape)
-            graph.register_initializer(v)
-        conv.replace_input_with(1, w_value)
-        if len(conv.inputs) < 3:
-            conv.resize_inputs(3)
-        conv.replace_input_with(2, b_value)
-        out = bn.outputs[0]
-        conv_out = conv.outputs[0]
-        out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
-        name = out.name
-        graph.remove(bn, safe=True)
-        conv_out.name = name
-        folded += 1
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-    return folded
 
 
 def _random_source(model: ir.Model, options: QuantizeOptions | None = None) -> DataSource:
@@ -383,60 +329,39 @@ def self_check(
 # dynamic and weight-only live in their own modules (another capability); dispatch by name.
 
 
-def _other_pass(module: str, cls_name: str, options: QuantizeOptions, data: DataSource | None):
-    try:
-        mod = importlib.import_module(f"onnxcomp.quantize.{module}")
-    except ModuleNotFoundError as err:
-        if err.name == f"onnxcomp.quantize.{module}":
-            raise OnnxcompError(
-                f"--mode {options.mode}: not available in this build (no {module} module)"
-            ) from None
-        raise
-    cls = getattr(mod, cls_name)
-    opts_cls = _options_class(mod, cls)
-    if opts_cls is None or opts_cls is QuantizeOptions:
-        their = options
-    else:
-        fields = {f.name for f in dataclasses.fields(opts_cls)}
-        mine = dataclasses.asdict(options)
-        values = {k: v for k, v in mine.items() if k in fields and v is not None}
-        # Same meaning, the other module's names.
-        if "keep_float" in fields and options.exclude_nodes:
-            values["keep_float"] = list(options.exclude_nodes)
-        if "op_types" in fields and options.exclude_ops:
-            default = next(f for f in dataclasses.fields(opts_cls) if f.name == "op_types")
-            ops = (
-                default.default_factory() if callable(default.default_factory) else default.default
-            )
-            values["op_types"] = [op for op in ops if op not in options.exclude_ops]
-        if "algorithm" in fields and options.gptq:
-            values["algorithm"] = "gptq"
-        their = opts_cls(**values)
-    import inspect
+def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.PassBase:
+    """The dynamic or weight-only pass, with the quantize options in their names."""
+    if options.mode == "dynamic":
+        from onnxcomp.quantize.dynamic import DynamicQuantizeOptions, DynamicQuantizePass
 
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {}
-    if "data" in params and data is not None:
-        kwargs["data"] = data
-    return cls(their, **kwargs)
+        defaults = DynamicQuantizeOptions()
+        their = DynamicQuantizeOptions(
+            op_types=[op for op in defaults.op_types if op not in options.exclude_ops],
+            per_channel=options.per_channel,
+            keep_float=list(options.exclude_nodes),
+            bias_correction=(
+                defaults.bias_correction
+                if options.bias_correction is None
+                else options.bias_correction
+            ),
+            calibration_samples=options.calibration_samples or defaults.calibration_samples,
+        )
+        return DynamicQuantizePass(their, data=data)
+    from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
 
-
-def _options_class(mod, cls) -> type | None:
-    import inspect
-    import typing
-
-    try:
-        hints = typing.get_type_hints(cls.__init__, vars(mod))
-    except Exception:
-        hints = {}
-    hint = hints.get("options")
-    for arg in typing.get_args(hint) or (hint,):
-        if isinstance(arg, type) and dataclasses.is_dataclass(arg):
-            return arg
-    for name, obj in vars(mod).items():
-        if name.endswith("Options") and inspect.isclass(obj) and dataclasses.is_dataclass(obj):
-            return obj
-    return None
+    defaults = WeightOnlyOptions()
+    their = WeightOnlyOptions(
+        bits=options.bits,
+        block_size=options.block_size,
+        symmetric=options.symmetric,
+        algorithm="gptq" if options.gptq else "rtn",
+        accuracy_level=options.accuracy_level,
+        op_types=[op for op in defaults.op_types if op not in options.exclude_ops],
+        keep_float=list(options.exclude_nodes),
+        calibration_samples=options.calibration_samples or defaults.calibration_samples,
+    )
+    their.check("quantize")
+    return WeightOnlyQuantizePass(their, data=data)
 
 
 def quantize_other(
@@ -448,12 +373,8 @@ def quantize_other(
     check: bool = True,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Dynamic or weight-only quantization through the other developer's passes."""
-    module, cls_name = {
-        "dynamic": ("dynamic", "DynamicQuantizePass"),
-        "weight-only": ("weight_only", "WeightOnlyQuantizePass"),
-    }[options.mode]
     reference = reference if reference is not None else model_io.copy_model(model)
-    pass_ = _other_pass(module, cls_name, options, data)
+    pass_ = _other_pass(options, data)
     started = time.perf_counter()
     model, step = run_pass(pass_, model, f"quantize ({options.mode})")
     report = {
