@@ -47,6 +47,14 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
     if not verbose:
         # onnx-ir and onnx log routine warnings (e.g. shape inference gaps) users cannot act on.
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+        if sys.stderr.isatty():
+            # Progress for a person at a terminal: onnxcomp's steps, one line each, on stderr.
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("... %(message)s"))
+            progress = logging.getLogger("onnxcomp")
+            progress.setLevel(logging.INFO)
+            progress.addHandler(handler)
+            progress.propagate = False
 
 
 # ---------------------------------------------------------------------------------------------

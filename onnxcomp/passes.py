@@ -204,6 +204,7 @@ class StepReport:
 def run_pass(pass_: ir.passes.PassBase, model: ir.Model, name: str | None = None):
     """Run one pass and return ``(model, StepReport)``, keeping the pass's report."""
     name = name or type(pass_).__name__
+    logger.info("running %s", name)
     start = time.perf_counter()
     result = pass_(model)
     seconds = time.perf_counter() - start

@@ -231,6 +231,7 @@ def quantize_auto(
     skipped: dict[str, str] = {}
     static_opts = dataclasses.replace(options, mode="auto")
     if data is not None:
+        logger.info("auto: building the static candidate")
         try:
             # All layers int8 first: putting layers back to float only makes it slower, so that
             # search runs only if the all-int8 model is faster than every candidate that fits.
@@ -242,6 +243,7 @@ def quantize_auto(
     else:
         skipped["static"] = "no calibration data (--data): activation ranges cannot be calibrated"
     if _has_weighted_matmul(model):
+        logger.info("auto: building the dynamic candidate")
         try:
             dyn_opts = dataclasses.replace(options, mode="dynamic")
             candidates["dynamic"], reports["dynamic"] = api.quantize_other(
@@ -255,6 +257,7 @@ def quantize_auto(
         )
 
     if candidates:
+        logger.info("auto: timing %s against float in onnxruntime", ", ".join(candidates))
         timing = measure(original, candidates, eval_data or data, options)
     else:
         timing = {"float": {"latency_ms": None, "ratio_to_float": 1.0}}
