@@ -263,6 +263,7 @@ def test_outlier_tokens_get_blockwise_kernel(tmp_path):
     assert blockwise and result.report["blockwise_layers"] == len(blockwise)
     assert all(layer["blockwise_sqnr_db"] >= layer["output_sqnr_db"] + 3 for layer in blockwise)
     assert "gain" in blockwise[0]["reason"]
+    assert all(layer["output_sqnr_db"] < 20.0 for layer in blockwise)  # blockwise_max_sqnr_db
     assert sum(n.op_type == "MatMulNBits" for n in result.model.graph) == len(blockwise)
     (out,) = run(result.model, {"x": test})
     plain = DynamicQuantizePass(DynamicQuantizeOptions(blockwise=False), npz(tmp_path, x=calib))(
@@ -364,3 +365,50 @@ def test_least_accurate_layers_kept_float_on_request(tmp_path):
 def test_bad_options_name_the_key(values, key):
     with pytest.raises(OnnxcompError, match=key):
         parse_options(DynamicQuantizeOptions, values, "quantize")
+
+
+def residual_block(rng: np.random.Generator, k: int = 64) -> ir.Model:
+    """Reshape -> MatMul + bias -> residual Add -> LayerNormalization, as attention blocks end."""
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        block (float[batch, seq, {k}] x) => (float[batch, seq, {k}] y) {{
+            s = Shape(x)
+            xr = Reshape(x, s)
+            h = MatMul(xr, w)
+            hb = Add(h, b)
+            r = Add(hb, x)
+            y = LayerNormalization<axis = -1>(r, gamma, beta)
+        }}
+    """
+    return from_text(
+        text,
+        w=rng.standard_normal((k, k)) / np.sqrt(k),
+        b=rng.standard_normal(k) * 0.1,
+        gamma=np.ones(k),
+        beta=np.zeros(k),
+    )
+
+
+def test_inferred_shapes_are_dropped_so_onnxruntime_keeps_add_and_layernorm(tmp_path):
+    # With the shapes inferred (as `onnxcomp.model.normalize` does), onnxruntime fuses the residual Add and the
+    # LayerNormalization into SkipLayerNormalization, 3-5x slower on CPU than the pair. Without them its own
+    # inference loses the sequence dimension at the Reshape (a computed shape) and keeps the pair.
+    from onnxcomp import model as model_io
+
+    rng = np.random.default_rng(12)
+    model = residual_block(rng)
+    model_io.normalize(model)
+    kept = copy_of(model)
+    x = rng.standard_normal((1, 11, 64)).astype(np.float32)
+    (ref,) = run(model, {"x": x})
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions())(model)
+    keep = DynamicQuantizePass(DynamicQuantizeOptions(keep_shapes=True))(kept)
+
+    assert result.report["shapes_dropped"] > 0 and keep.report["shapes_dropped"] == 0
+    ops = optimized_ops(result.model, tmp_path)
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 1
+    assert optimized_ops(keep.model, tmp_path)["SkipLayerNormalization"] == 1
+    assert [v.shape for v in result.model.graph.outputs] == [v.shape for v in kept.graph.outputs]
+    (out,) = run(result.model, {"x": x})
+    assert cosine(ref, out) > 0.999
