@@ -78,3 +78,16 @@ def test_bad_recipe_file_cli(tmp_path, cli):
     assert "Traceback" not in result.stderr
     with pytest.raises(OnnxcompError, match="no such recipe"):
         read_recipe(tmp_path / "missing.yaml")
+
+
+def test_example_recipe_in_the_repository(tmp_path, cli):
+    from tests.conftest import ROOT
+
+    out = tmp_path / "digits.int8.onnx"
+    result = cli("run", ROOT / "recipes" / "digits_int8.yaml", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [s["pass"] for s in payload["steps"]] == ["normalize", "optimize", "quantize"]
+    assert payload["validation"]["passed"] and payload["validation"]["drop"] <= 0.005
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
