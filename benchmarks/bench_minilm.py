@@ -20,7 +20,7 @@ with a message when they are missing. Side by side, in one run:
 Fidelity: cosine of ``sentence_embedding`` to fp32 over the 64 benchmark sentences, each run alone at its own
 length (batch 1, no padding), mean and min; and the same in padded batches of 32 ("batch32"), where dynamic
 quantization shares one activation range per tensor across the whole batch. Latency: p50 at 1 thread, batch 1, on an
-11-token sentence, in rounds where each model runs a block of warm runs (see `block_interleaved_latency`); ratio to
+11-token sentence, in rounds where each model runs a block of warm runs (`onnxcomp.bench`); ratio to
 fp32; "ratio 32" is the same on a sentence padded to 32 tokens. Size: the file on disk. onnxcomp's models are
 normalized first (constants lifted, shapes inferred), as `onnxcomp quantize` and recipes do.
 Tool time: wall time of load + quantize + save in this process.
@@ -150,32 +150,23 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def block_interleaved_latency(
-    paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int, block: int, warmup: int = 5
+    paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int, block: int
 ) -> dict[str, tuple[float, float]]:
-    """p50 latency (ms) and its ratio to the first model: in each round every model runs ``warmup`` untimed then
-    ``block`` timed runs, so each is timed with its own weights in the caches (as a deployed model runs) while
-    slow drifts of a shared machine spread over all models. A round-robin of single runs would time every model
-    with the previous one's weights in the caches, which penalises the small quantized models (measured here:
-    quantize_dynamic at 0.45x round-robin versus 0.25x warm)."""
-    from onnxcomp import runtime
+    """p50 latency (ms) and its ratio to the first model, from ``onnxcomp.bench``: rounds in which
+    every model runs a block of warm runs, so each is timed with its own weights in the caches
+    while slow drifts of a shared machine spread over all models."""
+    from onnxcomp.bench import benchmark
 
-    sessions = {
-        name: runtime.create_session(str(p), threads=1, label=name) for name, p in paths.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    names = list(paths)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            session = sessions[name]
-            for _ in range(warmup):
-                session.run(None, feed)
-            for _ in range(block):
-                start = time.perf_counter_ns()
-                session.run(None, feed)
-                times[name].append((time.perf_counter_ns() - start) / 1e6)
-    p50 = {name: float(np.median(t)) for name, t in times.items()}
-    base = p50[names[0]]
-    return {name: (p50[name], p50[name] / base) for name in names}
+    result = benchmark(
+        [str(p) for p in paths.values()],
+        names=list(paths),
+        feeds=feed,
+        runs=rounds * block,
+        warmup=5,
+        memory=False,
+        graph=False,
+    )
+    return {m.name: (m.p50_ms, m.ratio_p50) for m in result.models}
 
 
 def run_ort_dynamic(out: Path) -> None:
@@ -296,7 +287,7 @@ def main() -> int:
         return 0
     print(
         f"MiniLM-L6 ({len(feeds)} sentences, cosine of sentence_embedding to fp32; p50 at 1 thread, batch 1, "
-        f"{tokens} tokens; {args.rounds} rounds of {args.block} warm runs per model, median)"
+        f"{tokens} tokens; {args.rounds * args.block} runs per model in warm blocks, interleaved, median)"
     )
     header = (
         f"{'model':<33}{'size MB':>9}{'p50 ms':>9}{'ratio':>7}{'ratio 32':>10}{'cos mean':>10}{'cos min':>9}"
