@@ -299,22 +299,12 @@ def self_check(
 ) -> dict[str, Any]:
     """Run both models on ``data`` and count onnxruntime's fused kernels in the candidate."""
     from onnxcomp import bench
-    from onnxcomp.validate import compare
+    from onnxcomp.quantize.auto import measure_drop
 
-    comparison = compare(
-        reference,
-        candidate,
-        data,
-        batch_size=options.batch_size,
-        limit=options.check_samples,
-        threads=options.threads,
-    )
-    from onnxcomp.quantize.auto import drop_of
-
-    drop, metric = drop_of(comparison, options.metric)
+    drop, metric, comparison = measure_drop(reference, candidate, data, options)
     out: dict[str, Any] = {
         "data": data.name,
-        "comparison": comparison.to_json(),
+        "comparison": comparison,
         "drop": drop,
         "drop_metric": metric,
     }
@@ -326,7 +316,7 @@ def self_check(
 
 
 # ---------------------------------------------------------------------------------------------
-# dynamic and weight-only live in their own modules (another capability); dispatch by name.
+# dynamic and weight-only: their passes, with the quantize options in their names.
 
 
 def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.PassBase:

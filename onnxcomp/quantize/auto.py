@@ -83,9 +83,10 @@ def default_budget(metric_name: str) -> float:
     return DEFAULT_COSINE_DROP if metric_name == "1 - cosine" else DEFAULT_MAX_DROP
 
 
-def _drop(
+def measure_drop(
     reference: ir.Model, candidate: ir.Model, data: DataSource, options
 ) -> tuple[float, str, dict]:
+    """Run both models on ``data``: (drop, metric name, the comparison as JSON)."""
     from onnxcomp.validate import compare
 
     comparison = compare(
@@ -142,7 +143,7 @@ def static_within_budget(
     candidate, report = api.quantize_static(
         model, options, calib_data, reference=reference, check=False
     )
-    drop, metric, comparison = _drop(reference, candidate, eval_data, options)
+    drop, metric, comparison = measure_drop(reference, candidate, eval_data, options)
     if budget is None:
         budget = default_budget(metric)
     history = [{"float_layers": [], "drop": drop}]
@@ -157,7 +158,7 @@ def static_within_budget(
         candidate, report = api.quantize_static(
             model_io.copy_model(base), opts, calib_data, reference=reference, check=False
         )
-        drop, metric, comparison = _drop(reference, candidate, eval_data, options)
+        drop, metric, comparison = measure_drop(reference, candidate, eval_data, options)
         history.append({"float_layers": fallback, "drop": drop})
         count *= 2
     report["budget"] = {
@@ -269,7 +270,7 @@ def quantize_auto(
             drop = rep["budget"]["drop"]
             metric = rep["budget"]["drop_metric"]
         else:
-            drop, metric, comparison = _drop(original, cand, judge, options)
+            drop, metric, comparison = measure_drop(original, cand, judge, options)
             rep["check"] = {
                 "data": judge.name,
                 "comparison": comparison,
