@@ -1,7 +1,7 @@
 """Data sources: .npz files, folders of them, and random inputs; read one batch at a time.
 
 An ``.npz`` file holds one array per model input, keyed by the input's name, first axis =
-samples, and optionally a ``labels`` array. Arrays stored uncompressed (``np.savez``) are
+samples, and optionally a ``labels`` array; a 0-d array (a scalar input) goes with every batch. Arrays stored uncompressed (``np.savez``) are
 memory-mapped, so a batch reads only its own rows; compressed ones are read one array at a time.
 """
 
@@ -32,7 +32,8 @@ class Batch:
     labels: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        arrays = [a for a in self.inputs.values() if np.ndim(a) > 0]
+        return len(arrays[0]) if arrays else 1
 
 
 class DataSource(abc.ABC):
@@ -144,7 +145,15 @@ class NpzData(DataSource):
             raise OnnxcompError(f"{path}: not a readable .npz file ({err})") from None
         if not self._arrays:
             raise OnnxcompError(f"{path}: the .npz file holds no arrays")
-        counts = {key: (a.shape[0] if a.ndim else -1) for key, a in self._arrays.items()}
+        # A 0-d array (a scalar input such as a sample rate) is fed as it is with every batch.
+        self._constants = {key for key, a in self._arrays.items() if a.ndim == 0 and key != LABELS}
+        counts = {
+            key: (a.shape[0] if a.ndim else -1)
+            for key, a in self._arrays.items()
+            if key not in self._constants
+        }
+        if not counts:
+            raise OnnxcompError(f"{path}: no array has a sample axis (all are scalars)")
         if len(set(counts.values())) != 1 or -1 in counts.values():
             detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
             raise OnnxcompError(
@@ -172,7 +181,10 @@ class NpzData(DataSource):
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
             inputs = {
-                k: np.ascontiguousarray(self._arrays[k][start:stop]) for k in self.input_names
+                k: np.asarray(self._arrays[k])
+                if k in self._constants
+                else np.ascontiguousarray(self._arrays[k][start:stop])
+                for k in self.input_names
             }
             labels = None
             if self.has_labels:

@@ -79,3 +79,12 @@ def test_random_data_resolves_shapes():
         parse_shapes(["1x3x224"])
     with pytest.raises(OnnxcompError, match="unknown input name"):
         RandomData(specs, shapes={"nope": [1]})
+
+
+def test_scalar_inputs_go_with_every_batch(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 4), np.float32), sr=np.array(16000, np.int64))
+    specs = [*SPEC, InputSpec("sr", np.dtype(np.int64), ())]
+    source = open_data(tmp_path / "d.npz", specs)
+    batches = list(source.batches(2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert all(b.inputs["sr"].shape == () and int(b.inputs["sr"]) == 16000 for b in batches)
