@@ -12,13 +12,18 @@ stays float becomes QGemm only with such a bias (with a float bias it stays Dequ
 Equalization and Bias Correction", ICCV 2019, section 4.2, with measured rather than analytic
 means): the per-channel mean of each quantized layer's output is measured on calibration data in
 the fp32 and in the quantized model, and the difference is added to the layer's bias.
+
+`gptq_codes` (``--gptq``) picks the int8 codes of Conv, Gemm and MatMul weights by GPTQ instead of
+round-to-nearest, on the same per-channel grid; a Conv is seen as a linear layer on the im2col
+patches of its input (`conv_patches`), one Hessian per group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +33,7 @@ from onnxcomp.data import DataSource
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.calibrate import stream
-from onnxcomp.quantize.plan import OP_TABLE, QuantPlan
+from onnxcomp.quantize.plan import OP_TABLE, QuantPlan, WeightPlan
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +305,163 @@ def _bias_int32(b: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return q, scale
 
 
+# Patch rows one batch may add to a Conv's Hessian; more are sub-sampled (seeded). A batch of 32
+# ResNet stage-1 inputs has 32 x 32 x 32 = 32768 positions; 4096 of them already outnumber the
+# 288 = 32 x 3 x 3 features many times over, and the float64 patches stay under 40 MB.
+GPTQ_MAX_ROWS_PER_BATCH = 4096
+
+
+def conv_patches(
+    x: np.ndarray,
+    kernel: tuple[int, ...],
+    *,
+    strides: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilations: tuple[int, ...],
+    groups: int = 1,
+    max_rows: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """im2col: the receptive field of each output position of a Conv, one row per position.
+
+    Args:
+        x: the Conv's input, (N, C, *spatial).
+        pads: ONNX order, all the begins then all the ends (``auto_pad`` already resolved).
+        max_rows: keep at most this many rows, drawn without replacement by ``rng`` (only those
+            rows are gathered, so memory follows ``max_rows``, not the output size).
+
+    Returns (rows, groups, C/groups * prod(kernel)): rows ordered (n, *out) and features ordered
+    (channel, *kernel) within a group, so that ``weight.reshape(M, -1) @ row`` is the output of
+    the weight's (M, C/g, *kernel) layout.
+    """
+    x = np.asarray(x)
+    dims = len(kernel)
+    n, c = x.shape[:2]
+    half = len(pads) // 2
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + half]) for i in range(dims)])
+    reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilations))
+    spatial = tuple(range(2, 2 + dims))
+    # A view: (N, C, *positions, *reach), strided down to (N, C, *out, *kernel); nothing copied.
+    windows = np.lib.stride_tricks.sliding_window_view(xp, reach, axis=spatial)
+    windows = windows[
+        (slice(None), slice(None))
+        + tuple(slice(None, None, s) for s in strides)
+        + tuple(slice(None, None, d) for d in dilations)
+    ]
+    out = windows.shape[2 : 2 + dims]
+    total = n * math.prod(out)
+    if max_rows is not None and total > max_rows:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        flat = np.sort(rng.choice(total, size=max_rows, replace=False))
+    else:
+        flat = np.arange(total)
+    idx = np.unravel_index(flat, (n, *out))
+    # Advanced indices around a slice: the indexed axis goes first -> (rows, C, *kernel).
+    patches = windows[(idx[0], slice(None), *idx[1:])]
+    return patches.reshape(len(flat), groups, (c // groups) * math.prod(kernel))
+
+
+def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...], spatial: tuple[int, ...]):
+    """(kernel, strides, pads, dilations) of a Conv on an input of ``spatial`` size, with
+    ``auto_pad`` turned into explicit pads as onnxruntime computes them."""
+    attrs = node.attributes
+    kernel = tuple(int(k) for k in weight_shape[2:])
+    dims = len(kernel)
+    strides = tuple(attrs.get_ints("strides", [1] * dims))
+    dilations = tuple(attrs.get_ints("dilations", [1] * dims))
+    pads = tuple(attrs.get_ints("pads", [0] * (2 * dims)))
+    auto_pad = attrs.get_string("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        pads = (0,) * (2 * dims)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            total = max(0, (-(-size // s) - 1) * s + d * (k - 1) + 1 - size)
+            small, large = total // 2, total - total // 2
+            begins.append(small if auto_pad == "SAME_UPPER" else large)
+            ends.append(large if auto_pad == "SAME_UPPER" else small)
+        pads = tuple(begins + ends)
+    return kernel, strides, pads, dilations
+
+
+@dataclasses.dataclass
+class _GptqLayer:
+    """A weighted op as GPTQ sees it: ``groups`` linear layers ``y = W x``, each with its own
+    Hessian. ``key`` says which layers read the same rows (and so share the Hessians)."""
+
+    wp: WeightPlan
+    input_name: str
+    weight: np.ndarray  # float32, the op's own layout
+    rows: np.ndarray  # (groups, out/groups, in): W for the solver
+    key: tuple
+    rows_of: Callable[[np.ndarray, np.random.Generator], np.ndarray]  # input -> (rows, groups, in)
+    back: Callable[[np.ndarray], np.ndarray]  # (groups, out/groups, in) -> the op's layout
+
+
+def _gemm_layer(wp: WeightPlan, input_name: str, weight: np.ndarray) -> _GptqLayer | str:
+    node = wp.node
+    if weight.ndim != 2:
+        return f"weight has rank {weight.ndim}, GPTQ needs a matrix"
+    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+    trans_a = node.op_type == "Gemm" and node.attributes.get_int("transA", 0)
+    w = weight if trans_b else weight.T  # (out, in)
+
+    def rows_of(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = x.T if trans_a else x
+        return x.reshape(-1, 1, x.shape[-1])  # (samples, 1, in)
+
+    def back(q: np.ndarray) -> np.ndarray:
+        return q[0] if trans_b else q[0].T
+
+    return _GptqLayer(wp, input_name, weight, w[None], (input_name, bool(trans_a)), rows_of, back)
+
+
+def _conv_layer(wp: WeightPlan, input_name: str, weight: np.ndarray) -> _GptqLayer | str:
+    node = wp.node
+    groups = node.attributes.get_int("group", 1)
+    m = weight.shape[0]
+    if weight.ndim < 3 or m % groups:
+        return f"weight of shape {list(weight.shape)} does not fit group={groups}"
+    attrs = node.attributes
+    key = (
+        input_name,
+        groups,
+        tuple(weight.shape[1:]),
+        tuple(attrs.get_ints("strides", [])),
+        tuple(attrs.get_ints("pads", [])),
+        tuple(attrs.get_ints("dilations", [])),
+        attrs.get_string("auto_pad", "NOTSET"),
+    )
+
+    def rows_of(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        kernel, strides, pads, dilations = conv_geometry(node, weight.shape, x.shape[2:])
+        return conv_patches(
+            x,
+            kernel,
+            strides=strides,
+            pads=pads,
+            dilations=dilations,
+            groups=groups,
+            max_rows=GPTQ_MAX_ROWS_PER_BATCH,
+            rng=rng,
+        )
+
+    def back(q: np.ndarray) -> np.ndarray:
+        return q.reshape(weight.shape)
+
+    # (M, C/g, *kernel) -> (g, M/g, C/g * prod(kernel)): output channels of group i come i-th.
+    w = weight.reshape(groups, m // groups, -1)
+    return _GptqLayer(wp, input_name, weight, w, key, rows_of, back)
+
+
+# How each weighted op of the plan becomes GPTQ's (out, in) layers; a string is why it cannot.
+GPTQ_LAYOUT: dict[str, Callable[[WeightPlan, str, np.ndarray], _GptqLayer | str]] = {
+    "Gemm": _gemm_layer,
+    "MatMul": _gemm_layer,
+    "Conv": _conv_layer,
+}
+
+
 def gptq_codes(
     reference: ir.Model,
     plan: QuantPlan,
@@ -308,45 +470,102 @@ def gptq_codes(
     *,
     batch_size: int = 32,
     limit: int | None = 256,
+    seed: int = 0,
 ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
-    """int8 codes for the Gemm/MatMul weights of ``plan`` by GPTQ (Frantar et al. 2022, "GPTQ:
-    Accurate Post-Training Quantization for Generative Pre-trained Transformers", Alg. 1), on the
-    same per-channel grid as round-to-nearest; the layer inputs are streamed from the fp32 model
-    into one Hessian ``2 X^T X / n`` per input tensor (layers reading the same tensor share it).
+    """int8 codes for the Conv/Gemm/MatMul weights of ``plan`` by GPTQ (Frantar et al. 2022,
+    "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", Alg. 1),
+    on the same per-channel grid as round-to-nearest.
 
-    Returns (id(node) -> codes in the weight's own layout, report rows with the layer-wise
-    reconstruction error of round-to-nearest and of GPTQ). Conv weights keep round-to-nearest.
+    The layer inputs are streamed from the fp32 model into Hessians ``2 X^T X / n``, batch by
+    batch: a Gemm/MatMul's rows are its input rows; a Conv's rows are the im2col patches of its
+    input (`conv_patches`, at most `GPTQ_MAX_ROWS_PER_BATCH` per batch, drawn with ``seed``), with
+    one Hessian per group (a depthwise Conv gets one ``kH*kW`` Hessian per channel). Layers that
+    read the same rows share their Hessians. The Conv weight (M, C/g, kH, kW) is solved as
+    (M, C/g*kH*kW) rows, group by group.
+
+    Returns (id(node) -> codes in the weight's own layout, one report row per weight: ``node``,
+    ``op``, ``groups``, ``in_features`` and the layer-wise reconstruction error per sample of
+    round-to-nearest and of GPTQ, or ``skipped`` with the reason that weight keeps
+    round-to-nearest).
     """
     from onnxcomp.quantize import gptq
 
-    targets = [wp for wp in plan.weights if wp.node.op_type in ("Gemm", "MatMul")]
-    if not targets:
-        return {}, []
-    names = sorted({input_names[id(wp.node)] for wp in targets})
-    hessians = {name: gptq.HessianAccumulator() for name in names}
+    layers: list[_GptqLayer] = []
+    report: list[dict[str, Any]] = []
+    for wp in plan.weights:
+        node = wp.node
+        make = GPTQ_LAYOUT.get(node.op_type)
+        if make is None:
+            layer: _GptqLayer | str = f"GPTQ has no layout for {node.op_type}"
+        else:
+            weight = wp.value.const_value.numpy().astype(np.float32)
+            layer = make(wp, input_names[id(node)], weight)
+        if isinstance(layer, str):
+            report.append({"node": node.name, "op": node.op_type, "skipped": layer})
+            logger.info("GPTQ: %s keeps round-to-nearest: %s", node.name, layer)
+        else:
+            layers.append(layer)
+    if not layers:
+        return {}, report
+
+    # One layer per key computes the rows; its Hessians serve every layer with that key.
+    keys = list(dict.fromkeys(layer.key for layer in layers))
+    first = {key: next(layer for layer in layers if layer.key == key) for key in keys}
+    hessians: dict[tuple, list] = {
+        key: [gptq.HessianAccumulator() for _ in range(len(first[key].rows))] for key in keys
+    }
+    rngs = {key: np.random.default_rng([seed, i]) for i, key in enumerate(keys)}
+    by_input: dict[str, list[tuple]] = {}
+    for key in keys:
+        by_input.setdefault(first[key].input_name, []).append(key)
+    names = sorted(by_input)
     for _, tensors in stream(reference, names, data, batch_size=batch_size, limit=limit):
         for name, array in tensors.items():
-            hessians[name].update(array)
+            for key in by_input[name]:
+                rows = first[key].rows_of(array, rngs[key])  # (rows, groups, in)
+                for g, acc in enumerate(hessians[key]):
+                    acc.update(rows[:, g, :])
+
     codes: dict[int, np.ndarray] = {}
-    report = []
-    for wp in targets:
-        node = wp.node
-        b = wp.value.const_value.numpy().astype(np.float32)
-        transposed = not (node.op_type == "Gemm" and node.attributes.get_int("transB", 0))
-        w = b.T if transposed else b  # (out, in)
+    for layer in layers:
+        node = layer.wp.node
+        accs = hessians[layer.key]
+        if any(acc.n_samples == 0 for acc in accs):
+            reason = "no finite calibration inputs reached it"
+            report.append({"node": node.name, "op": node.op_type, "skipped": reason})
+            logger.info("GPTQ: %s keeps round-to-nearest: %s", node.name, reason)
+            continue
+        # The grid InsertQdqPass uses, from the weight in its own layout.
         params = schemes.weight_params(
-            w, axis=0 if wp.axis is not None else None, per_channel=wp.axis is not None
+            layer.weight, axis=layer.wp.axis, per_channel=layer.wp.axis is not None
         )
-        h = hessians[input_names[id(node)]].H
-        result = gptq.gptq_quantize(w, h, quantizer=params)
-        rtn = schemes.dequantize(schemes.quantize(w, params), params)
-        q = result.quantized.astype(np.int8)
-        codes[id(node)] = np.ascontiguousarray(q.T if transposed else q)
+        n_groups, rows_per_group, in_features = layer.rows.shape
+        q = np.zeros(layer.rows.shape, np.int8)
+        rtn_error = gptq_error = 0.0
+        for g, acc in enumerate(accs):
+            w = layer.rows[g]  # (out/groups, in)
+            if layer.wp.axis is None:
+                grid = params
+            else:
+                # Per output channel: W's rows are the channels, group by group.
+                channels = slice(g * rows_per_group, (g + 1) * rows_per_group)
+                grid = schemes.QuantParams(
+                    params.scale[channels], params.zero_point[channels], params.dtype, 0
+                )
+            result = gptq.gptq_quantize(w, acc.H, quantizer=grid)
+            rtn = schemes.dequantize(schemes.quantize(w, grid), grid)
+            q[g] = result.quantized.astype(np.int8)
+            rtn_error += gptq.reconstruction_error(w, rtn, acc.H)
+            gptq_error += gptq.reconstruction_error(w, result.dequantized, acc.H)
+        codes[id(node)] = np.ascontiguousarray(layer.back(q))
         report.append(
             {
                 "node": node.name,
-                "rtn_error": gptq.reconstruction_error(w, rtn, h),
-                "gptq_error": gptq.reconstruction_error(w, result.dequantized, h),
+                "op": node.op_type,
+                "groups": n_groups,
+                "in_features": in_features,
+                "rtn_error": rtn_error,
+                "gptq_error": gptq_error,
             }
         )
     return codes, report
