@@ -143,6 +143,73 @@ def test_hard_sigmoid_affine_form_and_hard_swish_on_top():
     assert op_histogram(result) == {"HardSigmoid": 1, "HardSwish": 1}
 
 
+RELU6 = """
+<ir_version: 8, opset_import: ["" : %s]>
+g (float[1, 8, 4, 4] x) => (float[1, 8, 4, 4] y) <float zero = {0.0}, float[1] six = {%s}> {
+    %s
+}
+"""
+RELU6_FORMS = {
+    "min-max": "m = Max(x, zero)\n y = Min(six, m)",
+    "max-min": "m = Min(x, six)\n y = Max(zero, m)",
+    "relu-min": "m = Relu(x)\n y = Min(m, six)",
+}
+
+
+@pytest.mark.parametrize("form", sorted(RELU6_FORMS))
+def test_relu6_from_min_max_becomes_clip(form):
+    result, report = _optimize(RELU6 % ("13", "6.0", RELU6_FORMS[form]))
+    assert op_histogram(result) == {"Clip": 1}
+    clip = next(iter(result.graph))
+    assert [rules_mod.scalar(v) for v in clip.inputs[1:]] == [0.0, 6.0]
+    assert all(v.shape == ir.Shape([]) for v in clip.inputs[1:])  # Clip's bounds are scalars
+    assert report["rules"]["relu6"]["applied"] == 1 and report["opset"]["after"] == 13
+
+
+def test_relu6_before_opset_11_writes_clip_attributes():
+    result, _ = _optimize(RELU6 % ("9", "6.0", RELU6_FORMS["min-max"]))
+    clip = next(iter(result.graph))
+    assert clip.op_type == "Clip" and len(clip.inputs) == 1
+    assert (rules_mod.attr(clip, "min"), rules_mod.attr(clip, "max")) == (0.0, 6.0)
+
+
+@pytest.mark.parametrize(
+    "six, nodes, reason",
+    [
+        ("5.0", RELU6_FORMS["min-max"], "Min/Max bounds are (0, 5), not (0, 6)"),
+        ("6.0", RELU6_FORMS["relu-min"].replace("six", "sixes"),
+         "the bound [1, 8, 1, 1] is per element or channel, not one number"),
+        ("6.0", "m = Max(x, zero)\n y = Min(m, six)\n z = Neg(m)", "Max(x, 0) is also used elsewhere"),
+    ],
+    ids=["bound-5", "per-channel", "max-used-elsewhere"],
+)
+def test_relu6_near_misses_stay(six, nodes, reason):
+    text = RELU6 % ("13", six, nodes)
+    text = text.replace("float[1] six", "float[1, 8, 1, 1] sixes = {6, 6, 6, 6, 6, 6, 6, 6}, float[1] six")
+    if "z = Neg" in text:
+        text = text.replace("(float[1, 8, 4, 4] y)", "(float[1, 8, 4, 4] y, float[1, 8, 4, 4] z)")
+    result, report = _optimize(text)
+    assert "Clip" not in op_histogram(result)
+    assert _skips(report, "relu6") == [reason]
+
+
+def test_hard_swish_over_a_min_max_relu6():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 8, 4, 4] x) => (float[1, 8, 4, 4] y) <float three = {3.0}, float zero = {0.0}, float six = {6.0}> {
+        a = Add(x, three)
+        lo = Max(a, zero)
+        c = Min(lo, six)
+        m = Mul(x, c)
+        y = Div(m, six)
+    }
+    """
+    result, report = _optimize(text)
+    # Round 1 writes the Clip, round 2 sees Paddle's hard-swish.
+    assert op_histogram(result) == {"HardSwish": 1}
+    assert report["rules"]["relu6"]["applied"] == 1 and report["rules"]["hard-swish"]["applied"] == 1
+
+
 SILU = """
 <ir_version: 10, opset_import: ["" : 17]>
 g (float[1, 8, 4, 4] x) => (float[1, 8, 4, 4] y) {
@@ -339,6 +406,87 @@ def test_layer_norm_reduce_sum_reciprocal_form():
     """
     result, _ = _optimize(text)
     assert op_histogram(result) == {"LayerNormalization": 1}
+
+
+# TF's batch_normalization over moments: x·s + (β − mean·s), s = γ·rsqrt(var + ε), no x − mean
+# on the main path (tf2onnx writes Rsqrt as Reciprocal(Sqrt)).
+LAYER_NORM_TF = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[2, 5, 16] x%s) => (float[2, 5, 16] y) {
+    eps = Constant<value = float {1e-3}>()
+    %s
+    beta = Constant<value = float[16] {0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1}>()
+    mean = ReduceMean<axes = [%s]>(x)
+    d = Sub(x, mean)
+    sq = Mul(d, d)
+    var = ReduceMean<axes = [%s]>(sq)
+    ve = Add(var, eps)
+    std = Sqrt(ve)
+    r = Reciprocal(std)
+    inv = Mul(r, gamma)
+    xs = Mul(x, inv)
+    ms = Mul(mean, inv)
+    shift = Sub(beta, ms)
+    y = Add(xs, shift)
+}
+"""
+GAMMA = "gamma = Constant<value = float[16] {1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}>()"
+
+
+def test_layer_norm_tf_form_without_x_minus_mean():
+    result, report = _optimize(LAYER_NORM_TF % ("", GAMMA, "-1", "-1"))
+    assert op_histogram(result) == {"LayerNormalization": 1}
+    assert report["opset"] == {"before": 13, "after": 17}
+
+
+def test_layer_norm_tf_form_moments_pow_and_scales_written_twice():
+    # var = mean(x²) − mean², rsqrt as Pow(·, −0.5), and γ·rsqrt computed once per side
+    # (β − (mean·γ)·rsqrt, as the formula reads left to right).
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[2, 5, 16] x) => (float[2, 5, 16] y) {
+        eps = Constant<value = float {1e-5}>()
+        mhalf = Constant<value = float {-0.5}>()
+        gamma = Constant<value = float[16] {1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}>()
+        beta = Constant<value = float[16] {0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1}>()
+        mean = ReduceMean<axes = [-1]>(x)
+        xx = Mul(x, x)
+        ex2 = ReduceMean<axes = [-1]>(xx)
+        m2 = Mul(mean, mean)
+        var = Sub(ex2, m2)
+        ve = Add(var, eps)
+        rs = Pow(ve, mhalf)
+        g1 = Mul(gamma, rs)
+        xs = Mul(x, g1)
+        ve2 = Add(var, eps)
+        rs2 = Pow(ve2, mhalf)
+        mg = Mul(mean, gamma)
+        ms = Mul(mg, rs2)
+        shift = Sub(beta, ms)
+        y = Add(shift, xs)
+    }
+    """
+    result, _ = _optimize(text)
+    assert op_histogram(result) == {"LayerNormalization": 1}
+
+
+@pytest.mark.parametrize(
+    "inputs, gamma, mean_axes, var_axes, reason",
+    [
+        ("", GAMMA, "-1", "-2", "mean over axes [-1] but variance over [-2]"),
+        ("", GAMMA, "1", "1", "the scale [16] is not per normalized element"),
+        (", float[16] gamma", "", "-1", "-1", "x·s: γ in s = γ/√(var + ε) is not a constant"),
+    ],
+    ids=["variance-axis", "normalized-axis", "gamma-input"],
+)
+def test_layer_norm_tf_form_near_misses(inputs, gamma, mean_axes, var_axes, reason):
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(0, 3, (2, 5, 16)).astype(np.float32)}
+    if inputs:
+        feeds["gamma"] = rng.normal(1, 0.1, 16).astype(np.float32)
+    result, report = _optimize(LAYER_NORM_TF % (inputs, gamma, mean_axes, var_axes), feeds)
+    assert "LayerNormalization" not in op_histogram(result)
+    assert _skips(report, "layer-norm") == [reason]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.optimize import rules as rules_mod
-from onnxcomp.optimize.rules import NO_UPGRADE, ConstantFoldRule, Match, NameSource, Rule
+from onnxcomp.optimize.rules import NO_UPGRADE, Match, NameSource, Rule
 from onnxcomp.passes import Result
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ def apply_rules(
     for round_ in range(1, max_rounds + 1):
         current = model_io.opset(model)
         for rule in rules:
-            if isinstance(rule, ConstantFoldRule):
-                rule.opset = current
+            rule.opset = current
         planned = _plan(model, rules, log, limit, counts)
         wanted = [r for r, _ in planned if r.target_opset > current and r.target_op not in NO_UPGRADE]
         needed = max((rule.target_opset for rule in wanted), default=0)
