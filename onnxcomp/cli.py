@@ -698,7 +698,7 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     default=None,
     help="Add the mean output error of each quantized layer to its bias (default: off for static, on for dynamic).",
 )
-@click.option("--gptq", is_flag=True, help="Static and weight-only: GPTQ rounding of Gemm/MatMul weights on the calibration data.")
+@click.option("--gptq", is_flag=True, help="Static (Conv, Gemm, MatMul) and weight-only: GPTQ rounding of weights on the calibration data.")
 @click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
 @shape_option
 @click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")

@@ -1,7 +1,7 @@
 """Graph clean-up before compression: fuse what exporters decompose, fold what they leave.
 
-Rules (``onnxcomp.optimize.rules``): hard-swish, hard-sigmoid, GELU (erf and tanh forms),
-LayerNormalization (ReduceMean and ReduceSum forms), SiLU → Swish (off by default: onnxruntime
+Rules (``onnxcomp.optimize.rules``): hard-swish, hard-sigmoid, ReLU6 written as Min/Max, GELU (erf
+and tanh forms), LayerNormalization (ReduceMean, ReduceSum and x*s + (b - mean*s) forms), SiLU → Swish (off by default: onnxruntime
 1.32 runs Swish slower than the Sigmoid·Mul it fuses itself), BatchNormalization / bias Add /
 per-channel Mul folded into Conv, ConvTranspose and Gemm weights, Identity and Dropout removal,
 constant folding. The result is a plain ONNX model, checked against the input in onnxruntime.

@@ -55,7 +55,7 @@ class QuantizeOptions:
     # Off by default: measured on the digits CNN it changes nothing, on a MobileNetV3-like
     # classifier it lowers cosine to fp32 (0.993 -> 0.986): the kernel-window mean ignores padding.
     bias_correction: bool | None = None  # default by mode: off for static, on for dynamic
-    gptq: bool = False  # static: GPTQ rounding for Gemm/MatMul weights (same int8 grid)
+    gptq: bool = False  # static: GPTQ rounding of Conv/Gemm/MatMul weights (same int8 grid)
     calibration_samples: int | None = None  # use at most this many calibration samples
     batch_size: int = 32
     allow_random_calibration: bool = False
