@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     if not model.graph.outputs:
         raise OnnxcompError(f"{path}: the graph has no outputs")
     _check_external_data(model, path)
+    _check_tensor_sizes(model, path)
     _check_references(model, path)
     return model
 
@@ -59,6 +61,13 @@ def _check_references(model: ir.Model, path: Path) -> None:
     A corrupted name in a file leaves a dangling reference that onnx-ir reads happily; passes
     would then fail deep inside, so it is named here.
     """
+    for graph in model.graphs():
+        for value in graph.outputs:
+            if value.producer() is None and not (value.is_graph_input() or value.is_initializer()):
+                raise OnnxcompError(
+                    f"{path}: graph output {value.name!r} is produced by no node "
+                    "(a corrupt or incomplete model)"
+                )
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for text in (node.name, node.op_type, node.domain, *(v.name for v in node.outputs)):
             if isinstance(text, bytes):  # onnx-ir keeps names that are not UTF-8 as bytes
@@ -107,6 +116,44 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 f"{path}: external data file {tensor.location!r} is truncated "
                 f"(tensor {value.name!r} needs bytes up to {end}, file has "
                 f"{data_path.stat().st_size})"
+            )
+
+
+# Repeated fields of TensorProto that hold one element per value (complex types hold two).
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_tensor_sizes(model: ir.Model, path: Path) -> None:
+    """Each initializer's data must hold as many elements as its dims say (cheap: no decoding)."""
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        try:
+            itemsize = tensor.dtype.itemsize
+        except TypeError:  # strings: no fixed size
+            continue
+        count = math.prod(tensor.shape.numpy())
+        if isinstance(tensor, ir.ExternalTensor):
+            have = tensor.length
+        elif isinstance(tensor, ir.TensorProtoTensor):
+            proto = tensor.raw
+            if proto.HasField("raw_data"):
+                have = len(proto.raw_data)
+            else:
+                values = max(len(getattr(proto, field)) for field in _TYPED_FIELDS)
+                if tensor.dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128):
+                    values //= 2
+                if values == count or (values == 0 and count == 0):
+                    continue
+                raise OnnxcompError(
+                    f"{path}: tensor {value.name!r} holds {values} values, its shape "
+                    f"{list(tensor.shape.numpy())} needs {count}"
+                )
+        else:
+            continue
+        if have is not None and have != math.ceil(count * itemsize):
+            raise OnnxcompError(
+                f"{path}: tensor {value.name!r} holds {have} bytes, its shape "
+                f"{list(tensor.shape.numpy())} of {tensor.dtype.name} needs {math.ceil(count * itemsize)}"
             )
 
 
