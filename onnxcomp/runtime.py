@@ -27,8 +27,9 @@ from onnxcomp.model import EXTERNAL_DATA_THRESHOLD, weight_bytes
 
 logger = logging.getLogger(__name__)
 
-# onnxruntime logs run-time errors to stderr itself before raising; the error we raise says it.
-ort.set_default_logger_severity(3)
+# onnxruntime logs run-time errors to stderr itself before raising; the OnnxcompError we raise
+# carries the same message, so its own log would only break the one-line error.
+ort.set_default_logger_severity(4)
 
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -48,7 +49,7 @@ def session_options(
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = OPT_LEVELS[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if optimized_model_path:
         options.optimized_model_filepath = str(optimized_model_path)
     return options
