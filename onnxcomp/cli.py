@@ -670,7 +670,7 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     default="auto",
     metavar="auto|static|dynamic|weight-only",
     show_default=True,
-    help="auto measures static, dynamic and float in onnxruntime and keeps the fastest within --max-drop.",
+    help="auto measures static, dynamic, the cleaned-up fp32 graph and the input in onnxruntime and keeps the fastest within --max-drop.",
 )
 @click.option("--data", type=click.Path(), help="Calibration samples: .npz file or folder of them.")
 @click.option(
@@ -718,8 +718,10 @@ def quantize(
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
     Static QDQ places Q/DQ only where onnxruntime runs integer kernels; --mode auto (the default)
-    also tries dynamic quantization and keeps whichever is fastest within --max-drop (default 0.01),
-    or the float model when nothing is faster.
+    also tries dynamic quantization and the cleaned-up fp32 graph, and keeps whichever is fastest
+    within --max-drop (default 0.01), or the input model when nothing is faster.
+
+    Exit codes: 0 written; 1 --max-drop cannot be met (nothing written); 2 bad input.
     """
     from onnxcomp import model as model_io
     from onnxcomp.data import parse_shapes
