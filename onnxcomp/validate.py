@@ -3,6 +3,8 @@
 Metrics are folded batch by batch (running sums), so any number of samples fits in memory:
 per output max/mean absolute error, cosine similarity (mean and min over samples), SNR in dB,
 top-1 agreement for classifier-like outputs, and accuracy of each model where data has labels.
+Token outputs ([batch, seq, ...]) of models fed an ``attention_mask`` are compared on the real
+tokens only, one row per token.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def compare(
         ref = runtime.run(ref_session, batch.inputs, ref_outputs, "reference")
         cand = runtime.run(cand_session, batch.inputs, ref_outputs, "candidate")
         for name in ref_outputs:
-            stats[name].update(ref[name], cand[name])
+            a, b = _real_tokens(ref[name], cand[name], batch.inputs)
+            stats[name].update(a, b)
         samples += len(batch)
         if batch.labels is not None:
             name = labels_output or _label_output(ref, ref_outputs)
@@ -223,6 +226,22 @@ def compare(
         comparison.accuracy_reference = correct_ref / labelled
         comparison.accuracy_candidate = correct_cand / labelled
     return comparison
+
+
+def _real_tokens(
+    ref: np.ndarray, cand: np.ndarray, inputs: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """For a [batch, seq, ...] output of a model fed an ``attention_mask`` [batch, seq], keep the
+    real tokens only, one row each: what the model computes at padding positions is never used,
+    and its error there would swamp the comparison."""
+    mask = next(
+        (a for name, a in inputs.items() if "attention_mask" in name.lower() and np.ndim(a) == 2),
+        None,
+    )
+    if mask is None or ref.ndim < 3 or ref.shape[:2] != mask.shape or mask.all():
+        return ref, cand
+    keep = mask.astype(bool)
+    return ref[keep], cand[keep]
 
 
 def _label_output(outputs: dict[str, np.ndarray], names: list[str]) -> str | None:

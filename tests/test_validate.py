@@ -61,3 +61,39 @@ def test_candidate_with_other_outputs(cli, models_dir, tmp_path):
     result = cli("validate", models_dir / "digits_mlp.onnx", tmp_path / "renamed.onnx")
     assert result.exit_code == 2
     assert "candidate lacks output" in result.stderr
+
+
+def test_padding_tokens_are_left_out(tmp_path):
+    """A [batch, seq, hidden] output fed an attention_mask: only real tokens are compared."""
+    import onnx
+
+    from onnxcomp.data import NpzData
+    from onnxcomp.validate import compare
+
+    def model(noise: float):
+        # y = x + noise * (1 - mask): the candidate differs only at padding positions.
+        text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, S, 4] x, int64[N, S] attention_mask) => (float[N, S, 4] y) {{
+          m = Cast <to = 1> (attention_mask)
+          one = Constant <value = float {{1.0}}> ()
+          pad = Sub(one, m)
+          p = Unsqueeze(pad, axes)
+          axes = Constant <value = int64[1] {{2}}> ()
+          scale = Constant <value = float {{{noise}}}> ()
+          d = Mul(p, scale)
+          y = Add(x, d)
+        }}
+        """
+        return onnx.parser.parse_model(text)
+
+    onnx.save(model(0.0), tmp_path / "ref.onnx")
+    onnx.save(model(5.0), tmp_path / "cand.onnx")
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.int64)
+    x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, attention_mask=mask)
+    result = compare(
+        str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), NpzData(tmp_path / "d.npz")
+    )
+    stats = result.outputs[0]
+    assert stats.max_abs == 0 and stats.samples == int(mask.sum())
