@@ -208,6 +208,14 @@ def _has_weighted_matmul(model: ir.Model) -> bool:
     return False
 
 
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "Constant":  # lifted into initializers by the clean-up: no rewrite
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def quantize_auto(
     model: ir.Model,
     options,
@@ -257,7 +265,11 @@ def quantize_auto(
             "no MatMul/Gemm weights (dynamic quantization of Conv runs as slow ConvInteger)"
         )
 
-    if options.optimize and original is not reference:
+    if (
+        options.optimize
+        and original is not reference
+        and _op_counts(original) != _op_counts(reference)
+    ):
         # The cleaned-up fp32 graph (checked by optimize against the input) is a candidate too:
         # where no quantization pays, the clean-up alone may (fused hard-swish: 0.62x on layout).
         candidates["optimized"], reports["optimized"] = reference, {"mode": "optimized"}
