@@ -46,6 +46,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
 from onnxcomp.quantize.weight_only import (
+    gemm_operands,
     match_embedding,
     matmul_nbits_node,
     rewrite_gather,
@@ -206,27 +207,10 @@ def _match_matmul(node: ir.Node) -> _Match | str:
 
 
 def _match_gemm(node: ir.Node) -> _Match | str:
-    attrs = node.attributes
-    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
-    beta = attrs["beta"].as_float() if "beta" in attrs else 1.0
-    if ("transA" in attrs and attrs["transA"].as_int()) != 0:
-        return "Gemm with transA=1 (the input would need a Transpose)"
-    b = _const(node.inputs[1])
-    if b is None:
-        return "weight is computed at run time (not a constant)"
-    if b.dtype != np.float32 or b.ndim != 2:
-        return f"weight is {b.dtype} of rank {b.ndim}, not a float32 matrix"
-    w = b.T if ("transB" in attrs and attrs["transB"].as_int()) else b
-    w = np.ascontiguousarray(w * np.float32(alpha), dtype=np.float32)
-    n = w.shape[1]
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = _const(node.inputs[2])
-        if c is None:
-            return "bias C is computed at run time"
-        if c.size not in (1, n) or (c.size == n and c.shape[-1:] != (n,)):
-            return f"bias C of shape {list(c.shape)} is not a per-column vector"
-        bias = np.broadcast_to(c.reshape(-1) * np.float32(beta), (n,)).astype(np.float32)
+    operands = gemm_operands(node)
+    if isinstance(operands, str):
+        return operands
+    w, bias = operands
     return _Match(node.name or "", "Gemm", node.inputs[0], w, bias, [node], node.outputs[0])
 
 

@@ -146,8 +146,9 @@ def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
     return match
 
 
-def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
-    """Gemm with a constant weight: ``alpha * x @ W (+ beta * C)`` as MatMulNBits with a bias."""
+def gemm_operands(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """A Gemm with a constant weight as ``x @ W + bias``: (W (K, N) with alpha applied, bias (N,)
+    with beta applied, or None), or the reason it is not one."""
     attrs = node.attributes
     if "transA" in attrs and attrs["transA"].as_int():
         return "Gemm with transA=1 (the input would need a Transpose)"
@@ -169,6 +170,15 @@ def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
         if c.size not in (1, n) or (c.size == n and c.shape[-1:] != (n,)):
             return f"bias C of shape {list(c.shape)} is not a per-column vector"
         bias = np.broadcast_to(c.reshape(-1) * np.float32(beta), (n,)).astype(np.float32)
+    return w, bias
+
+
+def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
+    """Gemm with a constant weight: ``alpha * x @ W (+ beta * C)`` as MatMulNBits with a bias."""
+    operands = gemm_operands(node)
+    if isinstance(operands, str):
+        return operands
+    w, bias = operands
     return _Match(
         node.name or "", "MatMul", node, w, x=node.inputs[0], bias=bias, output=node.outputs[0]
     )
