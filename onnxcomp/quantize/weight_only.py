@@ -414,6 +414,17 @@ def match_embedding(node: ir.Node, block_size: int) -> _Match | str:
     return match
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer under ``name`` (made unique in the graph)."""
+    value_name, n = name, 1
+    while value_name in graph.initializers:
+        value_name = f"{name}_{n}"
+        n += 1
+    value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
+    graph.register_initializer(value)
+    return value
+
+
 def rewrite_gather(
     graph: ir.Graph, match: _Match, bits: int, block_size: int, symmetric: bool
 ) -> tuple[dict[str, object], int]:
@@ -424,13 +435,7 @@ def rewrite_gather(
     tag = match.name.replace("/", "_").strip("_") or "gather"
 
     def initializer(suffix: str, array: np.ndarray) -> ir.Value:
-        value_name, n = f"{tag}_{suffix}", 1
-        while value_name in graph.initializers:
-            value_name = f"{tag}_{suffix}_{n}"
-            n += 1
-        value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, f"{tag}_{suffix}", array)
 
     inputs = [
         initializer(f"data_q{bits}", q.packed.reshape(rows, -1)),
@@ -486,13 +491,7 @@ def matmul_nbits_node(
     tag = name.replace("/", "_").strip("_") or "matmul"
 
     def initializer(suffix: str, array: np.ndarray) -> ir.Value:
-        value_name, n = f"{tag}_{suffix}", 1
-        while value_name in graph.initializers:
-            value_name = f"{tag}_{suffix}_{n}"
-            n += 1
-        value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, f"{tag}_{suffix}", array)
 
     inputs: list[ir.Value | None] = [
         x,
