@@ -156,6 +156,13 @@ def dims(value: ir.Value | None) -> list[int | None] | None:
     return [d if isinstance(d, int) else None for d in value.shape]
 
 
+def same_dim(a: int | ir.SymbolicDim | None, b: int | ir.SymbolicDim | None) -> bool:
+    """Two dims known to be equal: the same number, or the same named symbolic dim."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
 def label(node: ir.Node) -> str:
     """How reports name a node."""
     return node.name or f"<{node.op_type}>"
