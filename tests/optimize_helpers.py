@@ -36,4 +36,3 @@ def _optimize(text: str, feeds: dict[str, np.ndarray] | None = None, **options):
 
 def _skips(report, rule: str) -> list[str]:
     return [s["reason"] for s in report["rules"][rule]["skips"]]
-

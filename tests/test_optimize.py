@@ -23,7 +23,12 @@ from onnxcomp.passes import get_pass, run_pipeline
 def test_broken_rewrite_is_left_out_and_named(monkeypatch):
     def wrong(self, match, names):
         rules_mod.replace_chain(
-            match, "HardSigmoid", [match.data["x"]], match.data["out"], names, {"alpha": 0.2, "beta": 0.5}
+            match,
+            "HardSigmoid",
+            [match.data["x"]],
+            match.data["out"],
+            names,
+            {"alpha": 0.2, "beta": 0.5},
         )
 
     monkeypatch.setattr(rules_mod.HardSigmoidRule, "rewrite", wrong)
@@ -45,7 +50,12 @@ def test_broken_rewrite_is_left_out_and_named(monkeypatch):
     assert left_out["rule"] == "hard-sigmoid" and "Clip" in left_out["node"]
     assert left_out["max_rel_error"] > 0.01 and left_out["fp32_noise"] < 1e-6
     assert any(n.startswith("left out hard-sigmoid at") for n in report["notes"])
-    assert op_histogram(result) == {"Relu": 1, "Add": 1, "Clip": 1, "Div": 1}  # Identity still removed
+    assert op_histogram(result) == {
+        "Relu": 1,
+        "Add": 1,
+        "Clip": 1,
+        "Div": 1,
+    }  # Identity still removed
     assert report["rules"]["identity"]["applied"] == 1
     assert report["check"]["max_rel_error"] == 0.0
 
@@ -96,8 +106,11 @@ def test_layer_norm_beyond_tolerance_is_kept_when_nearer_the_float64_result(tmp_
     f64 = check["float64"]
     assert f64["candidate_error"] < f64["input_error"] <= f64["allowance"]
     feeds = {k: a[:8] for k, a in arrays.items()}
-    exact = [(a.astype(np.float64) - a.mean(-1, keepdims=True, dtype=np.float64))
-             / np.sqrt(a.astype(np.float64).var(-1, keepdims=True) + 1e-5) for a in feeds.values()]
+    exact = [
+        (a.astype(np.float64) - a.mean(-1, keepdims=True, dtype=np.float64))
+        / np.sqrt(a.astype(np.float64).var(-1, keepdims=True) + 1e-5)
+        for a in feeds.values()
+    ]
     for fused, chain, truth in zip(_run(result, feeds), _run(model, feeds), exact):
         assert np.abs(fused - truth).max() < np.abs(chain - truth).max()
 
@@ -134,11 +147,16 @@ def test_as_float64_keeps_the_feeds_and_output_types():
     assert [v.dtype for v in wide.graph.outputs] == [ir.DataType.FLOAT] * 2
     # The input model is left as it was (clones share type objects: none may be changed in place).
     assert [v.dtype for v in model.graph.outputs] == [ir.DataType.FLOAT] * 2
-    assert all(n.attributes["value"].value.dtype == ir.DataType.FLOAT for n in model.graph if n.op_type == "Constant")
+    assert all(
+        n.attributes["value"].value.dtype == ir.DataType.FLOAT
+        for n in model.graph
+        if n.op_type == "Constant"
+    )
     rng = np.random.default_rng(1)
     feeds = {k: (3000 + rng.normal(0, 1, (8, 16, 64))).astype(np.float32) for k in ("x", "z")}
     exact = (feeds["x"] - feeds["x"].astype(np.float64).mean(-1, keepdims=True)) / np.sqrt(
-        feeds["x"].astype(np.float64).var(-1, keepdims=True) + 1e-5)
+        feeds["x"].astype(np.float64).var(-1, keepdims=True) + 1e-5
+    )
     np.testing.assert_allclose(_run(wide, feeds)[0], exact, rtol=1e-6, atol=1e-6)
 
 
@@ -163,8 +181,17 @@ def test_registered_pass_in_a_pipeline(models_dir):
 
 def test_digits_cnn_on_test_data(models_dir, tmp_path, cli):
     out = tmp_path / "digits_opt.onnx"
-    res = cli("optimize", models_dir / "digits_cnn.onnx", "-o", out, "--data", models_dir / "digits_test.npz",
-              "--runs", "5", "--json")
+    res = cli(
+        "optimize",
+        models_dir / "digits_cnn.onnx",
+        "-o",
+        out,
+        "--data",
+        models_dir / "digits_test.npz",
+        "--runs",
+        "5",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["check"]["max_rel_error"] < 1e-5
@@ -178,7 +205,13 @@ def test_digits_cnn_on_test_data(models_dir, tmp_path, cli):
 
 
 def test_cli_refuses_to_overwrite_input_and_names_bad_rule(models_dir, cli):
-    res = cli("optimize", models_dir / "digits_cnn.onnx", "-o", models_dir / "digits_cnn.onnx", "--no-bench")
+    res = cli(
+        "optimize",
+        models_dir / "digits_cnn.onnx",
+        "-o",
+        models_dir / "digits_cnn.onnx",
+        "--no-bench",
+    )
     assert res.exit_code == 2 and "refusing to overwrite" in res.stderr
     res = cli("optimize", models_dir / "digits_cnn.onnx", "-o", "/tmp/x.onnx", "--skip", "nope")
     assert res.exit_code == 2 and "unknown rule 'nope'" in res.stderr

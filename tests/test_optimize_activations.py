@@ -143,15 +143,24 @@ def test_relu6_before_opset_11_writes_clip_attributes():
     "six, nodes, reason",
     [
         ("5.0", RELU6_FORMS["min-max"], "Min/Max bounds are (0, 5), not (0, 6)"),
-        ("6.0", RELU6_FORMS["relu-min"].replace("six", "sixes"),
-         "the bound [1, 8, 1, 1] is per element or channel, not one number"),
-        ("6.0", "m = Max(x, zero)\n y = Min(m, six)\n z = Neg(m)", "Max(x, 0) is also used elsewhere"),
+        (
+            "6.0",
+            RELU6_FORMS["relu-min"].replace("six", "sixes"),
+            "the bound [1, 8, 1, 1] is per element or channel, not one number",
+        ),
+        (
+            "6.0",
+            "m = Max(x, zero)\n y = Min(m, six)\n z = Neg(m)",
+            "Max(x, 0) is also used elsewhere",
+        ),
     ],
     ids=["bound-5", "per-channel", "max-used-elsewhere"],
 )
 def test_relu6_near_misses_stay(six, nodes, reason):
     text = RELU6 % ("13", six, nodes)
-    text = text.replace("float[1] six", "float[1, 8, 1, 1] sixes = {6, 6, 6, 6, 6, 6, 6, 6}, float[1] six")
+    text = text.replace(
+        "float[1] six", "float[1, 8, 1, 1] sixes = {6, 6, 6, 6, 6, 6, 6, 6}, float[1] six"
+    )
     if "z = Neg" in text:
         text = text.replace("(float[1, 8, 4, 4] y)", "(float[1, 8, 4, 4] y, float[1, 8, 4, 4] z)")
     result, report = _optimize(text)
@@ -173,7 +182,9 @@ def test_hard_swish_over_a_min_max_relu6():
     result, report = _optimize(text)
     # Round 1 writes the Clip, round 2 sees Paddle's hard-swish.
     assert op_histogram(result) == {"HardSwish": 1}
-    assert report["rules"]["relu6"]["applied"] == 1 and report["rules"]["hard-swish"]["applied"] == 1
+    assert (
+        report["rules"]["relu6"]["applied"] == 1 and report["rules"]["hard-swish"]["applied"] == 1
+    )
 
 
 SILU = """

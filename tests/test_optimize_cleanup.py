@@ -100,11 +100,14 @@ def test_reshape_target_from_own_shape_becomes_constant():
     }
     """
     rng = np.random.default_rng(0)
-    feeds = {"x": rng.normal(size=(3, 4, 6)).astype(np.float32), "z": rng.normal(size=(3, 4, 6)).astype(np.float32)}
+    feeds = {
+        "x": rng.normal(size=(3, 4, 6)).astype(np.float32),
+        "z": rng.normal(size=(3, 4, 6)).astype(np.float32),
+    }
     result, report = _optimize(text, feeds, shapes={"x": [3, 4, 6], "z": [3, 4, 6]})
     # y = Reshape(x, [0, -1]); z's batch dim M is not shown equal to x's N: kept computed.
     assert report["rules"]["reshape-shape"]["applied"] == 1
-    assert "dim 0 of the target comes from a dim not shown equal to the input's" in _skips(report, "reshape-shape")
+    assert "dim 0 of the target comes from a dim not shown equal to the input's" in _skips(
+        report, "reshape-shape"
+    )
     assert op_histogram(result)["Shape"] == 1
-
-

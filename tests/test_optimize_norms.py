@@ -39,9 +39,11 @@ def test_layer_norm_reduce_mean_form():
 
 
 def _per_channel_params(text: str) -> str:
-    return text.replace("float[16]", "float[1, 5, 1]").replace(
-        "{1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}", "{1,2,3,4,5}").replace(
-        "{0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1}", "{0,1,0,1,0}")
+    return (
+        text.replace("float[16]", "float[1, 5, 1]")
+        .replace("{1,2,3,4,5,6,7,8,1,2,3,4,5,6,7,8}", "{1,2,3,4,5}")
+        .replace("{0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1}", "{0,1,0,1,0}")
+    )
 
 
 def test_layer_norm_over_a_middle_axis_is_transposed():
@@ -200,5 +202,3 @@ def test_layer_norm_tf_form_near_misses(inputs, gamma, mean_axes, var_axes, reas
     result, report = _optimize(LAYER_NORM_TF % (inputs, gamma, mean_axes, var_axes), feeds)
     assert "LayerNormalization" not in op_histogram(result)
     assert _skips(report, "layer-norm") == [reason]
-
-

@@ -59,21 +59,37 @@ def as_float64(model: ir.Model) -> ir.Model | str:
     outputs compare with the original's). A reason string when the graph cannot be widened."""
     work = model.clone()
     graph = work.graph
-    if any(n is not None and n.op_type in ("If", "Loop", "Scan") for n in ir.traversal.RecursiveGraphIterator(graph)):
+    if any(
+        n is not None and n.op_type in ("If", "Loop", "Scan")
+        for n in ir.traversal.RecursiveGraphIterator(graph)
+    ):
         return "the graph has subgraphs (If/Loop/Scan)"
     float32, float64 = ir.DataType.FLOAT, ir.DataType.DOUBLE
     for value in list(graph.initializers.values()):
         if value.dtype == float32 and value.const_value is not None:
-            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float64), name=value.name)
+            value.const_value = ir.tensor(
+                value.const_value.numpy().astype(np.float64), name=value.name
+            )
             value.type = ir.TensorType(float64)  # a new type: clones share type objects
     for node in list(graph):
-        if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.attributes.get_int("to") == float32:
+        if (
+            node.op_type == "Cast"
+            and node.domain in ("", "ai.onnx")
+            and node.attributes.get_int("to") == float32
+        ):
             node.attributes["to"] = ir.AttrInt64("to", float64)
         elif node.op_type == "Constant" and "value" in node.attributes:
             tensor = node.attributes["value"].value
             if tensor.dtype == float32:
-                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float64)))
-        elif node.op_type in ("ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform") or node.domain not in ("", "ai.onnx"):
+                node.attributes["value"] = ir.AttrTensor(
+                    "value", ir.tensor(tensor.numpy().astype(np.float64))
+                )
+        elif node.op_type in (
+            "ConstantOfShape",
+            "EyeLike",
+            "RandomNormal",
+            "RandomUniform",
+        ) or node.domain not in ("", "ai.onnx"):
             if node.op_type != "ConstantOfShape" or "value" in node.attributes:
                 return f"{node.op_type} {node.name!r} fixes its own output type"
         for value in node.outputs:
@@ -121,8 +137,15 @@ class Judge:
     """Compares candidates with the input model, and with its float64 evaluation when the fp32
     difference alone is above the tolerance."""
 
-    def __init__(self, reference: ir.Model, data: Any, *, tolerance: float, samples: int = 4,
-                 shapes: dict[str, list[int]] | None = None):
+    def __init__(
+        self,
+        reference: ir.Model,
+        data: Any,
+        *,
+        tolerance: float,
+        samples: int = 4,
+        shapes: dict[str, list[int]] | None = None,
+    ):
         self.reference = reference
         self.tolerance = tolerance
         self.source = check_data(reference, data, samples, shapes or {})

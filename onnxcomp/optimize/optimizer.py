@@ -128,7 +128,9 @@ def apply_rules(
         for rule in rules:
             rule.opset = current
         planned = _plan(model, rules, log, limit, counts, exclude)
-        wanted = [r for r, _ in planned if r.target_opset > current and r.target_op not in NO_UPGRADE]
+        wanted = [
+            r for r, _ in planned if r.target_opset > current and r.target_op not in NO_UPGRADE
+        ]
         needed = max((rule.target_opset for rule in wanted), default=0)
         if needed > current and upgrade_opset and upgrade_failed is None:
             ops = sorted({r.target_op for r in wanted if r.target_op})
@@ -216,7 +218,8 @@ def _plan(
                 boundary = {
                     id(v.producer())
                     for v in result.data.values()
-                    if isinstance(v, ir.Value) and v.producer() is not None
+                    if isinstance(v, ir.Value)
+                    and v.producer() is not None
                     and id(v.producer()) not in inside
                 }
                 if inside & (claimed | relied) or boundary & claimed:
@@ -246,8 +249,9 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
 
 def self_check(reference: ir.Model, candidate: ir.Model, data: Any, options: OptimizeOptions):
     """Run both models in onnxruntime on ``data`` (or random inputs): (passed, report)."""
-    verdict = Judge(reference, data, tolerance=options.tolerance, samples=options.samples,
-                    shapes=options.shapes)(candidate)
+    verdict = Judge(
+        reference, data, tolerance=options.tolerance, samples=options.samples, shapes=options.shapes
+    )(candidate)
     return verdict.passed, verdict.report
 
 
@@ -279,20 +283,30 @@ class OptimizePass(ir.passes.FunctionalPass):
         work, log, normalized = self._apply(model, rules, exclude, annotated)
         check = None
         if options.self_check:
-            judge = Judge(model, self.data, tolerance=options.tolerance, samples=options.samples,
-                          shapes=options.shapes)
+            judge = Judge(
+                model,
+                self.data,
+                tolerance=options.tolerance,
+                samples=options.samples,
+                shapes=options.shapes,
+            )
             verdict = judge(work)
             while not verdict.passed:
                 fault = None
                 if len(faults) < MAX_LEFT_OUT:
-                    fault = find_fault([r.name for r in rules], self._applier(model, rules), judge, exclude)
+                    fault = find_fault(
+                        [r.name for r in rules], self._applier(model, rules), judge, exclude
+                    )
                 if fault is None:
                     why = (
                         f"the cleaned model's output {verdict.report['worst_output']!r} differs by "
                         f"{verdict.error:.3g} (relative; tolerance {options.tolerance})"
                     )
-                    why += (" and no single rewrite is to blame" if len(faults) < MAX_LEFT_OUT
-                            else f" after {MAX_LEFT_OUT} rewrites were left out")
+                    why += (
+                        " and no single rewrite is to blame"
+                        if len(faults) < MAX_LEFT_OUT
+                        else f" after {MAX_LEFT_OUT} rewrites were left out"
+                    )
                     logger.warning("optimize: %s; the graph is kept as it was", why)
                     work, log, normalized = self._apply(model, [], {}, annotated)
                     log.notes.append(f"clean-up left out: {why}")
@@ -314,13 +328,20 @@ class OptimizePass(ir.passes.FunctionalPass):
             "nodes": {"before": sum(before.values()), "after": sum(after.values())},
             "ops_before": before,
             "ops_after": after,
-            "weight_bytes": {"before": model_io.weight_bytes(model), "after": model_io.weight_bytes(work)},
+            "weight_bytes": {
+                "before": model_io.weight_bytes(model),
+                "after": model_io.weight_bytes(work),
+            },
             "left_out": [f.to_json() for f in faults],
             "notes": [*(f.note() for f in faults), *log.notes],
         }
         if check is not None:
             report["check"] = check
-        return Result(work, modified=bool(log.applied) or bool(normalized.get("constants_lifted")), report=report)
+        return Result(
+            work,
+            modified=bool(log.applied) or bool(normalized.get("constants_lifted")),
+            report=report,
+        )
 
     def _apply(self, model, rules, exclude, annotated):
         """The rules applied to a normalized copy of ``model``: (model, log, normalize report)."""
@@ -328,7 +349,10 @@ class OptimizePass(ir.passes.FunctionalPass):
         work = model.clone()
         normalized = model_io.normalize(work)
         work, log = apply_rules(
-            work, rules, upgrade_opset=options.upgrade_opset, max_rounds=options.max_rounds,
+            work,
+            rules,
+            upgrade_opset=options.upgrade_opset,
+            max_rounds=options.max_rounds,
             exclude=exclude,
         )
         # Inferred shapes are written out as value_info, and onnxruntime runs a model carrying
@@ -343,8 +367,12 @@ class OptimizePass(ir.passes.FunctionalPass):
 
         def apply(names, exclude, limit):
             candidate, log = apply_rules(
-                _prepared(model), [by_name[n] for n in names], upgrade_opset=options.upgrade_opset,
-                max_rounds=options.max_rounds, limit=limit, exclude=exclude,
+                _prepared(model),
+                [by_name[n] for n in names],
+                upgrade_opset=options.upgrade_opset,
+                max_rounds=options.max_rounds,
+                limit=limit,
+                exclude=exclude,
             )
             return candidate, [(r, label, key) for (r, label), key in zip(log.applied, log.keys)]
 

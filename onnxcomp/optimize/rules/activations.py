@@ -116,8 +116,12 @@ class HardSigmoidRule(Rule):
             return None
         if not close(factor, 1 / 6):
             return f"Clip(x+3, 0, 6) is scaled by {fmt(factor)}, not 1/6"
-        return Match(self.name, node, [add, node, nxt],
-                     {"x": x, "out": nxt.outputs[0], "alpha": 1.0 / 6.0, "beta": 0.5})
+        return Match(
+            self.name,
+            node,
+            [add, node, nxt],
+            {"x": x, "out": nxt.outputs[0], "alpha": 1.0 / 6.0, "beta": 0.5},
+        )
 
     def _match_affine(self, clip):
         """Clip(a·x + b, 0, 1), as TensorFlow and older Paddle2ONNX write hard-sigmoid."""
@@ -135,12 +139,20 @@ class HardSigmoidRule(Rule):
             return None
         if only_use(ax) is not add or only_use(add.outputs[0]) is not clip:
             return "a·x + b is also used elsewhere"
-        return Match(self.name, clip, [mul, add, clip],
-                     {"x": x, "out": clip.outputs[0], "alpha": alpha, "beta": beta})
+        return Match(
+            self.name,
+            clip,
+            [mul, add, clip],
+            {"x": x, "out": clip.outputs[0], "alpha": alpha, "beta": beta},
+        )
 
     def rewrite(self, match, names):
         replace_chain(
-            match, "HardSigmoid", [match.data["x"]], match.data["out"], names,
+            match,
+            "HardSigmoid",
+            [match.data["x"]],
+            match.data["out"],
+            names,
             {"alpha": float(match.data["alpha"]), "beta": float(match.data["beta"])},
         )
 
@@ -187,8 +199,12 @@ class Relu6Rule(Rule):
         if only_use(v) is not node:
             inner_text = {"Max": "Max(x, 0)", "Min": "Min(x, 6)", "Relu": "Relu(x)"}[inner.op_type]
             return f"{inner_text} is also used elsewhere"
-        return Match(self.name, node, [inner, node],
-                     {"x": x, "out": node.outputs[0], "bounds": (lo, hi), "dtype": arrays[0].dtype})
+        return Match(
+            self.name,
+            node,
+            [inner, node],
+            {"x": x, "out": node.outputs[0], "bounds": (lo, hi), "dtype": arrays[0].dtype},
+        )
 
     def rewrite(self, match, names):
         x, out, dtype = match.data["x"], match.data["out"], match.data["dtype"]
@@ -239,7 +255,9 @@ class SiluRule(Rule):
         replace_chain(match, "Swish", [match.data["x"]], match.data["out"], names)
 
 
-def _product_leaves(value: ir.Value, x: ir.Value, inside: list[ir.Node]) -> tuple[int, float] | None:
+def _product_leaves(
+    value: ir.Value, x: ir.Value, inside: list[ir.Node]
+) -> tuple[int, float] | None:
     """``value`` as c·x^k through Mul/Pow/Div nodes read only inside the product: (k, c)."""
     if value is x:
         return 1, 1.0
@@ -358,7 +376,9 @@ class GeluTanhRule(Rule):
         found = None
         for x, term in (inner_add.inputs, inner_add.inputs[::-1]):
             inside: list[ir.Node] = []
-            leaves = _product_leaves(term, x, inside) if x is not None and term is not None else None
+            leaves = (
+                _product_leaves(term, x, inside) if x is not None and term is not None else None
+            )
             if leaves is not None and leaves[0] == 3:
                 found = x, leaves[1], inside
                 break
@@ -370,14 +390,21 @@ class GeluTanhRule(Rule):
         if not close(scalar(c), math.sqrt(2 / math.pi), rel=1e-3):
             return f"tanh input is scaled by {fmt(scalar(c))}, not √(2/π)"
         add = only_use(node.outputs[0])
-        if add is None or add.op_type != "Add" or not close(scalar(other_input(add, node.outputs[0])), 1.0):
+        if (
+            add is None
+            or add.op_type != "Add"
+            or not close(scalar(other_input(add, node.outputs[0])), 1.0)
+        ):
             return "tanh(...) is not followed by + 1"
         tail = _match_half_x_times(add, x)
         if tail is None:
             return "1 + tanh(...) is not multiplied by 0.5·x"
         nodes, out = tail
-        return Match(self.name, node, [*inside, inner_add, scale, node, add, *nodes], {"x": x, "out": out})
+        return Match(
+            self.name, node, [*inside, inner_add, scale, node, add, *nodes], {"x": x, "out": out}
+        )
 
     def rewrite(self, match, names):
-        replace_chain(match, "Gelu", [match.data["x"]], match.data["out"], names, {"approximate": "tanh"})
-
+        replace_chain(
+            match, "Gelu", [match.data["x"]], match.data["out"], names, {"approximate": "tanh"}
+        )

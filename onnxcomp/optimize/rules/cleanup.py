@@ -30,7 +30,9 @@ class IdentityRule(Rule):
         if source is None:
             return None
         if node.op_type == "Dropout":
-            if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+            if len(node.outputs) > 1 and (
+                node.outputs[1].uses() or node.outputs[1].is_graph_output()
+            ):
                 return "its mask output is used"
             mode = node.inputs[2] if len(node.inputs) > 2 else None
             if mode is not None and (const(mode) is None or bool(const(mode).reshape(-1)[0])):
@@ -84,8 +86,14 @@ class ReshapeShapeRule(Rule):
             src, indices = dims_of
             for idx in indices:
                 p = len(values)
-                if src.shape is None or p >= len(x.shape) or not -len(src.shape) <= idx < len(src.shape):
-                    return f"shape piece at position {p} cannot be checked against the input's shape"
+                if (
+                    src.shape is None
+                    or p >= len(x.shape)
+                    or not -len(src.shape) <= idx < len(src.shape)
+                ):
+                    return (
+                        f"shape piece at position {p} cannot be checked against the input's shape"
+                    )
                 have, want = src.shape[idx % len(src.shape)], x.shape[p]
                 if isinstance(have, int) and isinstance(want, int) and have == want:
                     values.append(have)
@@ -147,4 +155,3 @@ def _shape_dims(value: ir.Value) -> tuple[ir.Value, list[int]] | None:
         start, end = int(parts[0].reshape(-1)[0]), int(parts[1].reshape(-1)[0])
         return t, list(range(r))[start:end]
     return None
-

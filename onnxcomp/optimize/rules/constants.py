@@ -13,9 +13,19 @@ from onnxcomp.optimize.rules.framework import Match, Rule
 # Ops whose result is never computed ahead of time: random, quantization boundaries that
 # onnxruntime folds into integer kernels, and ops with side inputs from the outside world.
 NEVER_FOLD = {
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-    "Bernoulli", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
-    "If", "Loop", "Scan", "Constant",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "If",
+    "Loop",
+    "Scan",
+    "Constant",
 }
 
 
@@ -41,7 +51,10 @@ class ConstantFoldRule(Rule):
         inputs = [v for v in node.inputs if v is not None]
         if not inputs or any(v.const_value is None or v.is_graph_input() for v in inputs):
             return None
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        if any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        ):
             return None
         if any(out.is_graph_output() for out in node.outputs):
             return "its output is a graph output"
@@ -49,7 +62,11 @@ class ConstantFoldRule(Rule):
         limit = max(self.limit_bytes, in_bytes)
         for out in node.outputs:
             shape = dims(out)
-            if out.dtype is not None and shape is not None and all(isinstance(d, int) for d in shape):
+            if (
+                out.dtype is not None
+                and shape is not None
+                and all(isinstance(d, int) for d in shape)
+            ):
                 size = int(np.prod(shape)) * out.dtype.itemsize
                 if size > limit:
                     return f"the result would be {size} bytes (limit {limit})"
@@ -74,10 +91,11 @@ class ConstantFoldRule(Rule):
                 continue
             if out.dtype is not None:
                 array = array.astype(out.dtype.numpy(), copy=False)
-            value = add_initializer(graph, f"{out.name or node.name}_folded", np.ascontiguousarray(array))
+            value = add_initializer(
+                graph, f"{out.name or node.name}_folded", np.ascontiguousarray(array)
+            )
             replace_uses(out, value)
         graph.remove(node, safe=True)
-
 
 
 def evaluate_node(node: ir.Node, opset: int) -> list[np.ndarray] | str:
@@ -93,16 +111,25 @@ def evaluate_node(node: ir.Node, opset: int) -> list[np.ndarray] | str:
     proto_node.output.extend(outs)
     feeds = {n: v.const_value.numpy() for n, v in zip(names, node.inputs) if v is not None}
     graph = onnx.helper.make_graph(
-        [proto_node], "fold",
-        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-         for n, a in feeds.items()],
+        [proto_node],
+        "fold",
+        [
+            onnx.helper.make_tensor_value_info(
+                n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape
+            )
+            for n, a in feeds.items()
+        ],
         [onnx.helper.make_empty_tensor_value_info(o) for o in outs],
     )
     proto = onnx.helper.make_model(
-        graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=min(onnx.IR_VERSION, 10)
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", opset)],
+        ir_version=min(onnx.IR_VERSION, 10),
     )
     try:
-        session = runtime.create_session(proto.SerializeToString(), optimization="disable", label="fold")
+        session = runtime.create_session(
+            proto.SerializeToString(), optimization="disable", label="fold"
+        )
         results = list(runtime.run(session, feeds, outs, label="fold").values())
     except OnnxcompError as err:  # onnxruntime lacks the op, or the inputs are invalid
         return f"cannot evaluate it ({str(err).removeprefix('fold: ')})"

@@ -30,7 +30,9 @@ def _set_linear(node: ir.Node, w: np.ndarray | None, b: np.ndarray, names: NameS
     spec = WEIGHTED[node.op_type]
     graph = node.graph
     if w is not None:
-        node.replace_input_with(spec.weight, add_initializer(graph, f"{node.name}_weight", w, names))
+        node.replace_input_with(
+            spec.weight, add_initializer(graph, f"{node.name}_weight", w, names)
+        )
     bias = add_initializer(graph, f"{node.name}_bias", b, names)
     if len(node.inputs) <= spec.bias:
         node.resize_inputs(spec.bias + 1)
@@ -64,7 +66,9 @@ class FoldBatchNormRule(Rule):
                 return "Gemm output is not 2-D"
             channels = params[0].size
             bias = parts[1]
-            if bias is not None and (bias.size not in (1, channels) or (bias.ndim == 2 and bias.shape[0] != 1)):
+            if bias is not None and (
+                bias.size not in (1, channels) or (bias.ndim == 2 and bias.shape[0] != 1)
+            ):
                 return f"the Gemm bias {list(bias.shape)} is not per output column"
         return Match(self.name, node, [node, prev], {"linear": prev, "params": params})
 
@@ -78,7 +82,11 @@ class FoldBatchNormRule(Rule):
         if prev.op_type == "Gemm":
             alpha, beta = attr(prev, "alpha", 1.0), attr(prev, "beta", 1.0)
             w_new = WEIGHTED["Gemm"].scale_out(prev, w, s * alpha)
-            c = np.zeros(channels) if b is None else np.broadcast_to(b.astype(np.float64).reshape(-1) * beta, (channels,))
+            c = (
+                np.zeros(channels)
+                if b is None
+                else np.broadcast_to(b.astype(np.float64).reshape(-1) * beta, (channels,))
+            )
             prev.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
             prev.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         else:
@@ -130,7 +138,9 @@ class FoldScaleRule(Rule):
         prev, s = match.data["linear"], match.data["per_channel"]
         w, b = weight_and_bias(prev)
         base = np.zeros(s.shape) if b is None else b.astype(np.float64)
-        _set_linear(prev, WEIGHTED[prev.op_type].scale_out(prev, w, s), (base * s).astype(w.dtype), names)
+        _set_linear(
+            prev, WEIGHTED[prev.op_type].scale_out(prev, w, s), (base * s).astype(w.dtype), names
+        )
         _drop_after(match.anchor, prev)
 
 
@@ -164,7 +174,9 @@ def _drop_after(node: ir.Node, prev: ir.Node) -> None:
 
 class FoldInputScaleRule(Rule):
     name = "fold-input-scale"
-    description = "Mul by a per-channel constant before a Conv → scaled input channels of the weight"
+    description = (
+        "Mul by a per-channel constant before a Conv → scaled input channels of the weight"
+    )
     anchors = ("Mul",)
 
     def match(self, node):
@@ -204,7 +216,11 @@ class FoldInputShiftRule(Rule):
 
     def match(self, node):
         x, c = split_const(node)
-        if x is None or x.const_value is not None or (node.op_type == "Sub" and node.inputs[0] is not x):
+        if (
+            x is None
+            or x.const_value is not None
+            or (node.op_type == "Sub" and node.inputs[0] is not x)
+        ):
             return None
         conv = only_use(node.outputs[0])
         if conv is None or conv.op_type != "Conv" or conv.inputs[0] is not node.outputs[0]:
@@ -240,4 +256,3 @@ class FoldInputShiftRule(Rule):
         _set_linear(conv, None, (base + extra).astype(w.dtype), names)
         conv.replace_input_with(0, match.data["x"])
         match.anchor.graph.remove(match.anchor, safe=True)
-

@@ -73,7 +73,6 @@ class Rule:
         raise NotImplementedError
 
 
-
 def scale_by(node: ir.Node, x: ir.Value) -> float | None:
     """The factor ``node`` multiplies ``x`` by: Mul(x, c) gives c, Div(x, c) gives 1/c."""
     if node.op_type == "Mul":
@@ -84,7 +83,6 @@ def scale_by(node: ir.Node, x: ir.Value) -> float | None:
         v = scalar(node.inputs[1], like=x)
         return None if not v else 1.0 / v
     return None
-
 
 
 def clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
@@ -113,22 +111,27 @@ def reduce_axes(node: ir.Node) -> list[int] | None | str:
     return [int(a) for a in axes]
 
 
-
 def fmt(v: float | None) -> str:
     return "?" if v is None else f"{v:g}"
 
 
-
-def replace_chain(match: Match, op_type: str, inputs: Sequence[ir.Value | None], out: ir.Value,
-                  names: NameSource, attributes: dict[str, Any] | None = None) -> ir.Node:
+def replace_chain(
+    match: Match,
+    op_type: str,
+    inputs: Sequence[ir.Value | None],
+    out: ir.Value,
+    names: NameSource,
+    attributes: dict[str, Any] | None = None,
+) -> ir.Node:
     """Replace ``match.nodes`` (which compute ``out``) with one ``op_type`` node."""
     last = out.producer()
     assert last is not None
     graph = last.graph
     assert graph is not None
-    node = ir.node(op_type, list(inputs), attributes=attributes or {}, name=names(f"{last.name}_{op_type}"))
+    node = ir.node(
+        op_type, list(inputs), attributes=attributes or {}, name=names(f"{last.name}_{op_type}")
+    )
     graph.insert_after(last, node)
     replace_uses(out, node.outputs[0])
     graph.remove(match.nodes, safe=True)
     return node
-

@@ -44,7 +44,9 @@ def _mean_of(value: ir.Value, source: ir.Value) -> _Mean | str | None:
         return None
     if node.op_type == "ReduceMean" and node.inputs[0] is source:
         axes = reduce_axes(node)
-        return axes if isinstance(axes, str) else _Mean([node], axes, bool(attr(node, "keepdims", 1)))
+        return (
+            axes if isinstance(axes, str) else _Mean([node], axes, bool(attr(node, "keepdims", 1)))
+        )
     if node.op_type in ("Mul", "Div"):
         total, c = split_const(node)
         rs = producer(total, "ReduceSum")
@@ -96,7 +98,9 @@ def _kept_shape(stat: ir.Value, x: ir.Value, axes: list[int]) -> bool:
     return True
 
 
-def _restores_shape(value: ir.Value, passthrough: list[ir.Node], x: ir.Value, axes: list[int]) -> bool:
+def _restores_shape(
+    value: ir.Value, passthrough: list[ir.Node], x: ir.Value, axes: list[int]
+) -> bool:
     """Whether the Reshape/Expand/Unsqueeze chain ending in ``value`` gives a reduced statistic
     x's shape with the reduced axes set to 1.
 
@@ -113,7 +117,11 @@ def _restores_shape(value: ir.Value, passthrough: list[ir.Node], x: ir.Value, ax
             return False
         if node.op_type == "Expand":
             src = node.inputs[0].shape
-            if src is None or len(src) != r or not all(same_dim(a, b) for a, b in zip(src, out.shape)):
+            if (
+                src is None
+                or len(src) != r
+                or not all(same_dim(a, b) for a, b in zip(src, out.shape))
+            ):
                 return False
             continue
         if node.op_type == "Unsqueeze":
@@ -181,7 +189,10 @@ def _factors(value: ir.Value, x: ir.Value, nodes: list[ir.Node], depth: int = 0)
     """``value`` as a product through Mul nodes (appended to ``nodes``), down to x, constants,
     means of x, 1/√(·) and anything else (left for the caller to refuse)."""
     if (
-        value is x or value.const_value is not None or depth > 4 or _inv_sqrt(value) is not None
+        value is x
+        or value.const_value is not None
+        or depth > 4
+        or _inv_sqrt(value) is not None
         or isinstance(_statistic(value, x), tuple)
     ):
         return [value]
@@ -192,7 +203,9 @@ def _factors(value: ir.Value, x: ir.Value, nodes: list[ir.Node], depth: int = 0)
     return [f for v in node.inputs for f in _factors(v, x, nodes, depth + 1)]
 
 
-def _centered_under(var: ir.Value, x: ir.Value, mean: _Mean) -> tuple[ir.Value, list[ir.Node]] | str | None:
+def _centered_under(
+    var: ir.Value, x: ir.Value, mean: _Mean
+) -> tuple[ir.Value, list[ir.Node]] | str | None:
     """Under a mean of squares: the x − mean that is squared, with its Sub and mean nodes."""
     reduce = producer(var, "ReduceMean")
     if reduce is None:
@@ -245,7 +258,9 @@ class LayerNormRule(Rule):
         d = node.outputs[0]
         chain: list[ir.Node] = [*mean.nodes, *mean_pass, node]
         # The normalizing use of d: Div(d, std) or Mul(d, inv) (any other reader must be the square).
-        norm = next((n for n in users(d) if n.op_type in ("Div", "Mul") and not _is_square_of(n, d)), None)
+        norm = next(
+            (n for n in users(d) if n.op_type in ("Div", "Mul") and not _is_square_of(n, d)), None
+        )
         if norm is None:
             return None
         gamma = None
@@ -337,7 +352,8 @@ class LayerNormRule(Rule):
             if pa[0] is None or pa[0] is not pb[0] or scalar(pa[1]) != scalar(pb[1]):
                 return "x and the mean are scaled by different 1/√(var + ε)"
         if (gamma is None) != (gamma2 is None) or (
-            gamma is not None and not np.allclose(*np.broadcast_arrays(gamma, gamma2), rtol=1e-6, atol=0)
+            gamma is not None
+            and not np.allclose(*np.broadcast_arrays(gamma, gamma2), rtol=1e-6, atol=0)
         ):
             return "x and the mean are scaled by different γ"
         var_eps = self._var_eps(ve, x, None, mean)
@@ -351,8 +367,18 @@ class LayerNormRule(Rule):
             var_nodes += var_eps2[1]
         seen: set[int] = set()
         chain = []
-        for n in [*mean.nodes, *mean_pass, *var_nodes, *inv_nodes, *inv_nodes2, *scale_nodes,
-                  *shift_nodes, mul, sub, node]:
+        for n in [
+            *mean.nodes,
+            *mean_pass,
+            *var_nodes,
+            *inv_nodes,
+            *inv_nodes2,
+            *scale_nodes,
+            *shift_nodes,
+            mul,
+            sub,
+            node,
+        ]:
             if id(n) not in seen:
                 seen.add(id(n))
                 chain.append(n)
@@ -383,7 +409,9 @@ class LayerNormRule(Rule):
         var_axes, var_nodes = variance
         if sorted(var_axes) != sorted(mean.axes):
             return f"mean over axes {mean.axes} but variance over {var_axes}"
-        if var_pass and not (_kept_shape(vp, x, mean.axes) or _restores_shape(vp, var_pass, x, mean.axes)):
+        if var_pass and not (
+            _kept_shape(vp, x, mean.axes) or _restores_shape(vp, var_pass, x, mean.axes)
+        ):
             return "the variance is re-shaped, and shape inference cannot show it is x's shape"
         return eps_value, [*nodes, *var_nodes]
 
@@ -418,14 +446,26 @@ class LayerNormRule(Rule):
                 padded.shape[a] not in (1, shape[a]) for a in axes
             ):
                 return f"the {label} {list(array.shape)} is not per normalized element"
-            params[label] = np.broadcast_to(padded.transpose(perm)[(0,) * (r - len(axes))], normalized)
+            params[label] = np.broadcast_to(
+                padded.transpose(perm)[(0,) * (r - len(axes))], normalized
+            )
         dtype = x.dtype
         if dtype is None or not dtype.is_floating_point():
             return "input type is unknown or not floating point"
         return Match(
-            self.name, node, chain,
-            {"x": x, "out": out, "eps": eps_value, "params": params, "perm": perm,
-             "axis": r - len(axes), "normalized": normalized, "dtype": dtype},
+            self.name,
+            node,
+            chain,
+            {
+                "x": x,
+                "out": out,
+                "eps": eps_value,
+                "params": params,
+                "perm": perm,
+                "axis": r - len(axes),
+                "normalized": normalized,
+                "dtype": dtype,
+            },
         )
 
     @staticmethod
@@ -490,8 +530,9 @@ class LayerNormRule(Rule):
         into = ir.node("Transpose", [data["x"]], {"perm": perm}, name=names(f"{prefix}_ln_in"))
         inputs[0] = into.outputs[0]
         ln = ir.node("LayerNormalization", inputs, attributes, name=names(f"{prefix}_ln"))
-        back = ir.node("Transpose", [ln.outputs[0]], {"perm": inverse}, name=names(f"{prefix}_ln_out"))
+        back = ir.node(
+            "Transpose", [ln.outputs[0]], {"perm": inverse}, name=names(f"{prefix}_ln_out")
+        )
         graph.insert_after(last, [into, ln, back])
         replace_uses(out, back.outputs[0])
         graph.remove(match.nodes, safe=True)
-
