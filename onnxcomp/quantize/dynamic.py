@@ -151,12 +151,16 @@ class _Match:
 
     name: str
     op_type: str
-    x: ir.Value
     w: np.ndarray  # (K, N) float32, Gemm's transB and alpha applied
     bias: np.ndarray | None  # (N,) float32
     nodes: list[ir.Node]
     output: ir.Value
     conv: ir.Node | None = None  # for Conv: the original node (attributes are copied)
+
+    @property
+    def x(self) -> ir.Value:
+        """The input as the graph holds it now: rewriting the layer before renames its output."""
+        return self.nodes[0].inputs[0]
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -203,7 +207,7 @@ def _match_matmul(node: ir.Node) -> _Match | str:
     if fold is not None:
         add, bias, output = fold
         nodes.append(add)
-    return _Match(node.name or "", "MatMul", x, w, bias, nodes, output)
+    return _Match(node.name or "", "MatMul", w, bias, nodes, output)
 
 
 def _match_gemm(node: ir.Node) -> _Match | str:
@@ -211,7 +215,7 @@ def _match_gemm(node: ir.Node) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(node.name or "", "Gemm", node.inputs[0], w, bias, [node], node.outputs[0])
+    return _Match(node.name or "", "Gemm", w, bias, [node], node.outputs[0])
 
 
 def _match_conv(node: ir.Node) -> _Match | str:
@@ -225,9 +229,7 @@ def _match_conv(node: ir.Node) -> _Match | str:
         bias = _const(node.inputs[2])
         if bias is None:
             return "bias is computed at run time"
-    return _Match(
-        node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node
-    )
+    return _Match(node.name or "", "Conv", w, bias, [node], node.outputs[0], conv=node)
 
 
 # op type -> rule; a rule returns a match or the reason the node stays float.

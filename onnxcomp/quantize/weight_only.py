@@ -105,10 +105,15 @@ class _Match:
     op_type: str
     node: ir.Node
     w: np.ndarray  # MatMul: (K, N); Gather: the table (rows, hidden)
-    x: ir.Value | None = None  # MatMul input (for GPTQ)
     bias: np.ndarray | None = None
     bias_add: ir.Node | None = None
     output: ir.Value | None = None
+
+    @property
+    def x(self) -> ir.Value | None:
+        """The MatMul's input as the graph holds it now (rewriting the layer before renames its
+        output), None for a Gather."""
+        return self.node.inputs[0] if self.op_type == "MatMul" else None
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -128,7 +133,7 @@ def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
     x = node.inputs[0]
     if x.shape is not None and len(x.shape) < 2:
         return "input is a vector; MatMulNBits needs a matrix"
-    match = _Match(node.name or "", "MatMul", node, w, x=x, output=node.outputs[0])
+    match = _Match(node.name or "", "MatMul", node, w, output=node.outputs[0])
     out = node.outputs[0]
     uses = list(out.uses())
     if len(uses) == 1 and not out.is_graph_output():
@@ -179,9 +184,7 @@ def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(
-        node.name or "", "MatMul", node, w, x=node.inputs[0], bias=bias, output=node.outputs[0]
-    )
+    return _Match(node.name or "", "MatMul", node, w, bias=bias, output=node.outputs[0])
 
 
 def _match_gather(node: ir.Node, block_size: int) -> _Match | str:
