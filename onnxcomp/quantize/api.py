@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
@@ -236,9 +235,7 @@ def quantize_static(
     input_names = {id(wp.node): wp.node.inputs[0].name for wp in plan.weights}
     codes, gptq_report = {}, None
     if options.gptq:
-        codes, gptq_report = gptq_codes(
-            reference, plan, data, input_names, batch_size=options.batch_size
-        )
+        codes, gptq_report = gptq_codes(reference, plan, data, batch_size=options.batch_size)
     result = InsertQdqPass(plan, params, codes)(model)
     report: dict[str, Any] = {"mode": "static"}
     tensors = []

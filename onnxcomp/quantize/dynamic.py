@@ -40,8 +40,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import capture
 from onnxcomp import model as model_io
-from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
@@ -343,6 +343,7 @@ class _GroupStats:
         self.blockwise_weights = []
 
     def observe_error(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (tokens, K)
         refs = [x2 @ lay.match.w for lay in self.layers]  # (tokens, N) each
@@ -549,14 +550,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             CALIBRATION_MEMORY_BYTES,
         )
         for names in chunks:
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_range(x)
+            ranges = {name: capture.Each(groups[name].observe_range) for name in names}
+            capture.accumulate(model, ranges, data, limit=limit)
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_error(np.asarray(x, np.float32))
+            errors = {name: capture.Each(groups[name].observe_error) for name in names}
+            capture.accumulate(model, errors, data, limit=limit)
             for name in names:
                 groups[name].release()
         smoothed = blockwise = 0
