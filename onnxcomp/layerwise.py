@@ -133,6 +133,47 @@ def inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     )
 
 
+def masked_least_squares(
+    W: np.ndarray,  # noqa: N803
+    H: np.ndarray,  # noqa: N803
+    mask: np.ndarray,
+    damp: float = 0.01,
+) -> np.ndarray:
+    """The weights that keep ``mask`` (True = kept) and best reproduce ``W x`` on the inputs of H.
+
+    For each row ``w``, with P the removed and K the kept inputs, minimising
+    ``(w' - w) H (w' - w)^T`` with ``w'_P = 0`` gives ``w'_K = w_K + H_KK^-1 H_KP w_P`` (the exact
+    reconstruction SparseGPT approximates column by column, Frantar & Alistarh 2023, Sec. 3.1;
+    the OBS update of Hassibi & Stork 1993 for one weight). Rows with the same mask share one
+    factorisation, so structured masks (whole input channels) cost one solve.
+
+    Args:
+        W: (out, in); H: (in, in), ``2 X^T X / n``; mask: (out, in) bool.
+        damp: fraction of H's mean diagonal added to it, as in GPTQ.
+    Returns (out, in) float32 with zeros where ``mask`` is False.
+    """
+    w = np.asarray(W, dtype=np.float64)
+    h = np.array(H, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != w.shape or h.shape != (w.shape[1], w.shape[1]):
+        raise OnnxcompError(
+            f"masked_least_squares needs W, mask (out, in) and H (in, in); got {w.shape}, "
+            f"{mask.shape}, {h.shape}"
+        )
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    out = np.where(mask, w, 0.0)
+    patterns, which = np.unique(mask, axis=0, return_inverse=True)
+    for p, keep in enumerate(patterns):
+        rows = np.flatnonzero(which.reshape(-1) == p)
+        drop = ~keep
+        if not drop.any() or not keep.any():
+            continue
+        # (kept, kept) x (kept, rows): one solve for every row with this mask
+        rhs = h[np.ix_(keep, drop)] @ w[np.ix_(rows, drop)].T
+        out[np.ix_(rows, keep)] += np.linalg.solve(h[np.ix_(keep, keep)], rhs).T
+    return out.astype(np.float32)
+
+
 def bias_correction(
     W_fp: np.ndarray,  # noqa: N803
     W_q: np.ndarray,  # noqa: N803
