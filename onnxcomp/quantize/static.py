@@ -80,13 +80,17 @@ class InsertQdqPass(ir.passes.InPlacePass):
         plan: QuantPlan,
         activation_params: Mapping[str, schemes.QuantParams],
         weight_codes: Mapping[int, np.ndarray] | None = None,
+        *,
+        reduce_range: bool = True,
     ):
         """weight_codes: id(node) -> int8 codes (the weight's layout) chosen by GPTQ, used
-        instead of round-to-nearest with the same per-channel scales."""
+        instead of round-to-nearest with the same per-channel scales.
+        reduce_range: 7-bit weights [-64, 64], exact on every x86 int8 path (see onnxcomp.cpu)."""
         super().__init__()
         self.plan = plan
         self.params = activation_params
         self.weight_codes = dict(weight_codes or {})
+        self.reduce_range = reduce_range
 
     def call(self, model: ir.Model) -> Result:
         graph = model.graph
@@ -180,7 +184,12 @@ class InsertQdqPass(ir.passes.InPlacePass):
             key = (id(wp.value), wp.axis)
             if key not in done:
                 w = wp.value.const_value.numpy().astype(np.float32)
-                params = schemes.weight_params(w, axis=wp.axis, per_channel=wp.axis is not None)
+                params = schemes.weight_params(
+                    w,
+                    axis=wp.axis,
+                    per_channel=wp.axis is not None,
+                    reduce_range=self.reduce_range,
+                )
                 q = self.weight_codes.get(id(wp.node))
                 if q is None:
                     q = schemes.quantize(w, params)
@@ -311,6 +320,7 @@ def gptq_codes(
     batch_size: int = 32,
     limit: int | None = 256,
     seed: int = 0,
+    reduce_range: bool = True,
 ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
     """int8 codes for the Conv/Gemm/MatMul weights of ``plan`` by GPTQ (Frantar et al. 2022,
     "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", Alg. 1),
@@ -346,10 +356,19 @@ def gptq_codes(
     def solve(w: np.ndarray, h: np.ndarray, ctx: layerwise.SolveContext) -> layerwise.Solution:
         # The grid InsertQdqPass uses, from the weight in its own layout.
         axis = axes[id(ctx.view.node)]
-        params = schemes.weight_params(ctx.view.weight, axis=axis, per_channel=axis is not None)
+        params = schemes.weight_params(
+            ctx.view.weight,
+            axis=axis,
+            per_channel=axis is not None,
+            reduce_range=reduce_range,
+        )
         if axis is not None:  # per output channel: W's rows are the channels, group by group
             params = schemes.QuantParams(
-                params.scale[ctx.channels], params.zero_point[ctx.channels], params.dtype, 0
+                params.scale[ctx.channels],
+                params.zero_point[ctx.channels],
+                params.dtype,
+                0,
+                params.levels,
             )
         result = gptq.gptq_quantize(w, h, quantizer=params)
         rtn = schemes.dequantize(schemes.quantize(w, params), params)
