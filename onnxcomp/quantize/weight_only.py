@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from onnxcomp import layerwise
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import gptq, schemes
 
@@ -114,12 +115,6 @@ class _Match:
         """The MatMul's input as the graph holds it now (rewriting the layer before renames its
         output), None for a Gather."""
         return self.node.inputs[0] if self.op_type == "MatMul" else None
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
