@@ -220,15 +220,18 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         entries: dict[int, tuple[dict[str, object], int]] = {}
         if opts.algorithm == "gptq" and matmuls:
             calibration = self._gptq(model, matmuls, entries)
+        bytes_before = sum(m.w.nbytes for m in matches)
         for match in matches:
             if id(match) in entries:
                 continue
+            tensor = _weight_tensor(match)
             if match.op_type == "MatMul":
                 entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
             else:
                 entries[id(match)] = self._rewrite_gather(model.graph, match)
+            match.w = None
+            _release(tensor)
         layers = [entries[id(m)][0] for m in matches]
-        bytes_before = sum(m.w.nbytes for m in matches)
         bytes_after = sum(entries[id(m)][1] for m in matches)
         report: dict[str, object] = {
             "quantized": len(layers),
@@ -543,6 +546,22 @@ def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
             chunks.append([name])
             used = c
     return chunks
+
+
+def _weight_tensor(match: _Match) -> ir.TensorProtocol | None:
+    value = match.node.inputs[0 if match.op_type == "Gather" else 1]
+    return value.const_value if value is not None else None
+
+
+def _release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a rewritten float weight read from external data, so that quantizing a large model
+    holds one weight at a time, not all the ones already done (they stay readable: the file is
+    mapped again on the next read)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # someone still holds an array of it: it stays mapped
+            pass
 
 
 def _significant(x: float) -> float:
