@@ -230,7 +230,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.options.check()
         self.data = data
 
-    def requires(self, model: ir.Model) -> None:
+    def _check_opset(self, model: ir.Model) -> None:
+        # Raised from call(), not requires(): onnx-ir wraps errors of requires() in its PreconditionError.
         if self.options.form == "onnx" and model.opset_imports.get("", 1) < STANDARD_OPSET:
             raise OnnxcompError(
                 f"weight-only quantization in standard ONNX needs opset {STANDARD_OPSET} (blocked "
@@ -240,6 +241,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> Result:
         opts = self.options
+        self._check_opset(model)
         matches, skipped = self._plan(model)
         calibration: dict[str, object] = {}
         matmuls = [m for m in matches if m.op_type == "MatMul"]
