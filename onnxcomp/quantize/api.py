@@ -235,6 +235,7 @@ def quantize_static(
     """
     started = time.perf_counter()
     reference = reference if reference is not None else model_io.copy_model(model)
+    as_gemm = qplan.matmul_bias_as_gemm(model)
     plan = qplan.build_plan(
         model,
         per_channel=options.per_channel,
@@ -294,6 +295,8 @@ def quantize_static(
             }
         )
     report["plan"] = plan.to_json()
+    if as_gemm:
+        report["plan"]["matmul_bias_as_gemm"] = as_gemm
     if gone:
         report["plan"]["excluded_but_fused_away"] = gone
     report["tensors"] = tensors
