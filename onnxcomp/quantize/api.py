@@ -546,6 +546,23 @@ register(
 )(lambda options, context: QuantizePass(options, context))
 
 
+def _register_modes() -> None:
+    """The dynamic and weight-only passes as recipe steps of their own, every option of theirs
+    reachable (``quantize`` maps only the options the modes share)."""
+    from onnxcomp.quantize.dynamic import DynamicQuantizeOptions, DynamicQuantizePass
+    from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
+
+    register("quantize-dynamic", DynamicQuantizeOptions, help="dynamic int8 (MatMul, Gemm)")(
+        lambda options, context: DynamicQuantizePass(options, data=context.data)
+    )
+    register("quantize-weight-only", WeightOnlyOptions, help="int4/int8 weight-only blocks")(
+        lambda options, context: WeightOnlyQuantizePass(options, data=context.data)
+    )
+
+
+_register_modes()
+
+
 def parse(values: dict[str, Any], where: str = "quantize") -> QuantizeOptions:
     """QuantizeOptions from a mapping (recipe keys or CLI flags), naming any bad key."""
     return parse_options(QuantizeOptions, values, where)

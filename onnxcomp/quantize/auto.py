@@ -372,7 +372,8 @@ def quantize_auto(
         why = "kept float (the input model, unchanged): " + "; ".join(reasons)
         result = Built(original, {"mode": "float"})
     if decision.within_noise:
-        why += " (within timing noise of the runner-up: replay the recipe for the same choice)"
+        against = "the runner-up" if decision.runner_up not in (None, "float") else "the bar"
+        why += f" (within timing noise of {against}: --recipe-out pins the choice)"
     result.report["auto"] = {
         "chosen": chosen,
         "why": why,
