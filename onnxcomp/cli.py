@@ -748,6 +748,13 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @quantize_option("--symmetric/--asymmetric", help="Weight-only: symmetric blocks (no zero points).")
 @quantize_option("--accuracy-level", type=int, help="Weight-only: MatMulNBits compute type (4: int8 activations).")
 @quantize_option("--activation-type", metavar="uint8|int8")
+@quantize_option(
+    "--target-cpu",
+    metavar="any|auto|avx2|avx512|vnni|arm64",
+    help="CPU the model will run on. any: 7-bit int8 weights, exact on every x86 path (onnxruntime's "
+    "u8s8 kernels saturate 8-bit weights on AVX2/AVX-512 without VNNI); vnni, arm64, or auto on such a "
+    "machine: full 8-bit weights.",
+)
 @quantize_option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @quantize_option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
 @quantize_option("--max-drop", type=float, help="Largest accepted drop on --eval-data (see --metric).")
@@ -845,6 +852,12 @@ def _quantize_text(report: dict[str, Any]) -> str:
         lines.append("")
     else:
         lines.append(f"mode {report.get('mode')}")
+    cpu = report.get("cpu")
+    if cpu:
+        lines.append(
+            f"cpu: measured on {cpu['isa_measured']}; target {cpu['target_cpu']}: int8 weights "
+            f"{cpu['weight_range']}"
+        )
     opset = report.get("prepare", {}).get("opset")
     if opset:
         lines.append(f"opset {opset['from']} -> {opset['to']}: {opset['reason']}")
