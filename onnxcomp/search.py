@@ -34,7 +34,7 @@ import onnx_ir as ir
 from onnxcomp import runtime
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.evaluate import Comparison, ReferenceOutputs, Verdict, compare
+from onnxcomp.evaluate import Comparison, ReferenceOutputs, Verdict, compare, load_metric
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Judge:
         threads: int = 1,
     ):
         self.data = data
-        self.metric = metric
+        self.metric = load_metric(metric)  # a user's function imported once
         self.max_drop = max_drop
         self.threads = threads
         self.reference = ReferenceOutputs(

@@ -26,7 +26,7 @@ from onnxcomp import cpu
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.evaluate import check_metric, compare, load_metric
+from onnxcomp.evaluate import check_metric, load_metric
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
 from onnxcomp.quantize import auto
 from onnxcomp.quantize import calibrate as calib
@@ -351,16 +351,7 @@ def self_check(
 ) -> dict[str, Any]:
     """Run both models on ``data`` (the verdict holds the drop against ``--max-drop``, or its
     default) and count onnxruntime's fused kernels in the candidate."""
-    comparison = compare(
-        reference,
-        candidate,
-        data,
-        batch_size=options.batch_size,
-        limit=options.check_samples,
-        threads=options.threads,
-        metric=load_metric(options.metric),
-    )
-    verdict = comparison.verdict(options.metric, options.max_drop, default=True)
+    verdict, comparison = auto.make_judge(reference, data, options, options.max_drop)(candidate)
     out = auto.check_report(verdict, comparison)
     out["graph"] = _graph_or_reason(candidate, options)
     return out
