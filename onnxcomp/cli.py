@@ -638,8 +638,8 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     """Fuse decomposed activations and norms, fold BatchNorm, biases and constants.
 
     The result is a plain ONNX model. Both models run in onnxruntime on --data (or random
-    inputs); if an output differs by more than --tolerance nothing is saved and the error names
-    the rule and the node.
+    inputs); a rewrite that moves an output beyond --tolerance and beyond what fp32 noise explains
+    (judged on a float64 run of the input) is left out and named in a note; the rest is kept.
     """
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
@@ -754,6 +754,11 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     help="CPU the model will run on. any: 7-bit int8 weights, exact on every x86 path (onnxruntime's "
     "u8s8 kernels saturate 8-bit weights on AVX2/AVX-512 without VNNI); vnni, arm64, or auto on such a "
     "machine: full 8-bit weights.",
+)
+@quantize_option(
+    "--contrib-ops/--standard-ops",
+    help="Dynamic and weight-only: write onnxruntime's com.microsoft kernels (DynamicQuantizeMatMul, MatMulNBits, "
+    "GatherBlockQuantized) instead of the standard ONNX it fuses into them (the default, readable by any runtime).",
 )
 @quantize_option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @quantize_option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
