@@ -218,6 +218,18 @@ def per_channel(c: np.ndarray, out_rank: int, channels: int, axis: int = 1) -> n
     return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
 
 
+# Ops onnxruntime's CPU provider (1.32) runs in float32 but not float64 (no double kernel, or a
+# float-only parameter such as Resize's scales): a float64 evaluation keeps them float32.
+FLOAT32_ONLY = frozenset(
+    """
+    Conv ConvTranspose AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool LRN
+    InstanceNormalization MeanVarianceNormalization Resize Upsample Erf Gelu HardSwish HardSigmoid
+    LeakyRelu Elu Selu Celu Softplus Softsign Mish ThresholdedRelu Hardmax Tan Atan Asin Acos Sinh
+    Cosh Asinh Acosh Atanh Det
+    """.split()
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Channel propagation
 
