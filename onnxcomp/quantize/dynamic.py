@@ -62,7 +62,6 @@ from onnxcomp.quantize.weight_only import (
     matmul_nbits_node,
     rewrite_gather,
     rewrite_gather_standard,
-    split_by_budget,
 )
 
 logger = logging.getLogger(__name__)
@@ -570,7 +569,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         limit = opts.calibration_samples
         # The candidate weights of every group are held while the data streams by: groups are taken in chunks
         # that fit CALIBRATION_MEMORY_BYTES, each chunk with its own two runs over the data.
-        chunks = split_by_budget(
+        chunks = capture.split_by_budget(
             list(groups),
             lambda name: (len(alphas) + 1) * sum(lay.match.w.size * 4 for lay in by_input[name]),
             CALIBRATION_MEMORY_BYTES,

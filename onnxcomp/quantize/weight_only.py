@@ -712,21 +712,6 @@ def matmul_nbits_node(
     )
 
 
-def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
-    """Split ``names`` (in order) into runs whose summed ``cost(name)`` stays within ``budget`` (at least one each)."""
-    chunks: list[list[str]] = []
-    used = 0
-    for name in names:
-        c = cost(name)
-        if chunks and used + c <= budget:
-            chunks[-1].append(name)
-            used += c
-        else:
-            chunks.append([name])
-            used = c
-    return chunks
-
-
 def _weight_key(match: _Match) -> tuple | None:
     """Readers with equal keys compute with the same ``[K, N]`` weight: the same initializer seen
     through the same Gemm attributes (transB, alpha)."""
