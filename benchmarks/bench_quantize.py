@@ -353,7 +353,7 @@ def bench_model(name: str, spec: dict, workdir: Path, runs: int, tools: list[str
     for tool in ["fp32", *tools]:
         if tool not in info:
             continue
-        row = {"model": name, "tool": tool}
+        row = {"model": name, "tool": tool, "metric": spec.get("metric", "auto")}
         if not info[tool]["ok"]:
             row["error"] = info[tool]["error"]
             rows.append(row)
@@ -444,7 +444,9 @@ def print_summary(rows: list[dict]) -> None:
         by_model.setdefault(r["model"], {})[r["tool"]] = r
 
     def score(r: dict) -> float | None:
-        for key in ("top1", "agree", "cosine_mean"):
+        # Labels first; then box agreement (detectors), cosine (embeddings, maps) or top-1 agreement.
+        keys = ("top1", "agree") if r.get("metric") != "cosine" or "detections" in r else ("top1",)
+        for key in (*keys, "cosine_mean", "agree"):
             if r.get(key) is not None:
                 return r[key]
         return None
