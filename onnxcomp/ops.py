@@ -31,6 +31,9 @@ from onnxcomp.graph import attr, const, dims, rank
 
 Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
 
+# (output-channel axis, input-channel axis) of the weight by layout; Gemm's depend on transB.
+_WEIGHT_AXES = {"conv": (0, 1), "conv_transpose": (1, 0), "matmul": (-1, -2)}
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightedOp:
@@ -49,25 +52,19 @@ class WeightedOp:
     def groups(self, node: ir.Node) -> int:
         return int(attr(node, "group", 1)) if self.layout in ("conv", "conv_transpose") else 1
 
-    def out_axis(self, node: ir.Node) -> int:
-        """The weight axis that holds the output channels (negative for MatMul: counts from the end)."""
-        if self.layout == "conv":
-            return 0
-        if self.layout == "conv_transpose":
-            return 1
+    def channel_axes(self, node: ir.Node) -> tuple[int, int]:
+        """(output-channel axis, input-channel axis) of the weight; MatMul's count from the end."""
         if self.layout == "gemm":
-            return 0 if attr(node, "transB", 0) else 1
-        return -1
+            return (0, 1) if attr(node, "transB", 0) else (1, 0)
+        return _WEIGHT_AXES[self.layout]
+
+    def out_axis(self, node: ir.Node) -> int:
+        """The weight axis that holds the output channels."""
+        return self.channel_axes(node)[0]
 
     def in_axis(self, node: ir.Node) -> int:
         """The weight axis that holds the input channels (per group for Conv/ConvTranspose)."""
-        if self.layout == "conv":
-            return 1
-        if self.layout == "conv_transpose":
-            return 0
-        if self.layout == "gemm":
-            return 1 if attr(node, "transB", 0) else 0
-        return -2
+        return self.channel_axes(node)[1]
 
     def out_channels(self, node: ir.Node, shape) -> int:
         """Output channels M for a weight of ``shape`` (ConvTranspose: groups·M/g)."""
@@ -81,31 +78,30 @@ class WeightedOp:
 
     def out_channel_of(self, node: ir.Node, shape) -> np.ndarray:
         """The output channel of each weight element along the weight's first two axes: [a0, a1]."""
-        a0, a1 = int(shape[0]), int(shape[1])
-        if self.layout == "conv" or (self.layout == "gemm" and attr(node, "transB", 0)):
-            return np.repeat(np.arange(a0)[:, None], a1, axis=1)
-        if self.layout == "conv_transpose":
-            group_of = np.arange(a0) // (a0 // self.groups(node))
-            return group_of[:, None] * a1 + np.arange(a1)[None, :]
-        if self.layout == "gemm" or len(shape) == 2:
-            return np.repeat(np.arange(a1)[None, :], a0, axis=0)
-        raise ValueError(f"{self.op_type}: a weight of rank {len(shape)} has no [out, in] view")
+        if self.layout == "conv_transpose":  # [C, M/g, ...]: group of the input row, then column
+            return self._grouped(node, shape)
+        return self._index_along(self.out_axis(node), shape)
 
     def in_channel_of(self, node: ir.Node, shape) -> np.ndarray:
         """The input channel of each weight element along the weight's first two axes: [a0, a1]."""
+        if self.layout == "conv":  # [M, C/g, ...]: group of the output row, then column
+            return self._grouped(node, shape)
+        return self._index_along(self.in_axis(node), shape)
+
+    def _index_along(self, axis: int, shape) -> np.ndarray:
+        """[a0, a1] holding each element's index along ``axis`` (0 or 1; negative: from the end)."""
+        if self.layout in ("gemm", "matmul") and len(shape) != 2:
+            raise ValueError(f"{self.op_type}: a weight of rank {len(shape)} has no [out, in] view")
         a0, a1 = int(shape[0]), int(shape[1])
-        if self.layout == "conv":
-            group_of = np.arange(a0) // (a0 // self.groups(node))
-            return group_of[:, None] * a1 + np.arange(a1)[None, :]
-        if self.layout == "conv_transpose" or (
-            self.layout == "gemm" and not attr(node, "transB", 0)
-        ):
+        if axis % len(shape) == 0:
             return np.repeat(np.arange(a0)[:, None], a1, axis=1)
-        if self.layout == "gemm" or len(shape) == 2:
-            if self.layout == "gemm":
-                return np.repeat(np.arange(a1)[None, :], a0, axis=0)
-            return np.repeat(np.arange(a0)[:, None], a1, axis=1)
-        raise ValueError(f"{self.op_type}: a weight of rank {len(shape)} has no [out, in] view")
+        return np.repeat(np.arange(a1)[None, :], a0, axis=0)
+
+    def _grouped(self, node: ir.Node, shape) -> np.ndarray:
+        """[a0, a1]: group of row r (a0 / groups rows each) times a1, plus the column."""
+        a0, a1 = int(shape[0]), int(shape[1])
+        group_of = np.arange(a0) // (a0 // self.groups(node))
+        return group_of[:, None] * a1 + np.arange(a1)[None, :]
 
     def to_matrix(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
         """The weight as rows ``[groups, out/groups, in/groups·prod(kernel)]``: row o of group g
@@ -217,6 +213,18 @@ def per_channel(c: np.ndarray, out_rank: int, channels: int, axis: int = 1) -> n
     if any(s != 1 for i, s in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
         return f"the constant {list(c.shape)} is not per output channel"
     return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+
+
+# Ops onnxruntime's CPU provider (1.32) runs in float32 but not float64 (no double kernel, or a
+# float-only parameter such as Resize's scales): a float64 evaluation keeps them float32.
+FLOAT32_ONLY = frozenset(
+    """
+    Conv ConvTranspose AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool LRN
+    InstanceNormalization MeanVarianceNormalization Resize Upsample Erf Gelu HardSwish HardSigmoid
+    LeakyRelu Elu Selu Celu Softplus Softsign Mish ThresholdedRelu Hardmax Tan Atan Asin Acos Sinh
+    Cosh Asinh Acosh Atanh Det
+    """.split()
+)
 
 
 # ---------------------------------------------------------------------------------------------
