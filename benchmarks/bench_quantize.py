@@ -148,10 +148,20 @@ def run_tool(
         target=_tool, args=(tool, str(src), str(dst), str(calib), str(evals), metric, queue)
     )
     proc.start()
-    try:
-        result = queue.get(timeout=1800)
-    except Exception:
-        result = {"ok": False, "error": "timed out or crashed"}
+    import queue as queue_module
+
+    deadline = time.monotonic() + 1800
+    result = {"ok": False, "error": "timed out"}
+    while time.monotonic() < deadline:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():  # died without a word (a crash, an import error)
+                result = {"ok": False, "error": f"crashed (exit code {proc.exitcode})"}
+                break
+    else:
+        proc.kill()
     proc.join()
     return result
 
