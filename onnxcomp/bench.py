@@ -563,3 +563,94 @@ def _memory_child(args: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     _memory_child(json.loads(sys.argv[1]))
+
+
+PROFILE_TOP_NODES = 30  # slowest nodes kept per model: a 1,000-node model's report stays small
+
+
+def profile(
+    models: Sequence[ModelLike],
+    *,
+    names: Sequence[str] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    data: DataSource | str | os.PathLike | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    threads: int = 1,
+    runs: int = 20,
+    warmup: int = 3,
+    top: int = PROFILE_TOP_NODES,
+) -> dict[str, Any]:
+    """Where the time goes in each model, from onnxruntime's profiler: per op type and the
+    slowest ``top`` nodes (median kernel time per run), on the same inputs as ``benchmark``.
+
+    ``ratio`` is each model's median run time over the first model's, measured under the
+    profiler (which adds a little time per node), so ``benchmark`` stays the latency figure.
+    """
+    labels = list(names) if names else _labels(models)
+    first = _as_ir(models[0])
+    feeds, feeds_from = _make_feeds(first, feeds, data, shapes, 1)
+    entries = []
+    for label, model in zip(labels, models, strict=True):
+        source = first if model is models[0] and isinstance(model, ir.Model) else _source(model)
+        raw = runtime.profile_nodes(source, feeds, runs=runs, warmup=warmup, threads=threads, label=label)
+        nodes = raw["nodes"]
+        total = sum(n["ms"] for n in nodes)
+        by_op: dict[str, dict[str, Any]] = {}
+        for n in nodes:
+            entry = by_op.setdefault(n["op"], {"op": n["op"], "ms": 0.0, "count": 0})
+            entry["ms"] += n["ms"]
+            entry["count"] += 1
+        op_types = sorted(by_op.values(), key=lambda e: -e["ms"])
+        for entry in op_types:
+            entry["share"] = entry["ms"] / total if total > 0 else 0.0
+        slowest = sorted(nodes, key=lambda n: -n["ms"])[:top]
+        entries.append(
+            {
+                "name": label,
+                "run_p50_ms": float(np.median(raw["runs"])) if raw["runs"] else None,
+                "nodes_ms": total,
+                "nodes": len(nodes),
+                "op_types": op_types,
+                "slowest_nodes": [
+                    {**n, "share": n["ms"] / total if total > 0 else 0.0} for n in slowest
+                ],
+            }
+        )
+    base = entries[0]["run_p50_ms"]
+    for entry in entries:
+        p50 = entry["run_p50_ms"]
+        entry["ratio"] = p50 / base if base and p50 is not None else None
+    return {
+        "threads": threads,
+        "runs": runs,
+        "inputs": feeds_from,
+        "cpu": cpu_isa(),
+        "models": entries,
+    }
+
+
+# The best x86 integer path onnxruntime's kernels can take, best first: (cpuinfo flag, name).
+_ISA_LEVELS = (
+    ("amx_int8", "AMX-INT8"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx512bw", "AVX-512"),
+    ("avx2", "AVX2 (no VNNI)"),
+    ("sse4_1", "SSE4.1"),
+)
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the latency was measured on (x86 from /proc/cpuinfo; else the
+    machine type), e.g. "AVX2 (no VNNI)": int8 speed-ups depend on it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    for flag, name in _ISA_LEVELS:
+        if flag in flags:
+            return name
+    return platform.machine() or None

@@ -1,0 +1,182 @@
+"""The key figures of a result, read from the keys a command's ``--json`` holds: sizes, latency
+and its ratio, metric and drop, nodes kept float with their reasons. Nothing is measured here;
+a figure the result does not hold is None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUANTIZE_MODES = {"auto", "static", "dynamic", "weight-only", "float", "optimized"}
+
+
+def kind(result: dict[str, Any]) -> str:
+    """Which command made the result: its ``command`` key, else guessed from its keys."""
+    if isinstance(result.get("command"), str):
+        return result["command"]
+    if "requested_mode" in result or ("mode" in result and ("plan" in result or "tensors" in result)):
+        return "quantize"
+    if "rules" in result and "ops_before" in result:
+        return "optimize"
+    if "trials" in result:
+        return "tune"
+    if "history" in result and "teacher" in result:
+        return "distill"
+    if "cuts" in result or "history" in result:
+        return "transfer"
+    if any(isinstance(layer, dict) and "sparsity" in layer for layer in _list(result.get("layers"))):
+        return "prune"
+    return "result"
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def _first(d: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, float | None]:
+    for key in keys:
+        if _num(d.get(key)) is not None:
+            return key, d[key]
+    return None, None
+
+
+BEFORE_KEYS = ("before", "input", "input_p50", "before_p50", "reference", "teacher")
+AFTER_KEYS = (
+    "after", "output", "optimized_p50", "output_p50", "after_p50", "quantized_p50",
+    "pruned_p50", "candidate", "student",
+)
+
+
+def size(result: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"before", "after", "source"}`` in bytes from ``size_bytes``."""
+    sizes = _dict(result.get("size_bytes"))
+    _, before = _first(sizes, BEFORE_KEYS)
+    _, after = _first(sizes, AFTER_KEYS)
+    if before is None and after is None:
+        return None
+    return {"before": before, "after": after, "source": "size_bytes"}
+
+
+def latency(result: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"before", "after", "ratio", "source"}`` in ms: ``latency_ms``, else the chosen candidate
+    of quantize auto against the float input."""
+    lat = _dict(result.get("latency_ms"))
+    if lat:
+        _, before = _first(lat, BEFORE_KEYS)
+        _, after = _first(lat, AFTER_KEYS)
+        ratio = _num(lat.get("ratio"))
+        if before is not None or ratio is not None:
+            return {
+                "before": before, "after": after, "ratio": ratio, "source": "latency_ms",
+                "threads": lat.get("threads"),
+            }
+    auto = _dict(result.get("auto"))
+    candidates = [c for c in _list(auto.get("candidates")) if isinstance(c, dict)]
+    chosen = next((c for c in candidates if c.get("mode") == auto.get("chosen")), None)
+    base = next((c for c in candidates if c.get("mode") == "float"), None)
+    if chosen is not None:
+        return {
+            "before": _num((base or {}).get("latency_ms")),
+            "after": _num(chosen.get("latency_ms")),
+            "ratio": _num(chosen.get("ratio_to_float")),
+            "source": f"auto.candidates[{auto.get('chosen')}]",
+            "threads": None,
+        }
+    return None
+
+
+def quality(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The metric before and after and the drop: ``{"metric", "before", "after", "drop",
+    "max_drop", "within", "source"}``; for optimize the self-check's max relative error."""
+    check = _dict(result.get("check"))
+    budget = _dict(result.get("budget"))
+    comparison = _dict(check.get("comparison"))
+    for holder, source in (
+        (check, "check"), (budget, "budget"), (_dict(result.get("validation")), "validation"), (result, "result"),
+    ):
+        drop = _num(holder.get("drop"))
+        if drop is None:
+            continue
+        before = _num(comparison.get("accuracy_reference"))
+        after = _num(comparison.get("accuracy_candidate"))
+        metric_name = holder.get("drop_metric") or "drop"
+        if before is None:
+            metrics = _dict(result.get("metrics"))
+            _, before = _first(metrics, BEFORE_KEYS)
+            _, after = _first(metrics, AFTER_KEYS)
+        max_drop = _num(holder.get("max_drop"))
+        if max_drop is None:
+            max_drop = _num(budget.get("max_drop")) or _num(_dict(result.get("auto")).get("max_drop"))
+        return {
+            "metric": metric_name,
+            "before": before,
+            "after": after,
+            "drop": drop,
+            "max_drop": max_drop,
+            "source": f"{source}.drop" if source != "result" else "drop",
+        }
+    if _num(check.get("max_rel_error")) is not None:
+        return {
+            "metric": "max relative error",
+            "error": check["max_rel_error"],
+            "tolerance": _num(check.get("tolerance")),
+            "samples": check.get("samples"),
+            "data": check.get("data"),
+            "source": "check.max_rel_error",
+        }
+    return None
+
+
+def float_nodes(result: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The nodes a quantize result kept float, each with its reason (None for other results):
+    the static plan's float nodes, the layers put back to float for the drop budget, and the
+    dynamic / weight-only skips and float-status layers."""
+    if kind(result) != "quantize":
+        return None
+    rows: dict[str, dict[str, Any]] = {}
+
+    def add(entry: dict[str, Any], reason: Any, sqnr: Any = None) -> None:
+        name = str(entry.get("node") or entry.get("name") or entry.get("op") or "?")
+        row = rows.setdefault(name, {"node": name, "op": entry.get("op"), "reason": None, "sqnr_db": None})
+        if reason:
+            row["reason"] = reason if row["reason"] is None else f"{row['reason']}; {reason}"
+        if _num(sqnr) is not None:
+            row["sqnr_db"] = sqnr
+
+    for entry in _list(_dict(result.get("plan")).get("float_nodes")):
+        if isinstance(entry, dict):
+            add(entry, entry.get("reason"))
+    for entry in _list(_dict(result.get("budget")).get("fallback_to_float")):
+        if isinstance(entry, dict):
+            add(entry, entry.get("reason"), entry.get("sqnr_db"))
+    for entry in _list(result.get("skipped")):
+        if isinstance(entry, dict):
+            add(entry, entry.get("reason"))
+    for entry in _list(result.get("layers")):
+        if isinstance(entry, dict) and "float" in str(entry.get("status", "")):
+            add(entry, entry.get("reason") or f"status {entry['status']}", entry.get("output_sqnr_db"))
+    return list(rows.values())
+
+
+def cpu(result: dict[str, Any]) -> str | None:
+    """The instruction set the figures were measured on, where the result says."""
+    for holder in (result, _dict(result.get("latency_ms")), _dict(result.get("profile"))):
+        for key in ("isa", "cpu", "target_cpu"):
+            value = holder.get(key)
+            if isinstance(value, str) and value:
+                return value
+            if isinstance(value, dict):
+                text = value.get("isa") or value.get("name")
+                if isinstance(text, str):
+                    return text
+    return None
