@@ -583,8 +583,8 @@ def profile(
     """Where the time goes in each model, from onnxruntime's profiler: per op type and the
     slowest ``top`` nodes (median kernel time per run), on the same inputs as ``benchmark``.
 
-    ``ratio`` is each model's median run time over the first model's, measured under the
-    profiler (which adds a little time per node), so ``benchmark`` stays the latency figure.
+    The profiler adds time to every node and the models run one after the other, so
+    ``benchmark`` (interleaved, unprofiled) stays the latency figure.
     """
     labels = list(names) if names else _labels(models)
     first = _as_ir(models[0])
@@ -616,10 +616,6 @@ def profile(
                 ],
             }
         )
-    base = entries[0]["run_p50_ms"]
-    for entry in entries:
-        p50 = entry["run_p50_ms"]
-        entry["ratio"] = p50 / base if base and p50 is not None else None
     return {
         "threads": threads,
         "runs": runs,

@@ -129,6 +129,33 @@ shape_option = click.option(
 )
 
 
+def _report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and not Path(value).resolve().parent.is_dir():
+        raise OnnxcompError(f"--{param.name.removesuffix('_path')} {value}: folder {Path(value).parent} does not exist")
+    return value
+
+
+report_option = click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    callback=_report_path,
+    metavar="FILE.html",
+    help="Also write an HTML report (adds onnxruntime's per-node profile of both models to the result).",
+)
+
+
+def add_profile(result: dict[str, Any], models: list[Any], names: list[str], **inputs: Any) -> None:
+    """Put onnxruntime's per-op-type and slowest-node times of ``models`` in ``result["profile"]``
+    (for --report); ``inputs`` as for ``bench.profile`` (data, shapes, threads)."""
+    from onnxcomp.bench import profile
+
+    try:
+        result["profile"] = profile(models, names=names, **inputs)
+    except OnnxcompError as err:
+        result["profile"] = {"unavailable": str(err)}
+
+
 # ---------------------------------------------------------------------------------------------
 # validate
 
@@ -569,8 +596,9 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
 @click.option("--no-upgrade-opset", is_flag=True, help="Never upgrade the opset (fusions that need it are skipped).")
 @click.option("--runs", default=50, show_default=True, help="Latency runs of each model for the report.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, as_json):
+def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, report_path, as_json):
     """Fuse decomposed activations and norms, fold BatchNorm, biases and constants.
 
     The result is a plain ONNX model. Both models run in onnxruntime on --data (or random
@@ -615,6 +643,11 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
                 "ratio": bench_result.models[1].ratio_p50,
                 "threads": bench_result.threads,
             }
+    if report_path:
+        from onnxcomp.report import write_report
+
+        add_profile(report, [model_path, str(saved)], ["input", "optimized"], data=source, shapes=parsed)
+        write_report(_clean(report), report_path)
     if as_json:
         emit_json(report)
         return
@@ -652,6 +685,8 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
             f"{latency['optimized_p50']:.3f} ms ({latency['ratio']:.2f}x)"
         )
     click.echo(f"saved {saved}")
+    if report_path:
+        click.echo(f"report: {report_path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,12 +743,13 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
 @shape_option
 @click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
     model_path, output, mode, data, calibration, per_channel, bits, block_size, symmetric, accuracy_level,
     activation_type, exclude_nodes, exclude_ops,
     max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, gptq, allow_random_calibration, shapes,
-    threads, as_json,
+    threads, report_path, as_json,
 ):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
@@ -762,10 +798,20 @@ def quantize(
     saved = model_io.save(result, output, inputs=[model_path])
     report["output"] = str(saved)
     report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    if report_path:
+        from onnxcomp.report import write_report
+
+        add_profile(
+            report, [model_path, str(saved)], ["input", "quantized"], data=eval_data or data,
+            shapes=options.shapes, threads=threads,
+        )
+        write_report(_clean(report), report_path)
     if as_json:
         emit_json(report)
     else:
         click.echo(_quantize_text(report))
+        if report_path:
+            click.echo(f"report: {report_path}")
 
 
 def _quantize_text(report: dict[str, Any]) -> str:
@@ -837,3 +883,30 @@ def _quantize_text(report: dict[str, Any]) -> str:
     if size:
         lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@main.command("report")
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), callback=_report_path, help="The HTML file to write.")
+@click.option("--title", help="Page title (default: from the command that made the result).")
+def report_command(result_path, output, title):
+    """Render a saved --json result (of optimize, quantize, ...) as one self-contained HTML page.
+
+    RESULT.json may be "-" for standard input: onnxcomp quantize ... --json | onnxcomp report - -o r.html
+    """
+    from onnxcomp.report import read_result, write_report
+
+    if result_path == "-":
+        try:
+            result = json.loads(click.get_text_stream("stdin").read())
+        except json.JSONDecodeError as err:
+            raise OnnxcompError(f"standard input: not JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(result, dict):
+            raise OnnxcompError("standard input: expected a JSON object (a command's --json result)")
+    else:
+        result = read_result(result_path)
+    click.echo(f"wrote {write_report(result, output, title=title)}")

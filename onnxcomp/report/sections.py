@@ -373,20 +373,22 @@ def prepare(result: dict[str, Any]) -> str | None:
 
 def timing(result: dict[str, Any]) -> str | None:
     profile = _dict(result.get("profile"))
+    if isinstance(profile.get("unavailable"), str):
+        return section("Where the time goes", note(f"Not profiled: {profile['unavailable']}"), "time")
     models = [m for m in _list(profile.get("models")) if isinstance(m, dict)]
     if not models:
         return None
     parts = []
     parts.append(table(
-        ["model", "run p50 ms (profiled)", "ratio", "sum of kernels ms", "nodes run"],
-        [[m.get("name"), m.get("run_p50_ms"), m.get("ratio"), m.get("nodes_ms"), m.get("nodes")] for m in models],
+        ["model", "run p50 ms under the profiler", "sum of kernels ms", "nodes run"],
+        [[m.get("name"), m.get("run_p50_ms"), m.get("nodes_ms"), m.get("nodes")] for m in models],
     ))
     facts = [f"onnxruntime's profiler, {esc(profile.get('runs'))} runs after warm-up, {esc(profile.get('threads'))} thread(s)"]
     if profile.get("inputs"):
         facts.append(f"inputs: {esc(profile['inputs'])}")
     if profile.get("cpu"):
         facts.append(f"CPU: {esc(profile['cpu'])}")
-    parts.append(f'<p class="note">{"; ".join(facts)}. Times are medians per run; nodes are the ones onnxruntime ran after its own fusions.</p>')
+    parts.append(f'<p class="note">{"; ".join(facts)}. Times are medians per run; the profiler adds time to every node, so the latency ratio is the one in the summary; nodes are the ones onnxruntime ran after its own fusions.</p>')
     totals: dict[str, float] = {}
     for m in models:
         for entry in _list(m.get("op_types")):
@@ -593,6 +595,6 @@ def raw(result: dict[str, Any]) -> str:
 
 
 SECTIONS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
-    summary, candidates, timing, quantize_layers, float_layers, rewrites, prepare, prune_layers,
-    cuts, history, metrics, trials, notes, other,
+    summary, candidates, trials, quantize_layers, float_layers, prune_layers, cuts, history, metrics,
+    timing, rewrites, prepare, notes, other,
 )
