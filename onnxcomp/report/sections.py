@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from html import escape
 from typing import Any
@@ -278,7 +279,9 @@ def float_layers(result: dict[str, Any]) -> str | None:
     else:
         reasons: dict[str, int] = {}
         for row in rows:
-            reasons[str(row["reason"])] = reasons.get(str(row["reason"]), 0) + 1
+            # "input 'b3_out' is computed by ..." and "input 'b4_out' ..." are one reason
+            reason = re.sub(r"'[^']*'", "'\u2026'", str(row["reason"]))
+            reasons[reason] = reasons.get(reason, 0) + 1
         parts.append(table(["node", "op", "reason", "SQNR dB"], [[r["node"], r["op"], r["reason"], r["sqnr_db"]] for r in rows], what="nodes"))
         if len(reasons) > 1:
             parts.append("<h3>By reason</h3>" + table(["reason", "nodes"], sorted(reasons.items(), key=lambda kv: -kv[1])))
@@ -584,7 +587,7 @@ def other(result: dict[str, Any]) -> str | None:
     return section("Other figures", table(["key", "value"], rows), "other")
 
 
-MAX_RAW_BYTES = 200_000
+MAX_RAW_BYTES = 300_000  # the full JSON result, folded, when small; a 1,000-node quantize result is 0.5 MB
 
 
 def raw(result: dict[str, Any]) -> str:
