@@ -586,6 +586,8 @@ def profile(
     The profiler adds time to every node and the models run one after the other, so
     ``benchmark`` (interleaved, unprofiled) stays the latency figure.
     """
+    from onnxcomp.cpu import isa_path
+
     labels = list(names) if names else _labels(models)
     first = _as_ir(models[0])
     feeds, feeds_from = _make_feeds(first, feeds, data, shapes, 1)
@@ -620,33 +622,6 @@ def profile(
         "threads": threads,
         "runs": runs,
         "inputs": feeds_from,
-        "cpu": cpu_isa(),
+        "cpu": isa_path(),
         "models": entries,
     }
-
-
-# The best x86 integer path onnxruntime's kernels can take, best first: (cpuinfo flag, name).
-_ISA_LEVELS = (
-    ("amx_int8", "AMX-INT8"),
-    ("avx512_vnni", "AVX-512 VNNI"),
-    ("avx_vnni", "AVX-VNNI"),
-    ("avx512bw", "AVX-512"),
-    ("avx2", "AVX2 (no VNNI)"),
-    ("sse4_1", "SSE4.1"),
-)
-
-
-def cpu_isa() -> str | None:
-    """The instruction set the latency was measured on (x86 from /proc/cpuinfo; else the
-    machine type), e.g. "AVX2 (no VNNI)": int8 speed-ups depend on it."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    for flag, name in _ISA_LEVELS:
-        if flag in flags:
-            return name
-    return platform.machine() or None

@@ -115,7 +115,7 @@ def test_quantize_report_shows_the_json_figures(quantized):
     assert figures.values["drop"] == result["check"]["drop"]
     assert figures.values["float-layers"] == len(float_nodes_in(result))
     assert figures.values["integer-kernels"] == result["check"]["graph"]["integer_kernels"]
-    assert figures.values["cpu"] == result["profile"]["cpu"]
+    assert figures.values["cpu"] == result["cpu"]["isa_measured"] == result["profile"]["cpu"]
     assert {"summary", "candidates", "layers", "float", "time", "prepare"} <= set(figures.sections)
     assert figures.scripts == 0 and figures.external == []
 

@@ -168,15 +168,20 @@ def float_nodes(result: dict[str, Any]) -> list[dict[str, Any]] | None:
     return list(rows.values())
 
 
-def cpu(result: dict[str, Any]) -> str | None:
-    """The instruction set the figures were measured on, where the result says."""
+def cpu(result: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"isa", "target_cpu", "weight_range"}``: the integer-kernel path the figures were
+    measured on (quantize's ``cpu.isa_measured``, else a profile's or latency's ``cpu``), where
+    the result says."""
     for holder in (result, _dict(result.get("latency_ms")), _dict(result.get("profile"))):
-        for key in ("isa", "cpu", "target_cpu"):
+        for key in ("cpu", "isa"):
             value = holder.get(key)
             if isinstance(value, str) and value:
-                return value
+                return {"isa": value, "source": key}
             if isinstance(value, dict):
-                text = value.get("isa") or value.get("name")
-                if isinstance(text, str):
-                    return text
+                isa = value.get("isa_measured") or value.get("isa")
+                if isinstance(isa, str):
+                    return {
+                        "isa": isa, "target_cpu": value.get("target_cpu"),
+                        "weight_range": value.get("weight_range"), "source": f"{key}.isa_measured",
+                    }
     return None

@@ -142,9 +142,13 @@ def summary(result: dict[str, Any]) -> str | None:
     if _num(nodes.get("before")) is not None and _num(nodes.get("after")) is not None:
         cards.append(_card("nodes", f"{nodes['before']} &rarr; {figure('nodes-after', nodes['after'], str(nodes['after']))}"))
     isa = figures.cpu(result)
-    cards.append(
-        _card("measured on", figure("cpu", isa, isa) if isa else "not recorded", "CPU instruction set")
-    )
+    if isa:
+        sub = "integer-kernel path of the CPU"
+        if isa.get("target_cpu"):
+            sub = f"target {isa['target_cpu']}; weights {isa.get('weight_range') or '?'}"
+        cards.append(_card("measured on", figure("cpu", isa["isa"], isa["isa"]), esc(sub)))
+    else:
+        cards.append(_card("measured on", "not recorded", "the result names no CPU"))
     if not cards:
         return None
     lines = []
