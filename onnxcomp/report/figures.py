@@ -107,14 +107,20 @@ def quality(result: dict[str, Any]) -> dict[str, Any] | None:
         drop = _num(holder.get("drop"))
         if drop is None:
             continue
-        before = _num(comparison.get("accuracy_reference"))
-        after = _num(comparison.get("accuracy_candidate"))
-        metric_name = holder.get("drop_metric") or "drop"
+        verdict = _dict(holder.get("verdict"))
+        before = _num(verdict.get("reference_value"))
+        after = _num(verdict.get("value"))
+        if before is None:
+            before = _num(comparison.get("accuracy_reference"))
+            after = _num(comparison.get("accuracy_candidate"))
+        metric_name = holder.get("drop_metric") or verdict.get("metric") or "drop"
         if before is None:
             metrics = _dict(result.get("metrics"))
             _, before = _first(metrics, BEFORE_KEYS)
             _, after = _first(metrics, AFTER_KEYS)
         max_drop = _num(holder.get("max_drop"))
+        if max_drop is None:
+            max_drop = _num(verdict.get("max_drop"))
         if max_drop is None:
             max_drop = _num(budget.get("max_drop")) or _num(_dict(result.get("auto")).get("max_drop"))
         return {
@@ -123,6 +129,7 @@ def quality(result: dict[str, Any]) -> dict[str, Any] | None:
             "after": after,
             "drop": drop,
             "max_drop": max_drop,
+            "reason": verdict.get("reason"),
             "source": f"{source}.drop" if source != "result" else "drop",
         }
     if _num(check.get("max_rel_error")) is not None:

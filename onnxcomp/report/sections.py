@@ -155,6 +155,8 @@ def summary(result: dict[str, Any]) -> str | None:
     auto = _dict(result.get("auto"))
     if auto.get("why"):
         lines.append(f"<p>auto chose <b>{esc(auto.get('chosen'))}</b>: {esc(auto['why'])}</p>")
+    if qual and qual.get("reason"):
+        lines.append(f"<p>Verdict: {esc(qual['reason'])}.</p>")
     return section("Summary", f'<div class="cards">{"".join(cards)}</div>{"".join(lines)}', "summary")
 
 
@@ -169,7 +171,10 @@ def candidates(result: dict[str, Any]) -> str | None:
         return None
     chosen = auto.get("chosen")
     points = [
-        {"x": c.get("ratio_to_float"), "y": c.get("drop"), "label": c.get("mode"), "marked": c.get("mode") == chosen, "labelled": True}
+        {
+            "x": c.get("ratio_to_float"), "y": c.get("drop"), "label": c.get("mode"),
+            "marked": c.get("mode") == chosen, "labelled": True, "xrange": c.get("ratio_interval"),
+        }
         for c in rows
         if _num(c.get("ratio_to_float")) is not None and _num(c.get("drop")) is not None
     ]
@@ -183,21 +188,38 @@ def candidates(result: dict[str, Any]) -> str | None:
             hline=(budget, f"budget {svg.fmt(budget)}") if budget is not None else None,
             label="candidates: latency ratio against drop",
         )
-        body += figure_block(chart, f"Each candidate auto measured; the one kept ({chosen}) in red.")
+        intervals = " Whiskers: the interval of the latency ratio." if any(p["xrange"] for p in points) else ""
+        body += figure_block(chart, f"Each candidate auto measured; the one kept ({chosen}) in red.{intervals}")
     body += table(
-        ["candidate", "p50 ms", "x fp32", "drop", "integer kernels", "DQ islands", "within budget", "note"],
+        ["candidate", "p50 ms", "x fp32", "interval", "drop", "integer kernels", "DQ islands", "within budget", "note"],
         [
             [
                 Markup(f"<b>{esc(c.get('mode'))}</b>") if c.get("mode") == chosen else c.get("mode"),
-                c.get("latency_ms"), c.get("ratio_to_float"), c.get("drop"), c.get("integer_kernels"),
-                c.get("islands"), c.get("within_budget"), c.get("note") or "",
+                c.get("latency_ms"), c.get("ratio_to_float"), _interval(c.get("ratio_interval")), c.get("drop"),
+                c.get("integer_kernels"), c.get("islands"), c.get("within_budget"), c.get("note") or "",
             ]
             for c in rows
         ],
     )
+    decision = _dict(auto.get("decision"))
+    if decision.get("runner_up"):
+        text = f"Chosen over {decision['runner_up']}"
+        if _num(decision.get("margin")) is not None:
+            text += f" by a margin of {svg.fmt(decision['margin'])}"
+        if decision.get("within_noise"):
+            text += "; within timing noise"
+        if decision.get("remeasured"):
+            text += "; re-measured"
+        body += note(text + ".")
     for mode, why in _dict(auto.get("skipped")).items():
         body += note(f"{mode} not tried: {why}")
     return section("Candidates (quantize auto)", body, "candidates")
+
+
+def _interval(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 2 and all(_num(v) is not None for v in value):
+        return f"{svg.fmt(value[0])}..{svg.fmt(value[1])}"
+    return ""
 
 
 def _lowest(rows: list[Any], key: Callable[[Any], float], cap: int) -> tuple[list[Any], str]:

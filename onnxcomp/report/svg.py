@@ -216,6 +216,14 @@ def _range(values: Sequence[float]) -> list[float]:
     return nice_ticks(low - pad, high + pad)
 
 
+def _pair(value) -> list[float]:
+    """A [low, high] interval of finite numbers, else []."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+            return [float(value[0]), float(value[1])]
+    return []
+
+
 def scatter(
     points: Sequence[dict],
     *,
@@ -227,11 +235,12 @@ def scatter(
     height: int = 360,
     label: str = "scatter plot",
 ) -> str:
-    """Points ``{"x", "y", "label", "marked"}``; marked points are drawn large in red and
-    labelled; ``front`` is drawn as a step line (a Pareto front); ``hline`` (y, text) as a
+    """Points ``{"x", "y", "label", "marked", "xrange"}``; marked points are drawn large in red
+    and labelled, an ``xrange`` [low, high] as a whisker; ``front`` is drawn as a step line (a Pareto front); ``hline`` (y, text) as a
     dashed threshold."""
     ys = [p["y"] for p in points] + ([hline[0]] if hline else [])
-    xticks, yticks = _range([p["x"] for p in points]), _range(ys)
+    xs = [p["x"] for p in points] + [v for p in points for v in _pair(p.get("xrange"))]
+    xticks, yticks = _range(xs), _range(ys)
     box = (64.0, 14.0, width - 16.0, height - 46.0)
     left, top, right, bottom = box
 
@@ -251,11 +260,21 @@ def scatter(
     if len(front) > 1:
         path = " ".join(f"{sx(fx):.1f},{sy(fy):.1f}" for fx, fy in front)
         body.append(f'<polyline points="{path}" fill="none" stroke="{PALETTE[2]}" stroke-width="1.5"/>')
+    labels: list[tuple[float, float, str, bool]] = []
     for p in sorted(points, key=lambda p: bool(p.get("marked"))):
         if p["x"] is None or p["y"] is None:
             continue
         cx, cy = sx(p["x"]), sy(p["y"])
         tip = f"{p.get('label', '')}: {fmt(p['x'], 4)}, {fmt(p['y'], 4)}"
+        span = _pair(p.get("xrange"))
+        if span:
+            color = MARK if p.get("marked") else PALETTE[0]
+            x0, x1 = sx(span[0]), sx(span[1])
+            body.append(
+                f'<path d="M{x0:.1f} {cy:.1f}H{x1:.1f}M{x0:.1f} {cy - 4:.1f}v8M{x1:.1f} {cy - 4:.1f}v8" '
+                f'stroke="{color}" stroke-opacity="0.6" fill="none"/>'
+            )
+            tip += f" (interval {fmt(span[0])}..{fmt(span[1])})"
         if p.get("marked"):
             body.append(
                 f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="7" fill="{MARK}" stroke="#fff" stroke-width="1.5">'
@@ -267,13 +286,40 @@ def scatter(
                 f"<title>{escape(tip)}</title></circle>"
             )
         if p.get("marked") or p.get("labelled"):
-            anchor = "end" if cx > (left + right) / 2 else "start"
-            dx = -10 if anchor == "end" else 10
-            weight = ' font-weight="bold"' if p.get("marked") else ""
-            body.append(
-                f'<text x="{cx + dx:.1f}" y="{cy - 8:.1f}" text-anchor="{anchor}"{weight}>{escape(str(p.get("label", "")))}</text>'
-            )
+            labels.append((cx, cy, str(p.get("label", "")), bool(p.get("marked"))))
+    body += _place_labels(labels, (left, top, right, bottom))
     return _svg(width, height, body, label)
+
+
+def _place_labels(
+    labels: list[tuple[float, float, str, bool]], box: tuple[float, float, float, float]
+) -> list[str]:
+    """Point labels that do not overlap: each tries spots above and below its point, further
+    out each time, and takes the first clear of the labels already placed."""
+    left, top, right, bottom = box
+    taken: list[tuple[float, float, float, float]] = []
+    out = []
+    for cx, cy, text, marked in sorted(labels, key=lambda item: (not item[3], item[0])):
+        width = 7.0 * len(text) + 4
+        x0 = min(max(cx - width / 2, left + 2), right - width - 2)
+        for dy in (-10, 20, -24, 34, -38, 48, -52, 62):
+            y = cy + dy
+            spot = (x0, y - 11, x0 + width, y + 2)
+            inside = top + 12 <= y <= bottom - 2
+            clear = all(
+                spot[2] < t[0] or spot[0] > t[2] or spot[3] < t[1] or spot[1] > t[3] for t in taken
+            )
+            if inside and clear:
+                break
+        taken.append(spot)
+        if abs(dy) > 10:
+            out.append(
+                f'<line x1="{cx:.1f}" y1="{cy:.1f}" x2="{x0 + width / 2:.1f}" y2="{y - 4 if dy > 0 else y:.1f}" '
+                f'stroke="#a0aec0" stroke-width="0.8"/>'
+            )
+        weight = ' font-weight="bold"' if marked else ""
+        out.append(f'<text x="{x0 + 2:.1f}" y="{y:.1f}"{weight}>{escape(text)}</text>')
+    return out
 
 
 def lines(
