@@ -145,15 +145,23 @@ report_option = click.option(
 )
 
 
-def add_profile(result: dict[str, Any], models: list[Any], names: list[str], **inputs: Any) -> None:
-    """Put onnxruntime's per-op-type and slowest-node times of ``models`` in ``result["profile"]``
-    (for --report); ``inputs`` as for ``bench.profile`` (data, shapes, threads)."""
+def html_report(
+    result: dict[str, Any], path: str | None, models: list[Any], names: list[str], **inputs: Any
+) -> None:
+    """--report: put onnxruntime's per-op-type and slowest-node times of ``models`` (input
+    first) in ``result["profile"]``, then write the HTML page of ``result`` to ``path``.
+    ``inputs`` as for ``bench.profile`` (data, shapes, threads). Nothing happens without a path.
+    """
+    if not path:
+        return
     from onnxcomp.bench import profile
+    from onnxcomp.report import write_report
 
     try:
         result["profile"] = profile(models, names=names, **inputs)
     except OnnxcompError as err:
         result["profile"] = {"unavailable": str(err)}
+    write_report(_clean(result), path)
 
 
 class FromOptions(click.Option):
@@ -709,11 +717,7 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
                 "ratio": bench_result.models[1].ratio_p50,
                 "threads": bench_result.threads,
             }
-    if report_path:
-        from onnxcomp.report import write_report
-
-        add_profile(report, [model_path, str(saved)], ["input", "optimized"], data=source, shapes=parsed)
-        write_report(_clean(report), report_path)
+    html_report(report, report_path, [model_path, str(saved)], ["input", "optimized"], data=source, shapes=parsed)
     if as_json:
         emit_json(report)
         return
@@ -853,14 +857,10 @@ def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **fla
     if recipe_out:
         recipe = decision_recipe(report, options, input=model_path, output=output)
         report["recipe"] = str(write_recipe(recipe, recipe_out, protect=[model_path, output]))
-    if report_path:
-        from onnxcomp.report import write_report
-
-        add_profile(
-            report, [model_path, str(saved)], ["input", "quantized"], data=options.eval_data or options.data,
-            shapes=options.shapes, threads=options.threads,
-        )
-        write_report(_clean(report), report_path)
+    html_report(
+        report, report_path, [model_path, str(saved)], ["input", "quantized"],
+        data=options.eval_data or options.data, shapes=options.shapes, threads=options.threads,
+    )
     if as_json:
         emit_json(report)
     else:

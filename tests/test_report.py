@@ -170,6 +170,35 @@ def test_report_opens_in_chromium(which, request, tmp_path):
 
 def test_other_commands_results_render():
     """Prune, transfer, distill and tune results (their report shapes) get their sections."""
+    # the shapes `onnxcomp prune --json` prints (unstructured and --structured)
+    unstructured = {
+        "kind": "unstructured", "method": "sparsegpt", "requested_sparsity": 0.5,
+        "tensors": [
+            {"node": "conv2", "op": "Conv", "shape": [64, 32, 3, 3], "sparsity": 0.5, "relative_error": 0.003},
+            {"node": "conv1", "op": "Conv", "skipped": "tiny tensor (288 < 512 weights)"},
+        ],
+        "before": {"parameters": 81386, "sparsity": 0.0, "macs": 1813440},
+        "after": {"parameters": 81386, "sparsity": 0.4966, "macs": 1813440},
+        "check": {"drop": 0.0, "drop_metric": "accuracy drop", "accuracy_reference": 0.99, "accuracy_candidate": 0.99},
+    }
+    structured = {
+        "kind": "structured", "requested_ratio": 0.3,
+        "groups": [
+            {"group": "conv1", "kind": "chain", "channels": 32, "consumers": ["conv2"], "removed": 8},
+            {"group": "fc", "kind": "chain", "channels": 10, "consumers": [], "removed": 0,
+             "skipped": "its channels reach the graph output 'logits'"},
+        ],
+        "before": {"macs": 1813440}, "after": {"macs": 1022080},
+    }
+    page = render(unstructured)
+    figures = Figures(page)
+    assert {"prune", "before-after"} <= set(figures.sections)
+    assert figures.values["sparsity"] == 0.4966 and figures.values["drop"] == 0.0
+    assert "tiny tensor" in page
+    page = render(structured)
+    assert Figures(page).values["macs-after"] == 1022080
+    assert "reach the graph output" in page
+    # the per-layer shape other commands may print
     prune = {
         "command": "prune",
         "layers": [

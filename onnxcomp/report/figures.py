@@ -14,6 +14,8 @@ def kind(result: dict[str, Any]) -> str:
     """Which command made the result: its ``command`` key, else guessed from its keys."""
     if isinstance(result.get("command"), str):
         return result["command"]
+    if result.get("kind") in ("structured", "unstructured") or "requested_sparsity" in result:
+        return "prune"
     if "requested_mode" in result or ("mode" in result and ("plan" in result or "tensors" in result)):
         return "quantize"
     if "rules" in result and "ops_before" in result:
@@ -110,9 +112,10 @@ def quality(result: dict[str, Any]) -> dict[str, Any] | None:
         verdict = _dict(holder.get("verdict"))
         before = _num(verdict.get("reference_value"))
         after = _num(verdict.get("value"))
-        if before is None:
-            before = _num(comparison.get("accuracy_reference"))
-            after = _num(comparison.get("accuracy_candidate"))
+        for scores in (comparison, holder):
+            if before is None:
+                before = _num(scores.get("accuracy_reference"))
+                after = _num(scores.get("accuracy_candidate"))
         metric_name = holder.get("drop_metric") or verdict.get("metric") or "drop"
         if before is None:
             metrics = _dict(result.get("metrics"))

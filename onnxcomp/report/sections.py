@@ -29,6 +29,8 @@ def esc(value: Any) -> str:
 def num(value: Any, digits: int = 4) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
     if isinstance(value, (int, float)):
         return svg.fmt(value, digits)
     return "-" if value is None else esc(value)
@@ -42,6 +44,14 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+def si(value: float) -> str:
+    """1813440 -> '1.81M'."""
+    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.3g}{unit}"
+    return svg.fmt(value)
 
 
 def figure(fig_id: str, value: Any, text: str) -> str:
@@ -138,6 +148,14 @@ def summary(result: dict[str, Any]) -> str | None:
         cards.append(
             _card("nodes kept float", figure("float-layers", len(floats), str(len(floats))), "reasons below" if floats else "")
         )
+    before, after = _dict(result.get("before")), _dict(result.get("after"))
+    if _num(after.get("sparsity")) is not None and after.get("sparsity"):
+        cards.append(_card("sparsity", figure("sparsity", after["sparsity"], f"{after['sparsity']:.1%}"), "of the weights are zero"))
+    if _num(before.get("macs")) and _num(after.get("macs")) is not None and after["macs"] != before["macs"]:
+        cards.append(_card(
+            "MACs", f"{si(before['macs'])} &rarr; {figure('macs-after', after['macs'], si(after['macs']))}",
+            f"{after['macs'] / before['macs']:.0%} of the input",
+        ))
     nodes = _dict(result.get("nodes"))
     if _num(nodes.get("before")) is not None and _num(nodes.get("after")) is not None:
         cards.append(_card("nodes", f"{nodes['before']} &rarr; {figure('nodes-after', nodes['after'], str(nodes['after']))}"))
@@ -389,11 +407,11 @@ def rewrites(result: dict[str, Any], title: str = "Rewrites", sid: str = "rewrit
 
 
 def prepare(result: dict[str, Any]) -> str | None:
-    """The clean-up quantize ran first (its optimize report)."""
+    """The clean-up a command ran first (its optimize report under ``prepare``)."""
     optimize = _dict(_dict(result.get("prepare")).get("optimize"))
     if not optimize:
         return None
-    return rewrites(optimize, "Clean-up before quantizing", "prepare")
+    return rewrites(optimize, f"Clean-up before {figures.kind(result)}", "prepare")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,25 +467,98 @@ def timing(result: dict[str, Any]) -> str | None:
 
 
 def prune_layers(result: dict[str, Any]) -> str | None:
-    layers = [e for e in _list(result.get("layers")) if isinstance(e, dict)]
-    if not layers or not any("sparsity" in e or "channels_removed" in e for e in layers):
-        return None
+    """Per-layer sparsity (unstructured ``tensors`` or ``layers``) and channels removed
+    (structured ``groups``), each skipped layer with its reason."""
     parts = []
-    names = [str(e.get("name") or e.get("node")) for e in layers]
-    shown = list(zip(names, layers))[:MAX_ROWS]
-    more = f" The first {MAX_ROWS} of {len(layers)} layers are shown." if len(layers) > MAX_ROWS else ""
-    if any(_num(e.get("sparsity")) is not None for e in layers):
-        chart = svg.hbars([(n, e.get("sparsity")) for n, e in shown], label="sparsity per layer", label_chars=36)
-        parts.append(figure_block(chart, "Fraction of weights zeroed per layer." + more))
-    if any(_num(e.get("channels_removed")) is not None for e in layers):
-        chart = svg.hbars([(n, e.get("channels_removed")) for n, e in shown], label="channels removed per layer", label_chars=36, colors=[svg.PALETTE[1]] * len(shown))
-        parts.append(figure_block(chart, "Output channels removed per layer." + more))
-    keys = [k for k in ("op", "sparsity", "channels_removed", "channels", "reason") if any(k in e for e in layers)]
-    parts.append(table(["layer", *[k.replace("_", " ") for k in keys]], [[n, *[e.get(k) for k in keys]] for n, e in zip(names, layers)], what="layers"))
+    rows = [
+        e for e in _list(result.get("layers")) + _list(result.get("tensors"))
+        if isinstance(e, dict) and ("sparsity" in e or "channels_removed" in e or "skipped" in e)
+    ]
+    if figures.kind(result) != "prune":
+        rows = [e for e in rows if "sparsity" in e or "channels_removed" in e]
+    if rows:
+        names = [str(e.get("name") or e.get("node") or e.get("tensor")) for e in rows]
+        shown = list(zip(names, rows))[:MAX_ROWS]
+        more = f" The first {MAX_ROWS} of {len(rows)} layers are shown." if len(rows) > MAX_ROWS else ""
+        if any(_num(e.get("sparsity")) is not None for e in rows):
+            chart = svg.hbars([(n, e.get("sparsity")) for n, e in shown], label="sparsity per layer", label_chars=36)
+            parts.append(figure_block(chart, "Fraction of weights zeroed per layer (n/a: skipped)." + more))
+        if any(_num(e.get("channels_removed")) is not None for e in rows):
+            chart = svg.hbars(
+                [(n, e.get("channels_removed")) for n, e in shown], label="channels removed per layer",
+                label_chars=36, colors=[svg.PALETTE[1]] * len(shown),
+            )
+            parts.append(figure_block(chart, "Output channels removed per layer." + more))
+        keys = [
+            k for k in ("op", "shape", "sparsity", "channels_removed", "relative_error", "reason", "skipped")
+            if any(k in e for e in rows)
+        ]
+        parts.append(table(
+            ["layer", *[k.replace("_", " ") for k in keys]],
+            [[n, *[_cell(e.get(k)) for k in keys]] for n, e in zip(names, rows)],
+            what="layers",
+        ))
+    groups = [g for g in _list(result.get("groups")) if isinstance(g, dict)]
+    if groups:
+        shown = groups[:MAX_ROWS]
+        names = [str(g.get("group")) for g in shown]
+        chart = svg.grouped_hbars(
+            names,
+            [("channels", [g.get("channels") for g in shown]), ("removed", [g.get("removed") for g in shown])],
+            label="channels removed per dependency group", label_chars=32,
+        )
+        parts.append("<h3>Channels removed per dependency group</h3>")
+        parts.append(figure_block(chart, "Each group's channels and how many were removed together."))
+        parts.append(table(
+            ["group", "kind", "channels", "removed", "consumers", "skipped because"],
+            [
+                [g.get("group"), g.get("kind"), g.get("channels"), g.get("removed"),
+                 ", ".join(map(str, _list(g.get("consumers")))), g.get("skipped") or ""]
+                for g in groups
+            ],
+            what="groups",
+        ))
+    consumers = [c for c in _list(result.get("consumers")) if isinstance(c, dict)]
+    if consumers and groups:
+        parts.append("<h3>Consumers refitted</h3>" + table(
+            ["node", "inputs removed", "relative error"],
+            [[c.get("node"), c.get("inputs_removed"), c.get("relative_error")] for c in consumers],
+            what="consumers",
+        ))
+    if not parts:
+        return None
     skipped = [e for e in _list(result.get("skipped")) if isinstance(e, dict)]
     if skipped:
         parts.append("<h3>Skipped</h3>" + table(["layer", "reason"], [[e.get("name") or e.get("node"), e.get("reason")] for e in skipped], what="layers"))
+    facts = [
+        f"{k.replace('_', ' ')} {num(v)}"
+        for k in ("kind", "method", "importance", "scope", "pattern", "reconstruct")
+        if isinstance((v := result.get(k)), (str, bool))
+    ]
+    if facts:
+        parts.insert(0, f"<p>{esc('; '.join(facts))}.</p>")
     return section("Per-layer pruning", "".join(parts), "prune")
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list):
+        return "x".join(map(str, value))
+    return value
+
+
+def before_after(result: dict[str, Any]) -> str | None:
+    """``before`` and ``after`` dicts of figures (parameters, MACs, sparsity, sizes) side by side."""
+    before, after = _dict(result.get("before")), _dict(result.get("after"))
+    keys = [k for k in before if _num(before.get(k)) is not None or _num(after.get(k)) is not None]
+    if not keys:
+        return None
+    rows = []
+    for key in keys:
+        b, a = _num(before.get(key)), _num(after.get(key))
+        shown_b = human_bytes(b) if key.endswith("bytes") else b
+        shown_a = human_bytes(a) if key.endswith("bytes") else a
+        rows.append([key.replace("_", " "), shown_b, shown_a, a / b if a is not None and b else None])
+    return section("Before and after", table(["", "before", "after", "after / before"], rows), "before-after")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,6 +715,6 @@ def raw(result: dict[str, Any]) -> str:
 
 
 SECTIONS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
-    summary, candidates, trials, quantize_layers, float_layers, prune_layers, cuts, history, metrics,
-    timing, rewrites, prepare, notes, other,
+    summary, candidates, trials, quantize_layers, float_layers, prune_layers, before_after, cuts,
+    history, metrics, timing, rewrites, prepare, notes, other,
 )
