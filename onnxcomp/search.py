@@ -154,18 +154,22 @@ class Timer:
 
 
 def in_doubt(
-    timings: Mapping[str, Timing], threshold: float | None, ignore: Sequence[str] = ()
+    timings: Mapping[str, Timing],
+    threshold: float | None,
+    ignore: Sequence[str] = (),
+    bar_only: Sequence[str] = (),
 ) -> list[tuple[str, str]]:
     """Pairs whose order is not settled: intervals that overlap each other (or the threshold).
-    Candidates in ``ignore`` (over the drop budget, say) only count against the threshold."""
-    names = [n for n in timings if n != "float"]
+    Candidates in ``ignore`` (over the drop budget) do not count; those in ``bar_only`` (over
+    the budget, but a fallback may rescue them) count against the threshold only."""
+    names = [n for n in timings if n != "float" and n not in ignore]
     pairs = []
     for i, a in enumerate(names):
         ta = timings[a]
         if threshold is not None and ta.low <= threshold <= ta.high:
             pairs.append((a, "threshold"))
         for b in names[i + 1 :]:
-            if a in ignore or b in ignore:
+            if a in bar_only or b in bar_only:
                 continue
             tb = timings[b]
             if ta.low <= tb.high and tb.low <= ta.high:
@@ -182,6 +186,7 @@ def time_candidates(
     threads: int = 1,
     threshold: float | None = None,
     ignore: Sequence[str] = (),
+    bar_only: Sequence[str] = (),
     min_rounds: int = MIN_ROUNDS,
     max_rounds: int = MAX_ROUNDS,
 ) -> dict[str, Timing]:
@@ -191,7 +196,7 @@ def time_candidates(
     timer.run(min_rounds)
     timings = timer.timings()
     while len(timer.rounds) < max_rounds:
-        doubt = in_doubt(timings, threshold, ignore)
+        doubt = in_doubt(timings, threshold, ignore, bar_only)
         if not doubt:
             break
         logger.info(

@@ -33,8 +33,10 @@ def test_order_in_doubt_only_where_intervals_overlap():
     doubt = search.in_doubt(timings, threshold=0.97)
     assert ("dynamic", "threshold") in doubt and ("static", "optimized") in doubt
     assert ("static", "dynamic") not in doubt
-    # a candidate over the drop budget only counts against the bar
-    assert ("static", "optimized") not in search.in_doubt(timings, 0.97, ignore=["optimized"])
+    # over the drop budget: left out, or (when a fallback may rescue it) against the bar only
+    assert search.in_doubt(timings, 0.97, ignore=["dynamic", "optimized"]) == []
+    doubt = search.in_doubt(timings, 0.97, bar_only=["optimized", "dynamic"])
+    assert doubt == [("dynamic", "threshold")]
 
 
 def _fake(n_layers: int, needed: int):

@@ -267,7 +267,9 @@ def quantize_auto(
             shapes=options.shapes or None,
             threads=options.threads,
             threshold=FASTER,
-            ignore=[n for n, v in verdicts.items() if not v.passed],
+            # over the budget: only the static candidate can still be rescued by its fallback
+            ignore=[n for n, v in verdicts.items() if not v.passed and n != "static"],
+            bar_only=[n for n, v in verdicts.items() if not v.passed and n == "static"],
         )
     notes: dict[str, str] = {}
     float_layers: dict[str, int] = {}
