@@ -151,6 +151,23 @@ def test_float_nodes_and_reasons_are_listed(tmp_path):
     assert "/head/head.1/Gemm" in page and "excluded by --exclude-ops" in page
 
 
+def test_recipe_run_report_shows_its_steps(tmp_path):
+    recipe = MODELS.parent / "recipes" / "digits_int8.yaml"
+    result = run_cli("run", recipe, "-o", tmp_path / "int8.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    run = json.loads(result.stdout)
+    page = tmp_path / "run.html"
+    (tmp_path / "run.json").write_text(result.stdout)
+    assert run_cli("report", tmp_path / "run.json", "-o", page).exit_code == 0
+    figures = Figures(page.read_text())
+    quantize = run["steps"][-1]["report"]
+    assert figures.values["drop"] == run["validation"]["drop"]
+    assert figures.values["size-after"] == run["size_bytes_after"]
+    assert figures.values["float-layers"] == len(float_nodes_in(quantize))
+    assert figures.values["cpu"] == quantize["cpu"]["isa_measured"]
+    assert "steps" in figures.sections
+
+
 @needs_chromium
 @pytest.mark.parametrize("which", ["optimized", "quantized"])
 def test_report_opens_in_chromium(which, request, tmp_path):

@@ -43,6 +43,7 @@ svg.chart{max-width:100%;height:auto;display:block}
 .note,.more{font-size:12px;color:#4a5568}
 pre{font-size:11px;max-height:480px;overflow:auto;background:#f7fafc;padding:8px}
 footer{margin-top:30px;font-size:12px;color:#718096}
+.step{margin:14px 0 0 0;padding-left:12px;border-left:3px solid #e2e8f0}.step h2{font-size:15px;border:none}
 """
 
 

@@ -16,6 +16,8 @@ def kind(result: dict[str, Any]) -> str:
         return result["command"]
     if result.get("kind") in ("structured", "unstructured") or "requested_sparsity" in result:
         return "prune"
+    if any(isinstance(step, dict) and "pass" in step for step in _list(result.get("steps"))):
+        return "run"
     if "requested_mode" in result or ("mode" in result and ("plan" in result or "tensors" in result)):
         return "quantize"
     if "rules" in result and "ops_before" in result:
@@ -61,7 +63,9 @@ AFTER_KEYS = (
 
 def size(result: dict[str, Any]) -> dict[str, Any] | None:
     """``{"before", "after", "source"}`` in bytes from ``size_bytes``."""
-    sizes = _dict(result.get("size_bytes"))
+    sizes = _dict(result.get("size_bytes")) or {
+        "before": result.get("size_bytes_before"), "after": result.get("size_bytes_after"),
+    }
     _, before = _first(sizes, BEFORE_KEYS)
     _, after = _first(sizes, AFTER_KEYS)
     if before is None and after is None:
@@ -151,7 +155,8 @@ def float_nodes(result: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The nodes a quantize result kept float, each with its reason (None for other results):
     the static plan's float nodes, the layers put back to float for the drop budget, and the
     dynamic / weight-only skips and float-status layers."""
-    if kind(result) != "quantize":
+    result = quantize_report(result)
+    if result is None:
         return None
     rows: dict[str, dict[str, Any]] = {}
 
@@ -178,11 +183,24 @@ def float_nodes(result: dict[str, Any]) -> list[dict[str, Any]] | None:
     return list(rows.values())
 
 
+def quantize_report(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantize report in a result: the result itself, or a recipe run's last quantize step."""
+    if kind(result) == "quantize":
+        return result
+    if kind(result) == "run":
+        for step in reversed(_list(result.get("steps"))):
+            if isinstance(step, dict) and step.get("pass") == "quantize":
+                return _dict(step.get("report"))
+    return None
+
+
 def cpu(result: dict[str, Any]) -> dict[str, Any] | None:
     """``{"isa", "target_cpu", "weight_range"}``: the integer-kernel path the figures were
     measured on (quantize's ``cpu.isa_measured``, else a profile's or latency's ``cpu``), where
     the result says."""
-    for holder in (result, _dict(result.get("latency_ms")), _dict(result.get("profile"))):
+    holders = [result, _dict(result.get("latency_ms")), _dict(result.get("profile"))]
+    holders += [_dict(_dict(step).get("report")) for step in _list(result.get("steps"))]
+    for holder in holders:
         for key in ("cpu", "isa"):
             value = holder.get(key)
             if isinstance(value, str) and value:

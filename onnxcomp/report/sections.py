@@ -392,6 +392,12 @@ def rewrites(result: dict[str, Any], title: str = "Rewrites", sid: str = "rewrit
             label="op counts before and after",
         )
         parts.append(figure_block(chart, "Op types whose count changed."))
+    left_out = [f for f in _list(result.get("left_out")) if isinstance(f, dict)]
+    if left_out:
+        parts.append("<h3>Left out: rewrites that changed the outputs</h3>" + table(
+            ["rule", "node", "max relative error", "float64 error", "fp32 noise"],
+            [[f.get("rule"), f.get("node"), f.get("max_rel_error"), f.get("float64_error"), f.get("fp32_noise")] for f in left_out],
+        ))
     nodes, opset = _dict(result.get("nodes")), _dict(result.get("opset"))
     facts = []
     if nodes:
@@ -688,8 +694,30 @@ def notes(result: dict[str, Any]) -> str | None:
     return section("Notes", "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in items) + "</ul>", "notes")
 
 
+def steps(result: dict[str, Any]) -> str | None:
+    """A recipe run (``onnxcomp run --json``): the steps, then each step's own sections."""
+    items = [st for st in _list(result.get("steps")) if isinstance(st, dict) and "pass" in st]
+    if not items:
+        return None
+    parts = [table(
+        ["step", "pass", "changed", "seconds"],
+        [[i, st.get("pass"), st.get("modified"), st.get("seconds")] for i, st in enumerate(items, 1)],
+    )]
+    for i, st in enumerate(items, 1):
+        report = _dict(st.get("report"))
+        inner = [part for build in STEP_SECTIONS if (part := build(report))]
+        if inner:
+            parts.append(f'<div class="step"><h3>Step {i}: {esc(st.get("pass"))}</h3>{"".join(inner)}</div>')
+    validation = _dict(result.get("validation"))
+    if validation.get("passed") is not None:
+        saved = "saved" if result.get("saved") else "NOT saved"
+        parts.append(f"<p>Validation {'passed' if validation['passed'] else 'failed'}: {esc(saved)} {esc(result.get('output') or '')}.</p>")
+    return section("Steps", "".join(parts), "steps")
+
+
 SHOWN_ELSEWHERE = {
     "command", "input", "output", "model", "size_bytes", "latency_ms", "notes", "drop", "drop_metric", "max_drop",
+    "size_bytes_before", "size_bytes_after",
 }
 
 
@@ -715,6 +743,11 @@ def raw(result: dict[str, Any]) -> str:
 
 
 SECTIONS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
-    summary, candidates, trials, quantize_layers, float_layers, prune_layers, before_after, cuts,
+    summary, steps, candidates, trials, quantize_layers, float_layers, prune_layers, before_after, cuts,
     history, metrics, timing, rewrites, prepare, notes, other,
+)
+# What a recipe step's report shows (its figures are the run's summary).
+STEP_SECTIONS = (
+    candidates, quantize_layers, float_layers, prune_layers, before_after, cuts, history, metrics,
+    rewrites, notes,
 )
