@@ -39,11 +39,25 @@ def build(path: Path, blocks: int, channels: int = 16, size: int = 8) -> int:
             w = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)
             w *= 0.5 * np.sqrt(2 / (channels * 9))
             inits.append(numpy_helper.from_array(w, f"b{b}_{conv}"))
-            inits.append(numpy_helper.from_array(np.zeros(channels, np.float32), f"b{b}_{conv}_bias"))
+            inits.append(
+                numpy_helper.from_array(np.zeros(channels, np.float32), f"b{b}_{conv}_bias")
+            )
         nodes += [
-            helper.make_node("Conv", [x, f"b{b}_w1", f"b{b}_w1_bias"], [names[0]], name=f"block{b}/conv1", pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "Conv",
+                [x, f"b{b}_w1", f"b{b}_w1_bias"],
+                [names[0]],
+                name=f"block{b}/conv1",
+                pads=[1, 1, 1, 1],
+            ),
             helper.make_node("Relu", [names[0]], [names[1]], name=f"block{b}/relu1"),
-            helper.make_node("Conv", [names[1], f"b{b}_w2", f"b{b}_w2_bias"], [names[2]], name=f"block{b}/conv2", pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "Conv",
+                [names[1], f"b{b}_w2", f"b{b}_w2_bias"],
+                [names[2]],
+                name=f"block{b}/conv2",
+                pads=[1, 1, 1, 1],
+            ),
             helper.make_node("Add", [names[2], x], [names[3]], name=f"block{b}/add"),
             helper.make_node("Relu", [names[3]], [names[4]], name=f"block{b}/relu2"),
         ]
@@ -84,11 +98,25 @@ def main() -> None:
     started = time.perf_counter()
     done = subprocess.run(
         [
-            str(Path(sys.executable).with_name("onnxcomp")), "quantize", str(model), "-o", str(work / "int8.onnx"),
-            "--mode", "static", "--data", str(work / "calib.npz"), "--eval-data", str(work / "eval.npz"),
-            "--max-drop", "1", "--report", str(work / "report.html"), "--json",
+            str(Path(sys.executable).with_name("onnxcomp")),
+            "quantize",
+            str(model),
+            "-o",
+            str(work / "int8.onnx"),
+            "--mode",
+            "static",
+            "--data",
+            str(work / "calib.npz"),
+            "--eval-data",
+            str(work / "eval.npz"),
+            "--max-drop",
+            "1",
+            "--report",
+            str(work / "report.html"),
+            "--json",
         ],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         sys.exit(f"quantize failed: {done.stderr.strip()}")
@@ -100,9 +128,15 @@ def main() -> None:
     render_seconds = time.perf_counter() - started
 
     page = work / "report.html"
-    print(f"model: {nodes} nodes ({model.stat().st_size / 1e6:.1f} MB); quantize --report took {quantize_seconds:.1f} s")
-    print(f"JSON result: {len(done.stdout) / 1e3:.0f} KB; tensors listed: {len(result.get('tensors', []))}")
-    print(f"HTML report: {page.stat().st_size / 1e3:.0f} KB; rendered from the JSON in {render_seconds * 1000:.0f} ms")
+    print(
+        f"model: {nodes} nodes ({model.stat().st_size / 1e6:.1f} MB); quantize --report took {quantize_seconds:.1f} s"
+    )
+    print(
+        f"JSON result: {len(done.stdout) / 1e3:.0f} KB; tensors listed: {len(result.get('tensors', []))}"
+    )
+    print(
+        f"HTML report: {page.stat().st_size / 1e3:.0f} KB; rendered from the JSON in {render_seconds * 1000:.0f} ms"
+    )
     if find_chromium() is None:
         print("chromium not found: browser timings skipped")
         return
@@ -120,12 +154,28 @@ def main() -> None:
         probe = [_probe(r.console) for r in runs]
         loaded = [p[0] for p in probe if p] or [float("nan")]
         painted = [p[1] for p in probe if p] or [float("nan")]
-        rows.append((label, statistics.median(r.seconds for r in runs), statistics.median(loaded), statistics.median(painted)))
+        rows.append(
+            (
+                label,
+                statistics.median(r.seconds for r in runs),
+                statistics.median(loaded),
+                statistics.median(painted),
+            )
+        )
     print(f"headless Chromium screenshot at 1200x2000, median of {args.repeat} loads:")
     print(f"{'page':<13} {'browser s':>9} {'load event ms':>13} {'painted ms':>10}")
     for label, seconds, loaded, painted in rows:
         print(f"{label:<13} {seconds:>9.2f} {loaded:>13.0f} {painted:>10.0f}")
-    print(json.dumps({"nodes": nodes, "html_bytes": page.stat().st_size, "painted_ms": rows[2][3], "browser_s": rows[1][1]}))
+    print(
+        json.dumps(
+            {
+                "nodes": nodes,
+                "html_bytes": page.stat().st_size,
+                "painted_ms": rows[2][3],
+                "browser_s": rows[1][1],
+            }
+        )
+    )
 
 
 PROBE = (

@@ -68,8 +68,17 @@ class Figures(HTMLParser):
 def optimized(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("optimize")
     result = run_cli(
-        "optimize", CNN, "-o", tmp / "clean.onnx", "--data", TEST, "--runs", 20,
-        "--report", tmp / "report.html", "--json",
+        "optimize",
+        CNN,
+        "-o",
+        tmp / "clean.onnx",
+        "--data",
+        TEST,
+        "--runs",
+        20,
+        "--report",
+        tmp / "report.html",
+        "--json",
     )
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout), tmp / "report.html"
@@ -79,8 +88,17 @@ def optimized(tmp_path_factory):
 def quantized(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quantize")
     result = run_cli(
-        "quantize", CNN, "-o", tmp / "int8.onnx", "--data", CALIB, "--eval-data", TEST,
-        "--report", tmp / "report.html", "--json",
+        "quantize",
+        CNN,
+        "-o",
+        tmp / "int8.onnx",
+        "--data",
+        CALIB,
+        "--eval-data",
+        TEST,
+        "--report",
+        tmp / "report.html",
+        "--json",
     )
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout), tmp / "report.html"
@@ -136,8 +154,19 @@ def test_profile_is_in_the_json_and_adds_up(quantized):
 
 def test_float_nodes_and_reasons_are_listed(tmp_path):
     result = run_cli(
-        "quantize", CNN, "-o", tmp_path / "int8.onnx", "--mode", "static", "--exclude-ops", "Gemm",
-        "--data", CALIB, "--eval-data", TEST, "--json",
+        "quantize",
+        CNN,
+        "-o",
+        tmp_path / "int8.onnx",
+        "--mode",
+        "static",
+        "--exclude-ops",
+        "Gemm",
+        "--data",
+        CALIB,
+        "--eval-data",
+        TEST,
+        "--json",
     )
     assert result.exit_code == 0, result.stderr
     saved = tmp_path / "result.json"
@@ -189,23 +218,50 @@ def test_other_commands_results_render():
     """Prune, transfer, distill and tune results (their report shapes) get their sections."""
     # the shapes `onnxcomp prune --json` prints (unstructured and --structured)
     unstructured = {
-        "kind": "unstructured", "method": "sparsegpt", "requested_sparsity": 0.5,
+        "kind": "unstructured",
+        "method": "sparsegpt",
+        "requested_sparsity": 0.5,
         "tensors": [
-            {"node": "conv2", "op": "Conv", "shape": [64, 32, 3, 3], "sparsity": 0.5, "relative_error": 0.003},
+            {
+                "node": "conv2",
+                "op": "Conv",
+                "shape": [64, 32, 3, 3],
+                "sparsity": 0.5,
+                "relative_error": 0.003,
+            },
             {"node": "conv1", "op": "Conv", "skipped": "tiny tensor (288 < 512 weights)"},
         ],
         "before": {"parameters": 81386, "sparsity": 0.0, "macs": 1813440},
         "after": {"parameters": 81386, "sparsity": 0.4966, "macs": 1813440},
-        "check": {"drop": 0.0, "drop_metric": "accuracy drop", "accuracy_reference": 0.99, "accuracy_candidate": 0.99},
+        "check": {
+            "drop": 0.0,
+            "drop_metric": "accuracy drop",
+            "accuracy_reference": 0.99,
+            "accuracy_candidate": 0.99,
+        },
     }
     structured = {
-        "kind": "structured", "requested_ratio": 0.3,
+        "kind": "structured",
+        "requested_ratio": 0.3,
         "groups": [
-            {"group": "conv1", "kind": "chain", "channels": 32, "consumers": ["conv2"], "removed": 8},
-            {"group": "fc", "kind": "chain", "channels": 10, "consumers": [], "removed": 0,
-             "skipped": "its channels reach the graph output 'logits'"},
+            {
+                "group": "conv1",
+                "kind": "chain",
+                "channels": 32,
+                "consumers": ["conv2"],
+                "removed": 8,
+            },
+            {
+                "group": "fc",
+                "kind": "chain",
+                "channels": 10,
+                "consumers": [],
+                "removed": 0,
+                "skipped": "its channels reach the graph output 'logits'",
+            },
         ],
-        "before": {"macs": 1813440}, "after": {"macs": 1022080},
+        "before": {"macs": 1813440},
+        "after": {"macs": 1022080},
     }
     page = render(unstructured)
     figures = Figures(page)
@@ -220,14 +276,25 @@ def test_other_commands_results_render():
         "command": "prune",
         "layers": [
             {"name": "conv1", "op": "Conv", "sparsity": 0.5, "channels_removed": 8, "reason": None},
-            {"name": "fc", "op": "Gemm", "sparsity": 0.0, "channels_removed": 0, "reason": "output layer"},
+            {
+                "name": "fc",
+                "op": "Gemm",
+                "sparsity": 0.0,
+                "channels_removed": 0,
+                "reason": "output layer",
+            },
         ],
         "size_bytes": {"before": 1000, "after": 600},
     }
     transfer = {
         "command": "transfer",
-        "cuts": [{"name": "block3", "probe_accuracy": 0.91, "chosen": True}, {"name": "block4", "probe_accuracy": 0.88}],
-        "history": [{"epoch": e, "train_loss": 1 / (e + 1), "val_metric": 0.8 + e / 100} for e in range(5)],
+        "cuts": [
+            {"name": "block3", "probe_accuracy": 0.91, "chosen": True},
+            {"name": "block4", "probe_accuracy": 0.88},
+        ],
+        "history": [
+            {"epoch": e, "train_loss": 1 / (e + 1), "val_metric": 0.8 + e / 100} for e in range(5)
+        ],
         "best_epoch": 3,
         "metrics": {"val_accuracy": 0.84, "test_accuracy": 0.83},
     }
@@ -251,9 +318,14 @@ def test_other_commands_results_render():
 
 def test_unknown_or_odd_keys_do_not_break_the_page():
     odd = {
-        "size_bytes": "n/a", "latency_ms": {"ratio": None}, "layers": "none", "trials": [1, 2],
+        "size_bytes": "n/a",
+        "latency_ms": {"ratio": None},
+        "layers": "none",
+        "trials": [1, 2],
         "plan": {"float_nodes": [{"node": "<script>x</script>", "reason": "a < b"}]},
-        "requested_mode": "static", "mode": "static", "weird": {"deep": [1, {"x": float("nan")}]},
+        "requested_mode": "static",
+        "mode": "static",
+        "weird": {"deep": [1, {"x": float("nan")}]},
     }
     page = render(odd)
     assert "<script>x" not in page and "&lt;script&gt;" in page
@@ -266,7 +338,9 @@ def test_report_command_errors_are_one_line(tmp_path):
     bad.write_text("{not json")
     result = run_cli("report", bad, "-o", tmp_path / "r.html")
     assert result.exit_code == 2
-    assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    )
     result = run_cli("report", bad, "-o", tmp_path / "missing" / "r.html")
     assert result.exit_code == 2 and "does not exist" in result.stderr
     assert not (tmp_path / "r.html").exists()

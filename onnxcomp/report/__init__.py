@@ -50,7 +50,9 @@ footer{margin-top:30px;font-size:12px;color:#718096}
 def render(result: dict[str, Any], title: str | None = None) -> str:
     """The HTML page of a result dict (a command's ``--json`` output)."""
     if not isinstance(result, dict):
-        raise OnnxcompError(f"report: expected a JSON object (a command's --json result), got {type(result).__name__}")
+        raise OnnxcompError(
+            f"report: expected a JSON object (a command's --json result), got {type(result).__name__}"
+        )
     command = figures.kind(result)
     heading = title or (f"onnxcomp {command} report" if command != "result" else "onnxcomp report")
     paths = []

@@ -63,7 +63,12 @@ def open_page(
         raise OnnxcompError(f"no Chromium found (looked for {', '.join(NAMES)} on PATH)")
     url = Path(page).resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="onnxcomp-chromium-") as profile:
-        args = [browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}"]
+        args = [
+            browser,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={window[0]},{window[1]}",
+        ]
         args += [f"--screenshot={Path(screenshot).resolve()}"] if screenshot else ["--dump-dom"]
         started = time.perf_counter()
         done = subprocess.run(
@@ -73,5 +78,7 @@ def open_page(
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise OnnxcompError(f"chromium exited with {done.returncode}: {tail[0]}")
-    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    console = [
+        line for line in done.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line
+    ]
     return PageRun("" if screenshot else done.stdout, console, seconds)

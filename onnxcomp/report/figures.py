@@ -16,9 +16,11 @@ def kind(result: dict[str, Any]) -> str:
         return result["command"]
     if result.get("kind") in ("structured", "unstructured") or "requested_sparsity" in result:
         return "prune"
-    if any(isinstance(step, dict) and "pass" in step for step in _list(result.get("steps"))):
+    if any(isinstance(step, dict) and "pass" in step for step in list_of(result.get("steps"))):
         return "run"
-    if "requested_mode" in result or ("mode" in result and ("plan" in result or "tensors" in result)):
+    if "requested_mode" in result or (
+        "mode" in result and ("plan" in result or "tensors" in result)
+    ):
         return "quantize"
     if "rules" in result and "ops_before" in result:
         return "optimize"
@@ -28,20 +30,24 @@ def kind(result: dict[str, Any]) -> str:
         return "distill"
     if "cuts" in result or "history" in result:
         return "transfer"
-    if any(isinstance(layer, dict) and "sparsity" in layer for layer in _list(result.get("layers"))):
+    if any(
+        isinstance(layer, dict) and "sparsity" in layer for layer in list_of(result.get("layers"))
+    ):
         return "prune"
     return "result"
 
 
-def _list(value: Any) -> list[Any]:
+def list_of(value: Any) -> list[Any]:
+    """The value when it is a list, else [] (results are read, never trusted)."""
     return value if isinstance(value, list) else []
 
 
-def _dict(value: Any) -> dict[str, Any]:
+def dict_of(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _num(value: Any) -> float | None:
+def number(value: Any) -> float | None:
+    """The value when it is a number (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value
@@ -49,22 +55,30 @@ def _num(value: Any) -> float | None:
 
 def _first(d: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, float | None]:
     for key in keys:
-        if _num(d.get(key)) is not None:
+        if number(d.get(key)) is not None:
             return key, d[key]
     return None, None
 
 
 BEFORE_KEYS = ("before", "input", "input_p50", "before_p50", "reference", "teacher")
 AFTER_KEYS = (
-    "after", "output", "optimized_p50", "output_p50", "after_p50", "quantized_p50",
-    "pruned_p50", "candidate", "student",
+    "after",
+    "output",
+    "optimized_p50",
+    "output_p50",
+    "after_p50",
+    "quantized_p50",
+    "pruned_p50",
+    "candidate",
+    "student",
 )
 
 
 def size(result: dict[str, Any]) -> dict[str, Any] | None:
     """``{"before", "after", "source"}`` in bytes from ``size_bytes``."""
-    sizes = _dict(result.get("size_bytes")) or {
-        "before": result.get("size_bytes_before"), "after": result.get("size_bytes_after"),
+    sizes = dict_of(result.get("size_bytes")) or {
+        "before": result.get("size_bytes_before"),
+        "after": result.get("size_bytes_after"),
     }
     _, before = _first(sizes, BEFORE_KEYS)
     _, after = _first(sizes, AFTER_KEYS)
@@ -76,25 +90,28 @@ def size(result: dict[str, Any]) -> dict[str, Any] | None:
 def latency(result: dict[str, Any]) -> dict[str, Any] | None:
     """``{"before", "after", "ratio", "source"}`` in ms: ``latency_ms``, else the chosen candidate
     of quantize auto against the float input."""
-    lat = _dict(result.get("latency_ms"))
+    lat = dict_of(result.get("latency_ms"))
     if lat:
         _, before = _first(lat, BEFORE_KEYS)
         _, after = _first(lat, AFTER_KEYS)
-        ratio = _num(lat.get("ratio"))
+        ratio = number(lat.get("ratio"))
         if before is not None or ratio is not None:
             return {
-                "before": before, "after": after, "ratio": ratio, "source": "latency_ms",
+                "before": before,
+                "after": after,
+                "ratio": ratio,
+                "source": "latency_ms",
                 "threads": lat.get("threads"),
             }
-    auto = _dict(result.get("auto"))
-    candidates = [c for c in _list(auto.get("candidates")) if isinstance(c, dict)]
+    auto = dict_of(result.get("auto"))
+    candidates = [c for c in list_of(auto.get("candidates")) if isinstance(c, dict)]
     chosen = next((c for c in candidates if c.get("mode") == auto.get("chosen")), None)
     base = next((c for c in candidates if c.get("mode") == "float"), None)
     if chosen is not None:
         return {
-            "before": _num((base or {}).get("latency_ms")),
-            "after": _num(chosen.get("latency_ms")),
-            "ratio": _num(chosen.get("ratio_to_float")),
+            "before": number((base or {}).get("latency_ms")),
+            "after": number(chosen.get("latency_ms")),
+            "ratio": number(chosen.get("ratio_to_float")),
             "source": f"auto.candidates[{auto.get('chosen')}]",
             "threads": None,
         }
@@ -104,32 +121,37 @@ def latency(result: dict[str, Any]) -> dict[str, Any] | None:
 def quality(result: dict[str, Any]) -> dict[str, Any] | None:
     """The metric before and after and the drop: ``{"metric", "before", "after", "drop",
     "max_drop", "within", "source"}``; for optimize the self-check's max relative error."""
-    check = _dict(result.get("check"))
-    budget = _dict(result.get("budget"))
-    comparison = _dict(check.get("comparison"))
+    check = dict_of(result.get("check"))
+    budget = dict_of(result.get("budget"))
+    comparison = dict_of(check.get("comparison"))
     for holder, source in (
-        (check, "check"), (budget, "budget"), (_dict(result.get("validation")), "validation"), (result, "result"),
+        (check, "check"),
+        (budget, "budget"),
+        (dict_of(result.get("validation")), "validation"),
+        (result, "result"),
     ):
-        drop = _num(holder.get("drop"))
+        drop = number(holder.get("drop"))
         if drop is None:
             continue
-        verdict = _dict(holder.get("verdict"))
-        before = _num(verdict.get("reference_value"))
-        after = _num(verdict.get("value"))
+        verdict = dict_of(holder.get("verdict"))
+        before = number(verdict.get("reference_value"))
+        after = number(verdict.get("value"))
         for scores in (comparison, holder):
             if before is None:
-                before = _num(scores.get("accuracy_reference"))
-                after = _num(scores.get("accuracy_candidate"))
+                before = number(scores.get("accuracy_reference"))
+                after = number(scores.get("accuracy_candidate"))
         metric_name = holder.get("drop_metric") or verdict.get("metric") or "drop"
         if before is None:
-            metrics = _dict(result.get("metrics"))
+            metrics = dict_of(result.get("metrics"))
             _, before = _first(metrics, BEFORE_KEYS)
             _, after = _first(metrics, AFTER_KEYS)
-        max_drop = _num(holder.get("max_drop"))
+        max_drop = number(holder.get("max_drop"))
         if max_drop is None:
-            max_drop = _num(verdict.get("max_drop"))
+            max_drop = number(verdict.get("max_drop"))
         if max_drop is None:
-            max_drop = _num(budget.get("max_drop")) or _num(_dict(result.get("auto")).get("max_drop"))
+            max_drop = number(budget.get("max_drop")) or number(
+                dict_of(result.get("auto")).get("max_drop")
+            )
         return {
             "metric": metric_name,
             "before": before,
@@ -139,11 +161,11 @@ def quality(result: dict[str, Any]) -> dict[str, Any] | None:
             "reason": verdict.get("reason"),
             "source": f"{source}.drop" if source != "result" else "drop",
         }
-    if _num(check.get("max_rel_error")) is not None:
+    if number(check.get("max_rel_error")) is not None:
         return {
             "metric": "max relative error",
             "error": check["max_rel_error"],
-            "tolerance": _num(check.get("tolerance")),
+            "tolerance": number(check.get("tolerance")),
             "samples": check.get("samples"),
             "data": check.get("data"),
             "source": "check.max_rel_error",
@@ -162,24 +184,30 @@ def float_nodes(result: dict[str, Any]) -> list[dict[str, Any]] | None:
 
     def add(entry: dict[str, Any], reason: Any, sqnr: Any = None) -> None:
         name = str(entry.get("node") or entry.get("name") or entry.get("op") or "?")
-        row = rows.setdefault(name, {"node": name, "op": entry.get("op"), "reason": None, "sqnr_db": None})
+        row = rows.setdefault(
+            name, {"node": name, "op": entry.get("op"), "reason": None, "sqnr_db": None}
+        )
         if reason:
             row["reason"] = reason if row["reason"] is None else f"{row['reason']}; {reason}"
-        if _num(sqnr) is not None:
+        if number(sqnr) is not None:
             row["sqnr_db"] = sqnr
 
-    for entry in _list(_dict(result.get("plan")).get("float_nodes")):
+    for entry in list_of(dict_of(result.get("plan")).get("float_nodes")):
         if isinstance(entry, dict):
             add(entry, entry.get("reason"))
-    for entry in _list(_dict(result.get("budget")).get("fallback_to_float")):
+    for entry in list_of(dict_of(result.get("budget")).get("fallback_to_float")):
         if isinstance(entry, dict):
             add(entry, entry.get("reason"), entry.get("sqnr_db"))
-    for entry in _list(result.get("skipped")):
+    for entry in list_of(result.get("skipped")):
         if isinstance(entry, dict):
             add(entry, entry.get("reason"))
-    for entry in _list(result.get("layers")):
+    for entry in list_of(result.get("layers")):
         if isinstance(entry, dict) and "float" in str(entry.get("status", "")):
-            add(entry, entry.get("reason") or f"status {entry['status']}", entry.get("output_sqnr_db"))
+            add(
+                entry,
+                entry.get("reason") or f"status {entry['status']}",
+                entry.get("output_sqnr_db"),
+            )
     return list(rows.values())
 
 
@@ -188,9 +216,9 @@ def quantize_report(result: dict[str, Any]) -> dict[str, Any] | None:
     if kind(result) == "quantize":
         return result
     if kind(result) == "run":
-        for step in reversed(_list(result.get("steps"))):
+        for step in reversed(list_of(result.get("steps"))):
             if isinstance(step, dict) and step.get("pass") == "quantize":
-                return _dict(step.get("report"))
+                return dict_of(step.get("report"))
     return None
 
 
@@ -198,8 +226,8 @@ def cpu(result: dict[str, Any]) -> dict[str, Any] | None:
     """``{"isa", "target_cpu", "weight_range"}``: the integer-kernel path the figures were
     measured on (quantize's ``cpu.isa_measured``, else a profile's or latency's ``cpu``), where
     the result says."""
-    holders = [result, _dict(result.get("latency_ms")), _dict(result.get("profile"))]
-    holders += [_dict(_dict(step).get("report")) for step in _list(result.get("steps"))]
+    holders = [result, dict_of(result.get("latency_ms")), dict_of(result.get("profile"))]
+    holders += [dict_of(dict_of(step).get("report")) for step in list_of(result.get("steps"))]
     for holder in holders:
         for key in ("cpu", "isa"):
             value = holder.get(key)
@@ -209,7 +237,9 @@ def cpu(result: dict[str, Any]) -> dict[str, Any] | None:
                 isa = value.get("isa_measured") or value.get("isa")
                 if isinstance(isa, str):
                     return {
-                        "isa": isa, "target_cpu": value.get("target_cpu"),
-                        "weight_range": value.get("weight_range"), "source": f"{key}.isa_measured",
+                        "isa": isa,
+                        "target_cpu": value.get("target_cpu"),
+                        "weight_range": value.get("weight_range"),
+                        "source": f"{key}.isa_measured",
                     }
     return None

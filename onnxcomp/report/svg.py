@@ -29,7 +29,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
         return f"{value:.{digits - 1}e}"
     if float(value).is_integer() and magnitude >= 1:
         return f"{int(value)}"
-    return f"{value:.{digits}g}" if magnitude < 10 ** digits else f"{value:.0f}"
+    return f"{value:.{digits}g}" if magnitude < 10**digits else f"{value:.0f}"
 
 
 def _clip(text: str, chars: int) -> str:
@@ -92,7 +92,7 @@ def hbars(
     ``reference`` draws a dashed vertical line at that value (a threshold)."""
     values = [v for _, v in rows if v is not None and math.isfinite(v)]
     low = min(0.0, *values) if values else 0.0
-    high = max(0.0, *values, *( [reference] if reference is not None else [])) if values else 1.0
+    high = max(0.0, *values, *([reference] if reference is not None else [])) if values else 1.0
     ticks = nice_ticks(low, high)
     low, high = ticks[0], ticks[-1]
     left, right = 8 + 6.6 * label_chars, 60
@@ -185,11 +185,18 @@ def grouped_hbars(
 
 
 def _axes(
-    xticks: list[float], yticks: list[float], sx, sy, box: tuple[float, float, float, float],
-    xlabel: str, ylabel: str,
+    xticks: list[float],
+    yticks: list[float],
+    sx,
+    sy,
+    box: tuple[float, float, float, float],
+    xlabel: str,
+    ylabel: str,
 ) -> list[str]:
     left, top, right, bottom = box
-    body = [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#cbd5e0"/>']
+    body = [
+        f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#cbd5e0"/>'
+    ]
     for t in xticks:
         body.append(
             f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{bottom}" stroke="#edf2f7"/>'
@@ -259,7 +266,9 @@ def scatter(
         )
     if len(front) > 1:
         path = " ".join(f"{sx(fx):.1f},{sy(fy):.1f}" for fx, fy in front)
-        body.append(f'<polyline points="{path}" fill="none" stroke="{PALETTE[2]}" stroke-width="1.5"/>')
+        body.append(
+            f'<polyline points="{path}" fill="none" stroke="{PALETTE[2]}" stroke-width="1.5"/>'
+        )
     labels: list[tuple[float, float, str, bool]] = []
     for p in sorted(points, key=lambda p: bool(p.get("marked"))):
         if p["x"] is None or p["y"] is None:
