@@ -8,7 +8,7 @@ Every chart is an ``<svg>`` element sized by its ``viewBox`` (it scales with the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape
 
 FONT = 12
@@ -214,6 +214,26 @@ def _axes(
     return body
 
 
+def _plane(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    box: tuple[float, float, float, float],
+    xlabel: str,
+    ylabel: str,
+) -> tuple[Callable[[float], float], Callable[[float], float], list[str]]:
+    """Scales from data to the ``box`` (left, top, right, bottom) and its drawn axes."""
+    xticks, yticks = _range(xs), _range(ys)
+    left, top, right, bottom = box
+
+    def sx(v: float) -> float:
+        return left + (v - xticks[0]) / (xticks[-1] - xticks[0]) * (right - left)
+
+    def sy(v: float) -> float:
+        return bottom - (v - yticks[0]) / (yticks[-1] - yticks[0]) * (bottom - top)
+
+    return sx, sy, _axes(xticks, yticks, sx, sy, box, xlabel, ylabel)
+
+
 def _range(values: Sequence[float]) -> list[float]:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
@@ -242,22 +262,14 @@ def scatter(
     height: int = 360,
     label: str = "scatter plot",
 ) -> str:
-    """Points ``{"x", "y", "label", "marked", "xrange"}``; marked points are drawn large in red
-    and labelled, an ``xrange`` [low, high] as a whisker; ``front`` is drawn as a step line (a Pareto front); ``hline`` (y, text) as a
-    dashed threshold."""
+    """Points ``{"x", "y", "label", "marked", "xrange"}``: marked points large, red and
+    labelled, an ``xrange`` [low, high] as a whisker; ``front`` as a line (a Pareto front);
+    ``hline`` (y, text) as a dashed threshold."""
     ys = [p["y"] for p in points] + ([hline[0]] if hline else [])
     xs = [p["x"] for p in points] + [v for p in points for v in _pair(p.get("xrange"))]
-    xticks, yticks = _range(xs), _range(ys)
     box = (64.0, 14.0, width - 16.0, height - 46.0)
     left, top, right, bottom = box
-
-    def sx(v: float) -> float:
-        return left + (v - xticks[0]) / (xticks[-1] - xticks[0]) * (right - left)
-
-    def sy(v: float) -> float:
-        return bottom - (v - yticks[0]) / (yticks[-1] - yticks[0]) * (bottom - top)
-
-    body = _axes(xticks, yticks, sx, sy, box, xlabel, ylabel)
+    sx, sy, body = _plane(xs, ys, box, xlabel, ylabel)
     if hline is not None:
         body.append(
             f'<line x1="{left}" x2="{right}" y1="{sy(hline[0]):.1f}" y2="{sy(hline[0]):.1f}" stroke="{MARK}" '
@@ -345,17 +357,9 @@ def lines(
     vertical line (e.g. the epoch kept)."""
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts]
-    xticks, yticks = _range(xs), _range(ys)
     box = (64.0, 28.0, width - 16.0, height - 46.0)
     left, top, right, bottom = box
-
-    def sx(v: float) -> float:
-        return left + (v - xticks[0]) / (xticks[-1] - xticks[0]) * (right - left)
-
-    def sy(v: float) -> float:
-        return bottom - (v - yticks[0]) / (yticks[-1] - yticks[0]) * (bottom - top)
-
-    body = _axes(xticks, yticks, sx, sy, box, xlabel, ylabel)
+    sx, sy, body = _plane(xs, ys, box, xlabel, ylabel)
     colors = list(PALETTE)
     body += _legend([n for n, _ in series], colors, left + 4, 18)
     if marker_x is not None:
