@@ -794,6 +794,11 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     "u8s8 kernels saturate 8-bit weights on AVX2/AVX-512 without VNNI); vnni, arm64, or auto on such a "
     "machine: full 8-bit weights.",
 )
+@quantize_option(
+    "--contrib-ops/--standard-ops",
+    help="Dynamic and weight-only: write onnxruntime's com.microsoft kernels (DynamicQuantizeMatMul, MatMulNBits, "
+    "GatherBlockQuantized) instead of the standard ONNX it fuses into them (the default, readable by any runtime).",
+)
 @quantize_option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @quantize_option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
 @quantize_option("--max-drop", type=float, help="Largest accepted drop on --eval-data (see --metric).")

@@ -34,7 +34,7 @@ import onnx_ir as ir
 from onnxcomp import runtime
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.evaluate import Comparison, ReferenceOutputs, Verdict, compare
+from onnxcomp.evaluate import Comparison, ReferenceOutputs, Verdict, compare, load_metric
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Judge:
         threads: int = 1,
     ):
         self.data = data
-        self.metric = metric
+        self.metric = load_metric(metric)  # a user's function imported once
         self.max_drop = max_drop
         self.threads = threads
         self.reference = ReferenceOutputs(
@@ -268,13 +268,16 @@ def bisect_fallback(
     first: tuple[Built, Verdict, Comparison],
     *,
     max_builds: int | None = None,
+    max_count: int | None = None,
 ) -> FallbackResult:
     """The smallest k such that leaving the first k of ``fallback.order`` alone meets the
     budget: k = 1, 2, 4, ... until it does, then bisect the bracket (k < n: all left alone is
     the baseline, not a candidate). ``first`` is the build with nothing left alone. Stops after ``max_builds`` builds with the best found (the one
-    with the lowest drop when none passes)."""
+    with the lowest drop when none passes); ``max_count`` bounds k."""
     # Leaving everything alone is the baseline itself, not a candidate: at most n - 1.
     names = [name for name, _ in fallback.order][: max(0, len(fallback.order) - 1)]
+    if max_count is not None:
+        names = names[:max_count]
     built, verdict, comparison = first
     history = [{"float_layers": [], "drop": verdict.drop}]
     best = FallbackResult(built, verdict, comparison, [], history)

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 FASTER = 0.97  # a candidate must take at most this fraction of fp32's time to count as faster
 MAX_FALLBACK_BUILDS = 12  # bisection over the sensitivity order: about 2 log2(layers) builds
+# At most this many layers back to float (as the 1, 2, 4, ... 32 rounds before): past that the
+# static model has given back most of what made it faster.
+MAX_FALLBACK_LAYERS = 32
 
 
 class BudgetError(OnnxcompError):
@@ -146,6 +149,7 @@ def within_budget(
             judge,
             (built, verdict, comparison),
             max_builds=MAX_FALLBACK_BUILDS,
+            max_count=MAX_FALLBACK_LAYERS,
         )
     order = dict(sensitivity(built)) if built.plan is not None else {}
     report = result.built.report
