@@ -346,6 +346,19 @@ def test_report_command_errors_are_one_line(tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_report_reads_standard_input(quantized, tmp_path):
+    result, _ = quantized
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:
+        runner = CliRunner()
+    done = runner.invoke(
+        main, ["report", "-", "-o", str(tmp_path / "r.html")], input=json.dumps(result)
+    )
+    assert done.exit_code == 0, done.stderr
+    assert Figures((tmp_path / "r.html").read_text()).values["drop"] == result["check"]["drop"]
+
+
 def test_write_report_is_atomic_and_readable(tmp_path):
     target = tmp_path / "r.html"
     target.write_text("old")
