@@ -978,7 +978,7 @@ def report_command(result_path, output, title):
 
     if result_path == "-":
         try:
-            result = json.loads(click.get_text_stream("stdin").read())
+            result = json.loads(sys.stdin.read())
         except json.JSONDecodeError as err:
             raise OnnxcompError(f"standard input: not JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(result, dict):
