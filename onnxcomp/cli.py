@@ -129,6 +129,41 @@ shape_option = click.option(
 )
 
 
+def _report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and not Path(value).resolve().parent.is_dir():
+        raise OnnxcompError(f"--{param.name.removesuffix('_path')} {value}: folder {Path(value).parent} does not exist")
+    return value
+
+
+report_option = click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    callback=_report_path,
+    metavar="FILE.html",
+    help="Also write an HTML report (adds onnxruntime's per-node profile of both models to the result).",
+)
+
+
+def html_report(
+    result: dict[str, Any], path: str | None, models: list[Any], names: list[str], **inputs: Any
+) -> None:
+    """--report: put onnxruntime's per-op-type and slowest-node times of ``models`` (input
+    first) in ``result["profile"]``, then write the HTML page of ``result`` to ``path``.
+    ``inputs`` as for ``bench.profile`` (data, shapes, threads). Nothing happens without a path.
+    """
+    if not path:
+        return
+    from onnxcomp.bench import profile
+    from onnxcomp.report import write_report
+
+    try:
+        result["profile"] = profile(models, names=names, **inputs)
+    except OnnxcompError as err:
+        result["profile"] = {"unavailable": str(err)}
+    write_report(_clean(result), path)
+
+
 class FromOptions(click.Option):
     """An option that mirrors a field of an options dataclass (a recipe key): its default is
     the dataclass's, read when help is shown, never re-declared here. When the flag is not
@@ -633,8 +668,9 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
 @click.option("--no-upgrade-opset", is_flag=True, help="Never upgrade the opset (fusions that need it are skipped).")
 @click.option("--runs", default=50, show_default=True, help="Latency runs of each model for the report.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, as_json):
+def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, report_path, as_json):
     """Fuse decomposed activations and norms, fold BatchNorm, biases and constants.
 
     The result is a plain ONNX model. Both models run in onnxruntime on --data (or random
@@ -681,6 +717,7 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
                 "ratio": bench_result.models[1].ratio_p50,
                 "threads": bench_result.threads,
             }
+    html_report(report, report_path, [model_path, str(saved)], ["input", "optimized"], data=source, shapes=parsed)
     if as_json:
         emit_json(report)
         return
@@ -718,6 +755,8 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
             f"{latency['optimized_p50']:.3f} ms ({latency['ratio']:.2f}x)"
         )
     click.echo(f"saved {saved}")
+    if report_path:
+        click.echo(f"report: {report_path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,8 +822,9 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     help="Also write a recipe that replays this run's decision (mode, layers kept float, clean-up "
     "rules) with `onnxcomp run`, without timing anything again.",
 )
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model_path, output, shapes, recipe_out, as_json, **flags):
+def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **flags):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
     Static QDQ places Q/DQ only where onnxruntime runs integer kernels; --mode auto (the default)
@@ -822,10 +862,16 @@ def quantize(model_path, output, shapes, recipe_out, as_json, **flags):
     if recipe_out:
         recipe = decision_recipe(report, options, input=model_path, output=output)
         report["recipe"] = str(write_recipe(recipe, recipe_out, protect=[model_path, output]))
+    html_report(
+        report, report_path, [model_path, str(saved)], ["input", "quantized"],
+        data=options.eval_data or options.data, shapes=options.shapes, threads=options.threads,
+    )
     if as_json:
         emit_json(report)
     else:
         click.echo(_quantize_text(report))
+        if report_path:
+            click.echo(f"report: {report_path}")
 
 
 def _quantize_text(report: dict[str, Any]) -> str:
@@ -913,3 +959,30 @@ def _quantize_text(report: dict[str, Any]) -> str:
     if report.get("recipe"):
         lines.append(f"wrote {report['recipe']}: `onnxcomp run {report['recipe']}` replays this decision")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@main.command("report")
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), callback=_report_path, help="The HTML file to write.")
+@click.option("--title", help="Page title (default: from the command that made the result).")
+def report_command(result_path, output, title):
+    """Render a saved --json result (of optimize, quantize, ...) as one self-contained HTML page.
+
+    RESULT.json may be "-" for standard input: onnxcomp quantize ... --json | onnxcomp report - -o r.html
+    """
+    from onnxcomp.report import read_result, write_report
+
+    if result_path == "-":
+        try:
+            result = json.loads(sys.stdin.read())
+        except json.JSONDecodeError as err:
+            raise OnnxcompError(f"standard input: not JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(result, dict):
+            raise OnnxcompError("standard input: expected a JSON object (a command's --json result)")
+    else:
+        result = read_result(result_path)
+    click.echo(f"wrote {write_report(result, output, title=title)}")
