@@ -7,8 +7,18 @@ from onnxcomp.transfer.heads import Head, HeadOptions, Targets, train_head
 from onnxcomp.transfer.splice import splice
 
 __all__ = [
-    "Cut", "FitOptions", "FitResult", "Head", "HeadOptions", "Targets",
-    "extract", "find_cuts", "fit", "resolve_cut", "splice", "train_head",
+    "Cut",
+    "FitOptions",
+    "FitResult",
+    "Head",
+    "HeadOptions",
+    "Targets",
+    "extract",
+    "find_cuts",
+    "fit",
+    "resolve_cut",
+    "splice",
+    "train_head",
 ]
 
 from onnxcomp.transfer import passes as _passes  # noqa: E402,F401  (registers the recipe steps)

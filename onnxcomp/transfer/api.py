@@ -25,7 +25,7 @@ from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.transfer.cuts import Cut, Pooling, find_cuts, resolve_cut
 from onnxcomp.transfer.features import compute_features, key, labels_of, model_hash
-from onnxcomp.transfer.heads import Head, HeadOptions, Targets, train_head
+from onnxcomp.transfer.heads import Head, HeadOptions, Targets, metric, train_head
 from onnxcomp.transfer.splice import splice
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,7 @@ def check_labels(data: DataSource, labels: np.ndarray | None, task: str) -> np.n
     if labels is None:
         raise OnnxcompError(f"{data.name}: no 'labels' array; training a head needs labels")
     if len(labels) != data.num_samples:
-        raise OnnxcompError(
-            f"{data.name}: {len(labels)} labels for {data.num_samples} samples"
-        )
+        raise OnnxcompError(f"{data.name}: {len(labels)} labels for {data.num_samples} samples")
     if task == "classify":
         if not np.issubdtype(labels.dtype, np.integer):
             if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)):
@@ -96,15 +94,139 @@ def check_labels(data: DataSource, labels: np.ndarray | None, task: str) -> np.n
                     "class ids (use --task regress for real-valued targets)"
                 )
         if labels.ndim != 1:
-            raise OnnxcompError(f"{data.name}: class labels must be one id per sample, got shape {list(labels.shape)}")
+            raise OnnxcompError(
+                f"{data.name}: class labels must be one id per sample, got shape {list(labels.shape)}"
+            )
         if labels.min() < 0:
             raise OnnxcompError(f"{data.name}: class labels must be >= 0 (found {labels.min()})")
         return labels.astype(np.int64)
-    return np.asarray(labels, np.float32)
+    labels = np.asarray(labels, np.float32)
+    return labels.reshape(len(labels), -1)
 
 
 def check_model_data(model: ir.Model, data: DataSource) -> None:
     data.check(model_io.input_specs(model))
+
+
+def choose_cuts(model: ir.Model, at: str | None, pooling: Pooling | None, tries: int) -> list[Cut]:
+    """The cut the user named, or the best ``tries`` candidates."""
+    if at:
+        return [resolve_cut(model, at, pooling)]
+    candidates = find_cuts(model)
+    if not candidates:
+        raise OnnxcompError("found no candidate feature tensor in the model; give one with --at")
+    return candidates[:tries]
+
+
+@dataclasses.dataclass
+class Choice:
+    """The cut that won, its head, and what was tried."""
+
+    cut: Cut
+    head: Head
+    history: list[dict[str, float]]
+    x_train: np.ndarray
+    train: Targets
+    x_val: np.ndarray
+    val: Targets
+    val_metric: float
+    tried: list[dict[str, Any]]
+    why: str
+    refit_epochs: int | None = None
+    val_output: np.ndarray | None = (
+        None  # the chosen head's outputs on validation, before any refit
+    )
+
+
+def train_on_cuts(
+    candidates: list[Cut],
+    features: dict[str, np.ndarray],
+    targets: Targets,
+    options: HeadOptions,
+    *,
+    val_features: dict[str, np.ndarray] | None = None,
+    val_targets: Targets | None = None,
+    val_rows: np.ndarray | None = None,
+    classes: int | None = None,
+    refit: bool = True,
+    given: bool = False,
+    progress: Callable[[str, dict[str, float]], None] | None = None,
+) -> Choice:
+    """Train one head per candidate cut, keep the best on validation.
+
+    Validation is ``val_features``/``val_targets`` when given, else the rows ``val_rows`` held
+    out of the training features. With ``refit``, held-out rows then train the winner too, for
+    the epoch count that validation chose.
+    """
+    n = len(next(iter(features.values())))
+    train_rows = np.setdiff1d(np.arange(n), val_rows) if val_features is None else np.arange(n)
+    tried, best = [], None
+    for cut in candidates:
+        x = features[key(cut)]
+        if val_features is not None:
+            x_train, t_train, x_val, t_val = x, targets, val_features[key(cut)], val_targets
+        else:
+            x_train, t_train = x[train_rows], targets.subset(train_rows)
+            x_val, t_val = x[val_rows], targets.subset(val_rows)
+        cut.features = int(x.shape[1])
+        report_progress = (lambda row, c=cut: progress(c.tensor, row)) if progress else None
+        t0 = time.perf_counter()
+        head, history = train_head(
+            x_train, t_train, x_val, t_val, options, classes=classes, progress=report_progress
+        )
+        best_row = min(history, key=lambda r: r["val_loss"])
+        tried.append(
+            {
+                "tensor": cut.tensor,
+                "kind": cut.kind,
+                "pooling": cut.pooling,
+                "features": int(x.shape[1]),
+                "val_metric": best_row["val_metric"],
+                "val_loss": best_row["val_loss"],
+                "epochs": len(history),
+                "train_seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        logger.info(
+            "cut %s (%s, %d features): validation %s %.4f",
+            cut.tensor,
+            cut.pooling,
+            x.shape[1],
+            metric_name(options.task),
+            best_row["val_metric"],
+        )
+        score = (best_row["val_metric"], -best_row["val_loss"], -x.shape[1])
+        if best is None or score > best[0]:
+            best = (
+                score,
+                Choice(cut, head, history, x_train, t_train, x_val, t_val, 0.0, tried, ""),
+            )
+    choice = best[1]
+    choice.val_output = choice.head.forward(choice.x_val)
+    choice.val_metric = metric(choice.val_output, choice.val, options.task)
+    if len(tried) > 1:
+        ranked = sorted(tried, key=lambda e: (-e["val_metric"], e["val_loss"]))
+        runner = ranked[1]
+        choice.why = (
+            f"best validation {metric_name(options.task)} of {len(tried)} cuts "
+            f"({ranked[0]['val_metric']:.4f}, next {runner['val_metric']:.4f} at {runner['tensor']})"
+        )
+    else:
+        choice.why = "given with --at" if given else "the only candidate"
+    if refit and val_features is None:
+        # The held-out rows chose the cut and the epoch count; now they train too.
+        epochs = min(choice.history, key=lambda r: r["val_loss"])["epoch"]
+        x_all = features[key(choice.cut)]
+        choice.head, _ = train_head(
+            x_all,
+            targets,
+            choice.x_val,
+            choice.val,
+            dataclasses.replace(options, epochs=epochs, patience=epochs + 1),
+            classes=classes,
+        )
+        choice.x_train, choice.train, choice.refit_epochs = x_all, targets, epochs
+    return choice
 
 
 def fit(
@@ -122,117 +244,75 @@ def fit(
     model_io.normalize(model)
     check_model_data(model, data)
     y = check_labels(data, labels_of(data), options.task)
+    y_val = None
     if val_data is not None:
         check_model_data(model, val_data)
         y_val = check_labels(val_data, labels_of(val_data), options.task)
-    if options.at:
-        candidates = [resolve_cut(model, options.at, options.pooling)]
-    else:
-        candidates = find_cuts(model)
-        if not candidates:
-            raise OnnxcompError(
-                "found no candidate feature tensor in the model; give one with --at"
-            )
-        candidates = candidates[: options.tries]
+    candidates = choose_cuts(model, options.at, options.pooling, options.tries)
     mkey = model_hash(model) if options.cache else None
-    features = compute_features(
-        model, candidates, data, batch_size=options.batch, threads=threads,
-        cache=options.cache, model_key=mkey,
+
+    def features_of(source: DataSource) -> dict[str, np.ndarray]:
+        return compute_features(
+            model,
+            candidates,
+            source,
+            batch_size=options.batch,
+            threads=threads,
+            cache=options.cache,
+            model_key=mkey,
+        )
+
+    val_rows = None
+    if val_data is None:
+        _, val_rows = split_indices(y, len(y), options.val_fraction, options.seed)
+        if len(val_rows) == 0 or len(val_rows) == len(y):
+            raise OnnxcompError(
+                f"{data.name}: too few samples ({len(y)}) to hold out a validation split"
+            )
+    classes = None
+    if options.task == "classify":
+        classes = int(max(y.max(), y_val.max() if y_val is not None else 0)) + 1
+    choice = train_on_cuts(
+        candidates,
+        features_of(data),
+        Targets(y),
+        options,
+        val_features=features_of(val_data) if val_data is not None else None,
+        val_targets=Targets(y_val) if y_val is not None else None,
+        val_rows=val_rows,
+        classes=classes,
+        refit=options.refit,
+        given=bool(options.at),
+        progress=progress,
     )
-    if val_data is not None:
-        val_features = compute_features(
-            model, candidates, val_data, batch_size=options.batch, threads=threads,
-            cache=options.cache, model_key=mkey,
-        )
-        train_rows = np.arange(len(y))
-    else:
-        train_rows, val_rows = split_indices(y, len(y), options.val_fraction, options.seed)
-        if len(val_rows) == 0 or len(train_rows) == 0:
-            raise OnnxcompError(f"{data.name}: too few samples ({len(y)}) to hold out a validation split")
-    classes = int(max(y.max(), y_val.max() if val_data is not None else 0)) + 1 if options.task == "classify" else None
-    tried = []
-    best = None
-    for cut in candidates:
-        x = features[key(cut)]
-        if val_data is not None:
-            x_train, y_train, x_val, yv = x, y, val_features[key(cut)], y_val
-        else:
-            x_train, y_train, x_val, yv = x[train_rows], y[train_rows], x[val_rows], y[val_rows]
-        cut.features = x.shape[1]
-        report_progress = (lambda row, c=cut: progress(c.tensor, row)) if progress else None
-        t0 = time.perf_counter()
-        head, history = train_head(
-            x_train, Targets(y_train), x_val, Targets(yv), options,
-            classes=classes, progress=report_progress,
-        )
-        best_row = min(history, key=lambda r: r["val_loss"])
-        entry = {
-            "tensor": cut.tensor,
-            "kind": cut.kind,
-            "pooling": cut.pooling,
-            "features": int(x.shape[1]),
-            "val_metric": best_row["val_metric"],
-            "val_loss": best_row["val_loss"],
-            "epochs": len(history),
-            "train_seconds": round(time.perf_counter() - t0, 3),
-        }
-        tried.append(entry)
-        logger.info(
-            "cut %s (%s, %d features): validation %s %.4f",
-            cut.tensor, cut.pooling, x.shape[1], _metric_name(options.task), best_row["val_metric"],
-        )
-        score = (best_row["val_metric"], -best_row["val_loss"], -x.shape[1])
-        if best is None or score > best[0]:
-            best = (score, cut, head, history, x_train, y_train, x_val, yv)
-    _, cut, head, history, x_train, y_train, x_val, yv = best
-    val_metric = _score(head, x_val, yv, options.task)
-    refit_epochs = None
-    if options.refit and val_data is None:
-        # The held-out rows chose the cut and the epoch count; now they train too.
-        refit_epochs = min(history, key=lambda r: r["val_loss"])["epoch"]
-        x_all = features[key(cut)]
-        head, _ = train_head(
-            x_all, Targets(y), x_val, Targets(yv),
-            dataclasses.replace(options, epochs=refit_epochs, patience=refit_epochs + 1),
-            classes=classes,
-        )
-        x_train, y_train = x_all, y
-    if len(tried) > 1:
-        ranked = sorted(tried, key=lambda e: (-e["val_metric"], e["val_loss"]))
-        runner = ranked[1]
-        why = (
-            f"best validation {_metric_name(options.task)} of {len(tried)} cuts "
-            f"({ranked[0]['val_metric']:.4f} vs {runner['val_metric']:.4f} at {runner['tensor']})"
-        )
-    else:
-        why = "given with --at" if options.at else "the only candidate"
-    splice(model, cut, head)
+    splice(model, choice.cut, choice.head)
+    head = choice.head
     report = {
-        "cut": cut.to_json(),
-        "why": why,
-        "tried": tried,
-        "head": {"kind": options.head, "layers": len(head.weights), "parameters": head.parameters,
-                 "outputs": head.outputs},
+        "cut": choice.cut.to_json(),
+        "why": choice.why,
+        "tried": choice.tried,
+        "head": {
+            "kind": options.head,
+            "layers": len(head.weights),
+            "parameters": head.parameters,
+            "outputs": head.outputs,
+        },
         "task": options.task,
         "classes": classes,
-        "train_samples": int(len(x_train)),
-        "val_samples": int(len(x_val)),
-        "val_source": val_data.name if val_data is not None else f"{options.val_fraction:.0%} of {data.name}",
-        "train_metric": _score(head, x_train, y_train, options.task),
-        "val_metric": val_metric,
-        "refit_epochs": refit_epochs,
-        "metric": _metric_name(options.task),
-        "history": history,
+        "train_samples": int(len(choice.x_train)),
+        "val_samples": int(len(choice.x_val)),
+        "val_source": val_data.name
+        if val_data is not None
+        else f"{options.val_fraction:.0%} of {data.name}",
+        "train_metric": metric(head.forward(choice.x_train), choice.train, options.task),
+        "val_metric": choice.val_metric,
+        "refit_epochs": choice.refit_epochs,
+        "metric": metric_name(options.task),
+        "history": choice.history,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return FitResult(model, head, cut, report)
+    return FitResult(model, head, choice.cut, report)
 
 
-def _metric_name(task: str) -> str:
+def metric_name(task: str) -> str:
     return "accuracy" if task == "classify" else "r2"
-
-
-def _score(head: Head, x: np.ndarray, y: np.ndarray, task: str) -> float:
-    from onnxcomp.transfer.heads import metric
-
-    return metric(head.forward(x), Targets(y if task == "classify" else y.reshape(len(y), -1)), task)

@@ -206,7 +206,7 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
             add(value, "model output", 3)
     # Encoders: the last 4-D map of each spatial size before any upsampling op.
     last_by_size: dict[tuple, ir.Value] = {}
-    for index, node in enumerate(nodes[:first_upsample]):
+    for node in nodes[:first_upsample]:
         for out in node.outputs:
             dims = _dims(out)
             if dims is None or len(dims) != 4 or not _known(dims[1:]) or not _is_float(out):
@@ -214,7 +214,9 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
             last_by_size[tuple(dims[2:])] = out
     maps = sorted(last_by_size.values(), key=lambda v: order[id(v.producer())], reverse=True)
     for value in maps[:3]:
-        label = "encoder output (before upsampling)" if first_upsample < len(nodes) else "stage output"
+        label = (
+            "encoder output (before upsampling)" if first_upsample < len(nodes) else "stage output"
+        )
         add(value, label if value is maps[0] else "stage output", 4 if value is not maps[0] else 2)
 
     cuts = []

@@ -21,10 +21,10 @@ import onnx_ir as ir
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.transfer.api import FitResult, split_indices
-from onnxcomp.transfer.cuts import Pooling, find_cuts, resolve_cut
-from onnxcomp.transfer.features import compute_features, key, labels_of
-from onnxcomp.transfer.heads import HeadOptions, Targets, log_softmax, metric, softmax, train_head
+from onnxcomp.transfer.api import FitResult, choose_cuts, split_indices, train_on_cuts
+from onnxcomp.transfer.cuts import Pooling
+from onnxcomp.transfer.features import compute_features, labels_of
+from onnxcomp.transfer.heads import HeadOptions, Targets, log_softmax, softmax
 from onnxcomp.transfer.splice import splice
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,11 @@ class DistillOptions(HeadOptions):
     temperature: float = 4.0
     labels_weight: float = 0.5
     teacher_output: str | None = None  # the teacher's class-score output; None = the first [N, K]
+    tries: int = 3
     val_fraction: float = 0.2
     batch: int = 32
     cache: bool = True
+    refit: bool = True
 
     def check(self, where: str = "distill") -> None:
         super().check(where)
@@ -50,29 +52,50 @@ class DistillOptions(HeadOptions):
         if self.labels_weight < 0:
             raise OnnxcompError(f"{where}: labels_weight must be >= 0")
         if self.task != "classify":
-            raise OnnxcompError(f"{where}: distillation trains a classification head (task: classify)")
+            raise OnnxcompError(
+                f"{where}: distillation trains a classification head (task: classify)"
+            )
 
 
 def teacher_scores(
-    teacher: ir.Model, data: DataSource, output: str | None = None, *, batch_size: int = 32, threads: int = 1
+    teacher: ir.Model,
+    data: DataSource,
+    output: str | None = None,
+    *,
+    batch_size: int = 32,
+    threads: int = 1,
 ) -> tuple[str, np.ndarray]:
     """The teacher's class scores as log-probabilities (float64 [N, K]) and the output's name."""
     from onnxcomp.runtime import create_session, iter_outputs
 
-    candidates = [v for v in teacher.graph.outputs if v.shape is not None and len(v.shape) == 2
-                  and v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)]
+    candidates = [
+        v
+        for v in teacher.graph.outputs
+        if v.shape is not None
+        and len(v.shape) == 2
+        and v.dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
+    ]
     if output is None:
         if not candidates:
-            raise OnnxcompError("the teacher has no [batch, classes] float output; name one with --teacher-output")
+            raise OnnxcompError(
+                "the teacher has no [batch, classes] float output; name one with --teacher-output"
+            )
         output = candidates[0].name
     elif output not in {v.name for v in teacher.graph.outputs}:
         names = ", ".join(v.name for v in teacher.graph.outputs)
         raise OnnxcompError(f"the teacher has no output {output!r} (outputs: {names})")
     session = create_session(teacher, label="teacher")
-    parts = [out[output] for _, out in iter_outputs(session, data, batch_size=batch_size, output_names=[output], label="teacher")]
+    parts = [
+        out[output]
+        for _, out in iter_outputs(
+            session, data, batch_size=batch_size, output_names=[output], label="teacher"
+        )
+    ]
     scores = np.concatenate(parts).astype(np.float64)
     if scores.ndim != 2:
-        raise OnnxcompError(f"teacher output {output!r} has shape {list(scores.shape)}, not [batch, classes]")
+        raise OnnxcompError(
+            f"teacher output {output!r} has shape {list(scores.shape)}, not [batch, classes]"
+        )
     if np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3):
         scores = np.log(np.clip(scores, 1e-12, None))  # probabilities: back to logits
     return output, log_softmax(scores)
@@ -95,7 +118,7 @@ class _Reshaped(DataSource):
     def __init__(self, inner: DataSource, spec):
         self.inner, self.spec = inner, spec
         self.name = f"{inner.name} (reshaped for {spec.name})"
-        (dtype, shape), = inner.sample_signature().values()
+        ((dtype, shape),) = inner.sample_signature().values()
         want = [d if isinstance(d, int) else -1 for d in spec.shape[1:]]
         if -1 in want or int(np.prod(want)) != int(np.prod(shape[1:])):
             raise OnnxcompError(
@@ -116,7 +139,7 @@ class _Reshaped(DataSource):
         return self.inner.has_labels
 
     def sample_signature(self):
-        (dtype, shape), = self.inner.sample_signature().values()
+        ((dtype, shape),) = self.inner.sample_signature().values()
         return {self.spec.name: (dtype, (shape[0], *self.dims))}
 
     def batches(self, batch_size=32, limit=None):
@@ -141,65 +164,84 @@ def distill(
     start = time.perf_counter()
     model_io.normalize(teacher)
     model_io.normalize(student)
-    if options.at:
-        cut = resolve_cut(student, options.at, options.pooling)
-    else:
-        cuts = find_cuts(student)
-        if not cuts:
-            raise OnnxcompError("found no candidate feature tensor in the student; give one with --at")
-        cut = cuts[0]
-    soft_parts, label_parts, feature_parts = [], [], []
-    output = options.teacher_output
-    for source in data:
-        source.check(model_io.input_specs(teacher))
-        output, log_q = teacher_scores(teacher, source, output, batch_size=options.batch, threads=threads)
-        soft_parts.append(log_q)
-        labels = labels_of(source)
-        if labels is None:
-            labels = np.full(len(log_q), -1, np.int64)
-        elif len(labels) != len(log_q):
-            raise OnnxcompError(f"{source.name}: {len(labels)} labels for {len(log_q)} samples")
-        label_parts.append(np.asarray(labels).astype(np.int64))
-        feats = compute_features(student, [cut], _adapt(source, student), batch_size=options.batch,
-                                 threads=threads, cache=options.cache)
-        feature_parts.append(feats[key(cut)])
-    log_q = np.concatenate(soft_parts)
-    labels = np.concatenate(label_parts)
-    x = np.concatenate(feature_parts)
-    k = log_q.shape[1]
-    if labels.max(initial=-1) >= k:
-        raise OnnxcompError(f"labels go up to {labels.max()} but the teacher scores {k} classes")
-    soft = softmax(log_q / options.temperature)
-    targets = Targets(labels, soft, options.temperature, options.labels_weight)
+    candidates = choose_cuts(student, options.at, options.pooling, options.tries)
+
+    def features_of(source: DataSource) -> dict[str, np.ndarray]:
+        return compute_features(
+            student,
+            candidates,
+            _adapt(source, student),
+            batch_size=options.batch,
+            threads=threads,
+            cache=options.cache,
+        )
+
+    def targets_of(
+        sources: Sequence[DataSource], output: str | None
+    ) -> tuple[str, Targets, dict[str, np.ndarray]]:
+        soft, labels, feats = [], [], []
+        for source in sources:
+            source.check(model_io.input_specs(teacher))
+            output, log_q = teacher_scores(
+                teacher, source, output, batch_size=options.batch, threads=threads
+            )
+            y = labels_of(source)
+            if y is None:
+                y = np.full(len(log_q), -1, np.int64)
+            elif len(y) != len(log_q) or np.ndim(y) != 1:
+                raise OnnxcompError(
+                    f"{source.name}: labels of shape {list(np.shape(y))} for {len(log_q)} samples"
+                )
+            soft.append(softmax(log_q / options.temperature))
+            labels.append(np.asarray(y).astype(np.int64))
+            feats.append(features_of(source))
+        targets = Targets(
+            np.concatenate(labels), np.concatenate(soft), options.temperature, options.labels_weight
+        )
+        k = targets.soft.shape[1]
+        if targets.labels.max(initial=-1) >= k:
+            raise OnnxcompError(
+                f"labels go up to {targets.labels.max()} but the teacher scores {k} classes"
+            )
+        merged = {name: np.concatenate([f[name] for f in feats]) for name in feats[0]}
+        return output, targets, merged
+
+    output, targets, features = targets_of(data, options.teacher_output)
+    val_features = val_targets = val_rows = None
     if val_data is not None:
-        val_data.check(model_io.input_specs(teacher))
-        _, val_log_q = teacher_scores(teacher, val_data, output, batch_size=options.batch, threads=threads)
-        vl = labels_of(val_data)
-        val_labels = np.full(len(val_log_q), -1, np.int64) if vl is None else np.asarray(vl, np.int64)
-        x_val = compute_features(student, [cut], _adapt(val_data, student), batch_size=options.batch,
-                                 threads=threads, cache=options.cache)[key(cut)]
-        val_targets = Targets(val_labels, softmax(val_log_q / options.temperature), options.temperature, options.labels_weight)
-        x_train, train_targets = x, targets
+        _, val_targets, val_features = targets_of([val_data], output)
     else:
-        train_rows, val_rows = split_indices(None, len(x), options.val_fraction, options.seed)
-        x_train, train_targets = x[train_rows], targets.subset(train_rows)
-        x_val, val_targets = x[val_rows], targets.subset(val_rows)
-    head, history = train_head(x_train, train_targets, x_val, val_targets, options, classes=k)
-    splice(student, cut, head)
-    agreement = float((head.forward(x_val).argmax(1) == val_targets.soft.argmax(1)).mean())
+        _, val_rows = split_indices(None, len(targets.soft), options.val_fraction, options.seed)
+    choice = train_on_cuts(
+        candidates,
+        features,
+        targets,
+        options,
+        val_features=val_features,
+        val_targets=val_targets,
+        val_rows=val_rows,
+        classes=targets.soft.shape[1],
+        refit=options.refit,
+        given=bool(options.at),
+    )
+    splice(student, choice.cut, choice.head)
+    head = choice.head
+    agreement = float((choice.val_output.argmax(1) == choice.val.soft.argmax(1)).mean())
     report: dict[str, Any] = {
-        "cut": cut.to_json(),
+        "cut": choice.cut.to_json(),
+        "why": choice.why,
+        "tried": choice.tried,
         "teacher_output": output,
         "temperature": options.temperature,
         "labels_weight": options.labels_weight,
-        "samples": int(len(x)),
-        "labelled_samples": int((labels >= 0).sum()),
-        "train_samples": int(len(x_train)),
-        "val_samples": int(len(x_val)),
+        "samples": int(len(targets.soft)),
+        "labelled_samples": int((targets.labels >= 0).sum()),
+        "train_samples": int(len(choice.x_train)),
+        "val_samples": int(len(choice.x_val)),
         "val_agreement": agreement,
-        "val_metric": metric(head.forward(x_val), val_targets, "classify"),
+        "val_metric": choice.val_metric,
         "head": {"kind": options.head, "parameters": head.parameters, "outputs": head.outputs},
-        "history": history,
+        "history": choice.history,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    return FitResult(student, head, cut, report)
+    return FitResult(student, head, choice.cut, report)

@@ -69,7 +69,7 @@ def compute_features(
     if cache:
         mkey = model_key or model_hash(model)
         dkey = data_hash(data)
-        for k, cut in keys.items():
+        for k in keys:
             digest = hashlib.sha256(f"{mkey}|{k}|{dkey}".encode()).hexdigest()[:32]
             paths[k] = cache_dir() / f"{digest}.npy"
             if paths[k].exists():

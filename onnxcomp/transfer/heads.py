@@ -142,9 +142,7 @@ class Standardizer:
         return ((np.asarray(x, np.float64) - self.mean) / self.scale).astype(np.float32)
 
 
-def loss_and_grad(
-    out: np.ndarray, targets: Targets, task: Task
-) -> tuple[float, np.ndarray]:
+def loss_and_grad(out: np.ndarray, targets: Targets, task: Task) -> tuple[float, np.ndarray]:
     """Mean loss over the batch and its gradient w.r.t. ``out`` (logits or predictions)."""
     n = len(out)
     if task == "regress":
@@ -250,8 +248,12 @@ def train_head(
         y_mean = train.labels.mean(axis=0)
         y_scale = train.labels.std(axis=0)
         y_scale[y_scale < 1e-12] = 1.0
-        fit_train = dataclasses.replace(train, labels=((train.labels - y_mean) / y_scale).astype(np.float32))
-        fit_val = dataclasses.replace(val, labels=((val.labels - y_mean) / y_scale).astype(np.float32))
+        fit_train = dataclasses.replace(
+            train, labels=((train.labels - y_mean) / y_scale).astype(np.float32)
+        )
+        fit_val = dataclasses.replace(
+            val, labels=((val.labels - y_mean) / y_scale).astype(np.float32)
+        )
     else:
         y_mean = y_scale = None
         fit_train, fit_val = train, val

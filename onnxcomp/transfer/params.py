@@ -54,9 +54,13 @@ def transfer_params(source: ir.Model, target: ir.Model) -> tuple[ir.Model, dict[
             if _shape(other) == _shape(value) and other.dtype == value.dtype:
                 _copy(other, value)
                 used.add(other.name)
-                copied.append({"tensor": value.name, "from": other.name, "by": "name", "shape": _shape(value)})
+                copied.append(
+                    {"tensor": value.name, "from": other.name, "by": "name", "shape": _shape(value)}
+                )
                 continue
-            pending.append((slot, value, f"same name, shape {_shape(other)} in the source vs {_shape(value)}"))
+            pending.append(
+                (slot, value, f"same name, shape {_shape(other)} in the source vs {_shape(value)}")
+            )
             continue
         pending.append((slot, value, None))
     queues: dict[tuple[str, int], list[ir.Value]] = defaultdict(list)
@@ -66,21 +70,36 @@ def transfer_params(source: ir.Model, target: ir.Model) -> tuple[ir.Model, dict[
     for slot, value, name_reason in pending:
         queue = queues.get(slot)
         if not queue:
-            skipped.append({"tensor": value.name, "reason": name_reason or f"no unmatched {slot[0]} input {slot[1]} left in the source"})
+            skipped.append(
+                {
+                    "tensor": value.name,
+                    "reason": name_reason
+                    or f"no unmatched {slot[0]} input {slot[1]} left in the source",
+                }
+            )
             continue
         other = queue.pop(0)
         if _shape(other) != _shape(value) or other.dtype != value.dtype:
-            skipped.append({
-                "tensor": value.name,
-                "reason": name_reason or (
-                    f"the {slot[0]} input {slot[1]} at the same position ({other.name}) has shape "
-                    f"{_shape(other)} {other.dtype}, the target wants {_shape(value)} {value.dtype}"
-                ),
-            })
+            skipped.append(
+                {
+                    "tensor": value.name,
+                    "reason": name_reason
+                    or (
+                        f"the {slot[0]} input {slot[1]} at the same position ({other.name}) has shape "
+                        f"{_shape(other)} {other.dtype}, the target wants {_shape(value)} {value.dtype}"
+                    ),
+                }
+            )
             continue
         _copy(other, value)
-        copied.append({"tensor": value.name, "from": other.name, "by": "position", "shape": _shape(value)})
-    parameters = sum(int(v.const_value.size) for v in target.graph.initializers.values() if v.const_value is not None)
+        copied.append(
+            {"tensor": value.name, "from": other.name, "by": "position", "shape": _shape(value)}
+        )
+    parameters = sum(
+        int(v.const_value.size)
+        for v in target.graph.initializers.values()
+        if v.const_value is not None
+    )
     copied_parameters = sum(int(np.prod(c["shape"])) for c in copied)
     report = {
         "copied": copied,

@@ -51,8 +51,16 @@ class TransferFitPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> Result:
         data = _data(self.context, "transfer_fit")
-        options = FitOptions(**{f.name: getattr(self.options, f.name) for f in dataclasses.fields(FitOptions)})
-        result = fit(model, data, options, val_data=_val(self.options.val_data, model), threads=self.context.threads)
+        options = FitOptions(
+            **{f.name: getattr(self.options, f.name) for f in dataclasses.fields(FitOptions)}
+        )
+        result = fit(
+            model,
+            data,
+            options,
+            val_data=_val(self.options.val_data, model),
+            threads=self.context.threads,
+        )
         report = {k: v for k, v in result.report.items() if k != "history"}
         return Result(result.model, modified=True, report=report)
 
@@ -76,9 +84,17 @@ class DistillPass(ir.passes.InPlacePass):
         if path is None:
             raise OnnxcompError("distill: no teacher (set teacher_model)")
         teacher = model_io.load(path)
-        options = DistillOptions(**{f.name: getattr(self.options, f.name) for f in dataclasses.fields(DistillOptions)})
-        result = distill(teacher, model, [data], options, val_data=_val(self.options.val_data, teacher),
-                         threads=self.context.threads)
+        options = DistillOptions(
+            **{f.name: getattr(self.options, f.name) for f in dataclasses.fields(DistillOptions)}
+        )
+        result = distill(
+            teacher,
+            model,
+            [data],
+            options,
+            val_data=_val(self.options.val_data, teacher),
+            threads=self.context.threads,
+        )
         report = {k: v for k, v in result.report.items() if k != "history"}
         report["teacher"] = str(path)
         return Result(result.model, modified=True, report=report)
@@ -99,7 +115,9 @@ class StructurePass(ir.passes.InPlacePass):
         self.options = options
 
     def call(self, model: ir.Model) -> Result:
-        model, report = fresh_structure(model, self.options.classes, self.options.reinit, self.options.seed)
+        model, report = fresh_structure(
+            model, self.options.classes, self.options.reinit, self.options.seed
+        )
         return Result(model, modified=True, report=report)
 
 
@@ -122,15 +140,15 @@ class ParamsPass(ir.passes.InPlacePass):
         return Result(model, modified=report["copied_tensors"] > 0, report=report)
 
 
-register("transfer_fit", FitStepOptions, help="train a new head on the model's features and splice it on")(
-    lambda options, context: TransferFitPass(options, context)
-)
+register(
+    "transfer_fit", FitStepOptions, help="train a new head on the model's features and splice it on"
+)(lambda options, context: TransferFitPass(options, context))
 register("distill", DistillStepOptions, help="train the head on a teacher's soft outputs")(
     lambda options, context: DistillPass(options, context)
 )
-register("transfer_structure", StructureOptions, help="fresh weights, last layer resized to `classes`")(
-    lambda options, context: StructurePass(options)
-)
-register("transfer_params", ParamsOptions, help="copy weights from source_model where they correspond")(
-    lambda options, context: ParamsPass(options)
-)
+register(
+    "transfer_structure", StructureOptions, help="fresh weights, last layer resized to `classes`"
+)(lambda options, context: StructurePass(options))
+register(
+    "transfer_params", ParamsOptions, help="copy weights from source_model where they correspond"
+)(lambda options, context: ParamsPass(options))
