@@ -40,9 +40,16 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import capture, cpu
 from onnxcomp import model as model_io
-from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import (
+    add_initializer,
+    drop_unused_initializers,
+    replace_uses,
+    strip_inferred_shapes,
+)
+from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
 from onnxcomp.quantize.weight_only import (
@@ -68,7 +75,9 @@ class DynamicQuantizeOptions:
     Attributes:
         op_types: ops to quantize; "Conv" only when listed (it becomes ConvInteger, slow on CPU).
         per_channel: one weight scale per output column (else one per tensor).
-        reduce_range: 7-bit weights ([-64, 64]); only needed on CPUs without AVX-512 VNNI / AVX-VNNI.
+        target_cpu: the CPU the model will run on (see onnxcomp.cpu): "any" (default) writes 7-bit weights
+            ([-64, 64]) that onnxruntime's u8s8 kernels run exactly on every x86 path; "vnni", "arm64" (or
+            "auto" on such a machine) take full-range int8 weights.
         form: "contrib": onnxruntime's fused kernels; "onnx": standard ops only.
         keep_float: node names to leave float.
         min_sqnr_db: with data, layers whose output SQNR on the data (per-tensor or, for block-wise layers,
@@ -99,7 +108,7 @@ class DynamicQuantizeOptions:
 
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     per_channel: bool = True
-    reduce_range: bool = False
+    target_cpu: str = "any"
     form: Literal["contrib", "onnx"] = "contrib"
     keep_float: list[str] = dataclasses.field(default_factory=list)
     min_sqnr_db: float = 0.0
@@ -115,7 +124,13 @@ class DynamicQuantizeOptions:
     calibration_samples: int = 64
     keep_shapes: bool = False
 
+    @property
+    def reduce_range(self) -> bool:
+        """7-bit weights, unless the target CPU's int8 kernels accumulate in int32."""
+        return cpu.reduce_range(self.target_cpu)
+
     def check(self, where: str = "dynamic quantization") -> None:
+        cpu.resolve(self.target_cpu)
         for op in self.op_types:
             if op not in SUPPORTED_OPS:
                 raise OnnxcompError(
@@ -151,19 +166,16 @@ class _Match:
 
     name: str
     op_type: str
-    x: ir.Value
     w: np.ndarray  # (K, N) float32, Gemm's transB and alpha applied
     bias: np.ndarray | None  # (N,) float32
     nodes: list[ir.Node]
     output: ir.Value
     conv: ir.Node | None = None  # for Conv: the original node (attributes are copied)
 
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant array if it is an initializer the user cannot override, else None."""
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
+    @property
+    def x(self) -> ir.Value:
+        """The input as the graph holds it now: rewriting the layer before renames its output."""
+        return self.nodes[0].inputs[0]
 
 
 def _is_float32(value: ir.Value) -> bool:
@@ -203,7 +215,7 @@ def _match_matmul(node: ir.Node) -> _Match | str:
     if fold is not None:
         add, bias, output = fold
         nodes.append(add)
-    return _Match(node.name or "", "MatMul", x, w, bias, nodes, output)
+    return _Match(node.name or "", "MatMul", w, bias, nodes, output)
 
 
 def _match_gemm(node: ir.Node) -> _Match | str:
@@ -211,7 +223,7 @@ def _match_gemm(node: ir.Node) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(node.name or "", "Gemm", node.inputs[0], w, bias, [node], node.outputs[0])
+    return _Match(node.name or "", "Gemm", w, bias, [node], node.outputs[0])
 
 
 def _match_conv(node: ir.Node) -> _Match | str:
@@ -225,9 +237,7 @@ def _match_conv(node: ir.Node) -> _Match | str:
         bias = _const(node.inputs[2])
         if bias is None:
             return "bias is computed at run time"
-    return _Match(
-        node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node
-    )
+    return _Match(node.name or "", "Conv", w, bias, [node], node.outputs[0], conv=node)
 
 
 # op type -> rule; a rule returns a match or the reason the node stays float.
@@ -341,6 +351,7 @@ class _GroupStats:
         self.blockwise_weights = []
 
     def observe_error(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (tokens, K)
         refs = [x2 @ lay.match.w for lay in self.layers]  # (tokens, N) each
@@ -425,6 +436,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             "form": opts.form,
             "per_channel": opts.per_channel,
             "reduce_range": opts.reduce_range,
+            "cpu": cpu.describe(opts.target_cpu),
             "shapes_dropped": shapes_dropped,
             **calibration,
             "layers": [lay.to_json() for lay in layers],
@@ -547,14 +559,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             CALIBRATION_MEMORY_BYTES,
         )
         for names in chunks:
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_range(x)
+            ranges = {name: capture.Each(groups[name].observe_range) for name in names}
+            capture.accumulate(model, ranges, data, limit=limit)
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_error(np.asarray(x, np.float32))
+            errors = {name: capture.Each(groups[name].observe_error) for name in names}
+            capture.accumulate(model, errors, data, limit=limit)
             for name in names:
                 groups[name].release()
         smoothed = blockwise = 0
@@ -631,15 +641,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             self._rewrite_group(graph, group)
 
     def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        base, n = name, 1
-        while name in graph.initializers:
-            name = f"{base}_{n}"
-            n += 1
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, name, array)
 
     def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
         opts = self.options
@@ -762,17 +764,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     ) -> None:
         graph.insert_before(anchor, new_nodes)
         for lay in group:
-            old, new = lay.match.output, lay.new_output
-            new.name, old_name = old.name, old.name
-            old.name = f"{old_name}__float"
-            new.name = old_name
-            new.shape, new.type = old.shape, old.type
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            replace_uses(lay.match.output, lay.new_output, old_suffix="__float", take_name=True)
         for lay in group:
             inputs = [v for node in lay.match.nodes for v in node.inputs]
             for node in reversed(lay.match.nodes):
                 graph.remove(node, safe=True)
-            _drop_unused(graph, inputs)
+            drop_unused_initializers(graph, inputs)
 
 
 def _residual_layernorms(graph: ir.Graph) -> list[ir.Node]:
@@ -800,13 +797,7 @@ def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
     """
     if not _residual_layernorms(graph):
         return 0
-    outputs = {id(v) for v in graph.outputs}
-    dropped = 0
-    for node in graph:
-        for value in node.outputs:
-            if value.shape is not None and id(value) not in outputs:
-                value.shape = None
-                dropped += 1
+    dropped = strip_inferred_shapes(graph, types=False)
     if dropped:
         logger.info(
             "dropped the inferred shapes of %d values: with them onnxruntime fuses residual Add + "
@@ -814,15 +805,6 @@ def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
             dropped,
         )
     return dropped
-
-
-def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove initializers the rewrite left without readers (the float weights and biases)."""
-    for value in values:
-        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.name in graph.initializers and graph.initializers[value.name] is value:
-            del graph.initializers[value.name]
 
 
 def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:
