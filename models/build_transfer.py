@@ -52,7 +52,10 @@ def main() -> None:
 
     torch.set_num_threads(1)
     example = build_digits.load_split().x_test[:1].astype(np.float32)
-    for name, sizes in (("digits_cnn_04", {}), ("digits_cnn_04_half", {"widths": (16, 32, 32), "hidden": 48})):
+    for name, sizes in (
+        ("digits_cnn_04", {}),
+        ("digits_cnn_04_half", {"widths": (16, 32, 32), "hidden": 48}),
+    ):
         model, acc = build_04(**sizes)
         params = sum(p.numel() for p in model.parameters())
         log.info("%s: %d params, test accuracy on digits 0-4 %.4f", name, params, acc)

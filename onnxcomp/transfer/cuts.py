@@ -20,10 +20,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import drop_unused
 
 logger = logging.getLogger(__name__)
 
@@ -306,5 +306,5 @@ def extract(model: ir.Model, at: str) -> ir.Model:
         raise OnnxcompError(f"tensor {at!r} has unknown rank; cannot make it a model output")
     model.graph.outputs.clear()
     model.graph.outputs.append(value)
-    RemoveUnusedNodesPass()(model)
+    drop_unused(model)
     return model

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
+from onnxcomp.capture import Collect, accumulate
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.transfer.api import FitResult, choose_cuts, split_indices, train_on_cuts
@@ -66,8 +67,6 @@ def teacher_scores(
     threads: int = 1,
 ) -> tuple[str, np.ndarray]:
     """The teacher's class scores as log-probabilities (float64 [N, K]) and the output's name."""
-    from onnxcomp.runtime import create_session, iter_outputs
-
     candidates = [
         v
         for v in teacher.graph.outputs
@@ -84,14 +83,9 @@ def teacher_scores(
     elif output not in {v.name for v in teacher.graph.outputs}:
         names = ", ".join(v.name for v in teacher.graph.outputs)
         raise OnnxcompError(f"the teacher has no output {output!r} (outputs: {names})")
-    session = create_session(teacher, label="teacher")
-    parts = [
-        out[output]
-        for _, out in iter_outputs(
-            session, data, batch_size=batch_size, output_names=[output], label="teacher"
-        )
-    ]
-    scores = np.concatenate(parts).astype(np.float64)
+    collect = Collect()
+    accumulate(teacher, {output: collect}, data, batch_size=batch_size)
+    scores = collect.compute().astype(np.float64)
     if scores.ndim != 2:
         raise OnnxcompError(
             f"teacher output {output!r} has shape {list(scores.shape)}, not [batch, classes]"

@@ -1,7 +1,7 @@
 """Features: pooled activations at cut tensors over a data source, cached on disk.
 
-The model runs in onnxruntime one batch at a time through the shared activation capture; each
-batch is pooled at once (``cuts.pool``), so memory is one batch of the cut tensors plus the
+The model runs in onnxruntime one batch at a time through the shared activation capture
+(``capture.accumulate``); each batch is pooled at once (``cuts.pool``), so memory is one batch of the cut tensors plus the
 pooled features. Results are cached under ``~/.cache/onnxcomp/features/<hash>.npy`` (or
 ``$ONNXCOMP_FEATURE_CACHE``), keyed by the hash of the model, the tensor, the pooling and the data.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.capture import Each, accumulate
 from onnxcomp.data import DataSource
 from onnxcomp.transfer.cuts import Cut, pool
 
@@ -61,8 +62,6 @@ def compute_features(
     model_key: str | None = None,
 ) -> dict[str, np.ndarray]:
     """{key(cut): float32 (samples, features)} for each cut, in one pass over the data."""
-    from onnxcomp.runtime import capture
-
     keys = {key(c): c for c in cuts}
     found: dict[str, np.ndarray] = {}
     paths: dict[str, Path] = {}
@@ -81,13 +80,13 @@ def compute_features(
     wanted = [c for k, c in keys.items() if k not in found]
     if wanted:
         parts: dict[str, list[np.ndarray]] = {key(c): [] for c in wanted}
-        names = list(dict.fromkeys(c.tensor for c in wanted))
-        done = 0
-        for batch, arrays in capture(model, names, data, batch_size=batch_size, threads=threads):
-            for cut in wanted:
-                parts[key(cut)].append(pool(arrays[cut.tensor], cut.pooling))
-            done += len(batch)
-            logger.info("features: %d/%d samples", done, data.num_samples)
+        watchers: dict[str, list[Each]] = {}
+        for cut in wanted:
+            watchers.setdefault(cut.tensor, []).append(
+                Each(lambda a, c=cut: parts[key(c)].append(pool(a, c.pooling)))
+            )
+        logger.info("features: %d samples at %d tensors", data.num_samples, len(watchers))
+        accumulate(model, watchers, data, batch_size=batch_size)
         for k, chunks in parts.items():
             found[k] = np.concatenate(chunks)
             if cache:

@@ -12,50 +12,28 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcomp import model as model_io
+from onnxcomp.graph import NameSource, add_initializer, drop_unused
 from onnxcomp.transfer.cuts import Cut, find_value
 from onnxcomp.transfer.heads import Head
 
 logger = logging.getLogger(__name__)
 
-
-class _Names:
-    """Fresh names that do not clash with the model's."""
-
-    def __init__(self, model: ir.Model, prefix: str):
-        self.taken = {v.name for n in model.graph for v in n.outputs}
-        self.taken |= {v.name for v in model.graph.inputs} | set(model.graph.initializers)
-        self.taken |= {n.name for n in model.graph}
-        self.prefix = prefix
-
-    def __call__(self, stem: str) -> str:
-        name, i = f"{self.prefix}/{stem}", 1
-        while name in self.taken:
-            i += 1
-            name = f"{self.prefix}/{stem}_{i}"
-        self.taken.add(name)
-        return name
+PREFIX = "head"  # node and weight names of the spliced head start with it
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
-
-
-def _node(graph: ir.Graph, names: _Names, op: str, inputs, attributes=None, stem=None) -> ir.Value:
-    stem = stem or op.lower()
+def _node(
+    graph: ir.Graph, names: NameSource, op: str, inputs, attributes=None, stem=None
+) -> ir.Value:
+    stem = f"{PREFIX}/{stem or op.lower()}"
     node = ir.node(op, inputs, attributes=attributes or {}, name=names(stem), num_outputs=1)
     node.outputs[0].name = names(stem + "_out")
     graph.append(node)
     return node.outputs[0]
 
 
-def pooling_nodes(model: ir.Model, value: ir.Value, pooling: str, names: _Names) -> ir.Value:
+def pooling_nodes(model: ir.Model, value: ir.Value, pooling: str, names: NameSource) -> ir.Value:
     """Append the nodes of ``pooling`` after ``value``; returns the [N, D] value."""
     graph = model.graph
     opset = model_io.opset(model)
@@ -68,16 +46,16 @@ def pooling_nodes(model: ir.Model, value: ir.Value, pooling: str, names: _Names)
         return _node(graph, names, "Flatten", [pooled], {"axis": 1})
     if pooling == "mean_tokens":
         if opset >= 18:
-            axes = _initializer(graph, names("pool_axes"), np.array([1], np.int64))
+            axes = add_initializer(graph, f"{PREFIX}/pool_axes", np.array([1], np.int64), names)
             return _node(graph, names, "ReduceMean", [value, axes], {"keepdims": 0}, stem="pool")
         return _node(graph, names, "ReduceMean", [value], {"axes": [1], "keepdims": 0}, stem="pool")
     if pooling == "first_token":
-        index = _initializer(graph, names("first_token"), np.array(0, np.int64))
+        index = add_initializer(graph, f"{PREFIX}/first_token", np.array(0, np.int64), names)
         return _node(graph, names, "Gather", [value, index], {"axis": 1}, stem="pool")
     raise ValueError(pooling)
 
 
-def splice(model: ir.Model, cut: Cut, head: Head, *, prefix: str = "head") -> ir.Model:
+def splice(model: ir.Model, cut: Cut, head: Head) -> ir.Model:
     """Replace everything after ``cut`` with ``head``; in place, returns the model.
 
     Outputs: ``probabilities`` float32 [N, K] and ``label`` int64 [N] (classify), or
@@ -85,13 +63,13 @@ def splice(model: ir.Model, cut: Cut, head: Head, *, prefix: str = "head") -> ir
     """
     graph = model.graph
     value = find_value(model, cut.tensor)
-    names = _Names(model, prefix)
+    names = NameSource(model)
     h = pooling_nodes(model, value, cut.pooling, names)
     if value.dtype != ir.DataType.FLOAT:
         h = _node(graph, names, "Cast", [h], {"to": ir.DataType.FLOAT}, stem="cast")
     for i, (w, b) in enumerate(zip(head.weights, head.biases)):
-        wv = _initializer(graph, names(f"fc{i}.weight"), np.asarray(w, np.float32))
-        bv = _initializer(graph, names(f"fc{i}.bias"), np.asarray(b, np.float32))
+        wv = add_initializer(graph, f"{PREFIX}/fc{i}.weight", np.asarray(w, np.float32), names)
+        bv = add_initializer(graph, f"{PREFIX}/fc{i}.bias", np.asarray(b, np.float32), names)
         h = _node(graph, names, "Gemm", [h, wv, bv], stem=f"fc{i}")
         if i < len(head.weights) - 1:
             h = _node(graph, names, "Relu", [h], stem=f"relu{i}")
@@ -106,7 +84,7 @@ def splice(model: ir.Model, cut: Cut, head: Head, *, prefix: str = "head") -> ir
     else:
         _output(h, "prediction", ir.DataType.FLOAT, [batch, head.outputs], names)
         graph.outputs.append(h)
-    RemoveUnusedNodesPass()(model)
+    drop_unused(model)
     return model
 
 
@@ -118,10 +96,7 @@ def _batch_dim(model: ir.Model):
     return "batch"
 
 
-def _output(value: ir.Value, name: str, dtype: ir.DataType, dims, names: _Names) -> None:
-    if name in names.taken:
-        name = names(name)
-    names.taken.add(name)
-    value.name = name
+def _output(value: ir.Value, name: str, dtype: ir.DataType, dims, names: NameSource) -> None:
+    value.name = names(name)
     value.dtype = dtype
     value.shape = ir.Shape(dims)

@@ -16,11 +16,12 @@ import onnx_ir as ir
 
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.ops import WEIGHTED
 
 logger = logging.getLogger(__name__)
 
 Reinit = Literal["head", "all"]
-LAYERS = ("Conv", "Gemm", "MatMul")
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _const(node: ir.Node, index: int) -> ir.Value | None:
@@ -28,22 +29,6 @@ def _const(node: ir.Node, index: int) -> ir.Value | None:
         return None
     value = node.inputs[index]
     return value if value is not None and value.const_value is not None else None
-
-
-def _out_axis(node: ir.Node) -> int:
-    """The output-channel axis of the weight of a Conv / Gemm / MatMul."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return 0 if trans_b is not None and trans_b.as_int() else 1
-    return 1  # MatMul weight [in, out]
-
-
-def _fan_in(node: ir.Node, shape: tuple[int, ...]) -> int:
-    if node.op_type == "Conv":
-        return int(np.prod(shape[1:]))
-    return int(shape[1 - _out_axis(node)])
 
 
 def _layers(model: ir.Model) -> list[ir.Node]:
@@ -70,7 +55,7 @@ def fresh_structure(
     rng = np.random.default_rng(seed)
     last = last_layer(model)
     report: dict[str, Any] = {"reinit": reinit, "last_layer": last.name, "reset": []}
-    axis = _out_axis(last)
+    axis = WEIGHTED[last.op_type].out_axis(last) % len(_const(last, 1).const_value.shape)
     weight = _const(last, 1)
     old = int(weight.const_value.shape[axis])
     if classes is not None and classes < 1:
@@ -83,8 +68,9 @@ def fresh_structure(
         shape = list(w.const_value.shape)
         if node is last:
             shape[axis] = k
-        fan_in = _fan_in(node, tuple(shape))
-        fan_out = shape[axis]
+        spec = WEIGHTED[node.op_type]
+        fan_in = spec.im2col_rows(node, tuple(shape))
+        fan_out = shape[spec.out_axis(node)]
         std = np.sqrt(2.0 / (fan_in + fan_out)) if node is last else np.sqrt(2.0 / fan_in)
         _set(w, rng.standard_normal(shape) * std)
         bias = _const(node, 2)
@@ -138,7 +124,7 @@ def _forget_shapes_after(model: ir.Model, last: ir.Node, k: int) -> None:
             if value.is_graph_output():
                 if value.shape is not None and len(value.shape) >= 1:
                     dims = list(value.shape)
-                    dims[-1] = k
+                    dims[1 if last.op_type in ("Conv", "ConvTranspose") else -1] = k
                     value.shape = ir.Shape(dims)
             else:
                 value.shape = None
