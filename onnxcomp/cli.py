@@ -889,13 +889,18 @@ def _head_options(f):
 
 @transfer.command("cuts")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=1x3x224x224", help="Sizes for dynamic input dims, so feature maps get shapes (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def transfer_cuts(model_path, as_json):
+def transfer_cuts(model_path, shapes, as_json):
     """List candidate feature tensors, best first."""
     from onnxcomp import model as model_io
+    from onnxcomp.data import parse_shapes
     from onnxcomp.transfer import find_cuts
+    from onnxcomp.transfer.cuts import fix_input_shapes
 
-    cuts = [c.to_json() for c in find_cuts(model_io.load(model_path))]
+    model = model_io.load(model_path)
+    fix_input_shapes(model, parse_shapes(shapes))
+    cuts = [c.to_json() for c in find_cuts(model)]
     if as_json:
         emit_json(cuts)
         return

@@ -23,7 +23,14 @@ import onnx_ir as ir
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.transfer.cuts import Cut, Pooling, find_cuts, resolve_cut
+from onnxcomp.transfer.cuts import (
+    Cut,
+    Pooling,
+    find_cuts,
+    fix_input_shapes,
+    resolve_cut,
+    restore_input_shapes,
+)
 from onnxcomp.transfer.features import compute_features, key, labels_of, model_hash
 from onnxcomp.transfer.heads import Head, HeadOptions, Targets, metric, train_head
 from onnxcomp.transfer.splice import splice
@@ -248,6 +255,9 @@ def fit(
     if val_data is not None:
         check_model_data(model, val_data)
         y_val = check_labels(val_data, labels_of(val_data), options.task)
+    fixed = fix_input_shapes(model, {k: shape for k, (_, shape) in data.sample_signature().items()})
+    if fixed:
+        model_io.normalize(model)
     candidates = choose_cuts(model, options.at, options.pooling, options.tries)
     mkey = model_hash(model) if options.cache else None
 
@@ -286,6 +296,7 @@ def fit(
         progress=progress,
     )
     splice(model, choice.cut, choice.head)
+    restore_input_shapes(fixed)
     head = choice.head
     report = {
         "cut": choice.cut.to_json(),

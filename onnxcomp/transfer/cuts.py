@@ -147,6 +147,50 @@ def _is_layer_norm(node: ir.Node) -> bool:
     return denom is not None and denom.op_type == "Sqrt"
 
 
+def _squeeze_excite(node: ir.Node) -> bool:
+    """A global pool whose result scales its own input a few ops later (squeeze-and-excite)."""
+    source = node.inputs[0]
+    frontier, seen = [node.outputs[0]], set()
+    for _ in range(12):  # Paddle exports spell bias adds and Identity ops out
+        nxt = []
+        for value in frontier:
+            for use in value.uses():
+                user = use.node
+                if id(user) in seen:
+                    continue
+                seen.add(id(user))
+                if user.op_type == "Mul" and any(v is source for v in user.inputs):
+                    return True
+                nxt.extend(user.outputs)
+        frontier = nxt
+    return False
+
+
+def fix_input_shapes(
+    model: ir.Model, shapes: dict[str, tuple[int, ...]]
+) -> list[tuple[ir.Value, object]]:
+    """Give dynamic input dims (except the batch axis) the sizes of the data, so that shape
+    inference can size the feature maps. Returns what to put back with ``restore_input_shapes``."""
+    saved = []
+    for value in model.graph.inputs:
+        shape = shapes.get(value.name or "")
+        if shape is None or value.shape is None or len(value.shape) != len(shape):
+            continue
+        dims = list(value.shape)
+        fixed = [dims[0]] + [
+            d if isinstance(d, int) and d > 0 else int(s) for d, s in zip(dims[1:], shape[1:])
+        ]
+        if fixed != dims:
+            saved.append((value, value.shape))
+            value.shape = ir.Shape(fixed)
+    return saved
+
+
+def restore_input_shapes(saved: list[tuple[ir.Value, object]]) -> None:
+    for value, shape in saved:
+        value.shape = shape
+
+
 def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
     """Candidate feature tensors of ``model``, best first.
 
@@ -188,7 +232,8 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
     for node in nodes:
         out = node.outputs[0] if node.outputs else None
         if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
-            add(out, "global pooling output", 0)
+            if not _squeeze_excite(node):
+                add(out, "global pooling output", 0)
         elif node.op_type == "Flatten":
             add(out, "Flatten output", 1)
         elif node.op_type in ("Gemm", "MatMul") and len(node.inputs) > 1:
@@ -250,10 +295,30 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
         twin._preference = cut._preference + 1  # type: ignore[attr-defined]
         cuts.append(twin)
     cuts.sort(key=lambda c: (c._preference, -c.position))  # type: ignore[attr-defined]
+    # A Flatten or Reshape of a [N, C, 1, 1] candidate gives the same features: keep one.
+    values = {v.name: v for n in nodes for v in n.outputs}
+    kept, origins = [], set()
+    for cut in cuts:
+        origin = (_origin(values[cut.tensor]), cut.features, cut.pooling in ("none", "flatten"))
+        if origin in origins:
+            continue
+        origins.add(origin)
+        kept.append(cut)
+    cuts = kept
     for rank, cut in enumerate(cuts):
         cut.rank = rank
         del cut._preference  # type: ignore[attr-defined]
     return cuts[:limit] if limit else cuts
+
+
+RESHAPING_OPS = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Dropout"}
+
+
+def _origin(value: ir.Value) -> int:
+    """The value ``value`` is a reshaped view of (itself when none)."""
+    while value.producer() is not None and value.producer().op_type in RESHAPING_OPS:
+        value = value.producer().inputs[0]
+    return id(value)
 
 
 def resolve_cut(model: ir.Model, at: str, pooling: Pooling | None = None) -> Cut:

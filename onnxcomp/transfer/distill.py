@@ -23,7 +23,7 @@ from onnxcomp.capture import Collect, accumulate
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.transfer.api import FitResult, choose_cuts, split_indices, train_on_cuts
-from onnxcomp.transfer.cuts import Pooling
+from onnxcomp.transfer.cuts import Pooling, fix_input_shapes, restore_input_shapes
 from onnxcomp.transfer.features import compute_features, labels_of
 from onnxcomp.transfer.heads import HeadOptions, Targets, log_softmax, softmax
 from onnxcomp.transfer.splice import splice
@@ -158,6 +158,12 @@ def distill(
     start = time.perf_counter()
     model_io.normalize(teacher)
     model_io.normalize(student)
+    student_data = _adapt(data[0], student)
+    fixed = fix_input_shapes(
+        student, {k: shape for k, (_, shape) in student_data.sample_signature().items()}
+    )
+    if fixed:
+        model_io.normalize(student)
     candidates = choose_cuts(student, options.at, options.pooling, options.tries)
 
     def features_of(source: DataSource) -> dict[str, np.ndarray]:
@@ -219,6 +225,7 @@ def distill(
         given=bool(options.at),
     )
     splice(student, choice.cut, choice.head)
+    restore_input_shapes(fixed)
     head = choice.head
     agreement = float((choice.val_output.argmax(1) == choice.val.soft.argmax(1)).mean())
     report: dict[str, Any] = {
