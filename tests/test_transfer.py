@@ -104,7 +104,7 @@ def test_fit_learns_new_classes_and_the_onnx_file_matches_numpy(new_classes, tmp
     ]
     np.testing.assert_array_equal(label, result.head.predict(x))
     accuracy = float((label == test["labels"]).mean())
-    assert accuracy >= 0.93  # measured 0.9405 (seed 0); the head on raw pixels: see the next test
+    assert accuracy >= 0.94  # measured 0.9517 (seed 0); the head on raw pixels: see below
 
     # The same procedure on raw pixels (a model that only flattens its input) does worse.
     pixels = ir.from_onnx_text(

@@ -248,7 +248,7 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
     for value in model.graph.outputs:
         dims = _dims(value)
         if dims is not None and len(dims) == 2:
-            add(value, "model output", 3)
+            add(value, "model output", 5)
     # Encoders: the last 4-D map of each spatial size before any upsampling op.
     last_by_size: dict[tuple, ir.Value] = {}
     for node in nodes[:first_upsample]:
