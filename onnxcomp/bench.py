@@ -460,25 +460,54 @@ def _interleave(sessions, feeds, runs: int, warmup: int, step) -> list[list[floa
     """
     feeds = dict(feeds)
     timings: list[list[float]] = [[] for _ in sessions]
-    count = len(sessions)
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(None, feeds)
+    warm_up(sessions, feeds, warmup)
     step(warmup)
     rounds = -(-runs // BLOCK_RUNS)
     for round_index in range(rounds):
         block = min(BLOCK_RUNS, runs - round_index * BLOCK_RUNS)
-        for offset in range(count):
-            index = (round_index + offset) % count
-            session = sessions[index]
-            for _ in range(BLOCK_WARM):
-                session.run(None, feeds)
-            for _ in range(block):
-                start = time.perf_counter_ns()
-                session.run(None, feeds)
-                timings[index].append((time.perf_counter_ns() - start) / 1e6)
+        for index, times in enumerate(timing_round(sessions, feeds, round_index, block)):
+            timings[index] += times
         step(block)
     return timings
+
+
+def warm_up(sessions, feeds: Mapping[str, np.ndarray], runs: int) -> None:
+    """``runs`` untimed runs of each session."""
+    feeds = dict(feeds)
+    for session in sessions:
+        for _ in range(runs):
+            session.run(None, feeds)
+
+
+def timing_round(
+    sessions, feeds: Mapping[str, np.ndarray], round_index: int, block: int = BLOCK_RUNS
+) -> list[list[float]]:
+    """One round of :func:`_interleave`: a block of timed runs (ms) of every session, the first
+    session rotating with ``round_index``; returns the times by session."""
+    feeds = dict(feeds)
+    count = len(sessions)
+    times: list[list[float]] = [[] for _ in sessions]
+    for offset in range(count):
+        index = (round_index + offset) % count
+        session = sessions[index]
+        for _ in range(BLOCK_WARM):
+            session.run(None, feeds)
+        for _ in range(block):
+            start = time.perf_counter_ns()
+            session.run(None, feeds)
+            times[index].append((time.perf_counter_ns() - start) / 1e6)
+    return times
+
+
+def make_feeds(
+    model: ModelLike,
+    *,
+    data: DataSource | str | os.PathLike | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = 1,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The inputs ``benchmark`` times a model on, and where they came from."""
+    return _make_feeds(_as_ir(model), None, data, shapes, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

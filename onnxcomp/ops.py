@@ -81,31 +81,30 @@ class WeightedOp:
 
     def out_channel_of(self, node: ir.Node, shape) -> np.ndarray:
         """The output channel of each weight element along the weight's first two axes: [a0, a1]."""
-        a0, a1 = int(shape[0]), int(shape[1])
-        if self.layout == "conv" or (self.layout == "gemm" and attr(node, "transB", 0)):
-            return np.repeat(np.arange(a0)[:, None], a1, axis=1)
-        if self.layout == "conv_transpose":
-            group_of = np.arange(a0) // (a0 // self.groups(node))
-            return group_of[:, None] * a1 + np.arange(a1)[None, :]
-        if self.layout == "gemm" or len(shape) == 2:
-            return np.repeat(np.arange(a1)[None, :], a0, axis=0)
-        raise ValueError(f"{self.op_type}: a weight of rank {len(shape)} has no [out, in] view")
+        if self.layout == "conv_transpose":  # [C, M/g, ...]: group of the input row, then column
+            return self._grouped(node, shape)
+        return self._index_along(self.out_axis(node), shape)
 
     def in_channel_of(self, node: ir.Node, shape) -> np.ndarray:
         """The input channel of each weight element along the weight's first two axes: [a0, a1]."""
+        if self.layout == "conv":  # [M, C/g, ...]: group of the output row, then column
+            return self._grouped(node, shape)
+        return self._index_along(self.in_axis(node), shape)
+
+    def _index_along(self, axis: int, shape) -> np.ndarray:
+        """[a0, a1] holding each element's index along ``axis`` (0 or 1; negative: from the end)."""
+        if self.layout in ("gemm", "matmul") and len(shape) != 2:
+            raise ValueError(f"{self.op_type}: a weight of rank {len(shape)} has no [out, in] view")
         a0, a1 = int(shape[0]), int(shape[1])
-        if self.layout == "conv":
-            group_of = np.arange(a0) // (a0 // self.groups(node))
-            return group_of[:, None] * a1 + np.arange(a1)[None, :]
-        if self.layout == "conv_transpose" or (
-            self.layout == "gemm" and not attr(node, "transB", 0)
-        ):
+        if axis % len(shape) == 0:
             return np.repeat(np.arange(a0)[:, None], a1, axis=1)
-        if self.layout == "gemm" or len(shape) == 2:
-            if self.layout == "gemm":
-                return np.repeat(np.arange(a1)[None, :], a0, axis=0)
-            return np.repeat(np.arange(a0)[:, None], a1, axis=1)
-        raise ValueError(f"{self.op_type}: a weight of rank {len(shape)} has no [out, in] view")
+        return np.repeat(np.arange(a1)[None, :], a0, axis=0)
+
+    def _grouped(self, node: ir.Node, shape) -> np.ndarray:
+        """[a0, a1]: group of row r (a0 / groups rows each) times a1, plus the column."""
+        a0, a1 = int(shape[0]), int(shape[1])
+        group_of = np.arange(a0) // (a0 // self.groups(node))
+        return group_of[:, None] * a1 + np.arange(a1)[None, :]
 
     def to_matrix(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
         """The weight as rows ``[groups, out/groups, in/groups·prod(kernel)]``: row o of group g

@@ -312,7 +312,7 @@ def test_cli_static_json_report(cli, tmp_path):
             ["--eval-data", str(MODELS / "digits_test_flat.npz"), "--data", str(CALIB)],
             "--eval-data: ",
         ),
-        (["--metric", "f1"], "metric: 'f1' is not one of"),
+        (["--metric", "f1"], "--metric 'f1': expected one of auto, accuracy, top1, cosine"),
     ],
 )
 def test_cli_bad_options_one_line_exit_2(cli, tmp_path, args, message):
