@@ -686,6 +686,15 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--symmetric", is_flag=True, help="Weight-only: symmetric blocks (no zero points).")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="Weight-only: MatMulNBits compute type (4: int8 activations).")
 @click.option("--activation-type", default="uint8", show_default=True, metavar="uint8|int8")
+@click.option(
+    "--target-cpu",
+    default="any",
+    show_default=True,
+    metavar="any|auto|avx2|avx512|vnni|arm64",
+    help="CPU the model will run on. any: 7-bit int8 weights, exact on every x86 path (onnxruntime's "
+    "u8s8 kernels saturate 8-bit weights on AVX2/AVX-512 without VNNI); vnni, arm64, or auto on such a "
+    "machine: full 8-bit weights.",
+)
 @click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @click.option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
 @click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data (accuracy, top-1 or 1-cosine).")
@@ -711,7 +720,7 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
     model_path, output, mode, data, calibration, per_channel, bits, block_size, symmetric, accuracy_level,
-    activation_type, exclude_nodes, exclude_ops,
+    activation_type, target_cpu, exclude_nodes, exclude_ops,
     max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, gptq, allow_random_calibration, shapes,
     threads, as_json,
 ):
@@ -740,6 +749,7 @@ def quantize(
         symmetric=symmetric,
         accuracy_level=accuracy_level,
         activation_type=activation_type,
+        target_cpu=target_cpu,
         exclude_nodes=_split_names(exclude_nodes),
         exclude_ops=_split_names(exclude_ops),
         max_drop=max_drop,
@@ -789,6 +799,12 @@ def _quantize_text(report: dict[str, Any]) -> str:
         lines.append("")
     else:
         lines.append(f"mode {report.get('mode')}")
+    cpu = report.get("cpu")
+    if cpu:
+        lines.append(
+            f"cpu: measured on {cpu['isa_measured']}; target {cpu['target_cpu']}: int8 weights "
+            f"{cpu['weight_range']}"
+        )
     opset = report.get("prepare", {}).get("opset")
     if opset:
         lines.append(f"opset {opset['from']} -> {opset['to']}: {opset['reason']}")

@@ -328,7 +328,9 @@ def test_bias_correction_adjusts_int32_biases_and_keeps_accuracy():
     model, report = static(CNN, bias_correction=True)
     corrected = {r["node"] for r in report["bias_correction"]}
     assert len(corrected) == 5  # 3 Conv + 2 Gemm, each with an int32 bias
-    assert all(r["relative_shift"] < 0.5 for r in report["bias_correction"])
+    # A correction, not a new bias: 7-bit weights (the portable default) double the rounding
+    # step, and with it the shift (0.74 at most on this CNN).
+    assert all(r["relative_shift"] < 1.0 for r in report["bias_correction"])
     assert accuracy_drop(CNN, model) <= 0.003
     assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 2}
 

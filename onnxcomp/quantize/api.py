@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import cpu
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data
 from onnxcomp.errors import OnnxcompError
@@ -45,6 +46,9 @@ class QuantizeOptions:
     per_channel: bool = True
     bits: int | None = None  # default: 8, or 4 with --mode weight-only
     activation_type: Literal["uint8", "int8"] = "uint8"
+    # The CPU the model will run on: "any" keeps int8 weights exact on every x86 path (7-bit);
+    # "vnni"/"arm64" (or "auto" on such a machine) take full-range weights. See onnxcomp.cpu.
+    target_cpu: str = "any"
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
     exclude_ops: list[str] = dataclasses.field(default_factory=list)
     max_drop: float | None = None
@@ -70,6 +74,7 @@ class QuantizeOptions:
         """Raise OnnxcompError naming the option when values do not fit together."""
         if self.bits is None:
             self.bits = 4 if self.mode == "weight-only" else 8
+        cpu.resolve(self.target_cpu)
         if self.bits not in (4, 8):
             raise OnnxcompError(f"{where}: --bits {self.bits}: only 8 and 4 are supported")
         if self.bits == 4 and self.mode != "weight-only":
@@ -234,13 +239,15 @@ def quantize_static(
         model, plan, params, data, batch_size=options.batch_size, limit=128
     )
     input_names = {id(wp.node): wp.node.inputs[0].name for wp in plan.weights}
+    reduce_range = cpu.reduce_range(options.target_cpu)
     codes, gptq_report = {}, None
     if options.gptq:
         codes, gptq_report = gptq_codes(
-            reference, plan, data, input_names, batch_size=options.batch_size
+            reference, plan, data, input_names, batch_size=options.batch_size,
+            reduce_range=reduce_range,
         )
-    result = InsertQdqPass(plan, params, codes)(model)
-    report: dict[str, Any] = {"mode": "static"}
+    result = InsertQdqPass(plan, params, codes, reduce_range=reduce_range)(model)
+    report: dict[str, Any] = {"mode": "static", "cpu": cpu.describe(options.target_cpu)}
     tensors = []
     for name, act in plan.activations.items():
         p = params[name]
@@ -328,6 +335,7 @@ def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.
         their = DynamicQuantizeOptions(
             op_types=[op for op in defaults.op_types if op not in options.exclude_ops],
             per_channel=options.per_channel,
+            target_cpu=options.target_cpu,
             keep_float=list(options.exclude_nodes),
             bias_correction=(
                 defaults.bias_correction
@@ -443,6 +451,8 @@ def quantize(
         "prepare": prep,
         "opset_input": original_opset,
     }
+    # Latencies and checks in this report were measured on this machine's integer-kernel path.
+    report.setdefault("cpu", cpu.describe(options.target_cpu))
     return model, report
 
 

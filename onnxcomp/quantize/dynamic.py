@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import cpu
 from onnxcomp import model as model_io
 from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
@@ -68,7 +69,9 @@ class DynamicQuantizeOptions:
     Attributes:
         op_types: ops to quantize; "Conv" only when listed (it becomes ConvInteger, slow on CPU).
         per_channel: one weight scale per output column (else one per tensor).
-        reduce_range: 7-bit weights ([-64, 64]); only needed on CPUs without AVX-512 VNNI / AVX-VNNI.
+        target_cpu: the CPU the model will run on (see onnxcomp.cpu): "any" (default) writes 7-bit weights
+            ([-64, 64]) that onnxruntime's u8s8 kernels run exactly on every x86 path; "vnni", "arm64" (or
+            "auto" on such a machine) take full-range int8 weights.
         form: "contrib": onnxruntime's fused kernels; "onnx": standard ops only.
         keep_float: node names to leave float.
         min_sqnr_db: with data, layers whose output SQNR on the data (per-tensor or, for block-wise layers,
@@ -99,7 +102,7 @@ class DynamicQuantizeOptions:
 
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     per_channel: bool = True
-    reduce_range: bool = False
+    target_cpu: str = "any"
     form: Literal["contrib", "onnx"] = "contrib"
     keep_float: list[str] = dataclasses.field(default_factory=list)
     min_sqnr_db: float = 0.0
@@ -115,7 +118,13 @@ class DynamicQuantizeOptions:
     calibration_samples: int = 64
     keep_shapes: bool = False
 
+    @property
+    def reduce_range(self) -> bool:
+        """7-bit weights, unless the target CPU's int8 kernels accumulate in int32."""
+        return cpu.reduce_range(self.target_cpu)
+
     def check(self, where: str = "dynamic quantization") -> None:
+        cpu.resolve(self.target_cpu)
         for op in self.op_types:
             if op not in SUPPORTED_OPS:
                 raise OnnxcompError(
@@ -425,6 +434,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             "form": opts.form,
             "per_channel": opts.per_channel,
             "reduce_range": opts.reduce_range,
+            "cpu": cpu.describe(opts.target_cpu),
             "shapes_dropped": shapes_dropped,
             **calibration,
             "layers": [lay.to_json() for lay in layers],

@@ -174,6 +174,7 @@ def gptq_quantize(
         )
     out_f, in_f = w.shape
     qt = quant_type(dtype)
+    code_range = (qt.qmin, qt.qmax)
 
     dead = np.diag(h) == 0  # inputs that are always 0: any value works, use 0
     h[dead, dead] = 1.0
@@ -191,6 +192,7 @@ def gptq_quantize(
         column_fn = None
         if isinstance(quantizer, QuantParams):
             qt = quantizer.dtype
+            code_range = quantizer.code_range
             if quantizer.axis not in (None, 0) or (
                 quantizer.axis == 0 and quantizer.scale.shape != (out_f,)
             ):
@@ -255,7 +257,7 @@ def gptq_quantize(
                         s, z = result_scale[:, g], result_zero[:, g]
                 else:
                     s, z = scale, zero
-                q, wq = _round_column(col, s, z, qt.qmin, qt.qmax)
+                q, wq = _round_column(col, s, z, *code_range)
             codes[:, i1 + i] = q
             deq[:, i1 + i] = wq
             d = u1[i, i]

@@ -101,12 +101,20 @@ class QuantParams:
 
     scale: float32, shape () per tensor or (C,) per axis; zero_point: same shape, stored in
         ``dtype.storage``.
+    levels: the code interval [lo, hi] the grid was built for, when narrower than the type's
+        (7-bit weights: [-64, 64]); `quantize` and GPTQ never leave it. None: the type's full range.
     """
 
     scale: np.ndarray
     zero_point: np.ndarray
     dtype: QuantType
     axis: int | None = None
+    levels: tuple[int, int] | None = None
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The codes this grid may produce: ``levels``, else the type's full range."""
+        return self.levels if self.levels is not None else (self.dtype.qmin, self.dtype.qmax)
 
     def __post_init__(self) -> None:
         self.dtype = quant_type(self.dtype)
@@ -182,7 +190,8 @@ def params_from_range(
         raise OnnxcompError(
             f"per-channel ranges of shape {scale32.shape} need a 1-D range and an axis"
         )
-    return QuantParams(scale32, zero_point, qt, axis if scale32.ndim else None)
+    levels = _levels(qt, symmetric, reduce_range) if reduce_range else None
+    return QuantParams(scale32, zero_point, qt, axis if scale32.ndim else None, levels)
 
 
 def scale_zero_point(
@@ -281,8 +290,9 @@ def _broadcast(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
     """ONNX QuantizeLinear as onnxruntime computes it: ``saturate(rint(x / scale) + zero_point)``.
 
-    float32 division, round half to even, saturation to the full range of the type. NaN maps to the
-    zero point.
+    float32 division, round half to even, saturation to the full range of the type (or to the
+    grid's narrower ``levels``, which only weights use: they are stored as codes). NaN maps to
+    the zero point.
     """
     x = np.asarray(x, dtype=np.float32)
     scale, zp = _broadcast(params, x.ndim)
@@ -295,10 +305,11 @@ def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
             f"on axis {params.axis}"
         )
     qt = params.dtype
+    lo, hi = params.code_range
     with np.errstate(invalid="ignore", over="ignore"):
         r = np.rint(x / scale)  # float32, like MLAS
         # Clamp before adding the zero point, as MLAS does, so huge values cannot overflow the add.
-        r = np.clip(r, np.float32(qt.qmin) - zp, np.float32(qt.qmax) - zp)
+        r = np.clip(r, np.float32(lo) - zp, np.float32(hi) - zp)
     r = np.where(np.isnan(r), 0.0, r)
     return (r.astype(np.int32) + zp.astype(np.int32)).astype(qt.storage)
 

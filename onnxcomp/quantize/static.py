@@ -82,13 +82,17 @@ class InsertQdqPass(ir.passes.InPlacePass):
         plan: QuantPlan,
         activation_params: Mapping[str, schemes.QuantParams],
         weight_codes: Mapping[int, np.ndarray] | None = None,
+        *,
+        reduce_range: bool = True,
     ):
         """weight_codes: id(node) -> int8 codes (the weight's layout) chosen by GPTQ, used
-        instead of round-to-nearest with the same per-channel scales."""
+        instead of round-to-nearest with the same per-channel scales.
+        reduce_range: 7-bit weights [-64, 64], exact on every x86 int8 path (see onnxcomp.cpu)."""
         super().__init__()
         self.plan = plan
         self.params = activation_params
         self.weight_codes = dict(weight_codes or {})
+        self.reduce_range = reduce_range
 
     def call(self, model: ir.Model) -> Result:
         graph = model.graph
@@ -182,7 +186,12 @@ class InsertQdqPass(ir.passes.InPlacePass):
             key = (id(wp.value), wp.axis)
             if key not in done:
                 w = wp.value.const_value.numpy().astype(np.float32)
-                params = schemes.weight_params(w, axis=wp.axis, per_channel=wp.axis is not None)
+                params = schemes.weight_params(
+                    w,
+                    axis=wp.axis,
+                    per_channel=wp.axis is not None,
+                    reduce_range=self.reduce_range,
+                )
                 q = self.weight_codes.get(id(wp.node))
                 if q is None:
                     q = schemes.quantize(w, params)
@@ -471,6 +480,7 @@ def gptq_codes(
     batch_size: int = 32,
     limit: int | None = 256,
     seed: int = 0,
+    reduce_range: bool = True,
 ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
     """int8 codes for the Conv/Gemm/MatMul weights of ``plan`` by GPTQ (Frantar et al. 2022,
     "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", Alg. 1),
@@ -537,7 +547,10 @@ def gptq_codes(
             continue
         # The grid InsertQdqPass uses, from the weight in its own layout.
         params = schemes.weight_params(
-            layer.weight, axis=layer.wp.axis, per_channel=layer.wp.axis is not None
+            layer.weight,
+            axis=layer.wp.axis,
+            per_channel=layer.wp.axis is not None,
+            reduce_range=reduce_range,
         )
         n_groups, rows_per_group, in_features = layer.rows.shape
         q = np.zeros(layer.rows.shape, np.int8)
@@ -550,7 +563,11 @@ def gptq_codes(
                 # Per output channel: W's rows are the channels, group by group.
                 channels = slice(g * rows_per_group, (g + 1) * rows_per_group)
                 grid = schemes.QuantParams(
-                    params.scale[channels], params.zero_point[channels], params.dtype, 0
+                    params.scale[channels],
+                    params.zero_point[channels],
+                    params.dtype,
+                    0,
+                    params.levels,
                 )
             result = gptq.gptq_quantize(w, acc.H, quantizer=grid)
             rtn = schemes.dequantize(schemes.quantize(w, grid), grid)
