@@ -100,7 +100,7 @@ def build_group(root: ir.Node) -> DependencyGroup:
     spec = ops.weighted(root)
     w = root.inputs[spec.weight]
     channels = spec.out_channels(root, w.shape)
-    group = DependencyGroup(g.label(root), channels, producers=[root])
+    group = DependencyGroup(root.name or f"{root.op_type}->{root.outputs[0].name}", channels, producers=[root])
     start = np.arange(channels, dtype=np.int64)[:, None]
     out = root.outputs[0]
     out_rank = _rank(out)
