@@ -122,7 +122,12 @@ def split_const(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None]:
     a, b = node.inputs
     if b is not None and b.const_value is not None and not b.is_graph_input():
         return a, b
-    if node.op_type in ("Add", "Mul") and a is not None and a.const_value is not None and not a.is_graph_input():
+    if (
+        node.op_type in ("Add", "Mul")
+        and a is not None
+        and a.const_value is not None
+        and not a.is_graph_input()
+    ):
         return b, a
     return None, None
 
@@ -154,6 +159,13 @@ def dims(value: ir.Value | None) -> list[int | None] | None:
     if value is None or value.shape is None:
         return None
     return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def same_dim(a: int | ir.SymbolicDim | None, b: int | ir.SymbolicDim | None) -> bool:
+    """Two dims known to be equal: the same number, or the same named symbolic dim."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
 
 
 def label(node: ir.Node) -> str:
@@ -190,7 +202,9 @@ class NameSource:
         return name
 
 
-def add_initializer(graph: ir.Graph, hint: str, array: np.ndarray, names: NameSource | None = None) -> ir.Value:
+def add_initializer(
+    graph: ir.Graph, hint: str, array: np.ndarray, names: NameSource | None = None
+) -> ir.Value:
     """Register ``array`` in ``graph`` as a new initializer named after ``hint``.
 
     Without ``names`` the name is made unique among the graph's initializers only.
@@ -213,16 +227,21 @@ def add_initializer(graph: ir.Graph, hint: str, array: np.ndarray, names: NameSo
     return value
 
 
-def replace_uses(old: ir.Value, new: ir.Value, *, old_suffix: str = "__replaced") -> None:
+def replace_uses(
+    old: ir.Value, new: ir.Value, *, old_suffix: str = "__replaced", take_name: bool = False
+) -> None:
     """Make every reader of ``old`` read ``new``; a graph output keeps its name.
 
-    When ``old`` is a graph output, ``new`` takes over its name and ``old`` is renamed with
-    ``old_suffix``. ``new`` inherits ``old``'s type and shape where it has none.
+    When ``old`` is a graph output (or always, with ``take_name``), ``new`` takes over its name
+    and ``old`` is renamed with ``old_suffix``. ``new`` inherits ``old``'s type and shape where
+    it has none (with ``take_name``: always, as the value it stands for).
     """
-    was_output = old.is_graph_output()
+    renamed = take_name or old.is_graph_output()
     name = old.name
+    if take_name:
+        new.shape, new.type = old.shape, old.type
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    if was_output:
+    if renamed:
         old.name = f"{name}{old_suffix}"
         new.name = name
     if new.type is None:
@@ -234,7 +253,9 @@ def replace_uses(old: ir.Value, new: ir.Value, *, old_suffix: str = "__replaced"
 def can_replace_output(value: ir.Value, source: ir.Value) -> str | None:
     """Why ``value`` (a graph output) cannot be replaced by ``source``, or None."""
     if value.is_graph_output() and (
-        source.is_graph_input() or source.is_graph_output() or source.is_initializer()
+        source.is_graph_input()
+        or source.is_graph_output()
+        or source.is_initializer()
         or source.producer() is None
     ):
         return "its output is a graph output fed straight from a graph input or constant"
@@ -246,8 +267,12 @@ def drop_unused_initializers(graph: ir.Graph, candidates: Iterable[ir.Value | No
     dropped = 0
     for value in candidates:
         if (
-            value is not None and value.is_initializer() and not value.uses()
-            and not value.is_graph_output() and value.name in graph.initializers
+            value is not None
+            and value.is_initializer()
+            and not value.uses()
+            and not value.is_graph_output()
+            and not value.is_graph_input()
+            and value.name in graph.initializers
             and graph.initializers[value.name] is value
         ):
             graph.initializers.pop(value.name)

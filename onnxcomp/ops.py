@@ -97,7 +97,9 @@ class WeightedOp:
         if self.layout == "conv":
             group_of = np.arange(a0) // (a0 // self.groups(node))
             return group_of[:, None] * a1 + np.arange(a1)[None, :]
-        if self.layout == "conv_transpose" or (self.layout == "gemm" and not attr(node, "transB", 0)):
+        if self.layout == "conv_transpose" or (
+            self.layout == "gemm" and not attr(node, "transB", 0)
+        ):
             return np.repeat(np.arange(a0)[:, None], a1, axis=1)
         if self.layout == "gemm" or len(shape) == 2:
             if self.layout == "gemm":
@@ -137,11 +139,15 @@ class WeightedOp:
 
     def scale_out(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
         """Multiply output channel o of ``w`` by ``s[o]`` (float64 inside, ``w``'s dtype out)."""
-        return self._scale(w, np.asarray(s, np.float64).reshape(-1)[self.out_channel_of(node, w.shape)])
+        return self._scale(
+            w, np.asarray(s, np.float64).reshape(-1)[self.out_channel_of(node, w.shape)]
+        )
 
     def scale_in(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
         """Multiply input channel c of ``w`` by ``s[c]`` (float64 inside, ``w``'s dtype out)."""
-        return self._scale(w, np.asarray(s, np.float64).reshape(-1)[self.in_channel_of(node, w.shape)])
+        return self._scale(
+            w, np.asarray(s, np.float64).reshape(-1)[self.in_channel_of(node, w.shape)]
+        )
 
     @staticmethod
     def _scale(w: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -192,7 +198,9 @@ def weight_and_bias(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | str
     w = const(node.inputs[spec.weight]) if len(node.inputs) > spec.weight else None
     if w is None:
         return f"the {node.op_type} weight is computed at run time"
-    b_value = node.inputs[spec.bias] if spec.bias is not None and len(node.inputs) > spec.bias else None
+    b_value = (
+        node.inputs[spec.bias] if spec.bias is not None and len(node.inputs) > spec.bias else None
+    )
     b = None
     if b_value is not None:
         b = const(b_value)
@@ -278,10 +286,26 @@ def _per_channel_params(*params: int, channel_axis: int = 1) -> FlowRule:
     def rule(node: ir.Node, i: int, axis: int) -> ChannelFlow:
         if i != 0:
             if axis != 0 or i not in params:
-                return _flow(node, i, axis, stop=f"input {i} of {node.op_type} is not a per-channel parameter")
-            return _flow(node, i, axis, [ChannelEdge(0, channel_axis)],
-                         tied=[(0, channel_axis), *((p, 0) for p in params if p != i and p < len(node.inputs)
-                                                     and node.inputs[p] is not None)])
+                return _flow(
+                    node,
+                    i,
+                    axis,
+                    stop=f"input {i} of {node.op_type} is not a per-channel parameter",
+                )
+            return _flow(
+                node,
+                i,
+                axis,
+                [ChannelEdge(0, channel_axis)],
+                tied=[
+                    (0, channel_axis),
+                    *(
+                        (p, 0)
+                        for p in params
+                        if p != i and p < len(node.inputs) and node.inputs[p] is not None
+                    ),
+                ],
+            )
         if axis != channel_axis:
             return _flow(node, i, axis, [ChannelEdge(0, axis)])
         tied = [(p, 0) for p in params if p < len(node.inputs) and node.inputs[p] is not None]
@@ -367,11 +391,16 @@ def _slice(node: ir.Node, i: int, axis: int) -> ChannelFlow:
     parts = [const(v) if v is not None else None for v in node.inputs[1:5]]
     parts += [None] * (4 - len(parts))
     starts, ends, axes, steps = parts
-    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None) or (
-        len(node.inputs) > 4 and node.inputs[4] is not None and steps is None
+    if (
+        starts is None
+        or ends is None
+        or (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None)
+        or (len(node.inputs) > 4 and node.inputs[4] is not None and steps is None)
     ):
         return _flow(node, i, axis, stop="Slice: starts/ends/axes/steps are computed at run time")
-    axes_list = [a % r for a in (axes.reshape(-1).tolist() if axes is not None else range(len(starts)))]
+    axes_list = [
+        a % r for a in (axes.reshape(-1).tolist() if axes is not None else range(len(starts)))
+    ]
     if axis not in axes_list:
         return _flow(node, i, axis, [ChannelEdge(0, axis)])
     k = axes_list.index(axis)
@@ -379,7 +408,9 @@ def _slice(node: ir.Node, i: int, axis: int) -> ChannelFlow:
     step = int(steps.reshape(-1)[k]) if steps is not None else 1
     if size is None:
         return _flow(node, i, axis, stop="Slice: the sliced axis size is unknown")
-    start, stop, step = slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k]), step).indices(size)
+    start, stop, step = slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k]), step).indices(
+        size
+    )
     return _flow(node, i, axis, [ChannelEdge(0, axis, "range", start=start, stop=stop, step=step)])
 
 
@@ -401,7 +432,9 @@ def _flatten(node: ir.Node, i: int, axis: int) -> ChannelFlow:
     return _merge(node, i, axis, shape, [f])
 
 
-def _merge(node: ir.Node, i: int, axis: int, shape: list[int | None], cuts: list[int]) -> ChannelFlow:
+def _merge(
+    node: ir.Node, i: int, axis: int, shape: list[int | None], cuts: list[int]
+) -> ChannelFlow:
     """Axes of ``shape`` merged into output axes at ``cuts`` (axis j of the output covers input
     axes cuts[j-1]..cuts[j]); the channel axis must lead its group (then the rest are blocks)."""
     bounds = [0, *cuts, len(shape)]
@@ -411,8 +444,13 @@ def _merge(node: ir.Node, i: int, axis: int, shape: list[int | None], cuts: list
             if axis != lo:
                 inner = [d for d in shape[lo:axis] if d != 1]
                 if inner:
-                    return _flow(node, i, axis, stop=f"{node.op_type} merges the channels under a leading axis")
-            trailing = shape[axis + 1:hi]
+                    return _flow(
+                        node,
+                        i,
+                        axis,
+                        stop=f"{node.op_type} merges the channels under a leading axis",
+                    )
+            trailing = shape[axis + 1 : hi]
             if any(d is None for d in trailing):
                 return _flow(node, i, axis, stop=f"{node.op_type}: a merged dim is unknown")
             block = math.prod(trailing)
@@ -455,11 +493,16 @@ def _reshape(node: ir.Node, i: int, axis: int) -> ChannelFlow:
             k += 1
         if acc2 == block:
             return _flow(node, i, axis, [ChannelEdge(0, out_axis, "blocks", block=block)])
-    return _flow(node, i, axis, stop=f"Reshape splits or regroups the channel axis ({src[axis]} -> {size})")
+    return _flow(
+        node, i, axis, stop=f"Reshape splits or regroups the channel axis ({src[axis]} -> {size})"
+    )
 
 
 def _resolve_shape(src: list[int], target: list[int], allowzero: int) -> list[int] | None:
-    out = [src[k] if (t == 0 and not allowzero and k < len(src)) else int(t) for k, t in enumerate(target)]
+    out = [
+        src[k] if (t == 0 and not allowzero and k < len(src)) else int(t)
+        for k, t in enumerate(target)
+    ]
     if out.count(-1) > 1:
         return None
     if -1 in out:
@@ -470,16 +513,24 @@ def _resolve_shape(src: list[int], target: list[int], allowzero: int) -> list[in
     return out
 
 
-def _squeeze_like(node: ir.Node, i: int, axis: int) -> ChannelFlow:
-    if i != 0:
-        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
-    r = rank(node.inputs[0])
+def _axes(node: ir.Node) -> list[int] | None | str:
+    """The ``axes`` of a Squeeze/Unsqueeze/Reduce* (attribute or input), None when not given."""
     axes = attr(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         array = const(node.inputs[1])
         if array is None:
-            return _flow(node, i, axis, stop=f"{node.op_type}: axes are computed at run time")
+            return f"{node.op_type}: axes are computed at run time"
         axes = array.reshape(-1).tolist()
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _squeeze_like(node: ir.Node, i: int, axis: int) -> ChannelFlow:
+    if i != 0:
+        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
+    r = rank(node.inputs[0])
+    axes = _axes(node)
+    if isinstance(axes, str):
+        return _flow(node, i, axis, stop=axes)
     out_rank = rank(node.outputs[0])
     if r is None or (axes is None and out_rank is None):
         return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
@@ -515,19 +566,16 @@ def _pool(node: ir.Node, i: int, axis: int) -> ChannelFlow:
         return _flow(node, i, axis, stop=f"input {i} of {node.op_type} is a parameter, not data")
     if axis >= 2:
         return _flow(node, i, axis, stop=f"{node.op_type} resamples spatial axis {axis}")
-    return _flow(node, i, axis, [ChannelEdge(o, axis) for o in range(len(node.outputs)) if o == 0])
+    return _flow(node, i, axis, [ChannelEdge(0, axis)])
 
 
 def _reduce(node: ir.Node, i: int, axis: int) -> ChannelFlow:
     if i != 0:
         return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
     r = rank(node.inputs[0])
-    axes = attr(node, "axes")
-    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = const(node.inputs[1])
-        if array is None:
-            return _flow(node, i, axis, stop=f"{node.op_type}: axes are computed at run time")
-        axes = array.reshape(-1).tolist()
+    axes = _axes(node)
+    if isinstance(axes, str):
+        return _flow(node, i, axis, stop=axes)
     if r is None:
         return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
     reduced = {a % r for a in axes} if axes else set(range(r))
@@ -545,7 +593,9 @@ def _along_attr_axis(default_axis: int, why: str) -> FlowRule:
 
     def rule(node: ir.Node, i: int, axis: int) -> ChannelFlow:
         if i != 0:
-            return _flow(node, i, axis, stop=f"input {i} of {node.op_type} is a parameter, not data")
+            return _flow(
+                node, i, axis, stop=f"input {i} of {node.op_type} is a parameter, not data"
+            )
         r = rank(node.inputs[0])
         if r is None:
             return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
@@ -581,7 +631,13 @@ def _weighted_flow(node: ir.Node, i: int, axis: int) -> ChannelFlow:
         channel, out_channel = 1, 1
     else:
         channel, out_channel = 1, 1
-    bias = spec.bias if spec.bias is not None and len(node.inputs) > spec.bias and node.inputs[spec.bias] is not None else None
+    bias = (
+        spec.bias
+        if spec.bias is not None
+        and len(node.inputs) > spec.bias
+        and node.inputs[spec.bias] is not None
+        else None
+    )
     g = spec.groups(node)
     if i == spec.data:
         if channel is None:
@@ -597,20 +653,43 @@ def _weighted_flow(node: ir.Node, i: int, axis: int) -> ChannelFlow:
             multiplier = spec.out_channels(node, w_shape) // g
             kind = "same" if multiplier == 1 else "blocks"
             tied = [(spec.weight, out_axis_w)] + ([(bias, 0)] if bias is not None else [])
-            return _flow(node, i, axis, [ChannelEdge(0, out_channel, kind, block=multiplier)], tied=tied)
+            return _flow(
+                node, i, axis, [ChannelEdge(0, out_channel, kind, block=multiplier)], tied=tied
+            )
         if g > 1:
-            return _flow(node, i, axis, stop=f"{node.op_type} with group={g}: channels are cut only by whole groups")
+            return _flow(
+                node,
+                i,
+                axis,
+                stop=f"{node.op_type} with group={g}: channels are cut only by whole groups",
+            )
         return _flow(node, i, axis, tied=[(spec.weight, in_axis_w)], consumed=True)
     if i == spec.weight:
         if axis == out_axis_w:
             if g > 1 and not (spec.layout == "conv" and g == spec.in_channels(node, w_shape)):
-                return _flow(node, i, axis, stop=f"{node.op_type} with group={g}: output channels are cut only by whole groups")
+                return _flow(
+                    node,
+                    i,
+                    axis,
+                    stop=f"{node.op_type} with group={g}: output channels are cut only by whole groups",
+                )
             tied = [(bias, 0)] if bias is not None else []
             return _flow(node, i, axis, [ChannelEdge(0, out_channel)], tied=tied)
         if axis == in_axis_w:
             if g > 1:
-                return _flow(node, i, axis, stop=f"{node.op_type} with group={g}: input channels are cut only by whole groups")
-            return _flow(node, i, axis, tied=[(spec.data, channel)] if channel is not None else [], consumed=True)
+                return _flow(
+                    node,
+                    i,
+                    axis,
+                    stop=f"{node.op_type} with group={g}: input channels are cut only by whole groups",
+                )
+            return _flow(
+                node,
+                i,
+                axis,
+                tied=[(spec.data, channel)] if channel is not None else [],
+                consumed=True,
+            )
         return _flow(node, i, axis, stop=f"{node.op_type}: weight axis {axis} is a kernel axis")
     if bias is not None and i == bias and axis == 0:
         return _flow(node, i, axis, [ChannelEdge(0, out_channel)], tied=[(spec.weight, out_axis_w)])
@@ -619,30 +698,104 @@ def _weighted_flow(node: ir.Node, i: int, axis: int) -> ChannelFlow:
 
 # Op type -> what it does to the channels of its inputs. Adding an op is adding a row.
 CHANNELS: dict[str, FlowRule] = {
-    **{op: _follow for op in (
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Gelu", "Swish",
-        "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Erf", "Exp",
-        "Log", "Sqrt", "Abs", "Neg", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
-        "Clip", "Cast", "Identity", "Dropout", "IsNaN", "IsInf", "Not",
-    )},
-    **{op: _broadcast for op in (
-        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu",
-        "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod",
-    )},
+    **{
+        op: _follow
+        for op in (
+            "Relu",
+            "LeakyRelu",
+            "Sigmoid",
+            "Tanh",
+            "HardSigmoid",
+            "HardSwish",
+            "Gelu",
+            "Swish",
+            "Elu",
+            "Selu",
+            "Celu",
+            "Softplus",
+            "Softsign",
+            "Mish",
+            "ThresholdedRelu",
+            "Erf",
+            "Exp",
+            "Log",
+            "Sqrt",
+            "Abs",
+            "Neg",
+            "Reciprocal",
+            "Floor",
+            "Ceil",
+            "Round",
+            "Sign",
+            "Sin",
+            "Cos",
+            "Clip",
+            "Cast",
+            "Identity",
+            "Dropout",
+            "IsNaN",
+            "IsInf",
+            "Not",
+        )
+    },
+    **{
+        op: _broadcast
+        for op in (
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Pow",
+            "Max",
+            "Min",
+            "Sum",
+            "Mean",
+            "Where",
+            "PRelu",
+            "Equal",
+            "Less",
+            "Greater",
+            "LessOrEqual",
+            "GreaterOrEqual",
+            "And",
+            "Or",
+            "Xor",
+            "Mod",
+        )
+    },
     "BatchNormalization": _per_channel_params(1, 2, 3, 4),
     "InstanceNormalization": _per_channel_params(1, 2),
     "LayerNormalization": _along_attr_axis(-1, "normalizes over the channel axis"),
     "Softmax": _along_attr_axis(-1, "normalizes over the channel axis"),
     "LogSoftmax": _along_attr_axis(-1, "normalizes over the channel axis"),
     "GroupNormalization": _stopped("GroupNormalization ties channels into groups"),
-    **{op: _pool for op in (
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
-        "Resize", "Upsample",
-    )},
-    **{op: _reduce for op in (
-        "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-        "ReduceLogSumExp", "ReduceSumSquare",
-    )},
+    **{
+        op: _pool
+        for op in (
+            "MaxPool",
+            "AveragePool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            "LpPool",
+            "GlobalLpPool",
+            "Resize",
+            "Upsample",
+        )
+    },
+    **{
+        op: _reduce
+        for op in (
+            "ReduceMean",
+            "ReduceSum",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSumExp",
+            "ReduceSumSquare",
+        )
+    },
     "Concat": _concat,
     "Split": _split,
     "Slice": _slice,
@@ -665,7 +818,9 @@ CHANNELS: dict[str, FlowRule] = {
 def channel_flow(node: ir.Node, input_index: int, axis: int) -> ChannelFlow:
     """What ``node`` does to channel axis ``axis`` of its input ``input_index`` (see ``ChannelFlow``)."""
     if node.domain not in ("", "ai.onnx"):
-        return _flow(node, input_index, axis, stop=f"{node.domain}::{node.op_type} has no channel rule")
+        return _flow(
+            node, input_index, axis, stop=f"{node.domain}::{node.op_type} has no channel rule"
+        )
     rule = CHANNELS.get(node.op_type)
     if rule is None:
         return _flow(node, input_index, axis, stop=f"{node.op_type} has no channel rule")

@@ -30,30 +30,60 @@ def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 # One weighted node per case: (ONNX text, input shape, output channels, input channels).
 LAYERS = {
-    "conv": ("""<ir_version: 8, opset_import: ["" : 17]>
+    "conv": (
+        """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2, 4, 5, 5] x, float[6, 4, 3, 3] w, float[6] b) => (float[2, 6, 3, 3] y) {
     y = Conv(x, w, b)
-}""", (2, 4, 5, 5), 6, 4),
-    "conv-grouped": ("""<ir_version: 8, opset_import: ["" : 17]>
+}""",
+        (2, 4, 5, 5),
+        6,
+        4,
+    ),
+    "conv-grouped": (
+        """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2, 4, 5, 5] x, float[6, 2, 3, 3] w, float[6] b) => (float[2, 6, 3, 3] y) {
     y = Conv<group = 2>(x, w, b)
-}""", (2, 4, 5, 5), 6, 4),
-    "conv-transpose-grouped": ("""<ir_version: 8, opset_import: ["" : 17]>
+}""",
+        (2, 4, 5, 5),
+        6,
+        4,
+    ),
+    "conv-transpose-grouped": (
+        """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2, 4, 5, 5] x, float[4, 3, 3, 3] w, float[6] b) => (float[2, 6, 7, 7] y) {
     y = ConvTranspose<group = 2>(x, w, b)
-}""", (2, 4, 5, 5), 6, 4),
-    "gemm": ("""<ir_version: 8, opset_import: ["" : 17]>
+}""",
+        (2, 4, 5, 5),
+        6,
+        4,
+    ),
+    "gemm": (
+        """<ir_version: 8, opset_import: ["" : 17]>
 g (float[3, 4] x, float[4, 6] w, float[6] b) => (float[3, 6] y) {
     y = Gemm(x, w, b)
-}""", (3, 4), 6, 4),
-    "gemm-transB": ("""<ir_version: 8, opset_import: ["" : 17]>
+}""",
+        (3, 4),
+        6,
+        4,
+    ),
+    "gemm-transB": (
+        """<ir_version: 8, opset_import: ["" : 17]>
 g (float[3, 4] x, float[6, 4] w, float[6] b) => (float[3, 6] y) {
     y = Gemm<transB = 1>(x, w, b)
-}""", (3, 4), 6, 4),
-    "matmul": ("""<ir_version: 8, opset_import: ["" : 17]>
+}""",
+        (3, 4),
+        6,
+        4,
+    ),
+    "matmul": (
+        """<ir_version: 8, opset_import: ["" : 17]>
 g (float[2, 3, 4] x, float[4, 6] w) => (float[2, 3, 6] y) {
     y = MatMul(x, w)
-}""", (2, 3, 4), 6, 4),
+}""",
+        (2, 3, 4),
+        6,
+        4,
+    ),
 }
 
 
@@ -190,7 +220,10 @@ g (float[1, 4, 4, 4] x, float[6, 2, 1, 1] w) => (float[1, 6, 4, 4] y, float[1, 4
     z = Softmax<axis = 1>(x)
 }""")
     assert "group=2" in ops.channel_flow(_node(grouped, "y"), 0, 1).stop
-    assert ops.channel_flow(_node(grouped, "z"), 0, 1).stop == "Softmax normalizes over the channel axis"
+    assert (
+        ops.channel_flow(_node(grouped, "z"), 0, 1).stop
+        == "Softmax normalizes over the channel axis"
+    )
     assert ops.channel_flow(_node(grouped, "z"), 0, 2).edges == (ops.ChannelEdge(0, 2),)
 
 
@@ -209,9 +242,13 @@ g (float[2, 8, 3, 3] x) => (float[2, 3, 3, 8] t, float[2, 72] r, float[2, 2, 4, 
     c = Slice(x, starts, ends, axes, steps)
 }""")
     assert ops.channel_flow(_node(model, "t"), 0, 1).edges == (ops.ChannelEdge(0, 3),)
-    assert ops.channel_flow(_node(model, "r"), 0, 1).edges == (ops.ChannelEdge(0, 1, "blocks", block=9),)
+    assert ops.channel_flow(_node(model, "r"), 0, 1).edges == (
+        ops.ChannelEdge(0, 1, "blocks", block=9),
+    )
     assert "splits or regroups" in ops.channel_flow(_node(model, "s"), 0, 1).stop
-    assert ops.channel_flow(_node(model, "c"), 0, 1).edges == (ops.ChannelEdge(0, 1, "range", start=1, stop=7, step=2),)
+    assert ops.channel_flow(_node(model, "c"), 0, 1).edges == (
+        ops.ChannelEdge(0, 1, "range", start=1, stop=7, step=2),
+    )
     assert ops.channel_flow(_node(model, "c"), 0, 2).edges == (ops.ChannelEdge(0, 2),)
 
 
@@ -220,6 +257,8 @@ def test_unknown_op_stops_with_a_reason():
 g (float[1, 4, 4, 4] x) => (float[1, 1, 8, 8] y) {
     y = DepthToSpace<blocksize = 2>(x)
 }""")
-    assert ops.channel_flow(_node(model, "y"), 0, 1).stop == "DepthToSpace moves channels into space"
+    assert (
+        ops.channel_flow(_node(model, "y"), 0, 1).stop == "DepthToSpace moves channels into space"
+    )
     node = ir.node("TopK", [model.graph.inputs[0]])
     assert ops.channel_flow(node, 0, 1).stop == "TopK has no channel rule"

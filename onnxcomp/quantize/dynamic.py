@@ -40,10 +40,16 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import cpu
+from onnxcomp import cpu, runtime
 from onnxcomp import model as model_io
-from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import (
+    add_initializer,
+    drop_unused_initializers,
+    replace_uses,
+    strip_inferred_shapes,
+)
+from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
 from onnxcomp.quantize.weight_only import (
@@ -166,13 +172,6 @@ class _Match:
     nodes: list[ir.Node]
     output: ir.Value
     conv: ir.Node | None = None  # for Conv: the original node (attributes are copied)
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant array if it is an initializer the user cannot override, else None."""
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 def _is_float32(value: ir.Value) -> bool:
@@ -641,15 +640,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             self._rewrite_group(graph, group)
 
     def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        base, n = name, 1
-        while name in graph.initializers:
-            name = f"{base}_{n}"
-            n += 1
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, name, array)
 
     def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
         opts = self.options
@@ -772,17 +763,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     ) -> None:
         graph.insert_before(anchor, new_nodes)
         for lay in group:
-            old, new = lay.match.output, lay.new_output
-            new.name, old_name = old.name, old.name
-            old.name = f"{old_name}__float"
-            new.name = old_name
-            new.shape, new.type = old.shape, old.type
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            replace_uses(lay.match.output, lay.new_output, old_suffix="__float", take_name=True)
         for lay in group:
             inputs = [v for node in lay.match.nodes for v in node.inputs]
             for node in reversed(lay.match.nodes):
                 graph.remove(node, safe=True)
-            _drop_unused(graph, inputs)
+            drop_unused_initializers(graph, inputs)
 
 
 def _residual_layernorms(graph: ir.Graph) -> list[ir.Node]:
@@ -810,13 +796,7 @@ def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
     """
     if not _residual_layernorms(graph):
         return 0
-    outputs = {id(v) for v in graph.outputs}
-    dropped = 0
-    for node in graph:
-        for value in node.outputs:
-            if value.shape is not None and id(value) not in outputs:
-                value.shape = None
-                dropped += 1
+    dropped = strip_inferred_shapes(graph, types=False)
     if dropped:
         logger.info(
             "dropped the inferred shapes of %d values: with them onnxruntime fuses residual Add + "
@@ -824,15 +804,6 @@ def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
             dropped,
         )
     return dropped
-
-
-def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove initializers the rewrite left without readers (the float weights and biases)."""
-    for value in values:
-        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.name in graph.initializers and graph.initializers[value.name] is value:
-            del graph.initializers[value.name]
 
 
 def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:

@@ -27,22 +27,18 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import ops
+from onnxcomp.graph import const as _const
+
 Role = Literal["weighted", "elementwise", "concat", "unary", "passthrough", "activation", "float"]
 
 FLOAT_TYPES = (ir.DataType.FLOAT,)
 
 
-def _conv_axis(node: ir.Node) -> int:
-    return 0  # weight (M, C/group, k...): output channels first
-
-
-def _gemm_axis(node: ir.Node) -> int:
-    trans_b = node.attributes.get_int("transB", 0)
-    return 0 if trans_b else 1  # B: (N, K) when transposed, else (K, N)
-
-
-def _matmul_axis(node: ir.Node) -> int:
-    return 1  # B: (K, N), one scale per output column
+def _weight_axis(node: ir.Node) -> int:
+    """The weight axis of the output channels (ops.WEIGHTED); MatMul weights here are (K, N)."""
+    axis = ops.WEIGHTED[node.op_type].out_axis(node)
+    return axis % 2 if axis < 0 else axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +66,9 @@ def _rules(*rules: OpRule) -> dict[str, OpRule]:
 
 
 OP_TABLE: dict[str, OpRule] = _rules(
-    OpRule("Conv", "weighted", "QLinearConv", 1, (0,), _conv_axis, 2),
-    OpRule("Gemm", "weighted", "QGemm", 1, (0,), _gemm_axis, 2),
-    OpRule("MatMul", "weighted", "QLinearMatMul / MatMulIntegerToFloat", 1, (0,), _matmul_axis),
+    OpRule("Conv", "weighted", "QLinearConv", 1, (0,), _weight_axis, 2),
+    OpRule("Gemm", "weighted", "QGemm", 1, (0,), _weight_axis, 2),
+    OpRule("MatMul", "weighted", "QLinearMatMul / MatMulIntegerToFloat", 1, (0,), _weight_axis),
     OpRule(
         "ConvTranspose",
         "float",
@@ -173,14 +169,6 @@ class QuantPlan:
             "weights": len(self.weights),
             "per_channel": self.per_channel,
         }
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    if value.is_graph_input():
-        return None  # an initializer the caller may override at run time is not a constant
-    return value.const_value.numpy()
 
 
 def _is_float(value: ir.Value | None) -> bool:

@@ -30,6 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.data import DataSource
+from onnxcomp.graph import NameSource as _Names
+from onnxcomp.graph import add_initializer
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.calibrate import stream
@@ -38,31 +40,8 @@ from onnxcomp.quantize.plan import OP_TABLE, QuantPlan, WeightPlan
 logger = logging.getLogger(__name__)
 
 
-class _Names:
-    """Fresh value/node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: ir.Graph):
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in graph:
-            self.used.add(node.name)
-            self.used.update(v.name for v in node.outputs)
-
-    def __call__(self, base: str) -> str:
-        name, n = base, 0
-        while name in self.used:
-            n += 1
-            name = f"{base}_{n}"
-        self.used.add(name)
-        return name
-
-
 def _initializer(graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -> ir.Value:
-    name = names(base)
-    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
-    value.shape = ir.Shape(np.asarray(array).shape)
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, base, array, names)
 
 
 def _insert_after(graph: ir.Graph, value: ir.Value, new_nodes: list[ir.Node]) -> None:

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import gptq, schemes
 
@@ -109,12 +110,6 @@ class _Match:
     bias: np.ndarray | None = None
     bias_add: ir.Node | None = None
     output: ir.Value | None = None
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
 
 
 def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
