@@ -15,7 +15,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -211,68 +210,37 @@ def iter_outputs(
         yield batch, run(session, batch.inputs, output_names, label)
 
 
-def capture(
+def capture_session(
     model: ir.Model,
     names: Iterable[str],
-    data: DataSource,
     *,
-    batch_size: int = 32,
-    limit: int | None = None,
     threads: int = 1,
     optimization: str = "disable",
-) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
-    """Stream intermediate tensors: yield ``(batch, {name: array})`` one batch at a time.
+) -> ort.InferenceSession:
+    """A session of ``model`` whose outputs include the named intermediate tensors.
 
-    The caller folds each batch into running statistics and drops it, so memory is one batch
-    of the wanted tensors whatever the number of samples. Graph optimizations are disabled by
-    default so the named tensors exist as written in the model.
+    Ask `run` / `iter_outputs` for any subset of the names: onnxruntime computes only what the
+    requested outputs need. Graph optimizations are disabled by default so the named tensors exist
+    as written in the model. `onnxcomp.capture` streams them within a memory budget.
     """
     names = list(dict.fromkeys(names))
-    proto = ir.to_proto(model)
-    present = {o.name for o in proto.graph.output}
-    known = _value_types(model)
-    for name in names:
-        if name in present:
-            continue
-        if name not in known:
-            raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
-        output = proto.graph.output.add()
-        output.name = name
-        if known[name] is not None:
-            output.type.CopyFrom(known[name])
-    session = create_session(
-        proto.SerializeToString()
-        if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD
-        else _save_tmp(proto),
-        threads=threads,
-        optimization=optimization,
-        label="capture",
-    )
-    yield from iter_outputs(
-        session, data, batch_size=batch_size, limit=limit, output_names=names, label="capture"
-    )
-
-
-def _value_types(model: ir.Model):
-    """name -> TypeProto (or None when unknown) for every value of the main graph."""
-    import onnx
-
-    types = {}
-    for value in model.graph.inputs:
-        types[value.name] = None
-    for node in model.graph:
-        for value in node.outputs:
-            type_proto = None
-            if value.dtype is not None:
-                type_proto = onnx.helper.make_tensor_type_proto(value.dtype.value, None)
-            types[value.name] = type_proto
-    return types
-
-
-def _save_tmp(proto) -> str:
-    import onnx
-
-    tmpdir = tempfile.mkdtemp(prefix="onnxcomp-capture-")
-    path = Path(tmpdir) / "model.onnx"
-    onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-    return str(path)
+    graph = model.graph
+    present = {v.name for v in graph.outputs}
+    values = {v.name: v for v in graph.inputs}
+    values.update((v.name, v) for node in graph for v in node.outputs)
+    added = 0
+    try:
+        for name in names:
+            if name in present:
+                continue
+            if name not in values:
+                raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
+            graph.outputs.append(values[name])
+            present.add(name)
+            added += 1
+        # The weights are written once (or serialized in memory when small), never copied in a
+        # protobuf: the model itself gets the extra outputs while the session is created.
+        return create_session(model, threads=threads, optimization=optimization, label="capture")
+    finally:
+        for _ in range(added):
+            graph.outputs.pop()

@@ -412,3 +412,28 @@ def test_inferred_shapes_are_dropped_so_onnxruntime_keeps_add_and_layernorm(tmp_
     assert [v.shape for v in result.model.graph.outputs] == [v.shape for v in kept.graph.outputs]
     (out,) = run(result.model, {"x": x})
     assert cosine(ref, out) > 0.999
+
+
+@pytest.mark.parametrize("form", ["contrib", "onnx"])
+def test_chain_of_plain_matmuls(form):
+    # MatMul -> MatMul with nothing between: rewriting one layer renames the tensor the next reads.
+    rng = np.random.default_rng(8)
+    w0, w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) / 8 for _ in range(3))
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        chain (float[batch, 64] x) => (float[batch, 64] y) {
+            h0 = MatMul(x, w0)
+            h1 = MatMul(h0, w1)
+            y = MatMul(h1, w2)
+        }
+        """,
+        w0=w0,
+        w1=w1,
+        w2=w2,
+    )
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    ref = run(copy_of(model), {"x": x})[0]
+    result = DynamicQuantizePass(DynamicQuantizeOptions(form=form))(model)
+    assert result.report["quantized"] == 3
+    assert cosine(run(result.model, {"x": x})[0], ref) > 0.99

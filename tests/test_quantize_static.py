@@ -358,16 +358,17 @@ def test_batchnorm_only_fallback_keeps_outputs():
 
 
 def test_capture_batches_shrink_to_the_memory_budget(monkeypatch):
+    from onnxcomp import capture
     from onnxcomp.quantize import calibrate as calib
     from onnxcomp.quantize.plan import build_plan
 
     model = model_io.load(CNN)
     model_io.normalize(model)
     plan = build_plan(model)
-    monkeypatch.setattr(calib, "CAPTURE_BUDGET_BYTES", 64 * 1024)  # one batch of 32 is ~200 KB
+    monkeypatch.setattr(capture, "CAPTURE_BUDGET_BYTES", 64 * 1024)  # one batch of 32 is ~200 KB
     sizes = [
         len(batch)
-        for batch, _ in calib.stream(
+        for batch, _ in capture.stream(
             model, list(plan.groups()), NpzData(CALIB), batch_size=32, limit=100
         )
     ]
@@ -464,7 +465,7 @@ def test_yolov8n_silu_split_concat_resize_run_as_integer_kernels(tmp_path):
 )
 def test_conv_patches_times_weight_is_the_conv(x_shape, w_shape, attrs):
     from onnxcomp import runtime
-    from onnxcomp.quantize.static import conv_geometry, conv_patches
+    from onnxcomp.layerwise import conv_geometry, conv_patches
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)

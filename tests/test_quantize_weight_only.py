@@ -266,3 +266,44 @@ def test_bad_options_name_the_key(values, key):
 def test_bad_options_in_the_constructor_too():
     with pytest.raises(OnnxcompError, match="bits"):
         WeightOnlyQuantizePass(WeightOnlyOptions(bits=3))
+
+
+def matmul_chain(path, n: int = 256, layers: int = 5, seed: int = 0) -> None:
+    """Five chained MatMuls with [n, n] initializers, no bias, opset 17: the plainest LLM-style stack."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    rng = np.random.default_rng(seed)
+    nodes, weights, prev = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+        weights.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [out], name=f"mm{i}"))
+        prev = out
+    graph = h.make_graph(
+        nodes,
+        "chain",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        weights,
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("extra", [[], ["--gptq"]])
+def test_chain_of_plain_matmuls_int4(cli, tmp_path, extra):
+    # Each rewrite renames the float output it replaces; the next layer must read the new one.
+    matmul_chain(tmp_path / "mlp.onnx")
+    result = cli(
+        "quantize", tmp_path / "mlp.onnx", "-o", tmp_path / "q.onnx",
+        "--mode", "weight-only", "--bits", "4", *extra,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    model = ir.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in model.graph] == ["MatMulNBits"] * 5
+    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    ref = run(ir.load(tmp_path / "mlp.onnx"), {"x": x})
+    out = run(model, {"x": x})
+    cos = float(np.sum(ref * out) / (np.linalg.norm(ref) * np.linalg.norm(out)))
+    assert cos > 0.95

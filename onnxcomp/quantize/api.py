@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import cpu
@@ -243,8 +242,7 @@ def quantize_static(
     codes, gptq_report = {}, None
     if options.gptq:
         codes, gptq_report = gptq_codes(
-            reference, plan, data, input_names, batch_size=options.batch_size,
-            reduce_range=reduce_range,
+            reference, plan, data, batch_size=options.batch_size, reduce_range=reduce_range
         )
     result = InsertQdqPass(plan, params, codes, reduce_range=reduce_range)(model)
     report: dict[str, Any] = {"mode": "static", "cpu": cpu.describe(options.target_cpu)}

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import cpu, runtime
+from onnxcomp import capture, cpu
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import (
@@ -166,12 +166,16 @@ class _Match:
 
     name: str
     op_type: str
-    x: ir.Value
     w: np.ndarray  # (K, N) float32, Gemm's transB and alpha applied
     bias: np.ndarray | None  # (N,) float32
     nodes: list[ir.Node]
     output: ir.Value
     conv: ir.Node | None = None  # for Conv: the original node (attributes are copied)
+
+    @property
+    def x(self) -> ir.Value:
+        """The input as the graph holds it now: rewriting the layer before renames its output."""
+        return self.nodes[0].inputs[0]
 
 
 def _is_float32(value: ir.Value) -> bool:
@@ -211,7 +215,7 @@ def _match_matmul(node: ir.Node) -> _Match | str:
     if fold is not None:
         add, bias, output = fold
         nodes.append(add)
-    return _Match(node.name or "", "MatMul", x, w, bias, nodes, output)
+    return _Match(node.name or "", "MatMul", w, bias, nodes, output)
 
 
 def _match_gemm(node: ir.Node) -> _Match | str:
@@ -219,7 +223,7 @@ def _match_gemm(node: ir.Node) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(node.name or "", "Gemm", node.inputs[0], w, bias, [node], node.outputs[0])
+    return _Match(node.name or "", "Gemm", w, bias, [node], node.outputs[0])
 
 
 def _match_conv(node: ir.Node) -> _Match | str:
@@ -233,9 +237,7 @@ def _match_conv(node: ir.Node) -> _Match | str:
         bias = _const(node.inputs[2])
         if bias is None:
             return "bias is computed at run time"
-    return _Match(
-        node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node
-    )
+    return _Match(node.name or "", "Conv", w, bias, [node], node.outputs[0], conv=node)
 
 
 # op type -> rule; a rule returns a match or the reason the node stays float.
@@ -349,6 +351,7 @@ class _GroupStats:
         self.blockwise_weights = []
 
     def observe_error(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (tokens, K)
         refs = [x2 @ lay.match.w for lay in self.layers]  # (tokens, N) each
@@ -556,14 +559,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             CALIBRATION_MEMORY_BYTES,
         )
         for names in chunks:
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_range(x)
+            ranges = {name: capture.Each(groups[name].observe_range) for name in names}
+            capture.accumulate(model, ranges, data, limit=limit)
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_error(np.asarray(x, np.float32))
+            errors = {name: capture.Each(groups[name].observe_error) for name in names}
+            capture.accumulate(model, errors, data, limit=limit)
             for name in names:
                 groups[name].release()
         smoothed = blockwise = 0

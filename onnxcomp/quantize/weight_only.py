@@ -8,8 +8,8 @@
   the hidden axis).
 
 Rounding is round-to-nearest (``algorithm="rtn"``) or GPTQ (``algorithm="gptq"``, Frantar et al. 2022, Alg. 1), which
-needs each layer's input Hessian: the layer inputs are streamed over the calibration data with `runtime.capture` and
-folded into `onnxcomp.quantize.gptq.HessianAccumulator`, one batch at a time.
+needs each layer's input Hessian: `onnxcomp.layerwise.reconstruct` streams the layer inputs over the calibration
+data into Hessians, one batch at a time, and hands each layer to GPTQ.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import runtime
+from onnxcomp import layerwise
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
@@ -106,10 +106,15 @@ class _Match:
     op_type: str
     node: ir.Node
     w: np.ndarray  # MatMul: (K, N); Gather: the table (rows, hidden)
-    x: ir.Value | None = None  # MatMul input (for GPTQ)
     bias: np.ndarray | None = None
     bias_add: ir.Node | None = None
     output: ir.Value | None = None
+
+    @property
+    def x(self) -> ir.Value | None:
+        """The MatMul's input as the graph holds it now (rewriting the layer before renames its
+        output), None for a Gather."""
+        return self.node.inputs[0] if self.op_type == "MatMul" else None
 
 
 def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
@@ -123,7 +128,7 @@ def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
     x = node.inputs[0]
     if x.shape is not None and len(x.shape) < 2:
         return "input is a vector; MatMulNBits needs a matrix"
-    match = _Match(node.name or "", "MatMul", node, w, x=x, output=node.outputs[0])
+    match = _Match(node.name or "", "MatMul", node, w, output=node.outputs[0])
     out = node.outputs[0]
     uses = list(out.uses())
     if len(uses) == 1 and not out.is_graph_output():
@@ -174,9 +179,7 @@ def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(
-        node.name or "", "MatMul", node, w, x=node.inputs[0], bias=bias, output=node.outputs[0]
-    )
+    return _Match(node.name or "", "MatMul", node, w, bias=bias, output=node.outputs[0])
 
 
 def _match_gather(node: ir.Node, block_size: int) -> _Match | str:
@@ -300,63 +303,70 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                     f"algorithm=gptq needs calibration data: give --data ({err})"
                 ) from None
             logger.warning("GPTQ without calibration data: using random inputs")
-        by_input: dict[str, list[_Match]] = {}
-        for match in matches:
-            by_input.setdefault(match.x.name, []).append(match)
-        chunks = split_by_budget(
-            list(by_input),
-            lambda name: 8 * by_input[name][0].w.shape[0] ** 2,
-            HESSIAN_MEMORY_BYTES,
+        opts = self.options
+        views = {id(m): layerwise.matmul_view(m.node, m.w) for m in matches}
+        by_view = {id(views[id(m)]): m for m in matches}
+        k_bits = schemes.UINT4 if opts.bits == 4 else schemes.UINT8
+
+        def solve(w, h, ctx: layerwise.SolveContext) -> layerwise.Solution:
+            result = gptq.gptq_quantize(
+                w,  # (N, K): GPTQ's (out, in) layout
+                h,
+                dtype=k_bits,
+                symmetric=opts.symmetric,
+                group_size=opts.block_size,
+                damp=opts.damp,
+                act_order=opts.act_order,
+            )
+            return layerwise.Solution(
+                result.dequantized,
+                codes=result.quantized,
+                info={"scale": result.scale, "zero_point": result.zero_point},
+            )
+
+        def write(layer: layerwise.LayerResult) -> None:
+            match = by_view[id(layer.view)]
+            entries[id(match)] = self._rewrite_matmul(model.graph, match, layer)
+
+        # Layers are rewritten as soon as their set of Hessians is solved, and ``model`` is also
+        # the source: the layers of the next set see the already quantized ones, as in GPTQ.
+        done = layerwise.reconstruct(
+            model,
+            [views[id(m)] for m in matches],
+            data,
+            solve,
+            write=write,
+            limit=opts.calibration_samples,
+            hessian_budget_bytes=HESSIAN_MEMORY_BYTES,
         )
-        rows = None
-        for names in chunks:
-            hessians = {name: gptq.HessianAccumulator() for name in names}
-            limit = self.options.calibration_samples
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    hessians[name].update(x)
-            for name in names:
-                rows = (
-                    hessians[name].n_samples
-                    if rows is None
-                    else min(rows, hessians[name].n_samples)
-                )
-                for match in by_input[name]:
-                    entries[id(match)] = self._rewrite_matmul(model.graph, match, hessians[name])
-            del hessians
+        for layer in done.layers:
+            if layer.skipped:  # no finite inputs: round to nearest
+                match = by_view[id(layer.view)]
+                entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
+        rows = min((layer.rows for layer in done.layers if not layer.skipped), default=0)
         return {
             "calibration": getattr(data, "name", "data"),
             "calibration_rows": rows,
-            "calibration_runs": len(chunks),
+            "calibration_runs": done.runs,
         }
 
     def _quantize_weight(
-        self, w: np.ndarray, hessian: gptq.HessianAccumulator | None
+        self, w: np.ndarray, solution: layerwise.Solution | None
     ) -> schemes.BlockwiseWeight:
-        """``w: [K, N]`` -> MatMulNBits layout, by RTN or GPTQ."""
+        """``w: [K, N]`` -> MatMulNBits layout: round to nearest, or GPTQ's ``solution``."""
         opts = self.options
-        if hessian is None:
+        if solution is None:
             return schemes.quantize_blockwise(w, opts.block_size, opts.bits, opts.symmetric)
         k, n = w.shape
-        qt = schemes.UINT4 if opts.bits == 4 else schemes.UINT8
-        result = gptq.gptq_quantize(
-            w.T,  # (N, K): GPTQ's (out, in) layout
-            hessian.H,
-            dtype=qt,
-            symmetric=opts.symmetric,
-            group_size=opts.block_size,
-            damp=opts.damp,
-            act_order=opts.act_order,
-        )
         n_blocks = -(-k // opts.block_size)
-        codes = np.asarray(result.quantized, np.uint8)  # (N, K)
-        zero = np.asarray(result.zero_point, np.uint8)  # (N, n_blocks)
+        codes = np.asarray(solution.codes, np.uint8)  # (N, K)
+        zero = np.asarray(solution.info["zero_point"], np.uint8)  # (N, n_blocks)
         pad = n_blocks * opts.block_size - k
         if pad:
             codes = np.concatenate([codes, np.repeat(zero[:, -1:], pad, axis=1)], axis=1)
         return schemes.pack_matmulnbits(
             codes,
-            np.asarray(result.scale, np.float32),
+            np.asarray(solution.info["scale"], np.float32),
             None if opts.symmetric else zero,
             k,
             opts.bits,
@@ -373,10 +383,15 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         return value
 
     def _rewrite_matmul(
-        self, graph: ir.Graph, match: _Match, hessian: gptq.HessianAccumulator | None
+        self,
+        graph: ir.Graph,
+        match: _Match,
+        layer: layerwise.LayerResult | None,
     ) -> tuple[dict[str, object], int]:
+        """Replace the MatMul (and its bias Add) by MatMulNBits: round to nearest, or the codes of
+        GPTQ's solved ``layer``."""
         opts = self.options
-        q = self._quantize_weight(match.w, hessian)
+        q = self._quantize_weight(match.w, layer.solutions[0] if layer else None)
         deq = schemes.dequantize_blockwise(q)
         node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
@@ -388,12 +403,14 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "weight": list(match.w.shape),
             "weight_sqnr_db": _round(schemes.sqnr_db(match.w, deq)),
         }
-        if hessian is not None:
+        if layer is not None:
             rtn = schemes.quantize_blockwise(match.w, opts.block_size, opts.bits, opts.symmetric)
-            entry["output_error_rtn"] = _output_error(
-                match.w, schemes.dequantize_blockwise(rtn), hessian.H
+            rtn = schemes.dequantize_blockwise(rtn).T  # (N, K), as the solver saw it
+            h = layer.hessians[0].H
+            entry["output_error_rtn"] = _significant(
+                layerwise.reconstruction_error(match.w.T, rtn, h)
             )
-            entry["output_error"] = _output_error(match.w, deq, hessian.H)
+            entry["output_error"] = _significant(layer.error)
         return entry, _nbytes(q)
 
     def _rewrite_gather(self, graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
@@ -528,10 +545,8 @@ def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
     return chunks
 
 
-def _output_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
-    """``E||x (W - W_q)||^2`` per sample for ``H = 2 X^T X / n`` (as `gptq.reconstruction_error`, in O(K^2 N))."""
-    dw = np.asarray(w, np.float64) - np.asarray(w_q, np.float64)  # (K, N)
-    return float(f"{float(np.sum((h @ dw) * dw)) / 2.0:.4g}")
+def _significant(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
