@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp import layerwise
 from onnxcomp.prune import numerics as pn
 
 
@@ -78,7 +79,7 @@ def test_sparsegpt_with_a_fixed_mask_keeps_it():
     assert np.array_equal(keep, mask)
     assert np.all(new[~mask] == 0)
     plain = np.where(mask, w, 0)
-    assert pn.reconstruction_error(w, new, h) < pn.reconstruction_error(w, plain, h)
+    assert layerwise.reconstruction_error(w, new, h) < layerwise.reconstruction_error(w, plain, h)
 
 
 def test_sparsegpt_2_4():
@@ -88,14 +89,12 @@ def test_sparsegpt_2_4():
     assert np.all(new[~keep] == 0)
 
 
-def test_keep_columns_lstsq_recovers_redundant_inputs():
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((400, 6))
-    x = np.concatenate([base, base[:, :2] * 2.0], axis=1)  # inputs 6, 7 copy inputs 0, 1
-    w = rng.standard_normal((4, 8))
-    h = 2 * x.T @ x / len(x)
-    w_k = pn.keep_columns_lstsq(w, h, np.arange(6), damp=1e-6)
-    assert np.allclose(x[:, :6] @ w_k.T, x @ w.T, atol=1e-3)
+def test_masked_least_squares_after_sparsegpt_is_no_worse():
+    w, _, h = _layer(3)
+    new, keep = pn.sparsegpt(w, h, sparsity=0.7)
+    exact = layerwise.masked_least_squares(w, h, keep)
+    assert layerwise.reconstruction_error(w, exact, h) <= layerwise.reconstruction_error(w, new, h) * 1.0001
+    assert pn.lstsq_cost(keep) > 0
 
 
 def test_bad_sparsity_is_named():

@@ -1,5 +1,7 @@
-"""Pruning numerics on plain arrays: importance scores, masks, N:M patterns, SparseGPT, channel
-least squares.
+"""Pruning numerics on plain arrays: importance scores, masks, N:M patterns, the SparseGPT solver.
+
+The damped inverse Hessian, exact masked least squares and the reconstruction error are the
+shared ones in ``onnxcomp.layerwise``.
 
 Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs
 ``x: (samples, in_features)``; ``H = 2 X^T X / n`` is its Hessian (``in x in``). A mask is a bool
@@ -16,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.layerwise import inverse_cholesky_upper
 
 logger = logging.getLogger(__name__)
 
@@ -161,22 +164,6 @@ def sparsity_of(w: np.ndarray) -> float:
 # Solvers
 
 
-def inverse_hessian_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of ``(H + damp * mean(diag H) I)^-1 = U^T U``; the damping grows
-    tenfold (up to 5 times) while H is not positive definite."""
-    n = h.shape[0]
-    mean_diag = float(np.mean(np.diag(h))) or 1.0
-    for attempt in range(6):
-        d = damp * (10.0**attempt) * mean_diag
-        try:
-            low = np.linalg.cholesky(h + d * np.eye(n))
-            low_inv = np.linalg.inv(low)
-            return np.linalg.cholesky(low_inv.T @ low_inv).T
-        except np.linalg.LinAlgError:
-            logger.info("Hessian not positive definite with damp=%g; increasing damping", d)
-    raise OnnxcompError("Hessian is not positive definite even with strong damping")
-
-
 def sparsegpt(
     W: np.ndarray,  # noqa: N803
     H: np.ndarray,  # noqa: N803
@@ -209,7 +196,7 @@ def sparsegpt(
     dead = np.diag(h) == 0  # inputs that are always 0: prune them freely
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = inverse_hessian_upper(h, damp)  # (in, in)
+    u = inverse_cholesky_upper(h, damp)  # (in, in)
     keep = np.ones((out_f, in_f), dtype=bool) if mask is None else np.asarray(mask, bool).copy()
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
@@ -239,68 +226,9 @@ def sparsegpt(
     return w.astype(np.float32), keep
 
 
-def keep_columns_lstsq(
-    W: np.ndarray,  # noqa: N803
-    H: np.ndarray,  # noqa: N803
-    keep: Sequence[int] | np.ndarray,
-    damp: float = 0.01,
-) -> np.ndarray:
-    """Weights on the kept inputs only that best reproduce ``W x``: least squares
-    ``W_K = W H[:, K] (H[K, K] + damp)^-1`` (the closed form of OBS for removing whole input
-    columns, as in Torch-Pruning's and CoFi's reconstruction of the consumer layer).
-
-    Args:
-        W: (out, in).
-        H: (in, in), ``2 X^T X / n`` of the layer's full inputs.
-        keep: indices of the kept inputs (len k).
-    Returns (out, k) float32.
-    """
-    w = np.asarray(W, dtype=np.float64)
-    h = np.asarray(H, dtype=np.float64)
-    k = np.asarray(keep, dtype=np.int64)
-    hkk = h[np.ix_(k, k)]
-    mean_diag = float(np.mean(np.diag(hkk))) if k.size else 1.0
-    hkk = hkk + damp * (mean_diag or 1.0) * np.eye(k.size)
-    rhs = w @ h[:, k]  # (out, k)
-    try:
-        solved = np.linalg.solve(hkk, rhs.T).T
-    except np.linalg.LinAlgError:
-        solved = np.linalg.lstsq(hkk, rhs.T, rcond=None)[0].T
-    return solved.astype(np.float32)
-
-
-def masked_lstsq(
-    W: np.ndarray,  # noqa: N803
-    H: np.ndarray,  # noqa: N803
-    mask: np.ndarray,
-    damp: float = 0.01,
-) -> np.ndarray:
-    """The exact optimum of ``||(W - W') X||^2`` over W' zero outside ``mask``, row by row:
-    ``w'_K = (H_KK + damp)^-1 (H w)_K`` (what SparseGPT's sequential updates approximate).
-
-    Cost ``out * k^3`` for k kept weights per row; use it where that is small.
-    Returns (out, in) float32.
-    """
-    w = np.asarray(W, dtype=np.float64)
-    h = np.asarray(H, dtype=np.float64)
-    mean_diag = float(np.mean(np.diag(h))) or 1.0
-    h = h + damp * mean_diag * np.eye(len(h))
-    hw = w @ h  # (out, in): row o is (H w_o)^T
-    out = np.zeros_like(w)
-    for o in range(w.shape[0]):
-        k = np.flatnonzero(mask[o])
-        if k.size:
-            out[o, k] = np.linalg.solve(h[np.ix_(k, k)], hw[o, k])
-    return out.astype(np.float32)
-
-
 def lstsq_cost(mask: np.ndarray) -> float:
-    """Flops of `masked_lstsq` (about): sum over rows of k^3 / 3."""
-    k = np.count_nonzero(mask, axis=1).astype(np.float64)
+    """About the flops of `layerwise.masked_least_squares` for ``mask``: k^3 / 3 per distinct
+    row pattern (k kept inputs)."""
+    patterns = np.unique(np.asarray(mask, bool), axis=0)
+    k = np.count_nonzero(patterns, axis=1).astype(np.float64)
     return float(np.sum(k**3) / 3)
-
-
-def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:  # noqa: N803
-    """Mean output error per sample ``E||(W - W_new) x||^2 = tr(dW H dW^T) / 2``."""
-    dw = np.asarray(W, dtype=np.float64) - np.asarray(W_new, dtype=np.float64)
-    return float(np.einsum("oi,ij,oj->", dw, np.asarray(H, dtype=np.float64), dw) / 2.0)

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import capture, layerwise
 from onnxcomp import graph as g
 from onnxcomp import model as model_io
 from onnxcomp import ops
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.prune import numerics as pn
 
 logger = logging.getLogger(__name__)
 
@@ -433,14 +433,14 @@ def apply_cuts(
             rows = spec.to_matrix(node, w_rows)[0]  # (out', in)
             drop = _columns(node, np.asarray(in_cut)[:, None]).reshape(-1)
             keep = np.setdiff1d(np.arange(rows.shape[1]), drop)
-            solved_rows = pn.keep_columns_lstsq(rows, h[0], keep, damp=damp)
+            mask = np.zeros(rows.shape, dtype=bool)
+            mask[:, keep] = True  # every row keeps the same columns: one solve
+            full = layerwise.masked_least_squares(rows, h[0], mask, damp=damp)
             shape = list(w_rows.shape)
             shape[in_axis] -= len(in_cut)
-            new = spec.from_matrix(node, solved_rows[None], shape)
-            full = np.zeros_like(rows)
-            full[:, keep] = solved_rows
-            error = pn.reconstruction_error(rows, full, h[0]) / max(
-                pn.reconstruction_error(rows, np.zeros_like(rows), h[0]), 1e-30
+            new = spec.from_matrix(node, full[:, keep][None], shape)
+            error = layerwise.reconstruction_error(rows, full, h[0]) / max(
+                layerwise.reconstruction_error(rows, np.zeros_like(rows), h[0]), 1e-30
             )
         _set(w_value, new.astype(w.dtype))
         solved.add(id(w_value))
@@ -477,12 +477,20 @@ def _forget_shapes(model: ir.Model) -> None:
 def consumer_hessians(
     model: ir.Model, groups: list[DependencyGroup], data: DataSource, options
 ) -> dict[int, list[np.ndarray]]:
-    from onnxcomp.prune.hessians import LayerRows, layer_hessians
-
+    """``{id(node): [H per group]}`` of every live group's consumers, on ``model``'s inputs."""
     consumers = {id(n): n for grp in groups if not grp.declined for n in grp.consumers}
-    if not consumers:
+    inputs: dict[int, layerwise.LayerInputs] = {}
+    by_name: dict[str, list[layerwise.LayerInputs]] = {}
+    for i, node in enumerate(consumers.values()):
+        view = layerwise.linear_view(node)
+        if isinstance(view, str):
+            continue
+        inputs[id(node)] = layerwise.LayerInputs(view, np.random.default_rng([options.seed, i]))
+        by_name.setdefault(view.input.name, []).append(inputs[id(node)])
+    if not by_name:
         return {}
-    return layer_hessians(model, [LayerRows.of(n) for n in consumers.values()], data, options)
+    capture.accumulate(model, by_name, data, batch_size=options.batch_size, limit=options.samples)
+    return {key: [acc.H for acc in acc_in.hessians] for key, acc_in in inputs.items()}
 
 
 def prune_structured(
