@@ -112,8 +112,8 @@ def weight_stats(model: ir.Model) -> dict[str, Any]:
     raw = bytearray()
     for _, value in model_io.iter_tensors(model):
         tensor = value.const_value
-        if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
-            continue
+        if tensor is None or tensor.dtype.is_string() or tensor.dtype == ir.DataType.INT64:
+            continue  # int64: shapes and indices, not weights
         array = tensor.numpy()
         params += array.size
         zeros += int(np.count_nonzero(array == 0))
