@@ -84,7 +84,7 @@ def _calibration_list(data_path: Path, n: int = 64) -> list[dict]:
     return [{k: data[k][i : i + 1] for k in names} for i in range(min(n, len(data[names[0]])))]
 
 
-def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path) -> list[tuple[str, object]]:
+def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False) -> list[tuple[str, object]]:
     """onnxsim's four pruning functions on the cleaned dense model (or why not)."""
     try:
         from onnxsim import pruning
@@ -99,6 +99,8 @@ def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path) -> list[tuple[str, 
         ("onnxsim SparseGPT 70%", lambda: pruning.apply_sparsegpt_pruning(dense_proto, calibration_data=cal, num_samples=len(cal), sparsity=0.7)),
         ("onnxsim structured 40%", lambda: pruning.apply_structured_pruning(dense_proto, sparsity=0.4)),
     ]  # fmt: skip
+    if structured_only:
+        jobs = jobs[-1:]
     for label, job in jobs:
         try:
             rows.append((label, ir.from_proto(job())))
@@ -107,7 +109,7 @@ def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path) -> list[tuple[str, 
     return rows
 
 
-def run_model(name: str, tmp: Path, runs: int) -> list[dict]:
+def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) -> list[dict]:
     model, calib, test = _digits() if name == "digits" else _generated(name, tmp)
     dense, _ = clean_up(model_io.copy_model(model), PruneOptions(), None)
     dense_out = _outputs(dense, test)
@@ -134,7 +136,8 @@ def run_model(name: str, tmp: Path, runs: int) -> list[dict]:
         structured = ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2)
         ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
     else:
-        ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
+        if not structured_only:
+            ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
         ours("onnxcomp structured 25% ch", structured=True, sparsity=0.25)
         structured = ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
     if structured is not None:
@@ -145,7 +148,7 @@ def run_model(name: str, tmp: Path, runs: int) -> list[dict]:
             candidates.append((candidates[-1][0] + " + int8" if name != "digits" else "onnxcomp structured 20% ch + int8", q))
         except Exception as err:
             candidates.append(("structured + int8", f"failed: {err}"))
-    candidates += _onnxsim_rows(ir.to_proto(dense), calib)
+    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only)
 
     live = [(label, m) for label, m in candidates if not isinstance(m, str)]
     timing = bench.benchmark([m for _, m in live], runs=runs, warmup=20, memory=False, graph=False, data=test)
@@ -197,12 +200,13 @@ def main() -> None:
     parser.add_argument("--models", default="digits,resnet,mobilenetv2")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--structured-only", action="store_true", help="Structured rows only (faster).")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             print(f"{name} ...", file=sys.stderr)
-            rows += run_model(name, Path(tmp), args.runs)
+            rows += run_model(name, Path(tmp), args.runs, args.structured_only)
     print(json.dumps(rows, indent=1) if args.json else markdown(rows))
 
 
