@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import capture
+from onnxcomp import capture, ops
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
 
@@ -356,23 +356,22 @@ def matmul_view(node: ir.Node, weight: np.ndarray, *, trans_a: bool = False) -> 
 def _gemm_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
     if weight.ndim != 2:
         return f"weight has rank {weight.ndim}, a layer-wise solve needs a matrix"
+    spec = ops.WEIGHTED[node.op_type]
     trans_a = node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0))
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        view = matmul_view(node, weight, trans_a=trans_a)
-        view.to_rows = lambda w: w[None]  # B: (N, K) is already (out, in)
-        view.back = lambda q: q[0]
-        return view
-    return matmul_view(node, weight, trans_a=trans_a)
+    view = matmul_view(node, weight, trans_a=trans_a)
+    view.to_rows = lambda w: spec.to_matrix(node, w)
+    view.back = lambda q: spec.from_matrix(node, q, weight.shape)
+    return view
 
 
 def _conv_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
-    groups = node.attributes.get_int("group", 1)
-    m = weight.shape[0]
-    if weight.ndim < 3 or m % groups:
+    spec = ops.WEIGHTED[node.op_type]
+    groups = spec.groups(node)
+    if weight.ndim < 3 or weight.shape[0] % groups:
         return f"weight of shape {list(weight.shape)} does not fit group={groups}"
     attrs = node.attributes
     key = (
-        node.inputs[0].name,
+        node.inputs[spec.data].name,
         groups,
         tuple(weight.shape[1:]),
         tuple(attrs.get_ints("strides", [])),
@@ -401,14 +400,16 @@ def _conv_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
         groups,
         key,
         rows_of,
-        to_rows=lambda w: w.reshape(groups, m // groups, -1),
-        back=lambda q: q.reshape(weight.shape),
+        to_rows=lambda w: spec.to_matrix(node, w),
+        back=lambda q: spec.from_matrix(node, q, weight.shape),
+        input_index=spec.data,
         input_channel_axis=1,
         kernel_size=math.prod(weight.shape[2:]),
     )
 
 
-# How each weighted op becomes linear layers; a string is why it cannot.
+# How each weighted op becomes linear layers (the weight layouts are `ops.WEIGHTED`'s); a string
+# is why it cannot. ConvTranspose has no im2col rows here yet.
 VIEWS: dict[str, Callable[[ir.Node, np.ndarray], LinearView | str]] = {
     "Gemm": _gemm_view,
     "MatMul": _gemm_view,
@@ -422,7 +423,8 @@ def linear_view(node: ir.Node, weight: np.ndarray | None = None) -> LinearView |
     if make is None:
         return f"no layer-wise view of {node.op_type}"
     if weight is None:
-        value = node.inputs[1] if len(node.inputs) > 1 else None
+        spec = ops.WEIGHTED[node.op_type]
+        value = node.inputs[spec.weight] if len(node.inputs) > spec.weight else None
         if value is None or value.const_value is None:
             return "weight is computed at run time (not a constant)"
         weight = value.const_value.numpy().astype(np.float32)

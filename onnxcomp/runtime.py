@@ -86,11 +86,24 @@ class _ModelFile:
         self.tmpdir = tempfile.mkdtemp(prefix="onnxcomp-session-")
         path = os.path.join(self.tmpdir, "model.onnx")
         ir.save(model, path, external_data="model.onnx.data")
+        _release_external(model)
         return path
 
     def __exit__(self, *exc) -> None:
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _release_external(model: ir.Model) -> None:
+    """Unmap the external weights that writing a copy read: onnxruntime holds its own, and the
+    pages read would otherwise count twice while the session lives (mapped again when read)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                try:
+                    value.const_value.release()
+                except BufferError:  # a caller still holds an array of it: leave it mapped
+                    pass
 
 
 def create_session(

@@ -272,3 +272,35 @@ def test_yolov8n_dynamic_shapes_silu_left_to_onnxruntime():
     feeds = {"images": np.random.default_rng(1).random((1, 3, 256, 320), np.float32)}
     for a, b in zip(_run(model, feeds), _run(result, feeds)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def test_quantize_goes_on_when_a_rewrite_is_left_out(tmp_path, monkeypatch, cli):
+    """#13: a clean-up near miss must not abort quantize: the instance is left out, int8 is written."""
+    import onnx
+    from onnx import numpy_helper
+
+    layer_norm = rules_mod.LayerNormRule.rewrite
+
+    def wrong_at_z(self, match, names):
+        if match.data["x"].name == "z":
+            match.data["eps"] = 0.5
+        layer_norm(self, match, names)
+
+    monkeypatch.setattr(rules_mod.LayerNormRule, "rewrite", wrong_at_z)
+    proto = onnx.parser.parse_model(
+        LAYER_NORMS.replace(
+            "mx = ReduceMean<axes = [-1]>(x)",
+            "h = MatMul(x, W)\n    mx = ReduceMean<axes = [-1]>(h)",
+        ).replace("dx = Sub(x, mx)", "dx = Sub(h, mx)")
+    )
+    w = np.random.default_rng(2).normal(0, 0.1, (64, 64)).astype(np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(w, "W"))
+    path = tmp_path / "ln.onnx"
+    onnx.save(proto, path)
+    _offset_data(tmp_path, 3000.0)
+    out = tmp_path / "ln.int8.onnx"
+    res = cli(
+        "quantize", path, "-o", out, "--mode", "static", "--data", tmp_path / "offset.npz", "--json"
+    )
+    assert res.exit_code == 0, res.stderr
+    assert out.exists() and "left out layer-norm" in res.stdout

@@ -421,3 +421,23 @@ def test_bias_correction_removes_mean_shift():
     shift_after = (x @ w.T).mean(axis=0) - ((x @ wq.T) + delta).mean(axis=0)
     assert np.abs(shift_before).max() > 0.1
     assert np.abs(shift_after).max() < 1e-4 * np.abs(shift_before).max() + 1e-5
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, False)])
+def test_blockwise_quantization_in_column_chunks_is_the_same(monkeypatch, bits, symmetric):
+    # Large weights are (de)quantized a few columns at a time; the result must not depend on it.
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((200, 47)).astype(np.float32)  # K not a whole number of blocks
+    whole = schemes.quantize_blockwise(w, 32, bits, symmetric)
+    monkeypatch.setattr(schemes, "_CHUNK", 1000)  # 5 columns of 200 per chunk
+    parts = schemes.quantize_blockwise(w, 32, bits, symmetric)
+    np.testing.assert_array_equal(parts.packed, whole.packed)
+    np.testing.assert_array_equal(parts.scales, whole.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(parts.zero_points, whole.zero_points)
+    deq = schemes.dequantize_blockwise(parts)
+    monkeypatch.setattr(schemes, "_CHUNK", 1 << 22)
+    np.testing.assert_array_equal(deq, schemes.dequantize_blockwise(whole))
+    assert schemes.sqnr_db(w, deq) == pytest.approx(
+        10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum((w - deq).astype(np.float64) ** 2))
+    )

@@ -65,6 +65,9 @@ class QuantizeOptions:
     block_size: int = 32  # weight-only: MatMulNBits block size
     symmetric: bool = False  # weight-only: codes around a fixed zero point (no zero-point tensor)
     accuracy_level: int = 4  # weight-only: MatMulNBits compute precision (4 = int8 activations)
+    # Dynamic and weight-only: write onnxruntime's com.microsoft kernels (DynamicQuantizeMatMul,
+    # MatMulNBits, GatherBlockQuantized) instead of the standard ONNX it fuses into them.
+    contrib_ops: bool = False
     check_samples: int = 1000  # samples of the self-check and of the drop
     threads: int = 1
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # for random inputs
@@ -134,6 +137,26 @@ def prepare(
                 "only BatchNormalization folded"
             )
             report["optimize"] = folded
+    if options.mode == "weight-only" and not options.contrib_ops:
+        from onnxcomp.quantize.weight_only import STANDARD_OPSET
+
+        before = model_io.opset(model)
+        try:
+            model = model_io.ensure_opset(model, STANDARD_OPSET, "blocked DequantizeLinear")
+            model_io.normalize(model)
+            if before < STANDARD_OPSET:
+                report["opset"] = {
+                    "from": before,
+                    "to": STANDARD_OPSET,
+                    "reason": "standard blocked DequantizeLinear (block_size) needs opset 21",
+                }
+        except OnnxcompError as err:
+            options.contrib_ops = True
+            report["opset"] = {
+                "from": before,
+                "to": before,
+                "reason": f"contrib MatMulNBits written instead of standard ONNX: {err}",
+            }
     if options.per_channel and model_io.opset(model) < 13 and options.mode != "weight-only":
         before = model_io.opset(model)
         try:
@@ -216,6 +239,7 @@ def quantize_static(
     """
     started = time.perf_counter()
     reference = reference if reference is not None else model_io.copy_model(model)
+    as_gemm = qplan.matmul_bias_as_gemm(model)
     plan = qplan.build_plan(
         model,
         per_channel=options.per_channel,
@@ -276,6 +300,8 @@ def quantize_static(
             }
         )
     report["plan"] = plan.to_json()
+    if as_gemm:
+        report["plan"]["matmul_bias_as_gemm"] = as_gemm
     if gone:
         report["plan"]["excluded_but_fused_away"] = gone
     report["tensors"] = tensors
@@ -341,6 +367,7 @@ def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.
                 else options.bias_correction
             ),
             calibration_samples=options.calibration_samples or defaults.calibration_samples,
+            form="contrib" if options.contrib_ops else "onnx",
         )
         return DynamicQuantizePass(their, data=data)
     from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
@@ -355,6 +382,7 @@ def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.
         op_types=[op for op in defaults.op_types if op not in options.exclude_ops],
         keep_float=list(options.exclude_nodes),
         calibration_samples=options.calibration_samples or defaults.calibration_samples,
+        form="contrib" if options.contrib_ops else "onnx",
     )
     their.check("quantize")
     return WeightOnlyQuantizePass(their, data=data)

@@ -1,17 +1,21 @@
 """Dynamic int8 quantization of MatMul and Gemm: weights quantized offline, activations at run time.
 
-Each MatMul / Gemm whose weight is a constant ``[K, N]`` becomes the integer kernel onnxruntime's CPU provider runs
-for dynamic quantization:
+Each MatMul / Gemm whose weight is a constant ``[K, N]`` becomes, by default (``form="onnx"``), the standard-ONNX
+chain ``DynamicQuantizeLinear(x)`` (shared by every MatMul reading ``x``) -> ``MatMulInteger`` -> ``Cast`` -> ``Mul``
+(activation scale x weight scales) -> ``Add`` (bias), which every ONNX runtime reads and which onnxruntime's optimizer
+fuses into the same kernels as the contrib form (measured on paraphrase-MiniLM-L3: 9 ``DynamicQuantizeMatMul`` and 9
+``MatMulIntegerToFloat`` after optimization in both forms, latency equal within noise).
 
-- ``com.microsoft.DynamicQuantizeMatMul(x, W_int8, w_scale, w_zero_point, bias)`` when ``x`` feeds one quantized
-  MatMul;
-- one ``DynamicQuantizeLinear(x)`` shared by several ``com.microsoft.MatMulIntegerToFloat`` when it feeds several
-  (the query/key/value projections of an attention block).
+``form="contrib"`` (``--contrib-ops``) writes those onnxruntime ``com.microsoft`` kernels directly:
 
-These are the ops onnxruntime's own optimizer fuses ``quantize_dynamic``'s DynamicQuantizeLinear + MatMulInteger +
-Cast + Mul + Add chains into; writing them directly makes the speed independent of the fusion. ``form="onnx"`` writes
-the unfused standard-ONNX chain instead (DynamicQuantizeLinear, MatMulInteger, Cast, Mul, Add), for runtimes without
-the contrib ops. A bias Add that follows the MatMul is folded into the kernel.
+- ``DynamicQuantizeMatMul(x, W_int8, w_scale, w_zero_point, bias)`` when ``x`` feeds one quantized MatMul;
+- one ``DynamicQuantizeLinear(x)`` shared by several ``MatMulIntegerToFloat`` when it feeds several (the
+  query/key/value projections of an attention block);
+
+and, with calibration data, two things standard ONNX below opset 21 cannot say: layers that need int8 activations
+scaled per token and block run as ``MatMulNBits`` 8-bit (in the standard form they stay float, with the reason in
+the report), and embedding tables become ``GatherBlockQuantized`` (in the standard form: an int8 table with one
+scale per row, ``Gather`` -> ``Cast`` -> ``Mul``). A bias Add that follows the MatMul is folded into the kernel.
 
 Weights are symmetric int8 with one scale per output column. Activations are uint8 with a per-tensor range computed
 at run time, the error that dominates on transformers: with calibration data the pass measures each layer's output
@@ -57,6 +61,7 @@ from onnxcomp.quantize.weight_only import (
     match_embedding,
     matmul_nbits_node,
     rewrite_gather,
+    rewrite_gather_standard,
     split_by_budget,
 )
 
@@ -78,7 +83,8 @@ class DynamicQuantizeOptions:
         target_cpu: the CPU the model will run on (see onnxcomp.cpu): "any" (default) writes 7-bit weights
             ([-64, 64]) that onnxruntime's u8s8 kernels run exactly on every x86 path; "vnni", "arm64" (or
             "auto" on such a machine) take full-range int8 weights.
-        form: "contrib": onnxruntime's fused kernels; "onnx": standard ops only.
+        form: "onnx" (default): standard ONNX ops only, which onnxruntime fuses into its integer kernels;
+            "contrib": onnxruntime's com.microsoft kernels written directly (``--contrib-ops``).
         keep_float: node names to leave float.
         min_sqnr_db: with data, layers whose output SQNR on the data (per-tensor or, for block-wise layers,
             block-wise) stays below this are kept float (0: none).
@@ -87,10 +93,10 @@ class DynamicQuantizeOptions:
         smooth: with data, try SmoothQuant on each group of MatMuls sharing an input and keep what helps.
         smooth_alphas: migration strengths tried; the best output SQNR wins (0 = no smoothing).
         bias_correction: with data, add the mean output error of each quantized layer to its bias.
-        blockwise: with data and the contrib form, layers whose simulated output SQNR gains at least
-            ``blockwise_gain_db`` from int8 activations scaled per token and block (instead of per tensor) run as
-            MatMulNBits 8-bit with accuracy_level 4: the FFN down-projections of transformers, whose inputs have
-            outliers that per-tensor scales cannot hold and smoothing cannot reach.
+        blockwise: with data, layers whose simulated output SQNR gains at least ``blockwise_gain_db`` from int8
+            activations scaled per token and block (instead of per tensor) run as MatMulNBits 8-bit with
+            accuracy_level 4 in the contrib form, and stay float in the standard form: the FFN down-projections of
+            transformers, whose inputs have outliers that per-tensor scales cannot hold and smoothing cannot reach.
         blockwise_gain_db: the gain (dB) that earns a layer the block-wise kernel.
         blockwise_max_sqnr_db: only layers whose per-tensor output SQNR on the data is below this run block-wise
             (0: no limit). MatMulNBits 8-bit runs at half the speed of DynamicQuantizeMatMul (MiniLM's
@@ -98,8 +104,9 @@ class DynamicQuantizeOptions:
             per-tensor scales ruin: on MiniLM one layer at 16.5 dB; the four others that gain 6 dB are at 22-34 dB
             and would cost 0.03 of fp32's latency for 0.9987 -> 0.9992 mean cosine.
         blockwise_block_size: block size along K of the block-wise layers (weights and activations).
-        embeddings: Gathers of constant tables (token, position embeddings) become GatherBlockQuantized with
-            8-bit blocks along the hidden axis: a quarter of the size, no measurable error (contrib form only).
+        embeddings: Gathers of constant tables (token, position embeddings) are stored 8-bit: a quarter of the
+            size, no measurable error (contrib form: GatherBlockQuantized with blocks along the hidden axis;
+            standard form: an int8 table with one scale per row, Gather -> Cast -> Mul).
         calibration_samples: samples of the data used for the measurements.
         keep_shapes: keep the inferred shapes of intermediate values; by default they are dropped when the graph
             has a residual Add feeding a LayerNormalization, so that onnxruntime does not fuse the pair into its
@@ -109,7 +116,7 @@ class DynamicQuantizeOptions:
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     per_channel: bool = True
     target_cpu: str = "any"
-    form: Literal["contrib", "onnx"] = "contrib"
+    form: Literal["contrib", "onnx"] = "onnx"
     keep_float: list[str] = dataclasses.field(default_factory=list)
     min_sqnr_db: float = 0.0
     max_float_layers: int = 0
@@ -424,7 +431,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         if quantized:
             self._rewrite(model, quantized)
         embeddings = []
-        if opts.embeddings and opts.form == "contrib":
+        if opts.embeddings:
             embeddings = self._quantize_embeddings(model, skipped)
         shapes_dropped = 0
         if (quantized or embeddings) and not opts.keep_shapes:
@@ -474,9 +481,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                 plan.append((match, block))
         entries = []
         for match, block in plan:
-            entry, _ = rewrite_gather(model.graph, match, 8, block, True)
+            if self.options.form == "contrib":
+                entry, _ = rewrite_gather(model.graph, match, 8, block, True)
+            else:
+                entry, _ = rewrite_gather_standard(model.graph, match)
             entries.append(entry)
-        if entries:
+        if entries and self.options.form == "contrib":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return entries
 
@@ -546,7 +556,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in layers:
             by_input.setdefault(lay.match.x.name, []).append(lay)
         alphas = sorted(set([0.0] + (list(opts.smooth_alphas) if opts.smooth else [])))
-        block = opts.blockwise_block_size if opts.blockwise and opts.form == "contrib" else None
+        block = opts.blockwise_block_size if opts.blockwise else None
         for name, group in by_input.items():
             eligible = block if all(lay.match.op_type == "MatMul" for lay in group) else None
             groups[name] = _GroupStats(group, alphas, eligible)
@@ -587,12 +597,18 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                         not opts.blockwise_max_sqnr_db
                         or lay.output_sqnr_db < opts.blockwise_max_sqnr_db
                     )
-                    if gain >= opts.blockwise_gain_db and poor:
+                    if gain >= opts.blockwise_gain_db and poor and opts.form == "contrib":
                         blockwise += 1
                         lay.blockwise_reason = (
                             f"per-tensor output SQNR {lay.output_sqnr_db:.1f} dB, per-block int8 "
                             f"activations gain {gain:.1f} dB on the data: MatMulNBits 8-bit, block "
                             f"{stats.block_size}, accuracy_level 4"
+                        )
+                    elif gain >= opts.blockwise_gain_db and poor:
+                        lay.float_reason = (
+                            f"per-tensor output SQNR {lay.output_sqnr_db:.1f} dB on the data; per-block "
+                            f"int8 activations would gain {gain:.1f} dB, which needs MatMulNBits "
+                            "(--contrib-ops): kept float"
                         )
         return {
             "calibration": getattr(data, "name", "data"),

@@ -245,6 +245,59 @@ def _weight_problem(node: ir.Node, rule: OpRule) -> str | None:
     return None
 
 
+def matmul_bias_as_gemm(model: ir.Model) -> list[str]:
+    """Rewrite ``Add(MatMul(x, W), b)`` with a 2-D ``x``, a constant ``W: [K, N]`` and a constant per-column ``b``
+    as ``Gemm(x, W, b)`` (the same numbers); returns the names of the MatMuls rewritten.
+
+    TensorFlow exports (tf2onnx) write Dense layers this way. onnxruntime fuses such a pair into a Gemm itself, before
+    its QDQ fusions: the quantized MatMul then runs as DequantizeLinear + float Gemm (an island), whereas a Gemm
+    written with an int32 bias behind DequantizeLinear becomes QGemm. Inputs of rank 3 and up are left alone:
+    onnxruntime keeps them MatMul (MatMulIntegerToFloat, bias Add after it).
+    """
+    done = []
+    plan = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, w = node.inputs[0], _const(node.inputs[1])
+        if w is None or w.ndim != 2 or w.dtype != np.float32:
+            continue
+        if x is None or x.shape is None or len(x.shape) != 2 or not _is_float(x):
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output():
+            continue
+        add, idx = uses[0].node, uses[0].idx
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        bias = _const(add.inputs[1 - idx])
+        n = w.shape[1]
+        if bias is None or bias.dtype != np.float32 or bias.size != n or bias.shape[-1:] != (n,):
+            continue
+        plan.append((node, add, bias.reshape(n)))
+    for node, add, bias in plan:
+        name = f"{node.name or 'MatMul'}_bias"
+        while name in model.graph.initializers:
+            name += "_"
+        b = ir.Value(name=name, const_value=ir.tensor(bias, name=name))
+        b.shape, b.dtype = ir.Shape([bias.shape[0]]), ir.DataType.FLOAT
+        model.graph.register_initializer(b)
+        gemm = ir.node("Gemm", [node.inputs[0], node.inputs[1], b], name=node.name)
+        model.graph.insert_before(node, gemm)
+        old = add.outputs[0]
+        gemm.outputs[0].name, old.name = old.name, f"{old.name}__matmul_add"
+        gemm.outputs[0].shape, gemm.outputs[0].type = old.shape, old.type
+        ir.convenience.replace_all_uses_with(old, gemm.outputs[0], replace_graph_outputs=True)
+        stale = [add.inputs[1 - i] for i in range(2) if add.inputs[i] is node.outputs[0]]
+        model.graph.remove([add, node], safe=True)
+        for value in stale:
+            if value is not None and not value.uses() and value.name in model.graph.initializers:
+                del model.graph.initializers[value.name]
+        done.append(node.name or "MatMul")
+    return done
+
+
 def build_plan(
     model: ir.Model,
     *,

@@ -322,16 +322,28 @@ def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``"""
-    ref = np.asarray(reference, dtype=np.float64)
-    err = ref - np.asarray(approx, dtype=np.float64)
-    signal = float(np.sum(ref * ref))
-    noise = float(np.sum(err * err))
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``
+
+    Summed in float64 over chunks of the flattened arrays, so a large weight needs no float64 copy.
+    """
+    ref = np.ravel(np.asarray(reference))
+    other = np.ravel(np.broadcast_to(np.asarray(approx), np.shape(reference)))
+    signal = noise = 0.0
+    for start in range(0, max(ref.size, 1), _CHUNK):
+        r = ref[start : start + _CHUNK].astype(np.float64)
+        err = r - other[start : start + _CHUNK].astype(np.float64)
+        signal += float(np.dot(r, r))
+        noise += float(np.dot(err, err))
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+# Elements per chunk of the whole-weight numerics (sqnr_db, block-wise (de)quantization): 16 MB of
+# float32, so that temporaries stay small beside a large weight.
+_CHUNK = 1 << 22
 
 
 # --- block-wise weight-only quantization in MatMulNBits layout
@@ -434,11 +446,37 @@ def quantize_blockwise(
     Round-to-nearest; see `onnxcomp.quantize.gptq` for error-correcting rounding.
     """
     _check_blockwise(block_size, bits)
-    w = np.asarray(w, dtype=np.float32)
+    w = np.asarray(w)
     if w.ndim != 2:
         raise OnnxcompError(
             f"block-wise quantization needs a 2-D [K, N] weight, got shape {w.shape}"
         )
+    k, n = w.shape
+    # Columns are independent: a large weight is done a few columns at a time (the results are
+    # N-major, so the parts line up end to end).
+    step = max(1, _CHUNK // max(k, 1))
+    parts = [
+        _quantize_columns(w[:, a : a + step], block_size, bits, symmetric)
+        for a in range(0, n, step)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    zero_points = None if symmetric else np.concatenate([p.zero_points for p in parts])
+    return BlockwiseWeight(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        zero_points,
+        k,
+        n,
+        bits,
+        block_size,
+    )
+
+
+def _quantize_columns(
+    w: np.ndarray, block_size: int, bits: int, symmetric: bool
+) -> BlockwiseWeight:
+    w = np.asarray(w, dtype=np.float32)
     if not np.all(np.isfinite(w)):
         raise OnnxcompError("weight contains NaN or inf")
     k, n = w.shape
@@ -466,11 +504,17 @@ def quantize_blockwise(
 def dequantize_blockwise(q: BlockwiseWeight) -> np.ndarray:
     """The float32 ``[K, N]`` weight a MatMulNBits node uses: ``(code - zero_point) * scale``."""
     n, nb, bs = q.N, q.n_blocks, q.block_size
-    codes = unpack_bits(q.packed, q.bits, bs).astype(np.int32)  # (N, n_blocks, block_size)
-    if q.zero_points is None:
-        zp = np.full((n, nb), 1 << (q.bits - 1), dtype=np.int32)
-    else:
-        zp = unpack_bits(q.zero_points.reshape(n, -1), q.bits, nb).astype(np.int32)  # (N, n_blocks)
-    scale = q.scales.reshape(n, nb, 1)
-    wt = (codes - zp[:, :, None]).astype(np.float32) * scale  # (N, n_blocks, block_size)
-    return np.ascontiguousarray(wt.reshape(n, -1)[:, : q.K].T)
+    out = np.empty((q.K, n), dtype=np.float32)
+    zp_all = None if q.zero_points is None else q.zero_points.reshape(n, -1)
+    scales = q.scales.reshape(n, nb, 1)
+    step = max(1, _CHUNK // max(nb * bs, 1))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        codes = unpack_bits(q.packed[a:b], q.bits, bs).astype(np.int32)  # (n', n_blocks, block)
+        if zp_all is None:
+            zp = np.full((b - a, nb), 1 << (q.bits - 1), dtype=np.int32)
+        else:
+            zp = unpack_bits(zp_all[a:b], q.bits, nb).astype(np.int32)  # (n', n_blocks)
+        wt = (codes - zp[:, :, None]).astype(np.float32) * scales[a:b]  # (n', n_blocks, block)
+        out[:, a:b] = wt.reshape(b - a, -1)[:, : q.K].T
+    return out

@@ -79,8 +79,16 @@ class InsertQdqPass(ir.passes.InPlacePass):
         weights_report = self._weights(graph, names)
         pairs = 0
         group_inits: dict[str, tuple[ir.Value, ir.Value]] = {}
+        exact = {
+            act.group for act in self.plan.activations.values() if _cast_from_bool(act.value)
+        }
         for name, act in self.plan.activations.items():
             params = self.params[name]
+            if act.group in exact:
+                # 0/1 values: scale 1 holds them exactly, whatever range calibration saw.
+                params = schemes.QuantParams(1.0, 0, params.dtype)
+                if isinstance(self.params, dict):
+                    self.params[name] = params
             value = act.value
             if act.group not in group_inits:
                 group_inits[act.group] = (
@@ -90,12 +98,24 @@ class InsertQdqPass(ir.passes.InPlacePass):
             scale, zero_point = group_inits[act.group]
             uses = list(value.uses())
             q_out = ir.Value(name=names(f"{name}_quantized"))
-            q = ir.node(
-                "QuantizeLinear",
-                [value, scale, zero_point],
-                outputs=[q_out],
-                name=names(f"{name}_QuantizeLinear"),
-            )
+            cast = _cast_from_bool(value)
+            if cast is not None:
+                # A mask or one-hot cast from bool: cast it straight to the integer type instead of
+                # writing floats and quantizing them (magika's one-hot bytes: 2048 x 257 values a run).
+                q = ir.node(
+                    "Cast",
+                    [cast.inputs[0]],
+                    attributes={"to": _onnx_type(params)},
+                    outputs=[q_out],
+                    name=names(f"{name}_CastQuantized"),
+                )
+            else:
+                q = ir.node(
+                    "QuantizeLinear",
+                    [value, scale, zero_point],
+                    outputs=[q_out],
+                    name=names(f"{name}_QuantizeLinear"),
+                )
             new_nodes = [q]
 
             def make_dq(
@@ -274,6 +294,23 @@ class InsertQdqPass(ir.passes.InPlacePass):
         node.replace_input_with(rule.bias_input, out)
         if not bias.uses() and not bias.is_graph_output() and not bias.is_graph_input():
             graph.initializers.pop(bias.name, None)
+
+
+def _cast_from_bool(value: ir.Value) -> ir.Node | None:
+    """The Cast(bool -> float) that produces ``value``, if any: its 0/1 values are exact in int8 and uint8."""
+    node = value.producer()
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return None
+    source = node.inputs[0]
+    if source is None or source.dtype != ir.DataType.BOOL:
+        return None
+    if node.attributes.get_int("to", 0) != ir.DataType.FLOAT:
+        return None
+    return node
+
+
+def _onnx_type(params: schemes.QuantParams) -> ir.DataType:
+    return ir.DataType.from_numpy(np.dtype(params.zero_point.dtype))
 
 
 def done_weight_dq(node: ir.Node, rule) -> ir.Node:

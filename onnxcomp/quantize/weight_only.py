@@ -1,5 +1,16 @@
 """Weight-only block-wise quantization (int4 / int8) for transformer and LLM-style models.
 
+By default (``form="onnx"``) the output is standard ONNX at opset 21:
+
+- MatMul with a constant ``[K, N]`` weight -> ``DequantizeLinear(codes, scales, zero_points, axis=0,
+  block_size=B)`` -> ``MatMul`` (-> bias ``Add``): int4 / uint4 (or 8-bit) codes in blocks of ``B`` along K.
+  onnxruntime's optimizer fuses the pair into the same ``MatMulNBits`` kernel the contrib form writes, with
+  ``accuracy_level`` 4 (its session option ``session.qdq_matmulnbits_accuracy_level``, default 4);
+- Gather of a constant embedding table -> an int8 table with one scale per row: ``Gather`` -> ``Cast`` -> ``Mul``
+  (standard ONNX has no 4-bit Gather kernel in onnxruntime).
+
+With ``form="contrib"`` (``--contrib-ops``) the onnxruntime ``com.microsoft`` kernels are written directly:
+
 - MatMul with a constant ``[K, N]`` weight -> ``com.microsoft.MatMulNBits``: weights in blocks of ``block_size``
   along K, one scale (and, asymmetric, one zero point) per block and column; a following bias Add is folded into
   the op's bias input. ``accuracy_level=4`` lets onnxruntime's CPU kernel quantize the activations to int8 per block
@@ -30,6 +41,7 @@ from onnxcomp.quantize import gptq, schemes
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+STANDARD_OPSET = 21  # DequantizeLinear's block_size attribute (blocked int4 weights)
 SUPPORTED_OPS = ("MatMul", "Gemm", "Gather")
 # GPTQ Hessians held at once; more inputs than this take more runs over the calibration data.
 HESSIAN_MEMORY_BYTES = 2 << 30
@@ -51,6 +63,8 @@ class WeightOnlyOptions:
         calibration_samples: samples of the data used by GPTQ.
         damp: GPTQ's relative Hessian dampening.
         act_order: GPTQ quantizes columns by decreasing Hessian diagonal (groups stay contiguous).
+        form: "onnx" (default): standard ONNX at opset 21 (blocked DequantizeLinear + MatMul), which onnxruntime
+            fuses into MatMulNBits; "contrib": com.microsoft MatMulNBits / GatherBlockQuantized written directly.
     """
 
     bits: int = 4
@@ -63,6 +77,7 @@ class WeightOnlyOptions:
     calibration_samples: int = 64
     damp: float = 0.01
     act_order: bool = False
+    form: Literal["contrib", "onnx"] = "onnx"
 
     def check(self, where: str = "weight-only quantization") -> None:
         if self.bits not in (4, 8):
@@ -94,6 +109,8 @@ class WeightOnlyOptions:
             )
         if not 0.0 <= self.damp < 1.0:
             raise OnnxcompError(f"{where}: damp must be in [0, 1), got {self.damp}")
+        if self.form not in ("contrib", "onnx"):
+            raise OnnxcompError(f"{where}: form: {self.form!r} is not one of 'contrib', 'onnx'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,24 +228,38 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.options.check()
         self.data = data
 
+    def _check_opset(self, model: ir.Model) -> None:
+        # Raised from call(), not requires(): onnx-ir wraps errors of requires() in its PreconditionError.
+        if self.options.form == "onnx" and model.opset_imports.get("", 1) < STANDARD_OPSET:
+            raise OnnxcompError(
+                f"weight-only quantization in standard ONNX needs opset {STANDARD_OPSET} (blocked "
+                f"DequantizeLinear); the model is at opset {model.opset_imports.get('', 1)}: upgrade it "
+                "(onnxcomp.model.ensure_opset; `onnxcomp quantize` does) or use the contrib form"
+            )
+
     def call(self, model: ir.Model) -> Result:
         opts = self.options
+        self._check_opset(model)
         matches, skipped = self._plan(model)
         calibration: dict[str, object] = {}
         matmuls = [m for m in matches if m.op_type == "MatMul"]
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if opts.form == "contrib":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         entries: dict[int, tuple[dict[str, object], int]] = {}
         if opts.algorithm == "gptq" and matmuls:
             calibration = self._gptq(model, matmuls, entries)
+        bytes_before = sum(m.w.nbytes for m in matches)
         for match in matches:
             if id(match) in entries:
                 continue
+            tensor = _weight_tensor(match)
             if match.op_type == "MatMul":
                 entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
             else:
                 entries[id(match)] = self._rewrite_gather(model.graph, match)
+            match.w = None
+            _release(tensor)
         layers = [entries[id(m)][0] for m in matches]
-        bytes_before = sum(m.w.nbytes for m in matches)
         bytes_after = sum(entries[id(m)][1] for m in matches)
         report: dict[str, object] = {
             "quantized": len(layers),
@@ -237,6 +268,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "symmetric": opts.symmetric,
             "algorithm": opts.algorithm,
             "accuracy_level": opts.accuracy_level,
+            "form": opts.form,
             "weight_bytes_before": bytes_before,
             "weight_bytes_after": bytes_after,
             **calibration,
@@ -393,13 +425,17 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         opts = self.options
         q = self._quantize_weight(match.w, layer.solutions[0] if layer else None)
         deq = schemes.dequantize_blockwise(q)
-        node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
-        replace_with(graph, old, node, match.output)
+        if opts.form == "contrib":
+            node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
+            replace_with(graph, old, node, match.output)
+        else:
+            nodes = blocked_dequantize_matmul(graph, match.x, q, match.bias, match.name)
+            replace_with(graph, old, nodes, match.output)
         entry: dict[str, object] = {
             "node": match.name,
             "op": match.node.op_type,
-            "to": "MatMulNBits",
+            "to": "MatMulNBits" if opts.form == "contrib" else "DequantizeLinear+MatMul",
             "weight": list(match.w.shape),
             "weight_sqnr_db": _round(schemes.sqnr_db(match.w, deq)),
         }
@@ -415,6 +451,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
     def _rewrite_gather(self, graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
         opts = self.options
+        if opts.form == "onnx":
+            return rewrite_gather_standard(graph, match)
         return rewrite_gather(graph, match, opts.bits, opts.block_size, opts.symmetric)
 
 
@@ -426,13 +464,18 @@ def match_embedding(node: ir.Node, block_size: int) -> _Match | str:
     return match
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer under ``name`` (made unique in the graph)."""
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """Register ``array`` as an initializer under ``name`` (made unique in the graph); ``dtype`` for the
+    4-bit types, whose codes ``array`` holds one per byte."""
     value_name, n = name, 1
     while value_name in graph.initializers:
         value_name = f"{name}_{n}"
         n += 1
-    value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
+    tensor = ir.Tensor(array, dtype=dtype, name=value_name) if dtype else ir.tensor(array, name=value_name)
+    value = ir.Value(name=value_name, const_value=tensor)
+    value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
     graph.register_initializer(value)
     return value
 
@@ -474,12 +517,91 @@ def rewrite_gather(
     return entry, _nbytes(q)
 
 
+def rewrite_gather_standard(graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
+    """Replace an embedding Gather by standard ops: an int8 table with one symmetric scale per row,
+    ``Gather(codes) -> Cast -> Mul(Gather(scales))``; returns its report entry and weight bytes."""
+    table = match.w  # (rows, hidden)
+    rows, hidden = table.shape
+    p = schemes.weight_params(table, axis=0, per_channel=True)  # one scale per row
+    codes = schemes.quantize(table, p)  # (rows, hidden) int8
+    scales = np.asarray(p.scale, np.float32).reshape(rows, 1)
+    tag = match.name.replace("/", "_").strip("_") or "gather"
+    ids = match.node.inputs[1]
+    gather = ir.node(
+        "Gather", [add_initializer(graph, f"{tag}_data_int8", codes), ids], name=f"{tag}_int8"
+    )
+    gather_scale = ir.node(
+        "Gather", [add_initializer(graph, f"{tag}_scales", scales), ids], name=f"{tag}_scales"
+    )
+    cast = ir.node(
+        "Cast", [gather.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}_cast"
+    )
+    mul = ir.node("Mul", [cast.outputs[0], gather_scale.outputs[0]], name=f"{tag}_dequantize")
+    replace_with(graph, [match.node], [gather, gather_scale, cast, mul], match.output)
+    entry = {
+        "node": match.name,
+        "op": "Gather",
+        "to": "Gather int8 (per-row scale)",
+        "weight": [rows, hidden],
+        "weight_sqnr_db": _round(schemes.sqnr_db(table, schemes.dequantize(codes, p))),
+    }
+    return entry, codes.nbytes + scales.nbytes
+
+
+def blocked_dequantize_matmul(
+    graph: ir.Graph,
+    x: ir.Value,
+    q: schemes.BlockwiseWeight,
+    bias: np.ndarray | None,
+    name: str,
+) -> list[ir.Node]:
+    """Standard ONNX (opset 21) for ``x @ dequantize(q) + bias``: ``DequantizeLinear`` with ``block_size`` along K,
+    ``MatMul`` and a bias ``Add``; onnxruntime fuses the first two into MatMulNBits.
+
+    Symmetric blocks are written as signed codes without a zero point, asymmetric ones as unsigned codes with
+    one zero point per block; the stored codes are those of ``q`` (the same integers MatMulNBits would hold).
+    """
+    tag = name.replace("/", "_").strip("_") or "matmul"
+    n, nb, bs, k = q.N, q.n_blocks, q.block_size, q.K
+    codes = schemes.unpack_bits(q.packed, q.bits, bs).reshape(n, nb * bs)[:, :k].T  # (K, N)
+    scales = np.ascontiguousarray(q.scales.reshape(n, nb).T)  # (n_blocks, N)
+    half = 1 << (q.bits - 1)
+    signed = {4: ir.DataType.INT4, 8: ir.DataType.INT8}[q.bits]
+    unsigned = {4: ir.DataType.UINT4, 8: ir.DataType.UINT8}[q.bits]
+
+    def initializer(suffix: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+        return add_initializer(graph, f"{tag}_{suffix}", array, dtype)
+
+    inputs: list[ir.Value | None]
+    if q.zero_points is None:
+        signed_codes = np.ascontiguousarray(codes.astype(np.int16) - half).astype(np.int8)
+        inputs = [initializer(f"B_int{q.bits}", signed_codes, signed), initializer("scales", scales)]
+    else:
+        zp = schemes.unpack_bits(q.zero_points.reshape(n, -1), q.bits, nb).T  # (n_blocks, N)
+        inputs = [
+            initializer(f"B_uint{q.bits}", np.ascontiguousarray(codes), unsigned),
+            initializer("scales", scales),
+            initializer("zero_points", np.ascontiguousarray(zp), unsigned),
+        ]
+    dq = ir.node(
+        "DequantizeLinear", inputs, attributes={"axis": 0, "block_size": bs}, name=f"{tag}_dequantize"
+    )
+    mm = ir.node("MatMul", [x, dq.outputs[0]], name=tag)
+    nodes = [dq, mm]
+    if bias is not None:
+        b = add_initializer(graph, f"{tag}_bias", np.asarray(bias, np.float32))
+        nodes.append(ir.node("Add", [mm.outputs[0], b], name=f"{tag}_bias"))
+    return nodes
+
+
 def replace_with(
-    graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value
+    graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node | list[ir.Node], old_out: ir.Value
 ) -> None:
-    """Put ``node`` where ``old_nodes`` were; its output takes over ``old_out``'s name and readers."""
-    graph.insert_before(old_nodes[0], node)
-    new = node.outputs[0]
+    """Put ``node`` (or a chain of nodes, the last one's output the result) where ``old_nodes`` were; the new
+    output takes over ``old_out``'s name and readers."""
+    chain = node if isinstance(node, list) else [node]
+    graph.insert_before(old_nodes[0], chain)
+    new = chain[-1].outputs[0]
     name = old_out.name
     old_out.name = f"{name}__float"
     new.name = name
@@ -543,6 +665,22 @@ def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
             chunks.append([name])
             used = c
     return chunks
+
+
+def _weight_tensor(match: _Match) -> ir.TensorProtocol | None:
+    value = match.node.inputs[0 if match.op_type == "Gather" else 1]
+    return value.const_value if value is not None else None
+
+
+def _release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a rewritten float weight read from external data, so that quantizing a large model
+    holds one weight at a time, not all the ones already done (they stay readable: the file is
+    mapped again on the next read)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # someone still holds an array of it: it stays mapped
+            pass
 
 
 def _significant(x: float) -> float:
