@@ -1,13 +1,15 @@
 """Pruning side by side: onnxcomp's unstructured (magnitude, Wanda, SparseGPT reconstruction),
 structured and structured+int8 rows beside onnxsim's four pruning functions, per model.
 
-    python benchmarks/bench_prune.py [--models digits,resnet,mobilenetv2] [--runs 300] [--json]
+    python benchmarks/bench_prune.py [--models digits,resnet,mobilenetv2,orientation,minilm_l3]
+                                     [--runs 300] [--structured-only] [--json]
 
 Per row: sparsity (zeros in the weights) or channels removed, MACs, file size, zip size (zlib of
 the weights), p50 latency at 1 thread (all models of one table timed interleaved in one process)
 and its ratio to the dense cleaned-up model, and accuracy (digits: top-1 on the 540 held-out
 digits) or fidelity to the dense model (untrained generated graphs: top-1 agreement and cosine on
-random inputs, the only data they have). Numbers go to docs/prune.md and the README by hand.
+random inputs, the only data they have; third-party models: models/realdata.py's rendered text
+lines and sentences). Numbers go to docs/prune.md and the README by hand.
 """
 
 from __future__ import annotations
@@ -33,12 +35,20 @@ from onnxcomp import model as model_io  # noqa: E402
 from onnxcomp.prune.api import PruneOptions, clean_up, model_stats, prune  # noqa: E402
 
 MODELS = ROOT / "models"
+THIRDPARTY = ("minilm_l3", "orientation")  # real data from models/realdata.py
 
 
 def _digits():
     calib = MODELS / "digits_calib.npz"
     test = MODELS / "digits_test.npz"
     return model_io.load(MODELS / "digits_cnn.onnx"), calib, test
+
+
+def _thirdparty(name: str):
+    from models import realdata, thirdparty
+
+    calib, test = realdata.build(name)
+    return model_io.load(thirdparty.fetch(name)), calib, test
 
 
 def _generated(name: str, tmp: Path):
@@ -52,9 +62,11 @@ def _generated(name: str, tmp: Path):
 
 
 def _outputs(model, data_path: Path) -> np.ndarray:
+    """The model's first float output of rank 2 (logits, or a sentence embedding)."""
     data = np.load(data_path)
     feed = {k: data[k] for k in data.files if k != "labels"}
-    return runtime.create_session(model).run(None, feed)[0]
+    outs = runtime.create_session(model).run(None, feed)
+    return next(o for o in outs if o.dtype.kind == "f" and o.ndim == 2).astype(np.float64)
 
 
 def _quality(model, dense_out: np.ndarray, data_path: Path) -> dict:
@@ -84,7 +96,9 @@ def _calibration_list(data_path: Path, n: int = 64) -> list[dict]:
     return [{k: data[k][i : i + 1] for k in names} for i in range(min(n, len(data[names[0]])))]
 
 
-def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False) -> list[tuple[str, object]]:
+def _onnxsim_rows(
+    dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False, name: str = ""
+) -> list[tuple[str, object]]:
     """onnxsim's four pruning functions on the cleaned dense model (or why not)."""
     try:
         from onnxsim import pruning
@@ -99,8 +113,10 @@ def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path, structured_only: bo
         ("onnxsim SparseGPT 70%", lambda: pruning.apply_sparsegpt_pruning(dense_proto, calibration_data=cal, num_samples=len(cal), sparsity=0.7)),
         ("onnxsim structured 40%", lambda: pruning.apply_structured_pruning(dense_proto, sparsity=0.4)),
     ]  # fmt: skip
-    if structured_only:
+    if structured_only or name == "orientation":
         jobs = jobs[-1:]
+    elif name == "minilm_l3":
+        jobs = jobs[:3]
     for label, job in jobs:
         try:
             rows.append((label, ir.from_proto(job())))
@@ -110,8 +126,15 @@ def _onnxsim_rows(dense_proto: onnx.ModelProto, calib: Path, structured_only: bo
 
 
 def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) -> list[dict]:
-    model, calib, test = _digits() if name == "digits" else _generated(name, tmp)
-    dense, _ = clean_up(model_io.copy_model(model), PruneOptions(), None)
+    if name == "digits":
+        model, calib, test = _digits()
+    elif name in THIRDPARTY:
+        model, calib, test = _thirdparty(name)
+    else:
+        model, calib, test = _generated(name, tmp)
+    from onnxcomp.data import open_data
+
+    dense, _ = clean_up(model_io.copy_model(model), PruneOptions(), open_data(test, model_io.input_specs(model)))
     dense_out = _outputs(dense, test)
     candidates: list[tuple[str, object]] = [("dense (cleaned)", dense)]
 
@@ -135,6 +158,14 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
         ours("onnxcomp 2:4 + reconstruction", sparsity=0.5, pattern="2:4")
         structured = ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2)
         ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
+    elif name == "minilm_l3":
+        structured = None
+        ours("onnxcomp magnitude 50%", sparsity=0.5, method="magnitude", reconstruct=False)
+        ours("onnxcomp Wanda 50%", sparsity=0.5, method="wanda", reconstruct=False, samples=48)
+        ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5, samples=48)
+    elif name == "orientation":
+        ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2, samples=32)
+        structured = ours("onnxcomp structured 30% ch", structured=True, sparsity=0.3, samples=32)
     else:
         if not structured_only:
             ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
@@ -145,10 +176,11 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
 
         try:
             q, _ = quantize(model_io.copy_model(structured), QuantizeOptions(mode="static", optimize=False), data=calib)
-            candidates.append((candidates[-1][0] + " + int8" if name != "digits" else "onnxcomp structured 20% ch + int8", q))
+            label = next(lbl for lbl, m in candidates if m is structured)
+            candidates.append((label + " + int8", q))
         except Exception as err:
             candidates.append(("structured + int8", f"failed: {err}"))
-    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only)
+    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name)
 
     live = [(label, m) for label, m in candidates if not isinstance(m, str)]
     timing = bench.benchmark([m for _, m in live], runs=runs, warmup=20, memory=False, graph=False, data=test)
