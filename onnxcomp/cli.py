@@ -763,6 +763,33 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
 # quantize
 
 
+def _save_result(model: Any, report: dict[str, Any], model_path: str, output: str) -> Path:
+    """Save a command's result model; the report gets its path and both file sizes."""
+    from onnxcomp import model as model_io
+
+    saved = model_io.save(model, output, inputs=[model_path])
+    report["output"] = str(saved)
+    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    return saved
+
+
+def _show_result(report: dict[str, Any], as_json: bool, text: Any, report_path: str | None = None) -> None:
+    """Print a command's report as JSON or as ``text(report)`` (and where the HTML report went)."""
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(text(report))
+    if report_path:
+        click.echo(f"report: {report_path}")
+
+
+def _wrote_line(report: dict[str, Any]) -> str | None:
+    size = report.get("size_bytes")
+    if not size:
+        return None
+    return f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})"
+
+
 def _split_names(values: tuple[str, ...]) -> list[str]:
     return [name for value in values for name in value.split(",") if name]
 
@@ -856,9 +883,7 @@ def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **fla
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
     report = built.report
-    saved = model_io.save(built.model, output, inputs=[model_path])
-    report["output"] = str(saved)
-    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    saved = _save_result(built.model, report, model_path, output)
     if recipe_out:
         recipe = decision_recipe(report, options, input=model_path, output=output)
         report["recipe"] = str(write_recipe(recipe, recipe_out, protect=[model_path, output]))
@@ -866,12 +891,7 @@ def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **fla
         report, report_path, [model_path, str(saved)], ["input", "quantized"],
         data=options.eval_data or options.data, shapes=options.shapes, threads=options.threads,
     )
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(_quantize_text(report))
-        if report_path:
-            click.echo(f"report: {report_path}")
+    _show_result(report, as_json, _quantize_text, report_path)
 
 
 def _quantize_text(report: dict[str, Any]) -> str:
@@ -953,9 +973,8 @@ def _quantize_text(report: dict[str, Any]) -> str:
             ops = ", ".join(f"{k} x{v}" for k, v in graph["integer_kernel_ops"].items())
             lines.append(f"onnxruntime runs {graph['integer_kernels']} integer kernels ({ops}); "
                          f"{graph['islands']} DequantizeLinear feeding float ops")
-    size = report.get("size_bytes")
-    if size:
-        lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    if _wrote_line(report):
+        lines.append(_wrote_line(report))
     if report.get("recipe"):
         lines.append(f"wrote {report['recipe']}: `onnxcomp run {report['recipe']}` replays this decision")
     return "\n".join(lines)
@@ -1302,13 +1321,8 @@ def prune(
     except BudgetError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-    saved = model_io.save(result, output, inputs=[model_path])
-    report["output"] = str(saved)
-    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(_prune_text(report))
+    _save_result(result, report, model_path, output)
+    _show_result(report, as_json, _prune_text)
 
 
 def _prune_text(report: dict[str, Any]) -> str:
@@ -1344,7 +1358,6 @@ def _prune_text(report: dict[str, Any]) -> str:
         if out.get("cosine_mean") is not None:
             text += f", cosine {out['cosine_mean']:.5f} mean"
         lines.append(text)
-    size = report.get("size_bytes")
-    if size:
-        lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    if _wrote_line(report):
+        lines.append(_wrote_line(report))
     return "\n".join(lines)

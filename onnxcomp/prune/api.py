@@ -16,7 +16,6 @@ import logging
 import os
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
-from onnxcomp.data import DataSource, open_data
+from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
 from onnxcomp.prune import numerics as pn
@@ -74,17 +73,6 @@ class PruneOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _open(source, model: ir.Model, what: str) -> DataSource | None:
-    if source is None or isinstance(source, DataSource):
-        if isinstance(source, DataSource):
-            source.check(model_io.input_specs(model))
-        return source
-    try:
-        return open_data(Path(source), model_io.input_specs(model))
-    except OnnxcompError as err:
-        raise OnnxcompError(f"{what}: {err}") from None
 
 
 def clean_up(model: ir.Model, options: PruneOptions, data: DataSource | None) -> tuple[ir.Model, dict[str, Any]]:
@@ -189,10 +177,7 @@ def prune(
     """
     options = dataclasses.replace(options) if options is not None else PruneOptions()
     options.check()
-    data = _open(data if data is not None else options.data, model, "--data")
-    eval_data = _open(eval_data if eval_data is not None else options.eval_data, model, "--eval-data")
-    if options.max_drop is not None and eval_data is None and data is None:
-        raise OnnxcompError("--max-drop needs --eval-data (or --data) to measure the drop on")
+    data, eval_data = open_given_pair(model_io.input_specs(model), options, data, eval_data)
     unknown = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")

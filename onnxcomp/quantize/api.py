@@ -16,14 +16,13 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import onnx_ir as ir
 
 from onnxcomp import cpu
 from onnxcomp import model as model_io
-from onnxcomp.data import DataSource, open_data
+from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.evaluate import check_metric, load_metric
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
@@ -108,19 +107,6 @@ class QuantizeOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _open(
-    source: DataSource | str | os.PathLike | None, model: ir.Model, what: str
-) -> DataSource | None:
-    if source is None or isinstance(source, DataSource):
-        if isinstance(source, DataSource):
-            source.check(model_io.input_specs(model))
-        return source
-    try:
-        return open_data(Path(source), model_io.input_specs(model))
-    except OnnxcompError as err:
-        raise OnnxcompError(f"{what}: {err}") from None
 
 
 def prepare(
@@ -478,12 +464,7 @@ def quantize_built(
     model and report."""
     options = dataclasses.replace(options) if options is not None else QuantizeOptions()
     options.check()
-    data = _open(data if data is not None else options.data, model, "--data")
-    eval_data = _open(
-        eval_data if eval_data is not None else options.eval_data, model, "--eval-data"
-    )
-    if options.max_drop is not None and eval_data is None and data is None:
-        raise OnnxcompError("--max-drop needs --eval-data (or --data) to measure the drop on")
+    data, eval_data = open_given_pair(model_io.input_specs(model), options, data, eval_data)
     judge = eval_data if eval_data is not None else data
     if options.metric == "accuracy" and (judge is None or not judge.has_labels):
         where = judge.name if judge is not None else "random inputs"
