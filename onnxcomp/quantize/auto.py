@@ -66,6 +66,12 @@ class Builders:
     other: Callable[[Any, ir.Model], Built]  # (options with mode dynamic/weight-only, model)
 
 
+def drop_of(comparison: Comparison, metric: Any) -> tuple[float, str]:
+    """(drop, metric name) of a comparison; kept for callers written before
+    ``Comparison.verdict`` (prune's ``measure``)."""
+    return comparison.drop(metric), comparison.drop_metric(metric)
+
+
 def make_judge(reference: ir.Model, data: DataSource, options, budget: float | None):
     return search.Judge(
         reference,
