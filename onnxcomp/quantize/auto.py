@@ -296,17 +296,18 @@ def quantize_auto(
             )
             built["static"] = result
             float_layers["static"] = len(result.report["budget"]["fallback_to_float"])
-            timings.update(
-                search.time_candidates(
-                    original,
-                    {"static": result.model},
-                    data=timing_data,
-                    shapes=options.shapes or None,
-                    threads=options.threads,
-                    threshold=FASTER,
+            if verdicts["static"].passed:  # still over budget: no use timing it again
+                timings.update(
+                    search.time_candidates(
+                        original,
+                        {"static": result.model},
+                        data=timing_data,
+                        shapes=options.shapes or None,
+                        threads=options.threads,
+                        threshold=FASTER,
+                    )
                 )
-            )
-            timings.pop("float", None)
+                timings.pop("float", None)
         else:
             notes["static"] = (
                 f"layers not put back to float: even all-int8 it takes {ratio:.2f}x fp32, "
