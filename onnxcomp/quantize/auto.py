@@ -308,6 +308,11 @@ def quantize_auto(
                     )
                 )
                 timings.pop("float", None)
+            else:
+                notes["static"] = (
+                    f"still over budget with {float_layers['static']} layers in float; "
+                    "its latency is the all-int8 model's"
+                )
         else:
             notes["static"] = (
                 f"layers not put back to float: even all-int8 it takes {ratio:.2f}x fp32, "
