@@ -117,7 +117,7 @@ def summary(result: dict[str, Any]) -> str | None:
         if isa.get("target_cpu"):
             sub = f"target {isa['target_cpu']}; weights {isa.get('weight_range') or '?'}"
         cards.append(_card("measured on", figure("cpu", isa["isa"], isa["isa"]), esc(sub)))
-    else:
+    elif lat or result.get("profile"):
         cards.append(_card("measured on", "not recorded", "the result names no CPU"))
     if not cards:
         return None
