@@ -146,14 +146,13 @@ def check_model(model: ir.Model) -> None:
 
 def measure(reference: ir.Model, candidate: ir.Model, data: DataSource, options: PruneOptions) -> dict[str, Any]:
     """Run both models on ``data``: the drop by ``options.metric`` and the comparison."""
-    from onnxcomp.quantize.auto import drop_of
     from onnxcomp.validate import compare
 
     comparison = compare(
         reference, candidate, data, batch_size=options.batch_size, limit=options.check_samples,
         threads=options.threads,
     )  # fmt: skip
-    drop, metric = drop_of(comparison, options.metric)
+    drop, metric = comparison.drop(options.metric), comparison.drop_metric(options.metric)
     payload = comparison.to_json()
     payload["drop"], payload["drop_metric"] = drop, metric
     return payload
