@@ -146,7 +146,7 @@ def check_model(model: ir.Model) -> None:
 
 def measure(reference: ir.Model, candidate: ir.Model, data: DataSource, options: PruneOptions) -> dict[str, Any]:
     """Run both models on ``data``: the drop by ``options.metric`` and the comparison."""
-    from onnxcomp.validate import compare
+    from onnxcomp.evaluate import compare
 
     comparison = compare(
         reference, candidate, data, batch_size=options.batch_size, limit=options.check_samples,
