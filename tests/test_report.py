@@ -236,6 +236,21 @@ def test_transfer_fit_report_shows_cuts_and_training(tmp_path, monkeypatch):
     assert fit["cut"]["tensor"] in page
 
 
+def test_distill_report_shows_agreement_and_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))
+    result = run_cli(
+        "distill", CNN, "--student", MODELS / "digits_cnn_04_half.onnx", "--data", CALIB, "--val", TEST,
+        "--at", "/features/features.8/Relu_output_0", "--epochs", 10, "-o", tmp_path / "student.onnx",
+        "--report", tmp_path / "distill.html", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    distilled = json.loads(result.stdout)
+    figures = Figures((tmp_path / "distill.html").read_text())
+    assert figures.values["val-agreement"] == distilled["val_agreement"]
+    assert figures.values["val-metric"] == distilled["val_metric"]
+    assert {"history", "time"} <= set(figures.sections)
+
+
 @needs_chromium
 @pytest.mark.parametrize("which", ["optimized", "quantized", "pruned"])
 def test_report_opens_in_chromium(which, request, tmp_path):

@@ -292,7 +292,7 @@ def timing(result: dict[str, Any]) -> str | None:
     if profile.get("cpu"):
         facts.append(f"CPU: {esc(profile['cpu'])}")
     parts.append(
-        f'<p class="note">{"; ".join(facts)}. Times are medians per run; the profiler adds time to every node, so the latency ratio is the one in the summary; nodes are the ones onnxruntime ran after its own fusions.</p>'
+        f'<p class="note">{"; ".join(facts)}. Times are medians per run; the profiler adds time to every node, so they compare nodes and op types, not end-to-end latency (see the summary); nodes are the ones onnxruntime ran after its own fusions.</p>'
     )
     totals: dict[str, float] = {}
     for m in models:
