@@ -1097,9 +1097,10 @@ def _epoch_printer():
 @_head_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--threads", default=1, show_default=True)
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def transfer_fit(model_path, data, val_path, at, pooling, tries, task, val_fraction, head, hidden, epochs, lr,
-                 weight_decay, patience, batch_size, seed, no_cache, output, threads, as_json):
+                 weight_decay, patience, batch_size, seed, no_cache, output, threads, report_path, as_json):
     """Train a new head on MODEL's features (numpy) and splice it on as ONNX nodes.
 
     The output model gives `probabilities` [N, K] and `label` (int64) for --task classify, or
@@ -1123,6 +1124,7 @@ def transfer_fit(model_path, data, val_path, at, pooling, tries, task, val_fract
         click.echo(err=True)
     saved = model_io.save(result.model, output, inputs=[model_path])
     report = dict(result.report, output=str(saved))
+    html_report(report, report_path, [model_path, str(saved)], ["input", "fitted"], data=source, threads=threads)
     if as_json:
         emit_json(report)
         return
@@ -1201,9 +1203,11 @@ def transfer_structure(model_path, classes, reinit, seed, output, as_json):
 @_head_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--threads", default=1, show_default=True)
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def distill_command(teacher_path, student_path, data, val_path, at, temperature, labels_weight, teacher_output,
-                    head, hidden, epochs, lr, weight_decay, patience, batch_size, seed, no_cache, output, threads, as_json):
+                    head, hidden, epochs, lr, weight_decay, patience, batch_size, seed, no_cache, output, threads,
+                    report_path, as_json):
     """Train the student's head on the teacher's soft outputs (KL at T + CE on labels)."""
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data
@@ -1222,6 +1226,10 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     result = distill(teacher, student, sources, options, val_data=val_source, threads=threads)
     saved = model_io.save(result.model, output, inputs=[teacher_path, student_path])
     report = dict(result.report, output=str(saved))
+    html_report(
+        report, report_path, [student_path, str(saved)], ["student", "distilled"], data=sources[0],
+        threads=threads,
+    )
     if as_json:
         emit_json(report)
         return
@@ -1268,10 +1276,11 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before pruning.")
 @shape_option
 @click.option("--threads", default=1, show_default=True)
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(
     model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, reconstruct, data,
-    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, as_json,
+    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
 ):
     """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
 
@@ -1305,6 +1314,10 @@ def prune(
     saved = model_io.save(result, output, inputs=[model_path])
     report["output"] = str(saved)
     report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    html_report(
+        report, report_path, [model_path, str(saved)], ["input", "pruned"], data=eval_data or data,
+        shapes=options.shapes, threads=threads,
+    )
     if as_json:
         emit_json(report)
     else:
