@@ -63,6 +63,23 @@ def tensor_name(tensor: TensorRef) -> str:
 # Planning the runs
 
 
+def split_by_budget(items: list, cost: Callable[[Any], float], budget: float) -> list[list]:
+    """Split ``items`` (in order) into runs whose summed ``cost`` stays within ``budget`` (at
+    least one item each): tensors per capture run, layers per set of Hessians, weights per
+    calibration pass."""
+    runs: list[list] = []
+    used = 0.0
+    for item in items:
+        c = cost(item)
+        if runs and used + c <= budget:
+            runs[-1].append(item)
+            used += c
+        else:
+            runs.append([item])
+            used = c
+    return runs
+
+
 def _known_bytes(value: ir.Value) -> tuple[int, int] | None:
     """(bytes per sample, bytes per run whatever the batch) from the stored shape, or None."""
     if value.shape is None or value.dtype is None:
@@ -154,16 +171,9 @@ def plan_runs(
                 smaller,
             )
             batch_size = smaller
-    runs: list[list[str]] = []
-    used = 0.0
-    for name in names:
-        cost = per_sample[name] * batch_size + fixed[name]
-        if runs and used + cost <= budget_bytes:
-            runs[-1].append(name)
-            used += cost
-        else:
-            runs.append([name])
-            used = cost
+    runs = split_by_budget(
+        list(names), lambda name: per_sample[name] * batch_size + fixed[name], budget_bytes
+    )
     if len(runs) > 1:
         logger.info(
             "capture: one batch of the %d tensors exceeds %d MB; %d runs over the data",

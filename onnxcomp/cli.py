@@ -129,6 +129,41 @@ shape_option = click.option(
 )
 
 
+def _report_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and not Path(value).resolve().parent.is_dir():
+        raise OnnxcompError(f"--{param.name.removesuffix('_path')} {value}: folder {Path(value).parent} does not exist")
+    return value
+
+
+report_option = click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    callback=_report_path,
+    metavar="FILE.html",
+    help="Also write an HTML report (adds onnxruntime's per-node profile of both models to the result).",
+)
+
+
+def html_report(
+    result: dict[str, Any], path: str | None, models: list[Any], names: list[str], **inputs: Any
+) -> None:
+    """--report: put onnxruntime's per-op-type and slowest-node times of ``models`` (input
+    first) in ``result["profile"]``, then write the HTML page of ``result`` to ``path``.
+    ``inputs`` as for ``bench.profile`` (data, shapes, threads). Nothing happens without a path.
+    """
+    if not path:
+        return
+    from onnxcomp.bench import profile
+    from onnxcomp.report import write_report
+
+    try:
+        result["profile"] = profile(models, names=names, **inputs)
+    except OnnxcompError as err:
+        result["profile"] = {"unavailable": str(err)}
+    write_report(_clean(result), path)
+
+
 class FromOptions(click.Option):
     """An option that mirrors a field of an options dataclass (a recipe key): its default is
     the dataclass's, read when help is shown, never re-declared here. When the flag is not
@@ -633,8 +668,9 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
 @click.option("--no-upgrade-opset", is_flag=True, help="Never upgrade the opset (fusions that need it are skipped).")
 @click.option("--runs", default=50, show_default=True, help="Latency runs of each model for the report.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement.")
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, as_json):
+def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade_opset, runs, no_bench, report_path, as_json):
     """Fuse decomposed activations and norms, fold BatchNorm, biases and constants.
 
     The result is a plain ONNX model. Both models run in onnxruntime on --data (or random
@@ -681,6 +717,7 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
                 "ratio": bench_result.models[1].ratio_p50,
                 "threads": bench_result.threads,
             }
+    html_report(report, report_path, [model_path, str(saved)], ["input", "optimized"], data=source, shapes=parsed)
     if as_json:
         emit_json(report)
         return
@@ -718,6 +755,8 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
             f"{latency['optimized_p50']:.3f} ms ({latency['ratio']:.2f}x)"
         )
     click.echo(f"saved {saved}")
+    if report_path:
+        click.echo(f"report: {report_path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -783,8 +822,9 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     help="Also write a recipe that replays this run's decision (mode, layers kept float, clean-up "
     "rules) with `onnxcomp run`, without timing anything again.",
 )
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model_path, output, shapes, recipe_out, as_json, **flags):
+def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **flags):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
     Static QDQ places Q/DQ only where onnxruntime runs integer kernels; --mode auto (the default)
@@ -822,10 +862,16 @@ def quantize(model_path, output, shapes, recipe_out, as_json, **flags):
     if recipe_out:
         recipe = decision_recipe(report, options, input=model_path, output=output)
         report["recipe"] = str(write_recipe(recipe, recipe_out, protect=[model_path, output]))
+    html_report(
+        report, report_path, [model_path, str(saved)], ["input", "quantized"],
+        data=options.eval_data or options.data, shapes=options.shapes, threads=options.threads,
+    )
     if as_json:
         emit_json(report)
     else:
         click.echo(_quantize_text(report))
+        if report_path:
+            click.echo(f"report: {report_path}")
 
 
 def _quantize_text(report: dict[str, Any]) -> str:
@@ -913,6 +959,33 @@ def _quantize_text(report: dict[str, Any]) -> str:
     if report.get("recipe"):
         lines.append(f"wrote {report['recipe']}: `onnxcomp run {report['recipe']}` replays this decision")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@main.command("report")
+@click.argument("result_path", metavar="RESULT.json", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), callback=_report_path, help="The HTML file to write.")
+@click.option("--title", help="Page title (default: from the command that made the result).")
+def report_command(result_path, output, title):
+    """Render a saved --json result (of optimize, quantize, ...) as one self-contained HTML page.
+
+    RESULT.json may be "-" for standard input: onnxcomp quantize ... --json | onnxcomp report - -o r.html
+    """
+    from onnxcomp.report import read_result, write_report
+
+    if result_path == "-":
+        try:
+            result = json.loads(sys.stdin.read())
+        except json.JSONDecodeError as err:
+            raise OnnxcompError(f"standard input: not JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(result, dict):
+            raise OnnxcompError("standard input: expected a JSON object (a command's --json result)")
+    else:
+        result = read_result(result_path)
+    click.echo(f"wrote {write_report(result, output, title=title)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1162,3 +1235,116 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
         f"the teacher {report['val_agreement']:.4f}, metric {report['val_metric']:.4f} ({report['val_samples']} samples)"
     )
     click.echo(f"saved {saved}")
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Fraction of weights zeroed; with --structured, of channels removed.")
+@click.option(
+    "--method",
+    default="auto",
+    show_default=True,
+    metavar="auto|magnitude|threshold|random|wanda|sparsegpt",
+    help="Weight scores; auto: sparsegpt (OBS mask and update) with --data, else magnitude.",
+)
+@click.option("--scope", default="layer", show_default=True, metavar="layer|global|channel", help="Where the sparsity is counted: each tensor, the whole model, each output channel.")
+@click.option("--pattern", default="unstructured", show_default=True, metavar="unstructured|N:M", help="N:M keeps N of every M consecutive inputs (2:4).")
+@click.option("--threshold", type=float, help="--method threshold: zero the weights with |w| <= this.")
+@click.option("--structured", is_flag=True, help="Remove whole channels (dependency groups): smaller, faster tensors.")
+@click.option("--importance", default="l2", show_default=True, metavar="l1|l2|bn|activation", help="--structured: how channels are ranked.")
+@click.option("--reconstruct/--no-reconstruct", default=None, help="Solve the kept weights layer by layer on --data (default: on with --data).")
+@click.option("--data", type=click.Path(), help="Calibration samples (.npz or folder) for Wanda, reconstruction and activation importance.")
+@click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes left dense (repeatable).")
+@click.option("--min-size", type=int, default=512, show_default=True, help="Weights with fewer elements are left alone.")
+@click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data; the most sensitive layers/groups are spared until it holds.")
+@click.option("--eval-data", type=click.Path(), help="Samples the drop and the self-check are measured on.")
+@click.option("--metric", default="auto", show_default=True, metavar="auto|accuracy|top1|cosine", help="What --max-drop measures.")
+@click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples used.")
+@click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before pruning.")
+@shape_option
+@click.option("--threads", default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def prune(
+    model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, reconstruct, data,
+    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, as_json,
+):
+    """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
+
+    Unstructured pruning zeroes weights of Conv/Gemm/MatMul (the file zips smaller; onnxruntime's
+    dense kernels run as fast as before); with --data the kept weights are solved layer by layer
+    so each layer reproduces its outputs. --structured removes whole channels through their
+    dependency groups (BatchNorm, residual Add, Concat, depthwise Conv, Flatten into Gemm), so
+    the model gets smaller and faster; groups that cannot be cut safely are named with why.
+
+    Exit codes: 0 written; 1 --max-drop cannot be met (nothing written); 2 bad input.
+    """
+    from onnxcomp import model as model_io
+    from onnxcomp.data import parse_shapes
+    from onnxcomp.passes import parse_options
+    from onnxcomp.prune.api import BudgetError, PruneOptions
+    from onnxcomp.prune.api import prune as run_prune
+
+    values = dict(
+        sparsity=sparsity, method=method, scope=scope, pattern=pattern, threshold=threshold,
+        structured=structured, importance=importance, reconstruct=reconstruct,
+        exclude_nodes=_split_names(exclude_nodes), min_size=min_size, max_drop=max_drop, metric=metric,
+        samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
+    )  # fmt: skip
+    options = parse_options(PruneOptions, {k: v for k, v in values.items() if v is not None}, "prune")
+    model = model_io.load(model_path)
+    try:
+        result, report = run_prune(model, options, data=data, eval_data=eval_data)
+    except BudgetError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_CHECK_FAILED)
+    saved = model_io.save(result, output, inputs=[model_path])
+    report["output"] = str(saved)
+    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(_prune_text(report))
+
+
+def _prune_text(report: dict[str, Any]) -> str:
+    lines = []
+    if report.get("kind") == "structured":
+        rows = [
+            [g.get("group"), g.get("kind"), g.get("channels"), g.get("removed"), g.get("skipped", "")]
+            for g in report.get("groups", [])
+        ]
+        lines.append(table(rows, ["group", "kind", "channels", "removed", "skipped because"]))
+    else:
+        lines.append(
+            f"{report.get('method')} ({report.get('scope')}, {report.get('pattern')}), "
+            f"reconstruct={report.get('reconstruct')}"
+        )
+        rows = [
+            [t.get("node"), t.get("op"), t.get("sparsity"), t.get("relative_error"), t.get("skipped", "")]
+            for t in report.get("tensors", [])
+        ]
+        lines.append(table(rows, ["node", "op", "sparsity", "rel. error", "skipped because"]))
+    before, after = report.get("before", {}), report.get("after", {})
+    rows = [
+        [key, before.get(key), after.get(key)]
+        for key in ("parameters", "sparsity", "macs", "file_bytes", "zip_bytes")
+    ]
+    lines.append(table(rows, ["", "before", "after"]))
+    check = report.get("check") or {}
+    if check:
+        text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
+        if check.get("accuracy_reference") is not None:
+            text += f", accuracy {check['accuracy_reference']:.4f} -> {check['accuracy_candidate']:.4f}"
+        out = (check.get("outputs") or [{}])[0]
+        if out.get("cosine_mean") is not None:
+            text += f", cosine {out['cosine_mean']:.5f} mean"
+        lines.append(text)
+    size = report.get("size_bytes")
+    if size:
+        lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -216,13 +216,20 @@ def reconstruction_error(W: np.ndarray, W_q: np.ndarray, H: np.ndarray) -> float
 MAX_ROWS_PER_BATCH = 4096
 
 
+class ConvGeometry(NamedTuple):
+    """Where a Conv's kernel reads: ``pads`` in ONNX order, all the begins then all the ends
+    (``auto_pad`` already resolved)."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+
+
 def conv_patches(
     x: np.ndarray,
-    kernel: tuple[int, ...],
+    geometry: ConvGeometry,
     *,
-    strides: tuple[int, ...],
-    pads: tuple[int, ...],
-    dilations: tuple[int, ...],
     groups: int = 1,
     max_rows: int | None = None,
     rng: np.random.Generator | None = None,
@@ -231,7 +238,7 @@ def conv_patches(
 
     Args:
         x: the Conv's input, (N, C, *spatial).
-        pads: ONNX order, all the begins then all the ends (``auto_pad`` already resolved).
+        geometry: from `conv_geometry`.
         max_rows: keep at most this many rows, drawn without replacement by ``rng`` (only those
             rows are gathered, so memory follows ``max_rows``, not the output size).
 
@@ -240,6 +247,7 @@ def conv_patches(
     the weight's (M, C/g, *kernel) layout.
     """
     x = np.asarray(x)
+    kernel, strides, pads, dilations = geometry
     dims = len(kernel)
     n, c = x.shape[:2]
     half = len(pads) // 2
@@ -266,7 +274,9 @@ def conv_patches(
     return patches.reshape(len(flat), groups, (c // groups) * math.prod(kernel))
 
 
-def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...], spatial: tuple[int, ...]):
+def conv_geometry(
+    node: ir.Node, weight_shape: tuple[int, ...], spatial: tuple[int, ...]
+) -> ConvGeometry:
     """(kernel, strides, pads, dilations) of a Conv on an input of ``spatial`` size, with
     ``auto_pad`` turned into explicit pads as onnxruntime computes them."""
     attrs = node.attributes
@@ -286,7 +296,7 @@ def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...], spatial: tuple[i
             begins.append(small if auto_pad == "SAME_UPPER" else large)
             ends.append(large if auto_pad == "SAME_UPPER" else small)
         pads = tuple(begins + ends)
-    return kernel, strides, pads, dilations
+    return ConvGeometry(kernel, strides, pads, dilations)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,17 +391,8 @@ def _conv_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
     )
 
     def rows_of(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        kernel, strides, pads, dilations = conv_geometry(node, weight.shape, x.shape[2:])
-        return conv_patches(
-            x,
-            kernel,
-            strides=strides,
-            pads=pads,
-            dilations=dilations,
-            groups=groups,
-            max_rows=MAX_ROWS_PER_BATCH,
-            rng=rng,
-        )
+        geometry = conv_geometry(node, weight.shape, x.shape[2:])
+        return conv_patches(x, geometry, groups=groups, max_rows=MAX_ROWS_PER_BATCH, rng=rng)
 
     # (M, C/g, *kernel) -> (g, M/g, C/g * prod(kernel)): output channels of group i come i-th.
     return LinearView(
@@ -544,16 +545,7 @@ def reconstruct(
         in_features = view.rows.shape[2]
         return view.groups * 8 * (in_features * in_features + in_features)
 
-    chunks: list[list[tuple]] = []
-    used = 0
-    for key in keys:
-        c = cost(key)
-        if chunks and not sequential and used + c <= hessian_budget_bytes:
-            chunks[-1].append(key)
-            used += c
-        else:
-            chunks.append([key])
-            used = c
+    chunks = capture.split_by_budget(keys, cost, 0 if sequential else hessian_budget_bytes)
     results: list[LayerResult] = []
     for chunk in chunks:
         inputs = {key: LayerInputs(first[key], rngs[key]) for key in chunk}

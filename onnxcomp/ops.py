@@ -31,6 +31,9 @@ from onnxcomp.graph import attr, const, dims, rank
 
 Layout = Literal["conv", "conv_transpose", "gemm", "matmul"]
 
+# (output-channel axis, input-channel axis) of the weight by layout; Gemm's depend on transB.
+_WEIGHT_AXES = {"conv": (0, 1), "conv_transpose": (1, 0), "matmul": (-1, -2)}
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightedOp:
@@ -49,25 +52,19 @@ class WeightedOp:
     def groups(self, node: ir.Node) -> int:
         return int(attr(node, "group", 1)) if self.layout in ("conv", "conv_transpose") else 1
 
-    def out_axis(self, node: ir.Node) -> int:
-        """The weight axis that holds the output channels (negative for MatMul: counts from the end)."""
-        if self.layout == "conv":
-            return 0
-        if self.layout == "conv_transpose":
-            return 1
+    def channel_axes(self, node: ir.Node) -> tuple[int, int]:
+        """(output-channel axis, input-channel axis) of the weight; MatMul's count from the end."""
         if self.layout == "gemm":
-            return 0 if attr(node, "transB", 0) else 1
-        return -1
+            return (0, 1) if attr(node, "transB", 0) else (1, 0)
+        return _WEIGHT_AXES[self.layout]
+
+    def out_axis(self, node: ir.Node) -> int:
+        """The weight axis that holds the output channels."""
+        return self.channel_axes(node)[0]
 
     def in_axis(self, node: ir.Node) -> int:
         """The weight axis that holds the input channels (per group for Conv/ConvTranspose)."""
-        if self.layout == "conv":
-            return 1
-        if self.layout == "conv_transpose":
-            return 0
-        if self.layout == "gemm":
-            return 1 if attr(node, "transB", 0) else 0
-        return -2
+        return self.channel_axes(node)[1]
 
     def out_channels(self, node: ir.Node, shape) -> int:
         """Output channels M for a weight of ``shape`` (ConvTranspose: groups·M/g)."""
@@ -216,6 +213,18 @@ def per_channel(c: np.ndarray, out_rank: int, channels: int, axis: int = 1) -> n
     if any(s != 1 for i, s in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
         return f"the constant {list(c.shape)} is not per output channel"
     return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,))
+
+
+# Ops onnxruntime's CPU provider (1.32) runs in float32 but not float64 (no double kernel, or a
+# float-only parameter such as Resize's scales): a float64 evaluation keeps them float32.
+FLOAT32_ONLY = frozenset(
+    """
+    Conv ConvTranspose AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool LRN
+    InstanceNormalization MeanVarianceNormalization Resize Upsample Erf Gelu HardSwish HardSigmoid
+    LeakyRelu Elu Selu Celu Softplus Softsign Mish ThresholdedRelu Hardmax Tan Atan Asin Acos Sinh
+    Cosh Asinh Acosh Atanh Det
+    """.split()
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,24 +521,24 @@ def _resolve_shape(src: list[int], target: list[int], allowzero: int) -> list[in
     return out
 
 
-def _axes(node: ir.Node) -> list[int] | None | str:
-    """The ``axes`` of a Squeeze/Unsqueeze/Reduce* (attribute or input), None when not given."""
+def _axes(node: ir.Node, i: int, axis: int) -> tuple[int | None, list[int] | None] | ChannelFlow:
+    """(input rank, ``axes`` of a Squeeze/Unsqueeze/Reduce*, None when not given), or a stop."""
+    if i != 0:
+        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
     axes = attr(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         array = const(node.inputs[1])
         if array is None:
-            return f"{node.op_type}: axes are computed at run time"
+            return _flow(node, i, axis, stop=f"{node.op_type}: axes are computed at run time")
         axes = array.reshape(-1).tolist()
-    return None if axes is None else [int(a) for a in axes]
+    return rank(node.inputs[0]), None if axes is None else [int(a) for a in axes]
 
 
 def _squeeze_like(node: ir.Node, i: int, axis: int) -> ChannelFlow:
-    if i != 0:
-        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
-    r = rank(node.inputs[0])
-    axes = _axes(node)
-    if isinstance(axes, str):
-        return _flow(node, i, axis, stop=axes)
+    found = _axes(node, i, axis)
+    if isinstance(found, ChannelFlow):
+        return found
+    r, axes = found
     out_rank = rank(node.outputs[0])
     if r is None or (axes is None and out_rank is None):
         return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
@@ -569,12 +578,10 @@ def _pool(node: ir.Node, i: int, axis: int) -> ChannelFlow:
 
 
 def _reduce(node: ir.Node, i: int, axis: int) -> ChannelFlow:
-    if i != 0:
-        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
-    r = rank(node.inputs[0])
-    axes = _axes(node)
-    if isinstance(axes, str):
-        return _flow(node, i, axis, stop=axes)
+    found = _axes(node, i, axis)
+    if isinstance(found, ChannelFlow):
+        return found
+    r, axes = found
     if r is None:
         return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
     reduced = {a % r for a in axes} if axes else set(range(r))

@@ -485,26 +485,15 @@ def test_conv_patches_times_weight_is_the_conv(x_shape, w_shape, attrs):
 
     groups = attrs.get("group", 1)
     ir_node = next(iter(ir.from_proto(proto).graph))
-    kernel, strides, pads, dilations = conv_geometry(ir_node, w.shape, x.shape[2:])
-    patches = conv_patches(
-        x, kernel, strides=strides, pads=pads, dilations=dilations, groups=groups
-    )  # (N * out positions, groups, C/g * prod(kernel))
+    geometry = conv_geometry(ir_node, w.shape, x.shape[2:])
+    patches = conv_patches(x, geometry, groups=groups)  # (N * out, groups, C/g * prod(kernel))
     w_rows = w.reshape(groups, w.shape[0] // groups, -1)  # (groups, M/g, C/g * prod(kernel))
     ours = np.einsum("rgi,goi->rgo", patches, w_rows).reshape(len(patches), -1)  # (rows, M)
     theirs = np.moveaxis(y, 1, -1).reshape(-1, w.shape[0])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
     # Sub-sampled: a seeded subset of the same rows.
-    few = conv_patches(
-        x,
-        kernel,
-        strides=strides,
-        pads=pads,
-        dilations=dilations,
-        groups=groups,
-        max_rows=5,
-        rng=np.random.default_rng(1),
-    )
+    few = conv_patches(x, geometry, groups=groups, max_rows=5, rng=np.random.default_rng(1))
     assert few.shape == (5, *patches.shape[1:])
     assert all(any(np.array_equal(row, p) for p in patches) for row in few)
 

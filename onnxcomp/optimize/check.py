@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.ops import FLOAT32_ONLY
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +57,51 @@ def worst_error(comparison) -> tuple[float, str | None]:
 def as_float64(model: ir.Model) -> ir.Model | str:
     """A copy of ``model`` computing in float64: float32 initializers, constants and Casts widened,
     inputs cast up on entry and outputs cast back to float32 (so it takes the same feeds and its
-    outputs compare with the original's). A reason string when the graph cannot be widened."""
+    outputs compare with the original's). Ops onnxruntime runs only in float32
+    (``ops.FLOAT32_ONLY``: Conv, pooling, Erf, ...) stay float32 between Casts, so the result is
+    exact everywhere but there. A reason string when the graph cannot be widened."""
     work = model.clone()
     graph = work.graph
-    if any(
-        n is not None and n.op_type in ("If", "Loop", "Scan")
-        for n in ir.traversal.RecursiveGraphIterator(graph)
-    ):
+    if any(n.op_type in ("If", "Loop", "Scan") for n in ir.traversal.RecursiveGraphIterator(graph)):
         return "the graph has subgraphs (If/Loop/Scan)"
+    model_io.normalize(work)  # Constant nodes lifted, types inferred: which values are float32
     float32, float64 = ir.DataType.FLOAT, ir.DataType.DOUBLE
+    widen = {id(v) for v in graph.inputs if v.dtype == float32}
+    widen |= {id(v) for v in graph.initializers.values() if v.dtype == float32}
+    widen |= {id(v) for n in graph for v in n.outputs if v.dtype == float32}
+    kept: set[int] = set()  # the Casts written here
+    for node in list(graph):
+        if node.op_type not in FLOAT32_ONLY or node.domain not in ("", "ai.onnx"):
+            continue
+        for i, value in enumerate(node.inputs):
+            if value is not None and id(value) in widen:
+                down = ir.node("Cast", [value], {"to": float32}, name=f"{node.name}__in{i}_float32")
+                down.outputs[0].type = ir.TensorType(float32)
+                graph.insert_before(node, down)
+                node.replace_input_with(i, down.outputs[0])
+                kept.add(id(down))
+        for value in node.outputs:
+            if id(value) not in widen:
+                continue
+            widen.discard(id(value))
+            up = ir.node("Cast", [value], {"to": float64}, name=f"{node.name}__out_float64")
+            graph.insert_after(node, up)
+            kept.add(id(up))
+            name = value.name
+            ir.convenience.replace_all_uses_with(value, up.outputs[0], replace_graph_outputs=True)
+            up.replace_input_with(0, value)
+            value.name, up.outputs[0].name = f"{name}__float32", name
+            up.outputs[0].type = ir.TensorType(float64)
+            up.outputs[0].shape = value.shape
     for value in list(graph.initializers.values()):
-        if value.dtype == float32 and value.const_value is not None:
+        if id(value) in widen and value.const_value is not None:
             value.const_value = ir.tensor(
                 value.const_value.numpy().astype(np.float64), name=value.name
             )
-            value.type = ir.TensorType(float64)  # a new type: clones share type objects
     for node in list(graph):
-        if (
-            node.op_type == "Cast"
-            and node.domain in ("", "ai.onnx")
-            and node.attributes.get_int("to") == float32
-        ):
+        if id(node) in kept:
+            continue
+        if node.op_type == "Cast" and node.attributes.get_int("to") == float32:
             node.attributes["to"] = ir.AttrInt64("to", float64)
         elif node.op_type == "Constant" and "value" in node.attributes:
             tensor = node.attributes["value"].value
@@ -89,12 +114,15 @@ def as_float64(model: ir.Model) -> ir.Model | str:
             "EyeLike",
             "RandomNormal",
             "RandomUniform",
-        ) or node.domain not in ("", "ai.onnx"):
+        ) or node.domain not in (
+            "",
+            "ai.onnx",
+        ):
             if node.op_type != "ConstantOfShape" or "value" in node.attributes:
                 return f"{node.op_type} {node.name!r} fixes its own output type"
-        for value in node.outputs:
-            if value.dtype == float32:
-                value.type = ir.TensorType(float64)
+    for g_value in [*graph.initializers.values(), *(v for n in graph for v in n.outputs)]:
+        if id(g_value) in widen:
+            g_value.type = ir.TensorType(float64)  # a new type: clones share type objects
     for value in list(graph.inputs):
         if value.dtype != float32 or not value.uses():
             continue

@@ -583,8 +583,26 @@ def _register_modes() -> None:
         lambda options, context: DynamicQuantizePass(options, data=context.data)
     )
     register("quantize-weight-only", WeightOnlyOptions, help="int4/int8 weight-only blocks")(
-        lambda options, context: WeightOnlyQuantizePass(options, data=context.data)
+        lambda options, context: _WeightOnlyStep(options, context)
     )
+
+
+class _WeightOnlyStep(ir.passes.FunctionalPass):
+    """The recipe step ``quantize-weight-only``: upgrades the opset first when the standard form
+    needs it (blocked DequantizeLinear, opset 21), as `quantize` does, then runs the pass."""
+
+    def __init__(self, options: Any, context: Context):
+        super().__init__()
+        self.options = options
+        self.context = context
+
+    def call(self, model: ir.Model) -> Result:
+        from onnxcomp.quantize.weight_only import STANDARD_OPSET, WeightOnlyQuantizePass
+
+        model = model_io.copy_model(model)
+        if self.options.form == "onnx":
+            model = model_io.ensure_opset(model, STANDARD_OPSET, "blocked DequantizeLinear")
+        return WeightOnlyQuantizePass(self.options, data=self.context.data)(model)
 
 
 _register_modes()

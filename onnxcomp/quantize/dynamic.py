@@ -62,7 +62,6 @@ from onnxcomp.quantize.weight_only import (
     matmul_nbits_node,
     rewrite_gather,
     rewrite_gather_standard,
-    split_by_budget,
 )
 
 logger = logging.getLogger(__name__)
@@ -271,6 +270,7 @@ class _Layer:
     smooth_scale: np.ndarray | None = None  # (K,) SmoothQuant factors s: x / s, s * w
     blockwise_sqnr_db: float | None = None  # simulated output SQNR with per-block int8 activations
     blockwise_reason: str | None = None  # set when the layer runs as MatMulNBits
+    shares_weight_with: str | None = None  # the layer whose int8 weight this one reads
     new_output: ir.Value | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -292,6 +292,8 @@ class _Layer:
             entry["bias_corrected"] = True
         if self.blockwise_sqnr_db is not None:
             entry["blockwise_sqnr_db"] = _round(self.blockwise_sqnr_db)
+        if self.shares_weight_with:
+            entry["shares_weight_with"] = self.shares_weight_with
         if self.float_reason or self.blockwise_reason:
             entry["reason"] = self.float_reason or self.blockwise_reason
         return entry
@@ -475,6 +477,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             hidden = shape[-1] if len(shape) == 2 else 0
             block = next((b for b in (128, 64, 32, 16) if hidden and hidden % b == 0), 128)
             match = match_embedding(node, block)
+            if not isinstance(match, str):
+                match = schemes.nonfinite_reason(match.w) or match
             if isinstance(match, str):
                 skipped.append({"node": name, "op": "Gather", "reason": match})
             else:
@@ -506,6 +510,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             if id(node) in claimed:
                 continue
             match = RULES[node.op_type](node)
+            if not isinstance(match, str):
+                match = schemes.nonfinite_reason(match.w) or match
             if isinstance(match, str):
                 skipped.append({"node": name, "op": node.op_type, "reason": match})
                 continue
@@ -563,7 +569,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         limit = opts.calibration_samples
         # The candidate weights of every group are held while the data streams by: groups are taken in chunks
         # that fit CALIBRATION_MEMORY_BYTES, each chunk with its own two runs over the data.
-        chunks = split_by_budget(
+        chunks = capture.split_by_budget(
             list(groups),
             lambda name: (len(alphas) + 1) * sum(lay.match.w.size * 4 for lay in by_input[name]),
             CALIBRATION_MEMORY_BYTES,
@@ -650,14 +656,12 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         ):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         self._order = {id(node): i for i, node in enumerate(graph)}
+        self._shared: dict[tuple, tuple] = {}
         groups: dict[tuple[int, float], list[_Layer]] = {}
         for lay in layers:
             groups.setdefault((id(lay.match.x), lay.smooth_alpha), []).append(lay)
         for group in groups.values():
             self._rewrite_group(graph, group)
-
-    def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, name, array)
 
     def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
         opts = self.options
@@ -681,7 +685,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         per_tensor = [lay for lay in group if not lay.blockwise_reason]
         scale_vec = group[0].smooth_scale
         if per_tensor and scale_vec is not None:
-            inv = self._initializer(
+            inv = add_initializer(
                 graph, f"{tag}_smooth_inv", (1.0 / scale_vec).astype(np.float32)
             )
             mul = ir.node("Mul", [x, inv], name=f"{tag}_smooth")
@@ -697,24 +701,32 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             shared = dql.outputs
         for lay in per_tensor:
             m = lay.match
-            w = m.w * scale_vec[:, None] if scale_vec is not None else m.w
-            p = schemes.weight_params(
-                w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range
-            )
-            wq = schemes.quantize(w, p)  # (K, N) int8
-            # Of the weight actually quantized (smoothed: s * w).
-            lay.weight_sqnr_db = schemes.sqnr_db(w, schemes.dequantize(wq, p))
             name = m.name.replace("/", "_").strip("_") or "matmul"
-            w_q = self._initializer(graph, f"{name}_W_int8", wq)
-            w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
-            w_zp = self._initializer(
-                graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8)
-            )
+            # A weight read by several MatMuls is quantized once (unless smoothing scaled it for
+            # this reader's input): the later readers take the same int8 initializers.
+            key = _weight_key(m) if scale_vec is None else None
+            if key in self._shared:
+                lay.shares_weight_with, w_q, w_s, w_zp, lay.weight_sqnr_db = self._shared[key]
+            else:
+                w = m.w * scale_vec[:, None] if scale_vec is not None else m.w
+                p = schemes.weight_params(
+                    w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range
+                )
+                wq = schemes.quantize(w, p)  # (K, N) int8
+                # Of the weight actually quantized (smoothed: s * w).
+                lay.weight_sqnr_db = schemes.sqnr_db(w, schemes.dequantize(wq, p))
+                w_q = add_initializer(graph, f"{name}_W_int8", wq)
+                w_s = add_initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
+                w_zp = add_initializer(
+                    graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8)
+                )
+                if key is not None:
+                    self._shared[key] = (m.name, w_q, w_s, w_zp, lay.weight_sqnr_db)
             bias = m.bias
             if lay.bias_delta is not None:
                 bias = (bias if bias is not None else 0.0) + lay.bias_delta
             b = (
-                self._initializer(graph, f"{name}_bias", np.asarray(bias, np.float32))
+                add_initializer(graph, f"{name}_bias", np.asarray(bias, np.float32))
                 if bias is not None
                 else None
             )
@@ -750,10 +762,10 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=True
         )
         wq = schemes.quantize(m.w, p)
-        w_q = self._initializer(graph, f"{name}_W_uint8", wq)
-        w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(128, np.uint8))
+        w_q = add_initializer(graph, f"{name}_W_uint8", wq)
+        w_zp = add_initializer(graph, f"{name}_W_zero_point", np.asarray(128, np.uint8))
         shape = (1, -1) + (1,) * (m.w.ndim - 2)
-        w_s = self._initializer(
+        w_s = add_initializer(
             graph, f"{name}_W_scale", np.asarray(p.scale, np.float32).reshape(shape)
         )
         dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_quantize")
@@ -770,7 +782,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_rescale")
         nodes = [dql, conv, cast, scale, out]
         if m.bias is not None:
-            b = self._initializer(graph, f"{name}_bias", m.bias.astype(np.float32).reshape(shape))
+            b = add_initializer(graph, f"{name}_bias", m.bias.astype(np.float32).reshape(shape))
             nodes.append(ir.node("Add", [out.outputs[0], b], name=f"{name}_bias"))
         lay.new_output = nodes[-1].outputs[0]
         return nodes
@@ -786,6 +798,19 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             for node in reversed(lay.match.nodes):
                 graph.remove(node, safe=True)
             drop_unused_initializers(graph, inputs)
+
+
+def _weight_key(match: _Match) -> tuple:
+    """Layers with equal keys compute with the same ``[K, N]`` weight: one initializer, seen
+    through the same Gemm attributes."""
+    node = match.nodes[0]
+    attrs = node.attributes
+    view = (
+        (attrs.get_int("transB", 0), attrs.get_float("alpha", 1.0))
+        if node.op_type == "Gemm"
+        else ()
+    )
+    return (id(node.inputs[1]), node.op_type, view)
 
 
 def _residual_layernorms(graph: ir.Graph) -> list[ir.Node]:

@@ -341,6 +341,28 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def nonfinite_reason(w: np.ndarray) -> str | None:
+    """Why ``w`` cannot be quantized because of NaN or inf values (no code stands for them), or
+    None when every value is finite. Counted in chunks: a large weight needs no boolean copy."""
+    flat = np.ravel(np.asarray(w))
+    if not np.issubdtype(flat.dtype, np.floating):
+        return None
+    nan = inf = 0
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start : start + _CHUNK]
+        bad = ~np.isfinite(part)
+        if bad.any():
+            n_nan = int(np.count_nonzero(np.isnan(part)))
+            nan += n_nan
+            inf += int(np.count_nonzero(bad)) - n_nan
+    if not nan and not inf:
+        return None
+    found = " and ".join(
+        f"{count} {what}" for count, what in ((inf, "inf"), (nan, "NaN")) if count
+    )
+    return f"holds {found} of {flat.size} values, which no integer code can stand for: kept float"
+
+
 # Elements per chunk of the whole-weight numerics (sqnr_db, block-wise (de)quantization): 16 MB of
 # float32, so that temporaries stay small beside a large weight.
 _CHUNK = 1 << 22

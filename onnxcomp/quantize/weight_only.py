@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from onnxcomp import layerwise
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import add_initializer, drop_unused_initializers, replace_uses
 from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import gptq, schemes
@@ -246,21 +247,38 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         if opts.form == "contrib":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         entries: dict[int, tuple[dict[str, object], int]] = {}
+        # Weights read by several MatMuls are quantized once; later readers reuse the codes.
+        self._shared: dict[tuple, tuple[str, list[ir.Value | None], schemes.BlockwiseWeight]] = {}
         if opts.algorithm == "gptq" and matmuls:
-            calibration = self._gptq(model, matmuls, entries)
-        bytes_before = sum(m.w.nbytes for m in matches)
+            matmuls = self._finite(matmuls, skipped)
+            if matmuls:
+                calibration = self._gptq(model, matmuls, entries)
+        bytes_before = 0
         for match in matches:
             if id(match) in entries:
+                bytes_before += match.w.nbytes
                 continue
-            tensor = _weight_tensor(match)
-            if match.op_type == "MatMul":
-                entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
-            else:
-                entries[id(match)] = self._rewrite_gather(model.graph, match)
-            match.w = None
-            _release(tensor)
-        layers = [entries[id(m)][0] for m in matches]
-        bytes_after = sum(entries[id(m)][1] for m in matches)
+            # Checked here, one weight at a time, not while planning: a large model's weights
+            # are then read (and unmapped) one by one.
+            if self._finite([match], skipped):
+                bytes_before += match.w.nbytes
+                tensor = _weight_tensor(match)
+                if match.op_type == "MatMul":
+                    entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
+                else:
+                    entries[id(match)] = self._rewrite_gather(model.graph, match)
+                match.w = None
+                _release(tensor)
+        done = [m for m in matches if id(m) in entries]
+        layers = [entries[id(m)][0] for m in done]
+        bytes_after = sum(entries[id(m)][1] for m in done)
+        shapes_dropped = 0
+        if done:
+            # As for dynamic int8: stored shapes let onnxruntime fuse residual Add + LayerNormalization into its
+            # slower SkipLayerNormalization (paraphrase-MiniLM-L3 int4 at opset 21: 0.87x fp32 with, 0.71x without).
+            from onnxcomp.quantize.dynamic import drop_shapes_before_skip_layernorm
+
+            shapes_dropped = drop_shapes_before_skip_layernorm(model.graph)
         report: dict[str, object] = {
             "quantized": len(layers),
             "bits": opts.bits,
@@ -269,6 +287,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "algorithm": opts.algorithm,
             "accuracy_level": opts.accuracy_level,
             "form": opts.form,
+            "shapes_dropped": shapes_dropped,
             "weight_bytes_before": bytes_before,
             "weight_bytes_after": bytes_after,
             **calibration,
@@ -308,6 +327,20 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                     }
                 )
         return matches, skipped
+
+    @staticmethod
+    def _finite(matches: list[_Match], skipped: list[dict[str, str]]) -> list[_Match]:
+        """The matches whose weights are all finite; the others go to ``skipped`` with the count
+        of NaN/inf values (an attention-bias table of -inf stays float, the rest is quantized)."""
+        kept = []
+        for match in matches:
+            reason = schemes.nonfinite_reason(match.w)
+            if reason is None:
+                kept.append(match)
+            else:
+                skipped.append({"node": match.name, "op": match.node.op_type, "reason": reason})
+                logger.info("%s stays float: its weight %s", match.name, reason)
+        return kept
 
     def _gptq(
         self,
@@ -405,15 +438,6 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             opts.block_size,
         )
 
-    def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        base, n = name, 1
-        while name in graph.initializers:
-            name = f"{base}_{n}"
-            n += 1
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        graph.register_initializer(value)
-        return value
-
     def _rewrite_matmul(
         self,
         graph: ir.Graph,
@@ -423,15 +447,27 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         """Replace the MatMul (and its bias Add) by MatMulNBits: round to nearest, or the codes of
         GPTQ's solved ``layer``."""
         opts = self.options
-        q = self._quantize_weight(match.w, layer.solutions[0] if layer else None)
-        deq = schemes.dequantize_blockwise(q)
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
+        # GPTQ's codes depend on the reader's inputs: only round-to-nearest codes are shared.
+        key = _weight_key(match) if layer is None else None
+        first, weights, q = self._shared.get(key, (None, None, None)) if key else (None,) * 3
+        if q is None:
+            q = self._quantize_weight(match.w, layer.solutions[0] if layer else None)
         if opts.form == "contrib":
-            node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
+            node = matmul_nbits_node(
+                graph, match.x, q, match.bias, opts.accuracy_level, match.name, weights=weights
+            )
             replace_with(graph, old, node, match.output)
+            written = list(node.inputs[1:4])
         else:
-            nodes = blocked_dequantize_matmul(graph, match.x, q, match.bias, match.name)
+            nodes = blocked_dequantize_matmul(
+                graph, match.x, q, match.bias, match.name, weights=weights
+            )
             replace_with(graph, old, nodes, match.output)
+            written = list(nodes[0].inputs)
+        if key is not None and first is None:
+            self._shared[key] = (match.name, written, q)
+        deq = schemes.dequantize_blockwise(q)
         entry: dict[str, object] = {
             "node": match.name,
             "op": match.node.op_type,
@@ -439,6 +475,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "weight": list(match.w.shape),
             "weight_sqnr_db": _round(schemes.sqnr_db(match.w, deq)),
         }
+        if first is not None:
+            entry["shares_weight_with"] = first
         if layer is not None:
             rtn = schemes.quantize_blockwise(match.w, opts.block_size, opts.bits, opts.symmetric)
             rtn = schemes.dequantize_blockwise(rtn).T  # (N, K), as the solver saw it
@@ -447,7 +485,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 layerwise.reconstruction_error(match.w.T, rtn, h)
             )
             entry["output_error"] = _significant(layer.error)
-        return entry, _nbytes(q)
+        return entry, 0 if first is not None else _nbytes(q)
 
     def _rewrite_gather(self, graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
         opts = self.options
@@ -462,22 +500,6 @@ def match_embedding(node: ir.Node, block_size: int) -> _Match | str:
     if isinstance(match, _Match):
         match.name = node.name or node.outputs[0].name or "Gather"
     return match
-
-
-def add_initializer(
-    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None
-) -> ir.Value:
-    """Register ``array`` as an initializer under ``name`` (made unique in the graph); ``dtype`` for the
-    4-bit types, whose codes ``array`` holds one per byte."""
-    value_name, n = name, 1
-    while value_name in graph.initializers:
-        value_name = f"{name}_{n}"
-        n += 1
-    tensor = ir.Tensor(array, dtype=dtype, name=value_name) if dtype else ir.tensor(array, name=value_name)
-    value = ir.Value(name=value_name, const_value=tensor)
-    value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
-    graph.register_initializer(value)
-    return value
 
 
 def rewrite_gather(
@@ -554,12 +576,14 @@ def blocked_dequantize_matmul(
     q: schemes.BlockwiseWeight,
     bias: np.ndarray | None,
     name: str,
+    weights: list[ir.Value | None] | None = None,
 ) -> list[ir.Node]:
     """Standard ONNX (opset 21) for ``x @ dequantize(q) + bias``: ``DequantizeLinear`` with ``block_size`` along K,
     ``MatMul`` and a bias ``Add``; onnxruntime fuses the first two into MatMulNBits.
 
     Symmetric blocks are written as signed codes without a zero point, asymmetric ones as unsigned codes with
     one zero point per block; the stored codes are those of ``q`` (the same integers MatMulNBits would hold).
+    ``weights``: the DequantizeLinear inputs another reader of the same weight already wrote (shared).
     """
     tag = name.replace("/", "_").strip("_") or "matmul"
     n, nb, bs, k = q.N, q.n_blocks, q.block_size, q.K
@@ -570,12 +594,17 @@ def blocked_dequantize_matmul(
     unsigned = {4: ir.DataType.UINT4, 8: ir.DataType.UINT8}[q.bits]
 
     def initializer(suffix: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-        return add_initializer(graph, f"{tag}_{suffix}", array, dtype)
+        return add_initializer(graph, f"{tag}_{suffix}", array, dtype=dtype)
 
     inputs: list[ir.Value | None]
-    if q.zero_points is None:
+    if weights is not None:
+        inputs = list(weights)
+    elif q.zero_points is None:
         signed_codes = np.ascontiguousarray(codes.astype(np.int16) - half).astype(np.int8)
-        inputs = [initializer(f"B_int{q.bits}", signed_codes, signed), initializer("scales", scales)]
+        inputs = [
+            initializer(f"B_int{q.bits}", signed_codes, signed),
+            initializer("scales", scales),
+        ]
     else:
         zp = schemes.unpack_bits(q.zero_points.reshape(n, -1), q.bits, nb).T  # (n_blocks, N)
         inputs = [
@@ -584,7 +613,10 @@ def blocked_dequantize_matmul(
             initializer("zero_points", np.ascontiguousarray(zp), unsigned),
         ]
     dq = ir.node(
-        "DequantizeLinear", inputs, attributes={"axis": 0, "block_size": bs}, name=f"{tag}_dequantize"
+        "DequantizeLinear",
+        inputs,
+        attributes={"axis": 0, "block_size": bs},
+        name=f"{tag}_dequantize",
     )
     mm = ir.node("MatMul", [x, dq.outputs[0]], name=tag)
     nodes = [dq, mm]
@@ -601,16 +633,11 @@ def replace_with(
     output takes over ``old_out``'s name and readers."""
     chain = node if isinstance(node, list) else [node]
     graph.insert_before(old_nodes[0], chain)
-    new = chain[-1].outputs[0]
-    name = old_out.name
-    old_out.name = f"{name}__float"
-    new.name = name
-    new.shape, new.type = old_out.shape, old_out.type
-    ir.convenience.replace_all_uses_with(old_out, new, replace_graph_outputs=True)
+    replace_uses(old_out, chain[-1].outputs[0], old_suffix="__float", take_name=True)
     inputs = [v for old in old_nodes for v in old.inputs]
     for old in reversed(old_nodes):
         graph.remove(old, safe=True)
-    _drop_unused(graph, inputs)
+    drop_unused_initializers(graph, inputs)
 
 
 def matmul_nbits_node(
@@ -620,18 +647,26 @@ def matmul_nbits_node(
     bias: np.ndarray | None,
     accuracy_level: int,
     name: str,
+    weights: list[ir.Value | None] | None = None,
 ) -> ir.Node:
-    """A ``com.microsoft.MatMulNBits`` node computing ``x @ dequantize(q) + bias``; its constants are registered."""
+    """A ``com.microsoft.MatMulNBits`` node computing ``x @ dequantize(q) + bias``; its constants are registered.
+
+    ``weights``: the (B, scales, zero_points) inputs another reader of the same weight already wrote (shared).
+    """
     tag = name.replace("/", "_").strip("_") or "matmul"
 
     def initializer(suffix: str, array: np.ndarray) -> ir.Value:
         return add_initializer(graph, f"{tag}_{suffix}", array)
 
+    if weights is None:
+        weights = [
+            initializer(f"B_q{q.bits}", q.packed),
+            initializer("scales", q.scales),
+            None if q.zero_points is None else initializer("zero_points", q.zero_points),
+        ]
     inputs: list[ir.Value | None] = [
         x,
-        initializer(f"B_q{q.bits}", q.packed),
-        initializer("scales", q.scales),
-        None if q.zero_points is None else initializer("zero_points", q.zero_points),
+        *(list(weights) + [None] * 3)[:3],
         None,
         None if bias is None else initializer("bias", np.asarray(bias, np.float32)),
     ]
@@ -652,19 +687,19 @@ def matmul_nbits_node(
     )
 
 
-def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
-    """Split ``names`` (in order) into runs whose summed ``cost(name)`` stays within ``budget`` (at least one each)."""
-    chunks: list[list[str]] = []
-    used = 0
-    for name in names:
-        c = cost(name)
-        if chunks and used + c <= budget:
-            chunks[-1].append(name)
-            used += c
-        else:
-            chunks.append([name])
-            used = c
-    return chunks
+def _weight_key(match: _Match) -> tuple | None:
+    """Readers with equal keys compute with the same ``[K, N]`` weight: the same initializer seen
+    through the same Gemm attributes (transB, alpha)."""
+    if match.op_type != "MatMul":
+        return None
+    value = match.node.inputs[1]
+    attrs = match.node.attributes
+    view = (
+        (attrs.get_int("transB", 0), attrs.get_float("alpha", 1.0))
+        if match.node.op_type == "Gemm"
+        else ()
+    )
+    return (id(value), match.node.op_type, view)
 
 
 def _weight_tensor(match: _Match) -> ir.TensorProtocol | None:
@@ -685,15 +720,6 @@ def _release(tensor: ir.TensorProtocol | None) -> None:
 
 def _significant(x: float) -> float:
     return float(f"{x:.4g}")
-
-
-def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove initializers the rewrite left without readers (the float weights)."""
-    for value in values:
-        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.name in graph.initializers and graph.initializers[value.name] is value:
-            del graph.initializers[value.name]
 
 
 def _nbytes(q: schemes.BlockwiseWeight) -> int:
