@@ -13,14 +13,10 @@ import pytest
 
 from models.build_digits import load_split
 
+pytestmark = pytest.mark.usefixtures("feature_cache")
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TEACHER = MODELS / "digits_cnn.onnx"
 STUDENT = MODELS / "digits_cnn_04_half.onnx"  # half the channels, has seen digits 0-4 only
-
-
-@pytest.fixture(autouse=True)
-def feature_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))
 
 
 @pytest.fixture(scope="module")
