@@ -16,21 +16,110 @@ from typing import Any
 import click
 import numpy as np
 
-from onnxcomp.errors import OnnxcompError
-
-EXIT_USER_ERROR = 2
-EXIT_CHECK_FAILED = 1
+from onnxcomp.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL_ERROR,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USER_ERROR,
+    CheckFailed,
+    OnnxcompError,
+    Terminated,
+)
 
 
 class _Group(click.Group):
+    """Turns every way a command can end into its documented exit code (see onnxcomp.errors).
+
+    A user's mistake is one ``error:`` line (exit 2); a check that failed exits 1; anything else
+    is an internal error: one line with where it happened (exit 3), the traceback with --debug.
+    SIGTERM raises Terminated so temporary files are removed before exit 143; Ctrl-C exits 130.
+    """
+
     def invoke(self, ctx: click.Context) -> Any:
+        previous = _install_sigterm()
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except CheckFailed as err:
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(EXIT_CHECK_FAILED)
         except OnnxcompError as err:
-            if ctx.obj and ctx.obj.get("debug"):
+            if _debug(ctx):
                 raise
             click.echo(f"error: {err}", err=True)
             ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(EXIT_SIGINT)
+        except Terminated:
+            click.echo("error: terminated", err=True)
+            ctx.exit(EXIT_SIGTERM)
+        except MemoryError:
+            if _debug(ctx):
+                raise
+            click.echo(
+                "error: out of memory; use fewer or smaller samples (--batch-size, --limit, "
+                "--calibration-samples) or a smaller --shape",
+                err=True,
+            )
+            ctx.exit(EXIT_USER_ERROR)
+        except Exception as err:
+            if _debug(ctx):
+                raise
+            click.echo(f"internal error: {_where(err)}", err=True)
+            click.echo("rerun with --debug for the traceback, and please report it", err=True)
+            ctx.exit(EXIT_INTERNAL_ERROR)
+        finally:
+            _restore_sigterm(previous)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def _where(err: BaseException) -> str:
+    """``Type: first line of the message (file.py:line in function)``, cut to one short line."""
+    import traceback
+
+    lines = str(err).strip().splitlines()
+    message = lines[0][:200] if lines else ""
+    frames = traceback.extract_tb(err.__traceback__)
+    place = ""
+    if frames:
+        last = frames[-1]
+        place = f" ({Path(last.filename).name}:{last.lineno} in {last.name})"
+    return f"{type(err).__name__}: {message}{place}" if message else f"{type(err).__name__}{place}"
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _install_sigterm() -> Any:
+    """Route SIGTERM through an exception (main thread only; None when not installed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):
+            pass
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -577,6 +666,7 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     inputs); if an output differs by more than --tolerance nothing is saved and the error names
     the rule and the node.
     """
+    from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
     from onnxcomp.optimize import OptimizeOptions
@@ -591,9 +681,10 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     if no_upgrade_opset:
         values["upgrade_opset"] = False
     options = parse_options(OptimizeOptions, values, "optimize")
+    inputs.check_output(output, reads=[model_path, data], model=model)
     source = open_data(data, model_io.input_specs(model), shapes=parsed) if data else None
     result, report = run_optimize(model, options, source)
-    saved = model_io.save(result, output, inputs=[model_path])
+    saved = model_io.save(result, output, inputs=[model_path, data])
     report["size_bytes"] = {"before": Path(model_path).stat().st_size, "after": saved.stat().st_size}
     report["output"] = str(saved)
     if not no_bench:
@@ -708,12 +799,13 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
 @shape_option
 @click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
+@click.option("--force", is_flag=True, help="Write the result even when the self-check finds it broken.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(
     model_path, output, mode, data, calibration, per_channel, bits, block_size, symmetric, accuracy_level,
     activation_type, exclude_nodes, exclude_ops,
     max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, gptq, allow_random_calibration, shapes,
-    threads, as_json,
+    threads, force, as_json,
 ):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
@@ -721,8 +813,10 @@ def quantize(
     also tries dynamic quantization and the cleaned-up fp32 graph, and keeps whichever is fastest
     within --max-drop (default 0.01), or the input model when nothing is faster.
 
-    Exit codes: 0 written; 1 --max-drop cannot be met (nothing written); 2 bad input.
+    Exit codes: 0 written; 1 --max-drop cannot be met or the self-check finds the result broken
+    (nothing written; --force writes it anyway); 2 bad input; 3 internal error.
     """
+    from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import parse_shapes
     from onnxcomp.passes import parse_options
@@ -754,12 +848,21 @@ def quantize(
     )
     options = parse_options(QuantizeOptions, {k: v for k, v in values.items() if v is not None}, "quantize")
     model = model_io.load(model_path)
+    reads = [model_path, data, eval_data]
+    inputs.check_output(output, reads=reads, model=model)
     try:
         result, report = run_quantize(model, options, data=data, eval_data=eval_data)
     except BudgetError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-    saved = model_io.save(result, output, inputs=[model_path])
+    broken = inputs.broken_reason(report.get("check"))
+    if broken and not force:
+        raise CheckFailed(f"the result is broken by onnxcomp's own check: {broken}; "
+                          f"nothing written (--force writes it anyway)")
+    if broken:
+        report.setdefault("warnings", []).append(f"written with --force although broken: {broken}")
+        click.echo(f"warning: written with --force although broken: {broken}", err=True)
+    saved = model_io.save(result, output, inputs=reads)
     report["output"] = str(saved)
     report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
     if as_json:

@@ -21,6 +21,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.inputs import check_output, os_error
+from onnxcomp.inputs import external_data_files as external_data_files  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +159,6 @@ def _check_tensor_sizes(model: ir.Model, path: Path) -> None:
             )
 
 
-def external_data_files(model: ir.Model) -> set[Path]:
-    """The external data files the model's tensors are read from."""
-    files = set()
-    for _, value in iter_tensors(model):
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            files.add(Path(tensor.path).resolve())
-    return files
-
-
 def weight_bytes(model: ir.Model) -> int:
     """Bytes held by initializers (after constants are lifted, all weights)."""
     total = 0
@@ -177,67 +169,82 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
+def has_external_data(model: ir.Model) -> bool:
+    """True when any initializer is read from an external data file."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for _, v in iter_tensors(model))
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike,
     *,
-    inputs: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike | None] = (),
     external_data: bool | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; never overwrite one of ``inputs``.
 
     Everything is written to a temporary folder beside ``path`` and then renamed into place,
-    so a failure leaves no half-written file. With ``external_data`` (default: when the
-    weights exceed 1.5 GB) the weights go to ``<name>.data`` beside the model. Shapes that
-    ``normalize`` inferred are left out of the file (see INFERRED_SHAPE).
+    so a failure (or a signal: the CLI turns SIGTERM into an exception) leaves no half-written
+    file and no temporary folder. With ``external_data`` the weights go to ``<name>.data``
+    beside the model; by default that happens when the model's weights were read from external
+    data (so the result never points at the input's data file, which may be elsewhere) or
+    exceed 1.5 GB. Shapes that ``normalize`` inferred are left out of the file (see
+    INFERRED_SHAPE).
     """
     path = Path(path)
+    check_output(path, reads=inputs, model=model, option="output")
     target = path.resolve()
-    protected = {Path(p).resolve() for p in inputs} | external_data_files(model)
     if external_data is None:
-        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = has_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     data_target = target.with_name(data_name)
-    for candidate in (target, data_target) if external_data else (target,):
-        if candidate in protected or (candidate.exists() and _same_file(candidate, protected)):
-            raise OnnxcompError(
-                f"{path}: refusing to overwrite an input file; choose another output"
-            )
-    if target.is_dir():
-        raise OnnxcompError(f"{path}: is a directory; give a file name for the output")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    except OSError as err:
+        raise os_error(path, err) from None
+    inlined: list[tuple[ir.Value, object]] = []
     try:
         tmp_model = tmpdir / path.name
         cleared = _strip_inferred_shapes(model)
         try:
+            if not external_data:
+                inlined = _inline_external(model)
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name)
             else:
                 ir.save(model, tmp_model)
         except OSError as err:
-            raise OnnxcompError(f"{path}: cannot write ({_one_line(err)})") from None
+            raise os_error(path, err) from None
+        except Exception as err:  # protobuf cannot hold a name, attribute or size
+            raise OnnxcompError(f"{path}: cannot serialize the model ({_one_line(err)})") from None
         finally:
             for value, shape, type_ in cleared:
                 value.type = type_
                 value.shape = shape
-        if external_data:
-            os.replace(tmpdir / data_name, data_target)
-        os.replace(tmp_model, target)
+            for value, tensor in inlined:
+                value.const_value = tensor
+        try:
+            if external_data and (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, data_target)
+            os.replace(tmp_model, target)
+        except OSError as err:
+            raise os_error(path, err) from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     logger.info("saved %s", target)
     return target
 
 
-def _same_file(candidate: Path, protected: set[Path]) -> bool:
-    for other in protected:
-        try:
-            if other.exists() and os.path.samefile(candidate, other):
-                return True
-        except OSError:
-            continue
-    return False
+def _inline_external(model: ir.Model) -> list[tuple[ir.Value, object]]:
+    """Read external tensors into memory (for a single-file save); returns what to put back."""
+    replaced = []
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            replaced.append((value, tensor))
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+    return replaced
 
 
 def opset(model: ir.Model) -> int:

@@ -31,6 +31,7 @@ import yaml
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data, parse_shapes
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.inputs import check_output
 from onnxcomp.passes import Context, StepReport, get_pass, parse_options, run_pass
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,21 @@ class Recipe:
     validate: dict[str, Any] | None = None
     threads: int = 1
     source: str = "recipe"
+    path: Path | None = None  # the recipe file, when read from one
+
+    def reads(self) -> list[Path]:
+        """Every file the recipe reads: itself, the input model, every data file."""
+        paths = [self.path, self.input, self.data]
+        for step in self.steps:
+            paths.append(step["data"])
+            options = step["options"]
+            for field in dataclasses.fields(options) if dataclasses.is_dataclass(options) else ():
+                value = getattr(options, field.name)
+                if field.name.endswith("data") and isinstance(value, (str, Path)):
+                    paths.append(value)
+        if self.validate is not None:
+            paths.append(self.validate.get("data"))
+        return [Path(p) for p in paths if p is not None]
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -66,7 +82,9 @@ def read_recipe(path: str | Path) -> Recipe:
         raise OnnxcompError(
             f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})"
         ) from None
-    return parse_recipe(raw, base_dir=path.parent, source=str(path))
+    recipe = parse_recipe(raw, base_dir=path.parent, source=str(path))
+    recipe.path = path.resolve()
+    return recipe
 
 
 def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -> Recipe:
@@ -187,6 +205,7 @@ def run_recipe(
         raise OnnxcompError(f"{recipe.source}: no output path (set 'output' or pass --output)")
     start = time.perf_counter()
     model = model_io.load(recipe.input)
+    check_output(recipe.output, reads=recipe.reads(), model=model, option="output")
     model_io.normalize(model)
     specs = model_io.input_specs(model)
 
@@ -225,7 +244,7 @@ def run_recipe(
         validation["passed"] = passed
     size_after = None
     if passed:
-        model_io.save(model, recipe.output, inputs=[recipe.input])
+        model_io.save(model, recipe.output, inputs=recipe.reads())
         size_after = recipe.output.stat().st_size
         data_file = recipe.output.with_name(recipe.output.name + ".data")
         if data_file.exists():

@@ -9,6 +9,7 @@ while a session is created.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -73,12 +74,7 @@ class _ModelFile:
             return str(model)
         if isinstance(model, bytes):
             return model
-        has_external = any(
-            isinstance(v.const_value, ir.ExternalTensor)
-            for g in model.graphs()
-            for v in g.initializers.values()
-        )
-        if not has_external and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        if not _has_external(model) and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             try:
                 return ir.to_proto(model).SerializeToString()
             except Exception as err:  # a name or attribute that protobuf cannot hold
@@ -240,14 +236,27 @@ def capture(
         output.name = name
         if known[name] is not None:
             output.type.CopyFrom(known[name])
-    session = create_session(
-        proto.SerializeToString()
-        if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD
-        else _save_tmp(proto),
-        threads=threads,
-        optimization=optimization,
-        label="capture",
-    )
+    if _has_external(model):
+        # As bytes, external data would be looked for relative to the working folder: read it in.
+        import onnx
+
+        base_dir = next(
+            str(v.const_value.base_dir)
+            for g in model.graphs()
+            for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)
+        )
+        onnx.external_data_helper.load_external_data_for_model(proto, base_dir)
+    tmpdir = None
+    if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        source: ModelLike = proto.SerializeToString()
+    else:
+        tmpdir, source = _save_tmp(proto)
+    try:
+        session = create_session(source, threads=threads, optimization=optimization, label="capture")
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     yield from iter_outputs(
         session, data, batch_size=batch_size, limit=limit, output_names=names, label="capture"
     )
@@ -269,10 +278,52 @@ def _value_types(model: ir.Model):
     return types
 
 
-def _save_tmp(proto) -> str:
+def _save_tmp(proto) -> tuple[str, str]:
+    """Write a big proto with its weights beside it: (temporary folder, model path)."""
     import onnx
 
     tmpdir = tempfile.mkdtemp(prefix="onnxcomp-capture-")
     path = Path(tmpdir) / "model.onnx"
     onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-    return str(path)
+    return tmpdir, str(path)
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in model.graphs()
+        for v in g.initializers.values()
+    )
+
+
+@functools.cache
+def qdq_problem(opset: int) -> str | None:
+    """Why this onnxruntime cannot run QuantizeLinear/DequantizeLinear at ``opset`` (None: it can).
+
+    Probed with a two-node model, once per opset, so static quantization can refuse up front
+    instead of writing a model onnxruntime rejects at the end.
+    """
+    import onnx
+
+    helper = onnx.helper
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor("s", onnx.TensorProto.FLOAT, [], [0.1]),
+            helper.make_tensor("z", onnx.TensorProto.UINT8, [], [128]),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    try:
+        create_session(proto.SerializeToString(), label="QuantizeLinear probe")
+    except OnnxcompError as err:
+        return str(err)
+    return None

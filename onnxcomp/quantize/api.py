@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import inputs
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data
 from onnxcomp.errors import OnnxcompError
@@ -415,6 +415,8 @@ def quantize(
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     original_opset = model_io.opset(model)
+    if options.mode == "static":
+        model = inputs.static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
     original = model_io.copy_model(model) if options.mode == "auto" else None
     model, prep = prepare(model, options, data or eval_data)
     reference = model_io.copy_model(model)

@@ -1,0 +1,251 @@
+"""Nothing lost, nothing broken saved, no traceback: what a careless or hostile user meets.
+
+Each test is one promise of the command line: an input is never overwritten whatever its
+spelling, a result loads from any folder, a result onnxcomp measured as broken is not written,
+and every mistake is one ``error:`` line with its documented exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+CNN = MODELS / "digits_cnn.onnx"
+CALIB = MODELS / "digits_calib.npz"
+TEST = MODELS / "digits_test.npz"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def _loads_from_elsewhere(path: Path) -> None:
+    """onnxruntime opens ``path`` from another working folder (external data resolved)."""
+    code = "import onnxruntime as o, sys; o.InferenceSession(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(path.resolve())], cwd="/", check=True)
+
+
+def _error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert lines, "no message on stderr"
+    assert "Traceback" not in result.stderr, result.stderr
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# An input that is not the model is never overwritten
+
+
+@pytest.mark.parametrize("option", ["--data", "--eval-data"])
+def test_quantize_refuses_to_overwrite_its_data(tmp_path, cli, option):
+    data = _copy(CALIB, tmp_path / "calib.npz")
+    before = data.read_bytes()
+    result = cli("quantize", CNN, "-o", data, option, data, "--mode", "dynamic")
+    assert result.exit_code == 2
+    assert "refusing to overwrite" in _error_line(result)
+    assert data.read_bytes() == before
+
+
+def test_every_spelling_of_an_input_is_refused(tmp_path, cli, monkeypatch):
+    data = _copy(CALIB, tmp_path / "calib.npz")
+    (tmp_path / "sub").mkdir()
+    os.symlink(data, tmp_path / "link.npz")
+    os.link(data, tmp_path / "hard.npz")
+    monkeypatch.chdir(tmp_path / "sub")
+    before = data.read_bytes()
+    for spelling in ["../calib.npz", str(data), "../sub/../calib.npz", "../link.npz", "../hard.npz"]:
+        result = cli("quantize", CNN, "-o", spelling, "--data", "../calib.npz", "--mode", "dynamic")
+        assert result.exit_code == 2, spelling
+        assert "refusing to overwrite" in _error_line(result)
+    assert data.read_bytes() == before
+
+
+def _external_model(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(CNN)
+    path = folder / "model.onnx"
+    onnx.save(proto, path, save_as_external_data=True, location="model.data", size_threshold=0)
+    return path
+
+
+def test_output_never_replaces_the_models_external_data(tmp_path, cli):
+    model = _external_model(tmp_path / "in")
+    weights = (tmp_path / "in" / "model.data").read_bytes()
+    # "-o in/model" would put its own weights in in/model.data: refused as well.
+    for out in [tmp_path / "in" / "model.data", tmp_path / "in" / "model"]:
+        result = cli("optimize", model, "-o", out, "--no-bench")
+        assert result.exit_code == 2
+        assert "refusing to overwrite" in _error_line(result)
+    assert (tmp_path / "in" / "model.data").read_bytes() == weights
+
+
+def test_recipe_output_may_not_be_the_recipe_or_its_data(tmp_path, cli):
+    _copy(CNN, tmp_path / "cnn.onnx")
+    _copy(TEST, tmp_path / "test.npz")
+    recipe = tmp_path / "recipe.yaml"
+    for output in ["recipe.yaml", "test.npz"]:
+        text = (
+            f"input: cnn.onnx\noutput: {output}\nsteps:\n  - pass: optimize\n"
+            "validate: {data: test.npz}\n"
+        )
+        recipe.write_text(text)
+        result = cli("run", recipe)
+        assert result.exit_code == 2, result.output
+        assert "refusing to overwrite" in _error_line(result)
+        assert recipe.read_text() == text
+    assert (tmp_path / "test.npz").read_bytes() == TEST.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models with external weights: the result loads from anywhere
+
+
+def test_optimize_writes_external_weights_beside_the_output(tmp_path, cli):
+    model = _external_model(tmp_path / "in")
+    out = tmp_path / "out" / "opt.onnx"
+    result = cli("optimize", model, "-o", out, "--no-bench")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out" / "opt.onnx.data").exists()
+    _loads_from_elsewhere(out)
+    assert cli("validate", CNN, out, "--data", TEST, "--max-drop", "0").exit_code == 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "static"])
+def test_quantize_external_weights_from_another_folder(tmp_path, cli, monkeypatch, mode):
+    model = _external_model(tmp_path / "in")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "out" / f"{mode}.onnx"
+    result = cli("quantize", os.path.relpath(model), "-o", os.path.relpath(out), "--mode", mode,
+                 "--data", CALIB)
+    assert result.exit_code == 0, result.stderr
+    _loads_from_elsewhere(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# A result the self-check measured as broken is not written
+
+
+def _tiny_cnn(path: Path, opset: int = 17) -> Path:
+    """Conv -> Tanh -> GlobalAveragePool -> Gemm with random weights: int8 ruins it."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["input", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Tanh", ["c"], ["t"], name="tanh"),
+        helper.make_node("GlobalAveragePool", ["t"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "G", "GB"], ["logits"], name="fc"),
+    ]
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "G"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "GB"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        weights,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    onnx.save(proto, path)
+    return path
+
+
+def _random_npz(path: Path, n: int = 64) -> Path:
+    x = np.random.default_rng(1).standard_normal((n, 1, 8, 8)).astype(np.float32)
+    np.savez(path, input=x)
+    return path
+
+
+def test_broken_static_result_is_not_written(tmp_path, cli):
+    """One outlier of 1e6 in the calibration data: min-max ranges make every real input zero."""
+    model = _tiny_cnn(tmp_path / "tiny.onnx")
+    evaluation = _random_npz(tmp_path / "eval.npz")
+    x = np.load(evaluation)["input"].copy()
+    x[0, 0, 0, 0] = 1e6
+    np.savez(tmp_path / "calib.npz", input=x)
+    out = tmp_path / "q.onnx"
+    args = ["quantize", model, "-o", out, "--mode", "static", "--data", tmp_path / "calib.npz",
+            "--eval-data", evaluation]
+    result = cli(*args)
+    assert result.exit_code == 1, result.stderr
+    assert "broken" in _error_line(result) and "--force" in _error_line(result)
+    assert not out.exists()
+    forced = cli(*args, "--force")
+    assert forced.exit_code == 0
+    assert "warning: written with --force" in forced.stderr
+    assert out.exists()
+
+
+def test_the_reported_tanh_cnn_is_written_only_when_healthy(tmp_path, cli):
+    """The case of the report: written only when its own check finds it sound."""
+    model = _tiny_cnn(tmp_path / "tiny.onnx")
+    out = tmp_path / "q.onnx"
+    result = cli("quantize", model, "-o", out, "--mode", "static", "--data",
+                 _random_npz(tmp_path / "calib.npz"), "--json")
+    if result.exit_code == 0:
+        import json
+
+        from onnxcomp.inputs import broken_reason
+
+        assert broken_reason(json.loads(result.stdout)["check"]) is None
+    else:
+        assert result.exit_code == 1 and not out.exists()
+
+
+def test_broken_reason_reads_the_self_check():
+    from onnxcomp.inputs import broken_reason
+
+    healthy = {"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.999, "top1_agreement": 0.98}]}}
+    assert broken_reason(healthy) is None
+    assert "cosine" in broken_reason({"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.27}]}})
+    assert "cosine" in broken_reason({"comparison": {"outputs": [{"output": "y", "cosine_mean": float("nan")}]}})
+    assert "top-1" in broken_reason(
+        {"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.95, "top1_agreement": 0.0156}]}}
+    )
+    assert "accuracy" in broken_reason(
+        {"comparison": {"outputs": [], "accuracy_reference": 0.9, "accuracy_candidate": 0.1}}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Opsets onnxruntime cannot quantize: upgraded or refused before any work
+
+
+def test_static_on_opset_7_is_upgraded(tmp_path, cli):
+    model = _tiny_cnn(tmp_path / "op7.onnx", opset=7)
+    out = tmp_path / "q7.onnx"
+    result = cli("quantize", model, "-o", out, "--mode", "static", "--per-tensor", "--data",
+                 _random_npz(tmp_path / "c.npz"), "--force")
+    assert result.exit_code == 0, result.stderr
+    assert max(o.version for o in onnx.load(out).opset_import if o.domain in ("", "ai.onnx")) >= 10
+    ort.InferenceSession(str(out))
+
+
+def test_static_on_an_opset_onnxruntime_cannot_quantize_is_refused_up_front(tmp_path, cli):
+    from onnxcomp import runtime
+
+    if runtime.qdq_problem(28) is None:
+        pytest.skip("this onnxruntime runs QuantizeLinear at opset 28")
+    model = _tiny_cnn(tmp_path / "op28.onnx", opset=28)
+    out = tmp_path / "q28.onnx"
+    result = cli("quantize", model, "-o", out, "--mode", "static", "--data",
+                 _random_npz(tmp_path / "c.npz"))
+    assert result.exit_code == 2
+    assert "opset 28" in _error_line(result)
+    assert not out.exists()
