@@ -500,7 +500,13 @@ def peak_memory(model: ModelLike, feeds: Mapping[str, np.ndarray], *, threads: i
         feeds_path = os.path.join(tmpdir, "feeds.npz")
         np.savez(feeds_path, **feeds)
         result_path = os.path.join(tmpdir, "result.json")
-        args = {"model": model_path, "feeds": feeds_path, "threads": threads, "result": result_path}
+        args = {
+            "model": model_path,
+            "feeds": feeds_path,
+            "threads": threads,
+            "result": result_path,
+            "parent": os.getpid(),
+        }
         # The child must import this very onnxcomp, installed or not.
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
@@ -517,6 +523,22 @@ def peak_memory(model: ModelLike, feeds: Mapping[str, np.ndarray], *, threads: i
             raise OnnxcompError(f"memory child process failed (exit {proc.returncode}: {tail})")
         result = json.loads(Path(result_path).read_text())
     return max(0, result["peak_kb"] - result["baseline_kb"]) * 1024
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """In the memory child, Linux only: get SIGTERM when onnxcomp ends, however it ends (a
+    signal that lands while the child starts, or SIGKILL, would otherwise orphan it)."""
+    import ctypes
+    import signal
+
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        sys.exit(1)
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -542,6 +564,7 @@ def _reset_peak() -> bool:
 
 
 def _memory_child(args: dict[str, Any]) -> None:
+    _die_with_parent(args.get("parent"))
     with np.load(args["feeds"]) as npz:
         feeds = {k: npz[k] for k in npz.files}
     if _reset_peak():

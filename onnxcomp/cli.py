@@ -37,9 +37,13 @@ class _Group(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
+        _TERMINATED.clear()
         previous = _install_sigterm()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if _TERMINATED:  # the handler's exception was swallowed (e.g. in an at-fork hook)
+                raise Terminated()
+            return result
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except CheckFailed as err:
@@ -95,7 +99,11 @@ def _where(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}{place}" if message else f"{type(err).__name__}{place}"
 
 
+_TERMINATED: list[int] = []  # non-empty once SIGTERM arrived
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.append(signum)
     raise Terminated()
 
 
@@ -248,10 +256,12 @@ def validate(
     The drop held against --max-drop (see --metric) is the accuracy drop when the data has
     labels, else 1 - top-1 agreement for class-score outputs, else 1 - the lowest mean cosine.
     """
+    from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
     from onnxcomp.validate import compare
 
+    inputs.check_numbers(samples=samples, batch_size=batch_size, limit=limit, max_drop=max_drop, threads=threads)
     ref = model_io.load(reference)
     model_io.load(candidate)  # fail early, with the file's name, on a bad candidate
     source = open_data(data, model_io.input_specs(ref), shapes=parse_shapes(shapes), samples=samples)
@@ -570,8 +580,11 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
     """
     import contextlib
 
+    from onnxcomp import inputs
     from onnxcomp.bench import benchmark, progress_steps
     from onnxcomp.data import parse_shapes
+
+    inputs.check_numbers(threads=threads, runs=runs, warmup=warmup, batch_size=batch_size)
 
     memory = not no_memory
     with contextlib.ExitStack() as stack:
@@ -673,6 +686,7 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     from onnxcomp.optimize import optimize as run_optimize
     from onnxcomp.passes import parse_options
 
+    inputs.check_numbers(tolerance=tolerance, runs=runs)
     model = model_io.load(model_path)
     parsed = parse_shapes(shapes)
     values: dict[str, Any] = {"tolerance": tolerance, "skip": list(skip), "shapes": parsed}
@@ -824,6 +838,7 @@ def quantize(
     from onnxcomp.quantize.api import quantize as run_quantize
     from onnxcomp.quantize.auto import BudgetError
 
+    inputs.check_numbers(threads=threads, max_drop=max_drop, calibration_samples=calibration_samples)
     # Parsed like a recipe step, so a bad value gets the same one-line error naming the flag.
     values = dict(
         mode=mode,

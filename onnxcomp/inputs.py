@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import reprlib
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,12 +30,17 @@ _SYSTEM_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 MAX_SHOWN = 80
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = _REPR.maxother = MAX_SHOWN
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
 def shorten(value: object, limit: int = MAX_SHOWN) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so an error line stays one short line."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return text[: limit - 15] + f"... ({len(text)} chars)"
+    """A bounded ``repr(value)``: nested and long values are cut before they are expanded, so an
+    error line stays one short line whatever the user gave (e.g. a YAML alias bomb)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def data_companion(output: str | os.PathLike) -> Path:
@@ -132,7 +138,9 @@ def check_writable(output: str | os.PathLike, *, option: str = "-o") -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".onnxcomp-probe-", dir=existing)
     except OSError as err:
-        raise OnnxcompError(f"{option} {output}: cannot write in {existing} ({_reason(err)})") from None
+        raise OnnxcompError(
+            f"{option} {output}: cannot write in {existing} ({_reason(err)})"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -211,3 +219,49 @@ def static_opset(model: ir.Model) -> ir.Model:
             "the model at an older opset (13 to 21 work everywhere) or use --mode dynamic"
         )
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers given as options or recipe keys
+
+# name -> (lowest value, highest value); None: unbounded. Integers unless the name is in _REAL.
+_NUMBER_RULES: dict[str, tuple[float | None, float | None]] = {
+    "threads": (1, None),
+    "batch_size": (1, None),
+    "runs": (1, None),
+    "warmup": (0, None),
+    "samples": (1, None),
+    "limit": (1, None),
+    "calibration_samples": (1, None),
+    "max_drop": (0.0, 1.0),
+    "tolerance": (0.0, None),
+}
+_REAL = {"max_drop", "tolerance"}
+
+
+def check_numbers(where: str = "", *, recipe: bool = False, **values: object) -> None:
+    """Refuse option values out of range: ``check_numbers(threads=0)`` names ``--threads``.
+
+    where: prefix of the message (a recipe file and section); recipe: name keys as recipe keys
+    (``max_drop``) instead of flags (``--max-drop``). None values are not checked.
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        low, high = _NUMBER_RULES[name]
+        label = name if recipe else "--" + name.replace("_", "-")
+        prefix = f"{where}: " if where else ""
+        real = name in _REAL
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            kind = "a number" if real else "an integer"
+            raise OnnxcompError(f"{prefix}{label}: expected {kind}, got {shorten(value)}")
+        if not real and value != int(value):
+            raise OnnxcompError(f"{prefix}{label}: expected an integer, got {value}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise OnnxcompError(f"{prefix}{label}: expected a finite number, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                wanted = f"at least {low}"
+            else:
+                wanted = f"between {low} and {high}"
+            raise OnnxcompError(f"{prefix}{label} {value}: must be {wanted}")

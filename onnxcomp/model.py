@@ -54,7 +54,106 @@ def load(path: str | os.PathLike) -> ir.Model:
     _check_external_data(model, path)
     _check_tensor_sizes(model, path)
     _check_references(model, path)
+    _check_acyclic(model, path)
+    _check_arity(model, path)
+    _check_weights(model, path)
     return model
+
+
+def _check_acyclic(model: ir.Model, path: Path) -> None:
+    """The nodes of each graph must have an order (a cycle makes every pass loop or fail)."""
+    for graph in model.graphs():
+        nodes = list(graph)
+        index = {id(node): i for i, node in enumerate(nodes)}
+        waiting = [0] * len(nodes)
+        users: list[list[int]] = [[] for _ in nodes]
+        for i, node in enumerate(nodes):
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and id(producer) in index:
+                    waiting[i] += 1
+                    users[index[id(producer)]].append(i)
+        ready = [i for i, n in enumerate(waiting) if n == 0]
+        done = 0
+        while ready:
+            i = ready.pop()
+            done += 1
+            for j in users[i]:
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    ready.append(j)
+        if done < len(nodes):
+            stuck = next(nodes[i] for i, n in enumerate(waiting) if n > 0)
+            raise OnnxcompError(
+                f"{path}: the graph has a cycle through node {_node_name(stuck)} "
+                "(an output feeds back into its own inputs); the model is corrupt"
+            )
+
+
+def _node_name(node: ir.Node) -> str:
+    """``'conv1' (Conv)``, or ``(unnamed Conv)``."""
+    return f"{node.name!r} ({node.op_type})" if node.name else f"(unnamed {node.op_type})"
+
+
+def _check_arity(model: ir.Model, path: Path) -> None:
+    """Standard ops must have the inputs and outputs their ONNX schema requires."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            continue
+        version = model.opset_imports.get(
+            domain, model.opset_imports.get("ai.onnx" if domain == "" else domain)
+        )
+        try:
+            schema = onnx.defs.get_schema(
+                node.op_type, int(version or 1), "" if domain == "ai.onnx" else domain
+            )
+        except Exception:  # unknown op or opset: onnxruntime judges it later
+            continue
+        given = len(node.inputs)
+        missing = given < schema.min_input or any(
+            i < given and node.inputs[i] is None and formal.option == _SINGLE
+            for i, formal in enumerate(schema.inputs)
+        )
+        if missing:
+            raise OnnxcompError(
+                f"{path}: node {_node_name(node)} has {given} input(s); "
+                f"{node.op_type} needs at least {schema.min_input}"
+                + (
+                    f" ({', '.join(f.name for f in schema.inputs[: schema.min_input])})"
+                    if schema.inputs
+                    else ""
+                )
+            )
+        if len(node.outputs) < schema.min_output:
+            raise OnnxcompError(
+                f"{path}: node {_node_name(node)} has {len(node.outputs)} "
+                f"output(s); {node.op_type} needs at least {schema.min_output}"
+            )
+
+
+_SINGLE = onnx.defs.OpSchema.FormalParameterOption.Single
+
+# Ops whose second input is a weight; a weight without elements computes nothing.
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _check_weights(model: ir.Model, path: Path) -> None:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if (
+            node.op_type not in _WEIGHTED
+            or node.domain not in ("", "ai.onnx")
+            or len(node.inputs) < 2
+        ):
+            continue
+        weight = node.inputs[1]
+        tensor = weight.const_value if weight is not None else None
+        if tensor is not None and math.prod(tensor.shape.numpy()) == 0:
+            raise OnnxcompError(
+                f"{path}: node {_node_name(node)} has the empty weight "
+                f"{weight.name!r} of shape {list(tensor.shape.numpy())}; the layer computes "
+                "nothing (a broken export)"
+            )
 
 
 def _check_references(model: ir.Model, path: Path) -> None:
@@ -107,6 +206,12 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         data_path = Path(tensor.path)
+        folder = path.resolve().parent
+        if Path(tensor.location).is_absolute() or folder not in data_path.resolve().parents:
+            raise OnnxcompError(
+                f"{path}: external data file {tensor.location!r} of tensor {value.name!r} lies "
+                "outside the model's folder, which onnxruntime refuses; move it beside the model"
+            )
         if not data_path.exists():
             raise OnnxcompError(
                 f"{path}: external data file {tensor.location!r} of tensor {value.name!r} "
@@ -129,6 +234,12 @@ def _check_tensor_sizes(model: ir.Model, path: Path) -> None:
     """Each initializer's data must hold as many elements as its dims say (cheap: no decoding)."""
     for _, value in iter_tensors(model):
         tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.dtype == ir.DataType.UNDEFINED:
+            raise OnnxcompError(
+                f"{path}: tensor {value.name!r} has data type UNDEFINED (a corrupt file)"
+            )
         try:
             itemsize = tensor.dtype.itemsize
         except TypeError:  # strings: no fixed size

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from onnxcomp import runtime
-from onnxcomp.data import DataSource
+from onnxcomp.data import DataSource, check_labels_fit
 from onnxcomp.errors import OnnxcompError
 
 
@@ -216,6 +216,8 @@ def compare(
             name = labels_output or _label_output(ref, ref_outputs)
             if name is not None:
                 labels = np.asarray(batch.labels).reshape(-1)
+                if ref[name].ndim == 2:
+                    check_labels_fit(labels, ref[name].shape[-1], f"{data.name}: labels")
                 correct_ref += int(np.sum(_predict(ref[name]) == labels))
                 correct_cand += int(np.sum(_predict(cand[name]) == labels))
                 labelled += len(labels)

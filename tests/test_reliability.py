@@ -64,7 +64,13 @@ def test_every_spelling_of_an_input_is_refused(tmp_path, cli, monkeypatch):
     os.link(data, tmp_path / "hard.npz")
     monkeypatch.chdir(tmp_path / "sub")
     before = data.read_bytes()
-    for spelling in ["../calib.npz", str(data), "../sub/../calib.npz", "../link.npz", "../hard.npz"]:
+    for spelling in [
+        "../calib.npz",
+        str(data),
+        "../sub/../calib.npz",
+        "../link.npz",
+        "../hard.npz",
+    ]:
         result = cli("quantize", CNN, "-o", spelling, "--data", "../calib.npz", "--mode", "dynamic")
         assert result.exit_code == 2, spelling
         assert "refusing to overwrite" in _error_line(result)
@@ -127,8 +133,16 @@ def test_quantize_external_weights_from_another_folder(tmp_path, cli, monkeypatc
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     out = tmp_path / "out" / f"{mode}.onnx"
-    result = cli("quantize", os.path.relpath(model), "-o", os.path.relpath(out), "--mode", mode,
-                 "--data", CALIB)
+    result = cli(
+        "quantize",
+        os.path.relpath(model),
+        "-o",
+        os.path.relpath(out),
+        "--mode",
+        mode,
+        "--data",
+        CALIB,
+    )
     assert result.exit_code == 0, result.stderr
     _loads_from_elsewhere(out)
 
@@ -180,8 +194,18 @@ def test_broken_static_result_is_not_written(tmp_path, cli):
     x[0, 0, 0, 0] = 1e6
     np.savez(tmp_path / "calib.npz", input=x)
     out = tmp_path / "q.onnx"
-    args = ["quantize", model, "-o", out, "--mode", "static", "--data", tmp_path / "calib.npz",
-            "--eval-data", evaluation]
+    args = [
+        "quantize",
+        model,
+        "-o",
+        out,
+        "--mode",
+        "static",
+        "--data",
+        tmp_path / "calib.npz",
+        "--eval-data",
+        evaluation,
+    ]
     result = cli(*args)
     assert result.exit_code == 1, result.stderr
     assert "broken" in _error_line(result) and "--force" in _error_line(result)
@@ -196,8 +220,17 @@ def test_the_reported_tanh_cnn_is_written_only_when_healthy(tmp_path, cli):
     """The case of the report: written only when its own check finds it sound."""
     model = _tiny_cnn(tmp_path / "tiny.onnx")
     out = tmp_path / "q.onnx"
-    result = cli("quantize", model, "-o", out, "--mode", "static", "--data",
-                 _random_npz(tmp_path / "calib.npz"), "--json")
+    result = cli(
+        "quantize",
+        model,
+        "-o",
+        out,
+        "--mode",
+        "static",
+        "--data",
+        _random_npz(tmp_path / "calib.npz"),
+        "--json",
+    )
     if result.exit_code == 0:
         import json
 
@@ -211,12 +244,22 @@ def test_the_reported_tanh_cnn_is_written_only_when_healthy(tmp_path, cli):
 def test_broken_reason_reads_the_self_check():
     from onnxcomp.inputs import broken_reason
 
-    healthy = {"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.999, "top1_agreement": 0.98}]}}
+    healthy = {
+        "comparison": {"outputs": [{"output": "y", "cosine_mean": 0.999, "top1_agreement": 0.98}]}
+    }
     assert broken_reason(healthy) is None
-    assert "cosine" in broken_reason({"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.27}]}})
-    assert "cosine" in broken_reason({"comparison": {"outputs": [{"output": "y", "cosine_mean": float("nan")}]}})
+    assert "cosine" in broken_reason(
+        {"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.27}]}}
+    )
+    assert "cosine" in broken_reason(
+        {"comparison": {"outputs": [{"output": "y", "cosine_mean": float("nan")}]}}
+    )
     assert "top-1" in broken_reason(
-        {"comparison": {"outputs": [{"output": "y", "cosine_mean": 0.95, "top1_agreement": 0.0156}]}}
+        {
+            "comparison": {
+                "outputs": [{"output": "y", "cosine_mean": 0.95, "top1_agreement": 0.0156}]
+            }
+        }
     )
     assert "accuracy" in broken_reason(
         {"comparison": {"outputs": [], "accuracy_reference": 0.9, "accuracy_candidate": 0.1}}
@@ -230,8 +273,18 @@ def test_broken_reason_reads_the_self_check():
 def test_static_on_opset_7_is_upgraded(tmp_path, cli):
     model = _tiny_cnn(tmp_path / "op7.onnx", opset=7)
     out = tmp_path / "q7.onnx"
-    result = cli("quantize", model, "-o", out, "--mode", "static", "--per-tensor", "--data",
-                 _random_npz(tmp_path / "c.npz"), "--force")
+    result = cli(
+        "quantize",
+        model,
+        "-o",
+        out,
+        "--mode",
+        "static",
+        "--per-tensor",
+        "--data",
+        _random_npz(tmp_path / "c.npz"),
+        "--force",
+    )
     assert result.exit_code == 0, result.stderr
     assert max(o.version for o in onnx.load(out).opset_import if o.domain in ("", "ai.onnx")) >= 10
     ort.InferenceSession(str(out))
@@ -244,8 +297,91 @@ def test_static_on_an_opset_onnxruntime_cannot_quantize_is_refused_up_front(tmp_
         pytest.skip("this onnxruntime runs QuantizeLinear at opset 28")
     model = _tiny_cnn(tmp_path / "op28.onnx", opset=28)
     out = tmp_path / "q28.onnx"
-    result = cli("quantize", model, "-o", out, "--mode", "static", "--data",
-                 _random_npz(tmp_path / "c.npz"))
+    result = cli(
+        "quantize", model, "-o", out, "--mode", "static", "--data", _random_npz(tmp_path / "c.npz")
+    )
     assert result.exit_code == 2
     assert "opset 28" in _error_line(result)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: exit 130/143, children ended, temporary files removed
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_during_bench_memory_ends_the_child_and_cleans_up(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    code = "from onnxcomp.cli import main; main()"
+    args = ["bench", str(CNN), "--runs", "2", "--warmup", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    child = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        kids = _children(proc.pid)
+        if kids:
+            child = kids[0]
+            break
+        time.sleep(0.05)
+    if child is None:
+        proc.wait()
+        pytest.skip("the memory child ended before it could be interrupted")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "error: terminated"
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("onnxcomp-")]
+
+
+def test_interrupted_save_leaves_nothing_beside_the_output(tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    from onnxcomp import model as model_io
+    from onnxcomp.errors import Terminated
+
+    model = model_io.load(CNN)
+
+    def interrupted(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half")
+        raise Terminated()
+
+    monkeypatch.setattr(ir, "save", interrupted)
+    with pytest.raises(Terminated):
+        model_io.save(model, tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exit_codes_of_the_command_line(tmp_path, cli, monkeypatch):
+    """0 ok, 1 check failed, 2 user error, 3 internal error (a traceback only with --debug)."""
+    assert cli("validate", CNN, CNN, "--data", TEST, "--max-drop", "0").exit_code == 0
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    assert cli("validate", CNN, bad).exit_code == 2
+
+    import onnxcomp.validate
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(onnxcomp.validate, "compare", boom)
+    result = cli("validate", CNN, CNN)
+    assert result.exit_code == 3
+    assert "internal error: ZeroDivisionError: a bug" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ZeroDivisionError):
+        cli("--debug", "validate", CNN, CNN)
