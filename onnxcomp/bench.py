@@ -12,6 +12,7 @@ imports through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import gc
 import json
@@ -460,25 +461,54 @@ def _interleave(sessions, feeds, runs: int, warmup: int, step) -> list[list[floa
     """
     feeds = dict(feeds)
     timings: list[list[float]] = [[] for _ in sessions]
-    count = len(sessions)
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(None, feeds)
+    warm_up(sessions, feeds, warmup)
     step(warmup)
     rounds = -(-runs // BLOCK_RUNS)
     for round_index in range(rounds):
         block = min(BLOCK_RUNS, runs - round_index * BLOCK_RUNS)
-        for offset in range(count):
-            index = (round_index + offset) % count
-            session = sessions[index]
-            for _ in range(BLOCK_WARM):
-                session.run(None, feeds)
-            for _ in range(block):
-                start = time.perf_counter_ns()
-                session.run(None, feeds)
-                timings[index].append((time.perf_counter_ns() - start) / 1e6)
+        for index, times in enumerate(timing_round(sessions, feeds, round_index, block)):
+            timings[index] += times
         step(block)
     return timings
+
+
+def warm_up(sessions, feeds: Mapping[str, np.ndarray], runs: int) -> None:
+    """``runs`` untimed runs of each session."""
+    feeds = dict(feeds)
+    for session in sessions:
+        for _ in range(runs):
+            session.run(None, feeds)
+
+
+def timing_round(
+    sessions, feeds: Mapping[str, np.ndarray], round_index: int, block: int = BLOCK_RUNS
+) -> list[list[float]]:
+    """One round of :func:`_interleave`: a block of timed runs (ms) of every session, the first
+    session rotating with ``round_index``; returns the times by session."""
+    feeds = dict(feeds)
+    count = len(sessions)
+    times: list[list[float]] = [[] for _ in sessions]
+    for offset in range(count):
+        index = (round_index + offset) % count
+        session = sessions[index]
+        for _ in range(BLOCK_WARM):
+            session.run(None, feeds)
+        for _ in range(block):
+            start = time.perf_counter_ns()
+            session.run(None, feeds)
+            times[index].append((time.perf_counter_ns() - start) / 1e6)
+    return times
+
+
+def make_feeds(
+    model: ModelLike,
+    *,
+    data: DataSource | str | os.PathLike | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = 1,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The inputs ``benchmark`` times a model on, and where they came from."""
+    return _make_feeds(_as_ir(model), None, data, shapes, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,18 +541,41 @@ def peak_memory(model: ModelLike, feeds: Mapping[str, np.ndarray], *, threads: i
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.run(
-            [sys.executable, "-m", "onnxcomp.bench", json.dumps(args)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
+        command = [sys.executable, "-m", "onnxcomp.bench", json.dumps(args)]
+        proc = None
+        try:
+            with _signals_held():  # a signal raised inside Popen() would orphan the child
+                proc = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                )
+            _, stderr = proc.communicate(timeout=600)
+        except BaseException:  # timeout, Ctrl-C, SIGTERM: the child ends with us
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            raise
         if proc.returncode != 0 or not os.path.exists(result_path):
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = (stderr.strip().splitlines() or ["no output"])[-1]
             raise OnnxcompError(f"memory child process failed (exit {proc.returncode}: {tail})")
         result = json.loads(Path(result_path).read_text())
     return max(0, result["peak_kb"] - result["baseline_kb"]) * 1024
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM (delivered on exit from the block) where the platform can."""
+    import signal
+    import threading
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _die_with_parent(parent: int | None) -> None:
@@ -531,6 +584,8 @@ def _die_with_parent(parent: int | None) -> None:
     import ctypes
     import signal
 
+    if hasattr(signal, "pthread_sigmask"):  # the parent held these while starting us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if parent is None or not sys.platform.startswith("linux"):
         return
     try:

@@ -226,6 +226,64 @@ shape_option = click.option(
 )
 
 
+class FromOptions(click.Option):
+    """An option that mirrors a field of an options dataclass (a recipe key): its default is
+    the dataclass's, read when help is shown, never re-declared here. When the flag is not
+    given its value is None and the dataclass fills it in."""
+
+    def __init__(self, *args: Any, field_of: str, **kwargs: Any):
+        kwargs.setdefault("default", None)
+        super().__init__(*args, **kwargs)
+        self.options_path, _, self.field_name = field_of.rpartition(".")
+
+    def dataclass_default(self) -> Any:
+        import dataclasses
+        import importlib
+
+        module, _, name = self.options_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        field = {f.name: f for f in dataclasses.fields(cls)}[self.field_name]
+        if field.default is not dataclasses.MISSING:
+            return field.default
+        if field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+        return None
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        value = self.dataclass_default()
+        if isinstance(value, bool) and self.secondary_opts:
+            extra["default"] = self.opts[0] if value else self.secondary_opts[0]
+        elif isinstance(value, bool):
+            extra["default"] = "on" if value else "off"
+        elif value not in (None, [], {}):
+            extra["default"] = str(value)
+        return extra
+
+
+def _from(cls: str) -> Any:
+    """``@_from(QUANTIZE)("--block-size", type=int, help=...)``: an option backed by a field."""
+
+    def option(*names: str, **kwargs: Any) -> Any:
+        dest = next((n for n in names if not n.startswith("-")), None)
+        flag = max((n for n in names if n.startswith("--")), key=len).split("/")[0]
+        field = dest or flag.lstrip("-").replace("-", "_")
+        return click.option(*names, cls=FromOptions, field_of=f"{cls}.{field}", **kwargs)
+
+    return option
+
+
+QUANTIZE = "onnxcomp.quantize.api.QuantizeOptions"
+OPTIMIZE = "onnxcomp.optimize.OptimizeOptions"
+quantize_option = _from(QUANTIZE)
+
+METRIC_HELP = (
+    "What --max-drop measures: auto (accuracy with labels, top-1 agreement for class scores, "
+    "per position for [batch, time, classes], else cosine), accuracy, top1, cosine, or your "
+    "function as module:function or path/to/file.py:function (see docs/quantize.md)."
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # validate
 
@@ -239,13 +297,7 @@ shape_option = click.option(
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--limit", type=int, help="Use at most this many samples of --data.")
 @click.option("--max-drop", type=float, help="Exit 1 when the candidate is worse by more than this.")
-@click.option(
-    "--metric",
-    type=click.Choice(["auto", "accuracy", "top1", "cosine"]),
-    default="auto",
-    show_default=True,
-    help="What --max-drop measures (auto: accuracy with labels, top-1 for class scores, else cosine).",
-)
+@click.option("--metric", default="auto", show_default=True, metavar="NAME|module:function", help=METRIC_HELP)
 @click.option("--threads", default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def validate(
@@ -253,24 +305,32 @@ def validate(
 ):
     """Run REFERENCE and CANDIDATE on the same inputs and compare their outputs.
 
-    The drop held against --max-drop (see --metric) is the accuracy drop when the data has
-    labels, else 1 - top-1 agreement for class-score outputs, else 1 - the lowest mean cosine.
+    The drop held against --max-drop (see --metric) is your metric's drop when given, else the
+    accuracy drop when the data has labels, else 1 - top-1 agreement for class-score outputs
+    (per position for [batch, time, classes]), else 1 - the lowest mean cosine.
+
+    Exit codes: 0 passed (or no --max-drop); 1 the drop exceeds --max-drop; 2 bad input.
     """
     from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
-    from onnxcomp.validate import compare
+    from onnxcomp.evaluate import compare, load_metric
 
     inputs.check_numbers(samples=samples, batch_size=batch_size, limit=limit, max_drop=max_drop, threads=threads)
     ref = model_io.load(reference)
     model_io.load(candidate)  # fail early, with the file's name, on a bad candidate
+    measure = load_metric(metric)
     source = open_data(data, model_io.input_specs(ref), shapes=parse_shapes(shapes), samples=samples)
-    result = compare(reference, candidate, source, batch_size=batch_size, limit=limit, threads=threads)
-    payload = result.to_json()
-    payload["drop"], payload["drop_metric"] = result.drop(metric), result.drop_metric(metric)
-    passed = max_drop is None or result.drop(metric) <= max_drop
+    result = compare(
+        reference, candidate, source, batch_size=batch_size, limit=limit, threads=threads,
+        metric=measure,
+    )
+    verdict = result.verdict(measure, max_drop)
+    payload = result.to_json(measure)
+    passed = verdict.passed
     payload["max_drop"] = max_drop
     payload["passed"] = passed
+    payload["verdict"] = verdict.to_json()
     if as_json:
         emit_json(payload)
     else:
@@ -294,11 +354,15 @@ def validate(
                 f"accuracy: reference {result.accuracy_reference:.4f}, candidate "
                 f"{result.accuracy_candidate:.4f}, drop {result.accuracy_drop:+.4f}"
             )
-        if max_drop is not None:
-            verdict = "PASS" if passed else "FAIL"
+        if result.user_metric is not None:
             click.echo(
-                f"{verdict}: {result.drop_metric(metric)} {result.drop(metric):.4f} (max {max_drop})"
+                f"{result.user_metric.name}: reference {result.user_reference:.4f}, candidate "
+                f"{result.user_candidate:.4f}"
             )
+        for name, why in result.skipped_outputs.items():
+            click.echo(f"output {name} not compared: {why}")
+        if max_drop is not None:
+            click.echo(f"{'PASS' if passed else 'FAIL'}: {verdict.reason}")
     if not passed:
         sys.exit(EXIT_CHECK_FAILED)
 
@@ -665,7 +729,7 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the optimized model.")
 @click.option("--data", type=click.Path(), help=".npz file or folder for the self-check (default: random inputs).")
 @shape_option
-@click.option("--tolerance", default=1e-4, show_default=True, help="Max relative output error of the self-check.")
+@_from(OPTIMIZE)("--tolerance", type=float, help="Max relative output error of the self-check.")
 @click.option("--rule", "only", multiple=True, metavar="NAME", help="Run only these rules (repeatable).")
 @click.option("--skip", multiple=True, metavar="NAME", help="Do not run this rule (repeatable).")
 @click.option("--no-upgrade-opset", is_flag=True, help="Never upgrade the opset (fusions that need it are skipped).")
@@ -676,8 +740,8 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     """Fuse decomposed activations and norms, fold BatchNorm, biases and constants.
 
     The result is a plain ONNX model. Both models run in onnxruntime on --data (or random
-    inputs); if an output differs by more than --tolerance nothing is saved and the error names
-    the rule and the node.
+    inputs); a rewrite that moves an output beyond --tolerance and beyond what fp32 noise explains
+    (judged on a float64 run of the input) is left out and named in a note; the rest is kept.
     """
     from onnxcomp import inputs
     from onnxcomp import model as model_io
@@ -689,7 +753,9 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     inputs.check_numbers(tolerance=tolerance, runs=runs)
     model = model_io.load(model_path)
     parsed = parse_shapes(shapes)
-    values: dict[str, Any] = {"tolerance": tolerance, "skip": list(skip), "shapes": parsed}
+    values: dict[str, Any] = {"skip": list(skip), "shapes": parsed}
+    if tolerance is not None:
+        values["tolerance"] = tolerance
     if only:
         values["rules"] = list(only)
     if no_upgrade_opset:
@@ -770,62 +836,67 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
-@click.option(
+@quantize_option(
     "--mode",
-    default="auto",
     metavar="auto|static|dynamic|weight-only",
-    show_default=True,
     help="auto measures static, dynamic, the cleaned-up fp32 graph and the input in onnxruntime and keeps the fastest within --max-drop.",
 )
-@click.option("--data", type=click.Path(), help="Calibration samples: .npz file or folder of them.")
-@click.option(
+@quantize_option("--data", type=click.Path(), help="Calibration samples: .npz file or folder of them.")
+@quantize_option(
     "--calibration",
-    default="minmax",
     metavar="minmax|percentile|entropy|mse",
-    show_default=True,
     help="How activation ranges are chosen from the calibration samples.",
 )
-@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales.")
-@click.option("--bits", type=int, help="8 (default), or 4 with --mode weight-only (its default).")
-@click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only: MatMulNBits block size (32, 64, 128).")
-@click.option("--symmetric", is_flag=True, help="Weight-only: symmetric blocks (no zero points).")
-@click.option("--accuracy-level", type=int, default=4, show_default=True, help="Weight-only: MatMulNBits compute type (4: int8 activations).")
-@click.option("--activation-type", default="uint8", show_default=True, metavar="uint8|int8")
-@click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
-@click.option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
-@click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data (accuracy, top-1 or 1-cosine).")
-@click.option("--eval-data", type=click.Path(), help="Samples the drop and self-check are measured on.")
-@click.option(
-    "--metric",
-    default="auto",
-    show_default=True,
-    metavar="auto|accuracy|top1|cosine",
-    help="What --max-drop measures; auto: accuracy with labels, top-1 agreement for class scores, else cosine.",
+@quantize_option("--per-channel/--per-tensor", help="Weight scales.")
+@quantize_option("--bits", type=int, help="8, or 4 with --mode weight-only (its default).")
+@quantize_option("--block-size", type=int, help="Weight-only: MatMulNBits block size (32, 64, 128).")
+@quantize_option("--symmetric/--asymmetric", help="Weight-only: symmetric blocks (no zero points).")
+@quantize_option("--accuracy-level", type=int, help="Weight-only: MatMulNBits compute type (4: int8 activations).")
+@quantize_option("--activation-type", metavar="uint8|int8")
+@quantize_option(
+    "--target-cpu",
+    metavar="any|auto|avx2|avx512|vnni|arm64",
+    help="CPU the model will run on. any: 7-bit int8 weights, exact on every x86 path (onnxruntime's "
+    "u8s8 kernels saturate 8-bit weights on AVX2/AVX-512 without VNNI); vnni, arm64, or auto on such a "
+    "machine: full 8-bit weights.",
 )
-@click.option("--calibration-samples", type=int, help="Use at most this many calibration samples.")
-@click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before quantizing.")
-@click.option(
+@quantize_option(
+    "--contrib-ops/--standard-ops",
+    help="Dynamic and weight-only: write onnxruntime's com.microsoft kernels (DynamicQuantizeMatMul, MatMulNBits, "
+    "GatherBlockQuantized) instead of the standard ONNX it fuses into them (the default, readable by any runtime).",
+)
+@quantize_option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
+@quantize_option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
+@quantize_option("--max-drop", type=float, help="Largest accepted drop on --eval-data (see --metric).")
+@quantize_option("--eval-data", type=click.Path(), help="Samples the drop and self-check are measured on.")
+@quantize_option("--metric", metavar="NAME|module:function", help=METRIC_HELP)
+@quantize_option("--calibration-samples", type=int, help="Use at most this many calibration samples.")
+@quantize_option("--check-samples", type=int, help="Samples of the self-check and of the drop.")
+@quantize_option("--batch-size", type=int, help="Samples per onnxruntime run (calibration, checks).")
+@quantize_option("--optimize/--no-optimize", help="The graph clean-up before quantizing.")
+@quantize_option(
     "--bias-correction/--no-bias-correction",
-    default=None,
     help="Add the mean output error of each quantized layer to its bias (default: off for static, on for dynamic).",
 )
-@click.option("--gptq", is_flag=True, help="Static (Conv, Gemm, MatMul) and weight-only: GPTQ rounding of weights on the calibration data.")
-@click.option("--allow-random-calibration", is_flag=True, help="Let --mode static calibrate on random inputs.")
+@quantize_option("--gptq/--no-gptq", help="Static (Conv, Gemm, MatMul) and weight-only: GPTQ rounding of weights on the calibration data.")
+@quantize_option("--allow-random-calibration/--no-allow-random-calibration", help="Let --mode static calibrate on random inputs.")
 @shape_option
-@click.option("--threads", default=1, show_default=True, help="Threads for the latency measurements.")
+@quantize_option("--threads", type=int, help="Threads for the latency measurements.")
+@click.option(
+    "--recipe-out",
+    type=click.Path(dir_okay=False),
+    help="Also write a recipe that replays this run's decision (mode, layers kept float, clean-up "
+    "rules) with `onnxcomp run`, without timing anything again.",
+)
 @click.option("--force", is_flag=True, help="Write the result even when the self-check finds it broken.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(
-    model_path, output, mode, data, calibration, per_channel, bits, block_size, symmetric, accuracy_level,
-    activation_type, exclude_nodes, exclude_ops,
-    max_drop, eval_data, metric, calibration_samples, no_optimize, bias_correction, gptq, allow_random_calibration, shapes,
-    threads, force, as_json,
-):
+def quantize(model_path, output, shapes, recipe_out, force, as_json, **flags):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
     Static QDQ places Q/DQ only where onnxruntime runs integer kernels; --mode auto (the default)
     also tries dynamic quantization and the cleaned-up fp32 graph, and keeps whichever is fastest
-    within --max-drop (default 0.01), or the input model when nothing is faster.
+    within --max-drop (default 0.01; 0.005 of cosine), or the input model when nothing is faster.
+    Timings under load can tie: --recipe-out pins the decision for `onnxcomp run`.
 
     Exit codes: 0 written; 1 --max-drop cannot be met or the self-check finds the result broken
     (nothing written; --force writes it anyway); 2 bad input; 3 internal error.
@@ -834,52 +905,47 @@ def quantize(
     from onnxcomp import model as model_io
     from onnxcomp.data import parse_shapes
     from onnxcomp.passes import parse_options
-    from onnxcomp.quantize.api import QuantizeOptions
-    from onnxcomp.quantize.api import quantize as run_quantize
+    from onnxcomp.quantize.api import QuantizeOptions, quantize_built
     from onnxcomp.quantize.auto import BudgetError
+    from onnxcomp.recipe import decision_recipe, write_recipe
 
-    inputs.check_numbers(threads=threads, max_drop=max_drop, calibration_samples=calibration_samples)
-    # Parsed like a recipe step, so a bad value gets the same one-line error naming the flag.
-    values = dict(
-        mode=mode,
-        calibration=calibration,
-        per_channel=per_channel,
-        bits=bits,
-        block_size=block_size,
-        symmetric=symmetric,
-        accuracy_level=accuracy_level,
-        activation_type=activation_type,
-        exclude_nodes=_split_names(exclude_nodes),
-        exclude_ops=_split_names(exclude_ops),
-        max_drop=max_drop,
-        metric=metric,
-        optimize=not no_optimize,
-        bias_correction=bias_correction,
-        gptq=gptq,
-        calibration_samples=calibration_samples,
-        allow_random_calibration=allow_random_calibration,
-        threads=threads,
-        shapes=parse_shapes(shapes),
+    inputs.check_numbers(
+        **{k: flags.get(k) for k in ("threads", "max_drop", "calibration_samples", "batch_size")}
     )
-    options = parse_options(QuantizeOptions, {k: v for k, v in values.items() if v is not None}, "quantize")
+    # Only the flags given: the dataclass holds every default. Parsed like a recipe step, so a
+    # bad value gets the same one-line error naming the flag.
+    values = {k: v for k, v in flags.items() if v is not None}
+    for key in ("exclude_nodes", "exclude_ops"):
+        values[key] = _split_names(values.get(key, ()))
+    if shapes:
+        values["shapes"] = parse_shapes(shapes)
+    options = parse_options(QuantizeOptions, values, "quantize")
     model = model_io.load(model_path)
-    reads = [model_path, data, eval_data]
+    reads = [model_path, flags.get("data"), flags.get("eval_data")]
     inputs.check_output(output, reads=reads, model=model)
+    if recipe_out:
+        inputs.check_output(recipe_out, reads=[*reads, output], model=model, option="--recipe-out")
     try:
-        result, report = run_quantize(model, options, data=data, eval_data=eval_data)
+        built = quantize_built(model, options)
     except BudgetError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
+    report = built.report
     broken = inputs.broken_reason(report.get("check"))
     if broken and not force:
-        raise CheckFailed(f"the result is broken by onnxcomp's own check: {broken}; "
-                          f"nothing written (--force writes it anyway)")
+        raise CheckFailed(
+            f"the result is broken by onnxcomp's own check: {broken}; nothing written "
+            "(--force writes it anyway)"
+        )
     if broken:
         report.setdefault("warnings", []).append(f"written with --force although broken: {broken}")
         click.echo(f"warning: written with --force although broken: {broken}", err=True)
-    saved = model_io.save(result, output, inputs=reads)
+    saved = model_io.save(built.model, output, inputs=reads)
     report["output"] = str(saved)
     report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    if recipe_out:
+        recipe = decision_recipe(report, options, input=model_path, output=output)
+        report["recipe"] = str(write_recipe(recipe, recipe_out, protect=[model_path, output]))
     if as_json:
         emit_json(report)
     else:
@@ -904,9 +970,23 @@ def _quantize_text(report: dict[str, Any]) -> str:
                 lines.append(f"{c['mode']}: {c['float_layers']} most sensitive layers put back to float")
         for mode, why in auto.get("skipped", {}).items():
             lines.append(f"{mode} not tried: {why}")
+        decision = auto.get("decision") or {}
+        if decision.get("margin") is not None:
+            against = decision.get("runner_up") or "float"
+            if against == "float":
+                against = "the 0.97x bar"
+            note = " (re-measured)" if decision.get("remeasured") else ""
+            noise = "; still within noise" if decision.get("within_noise") else ""
+            lines.append(f"margin to {against}: {decision['margin']:.3f}x fp32{note}{noise}")
         lines.append("")
     else:
         lines.append(f"mode {report.get('mode')}")
+    cpu = report.get("cpu")
+    if cpu:
+        lines.append(
+            f"cpu: measured on {cpu['isa_measured']}; target {cpu['target_cpu']}: int8 weights "
+            f"{cpu['weight_range']}"
+        )
     opset = report.get("prepare", {}).get("opset")
     if opset:
         lines.append(f"opset {opset['from']} -> {opset['to']}: {opset['reason']}")
@@ -954,4 +1034,6 @@ def _quantize_text(report: dict[str, Any]) -> str:
     size = report.get("size_bytes")
     if size:
         lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    if report.get("recipe"):
+        lines.append(f"wrote {report['recipe']}: `onnxcomp run {report['recipe']}` replays this decision")
     return "\n".join(lines)

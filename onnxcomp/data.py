@@ -146,13 +146,23 @@ def check_labels(labels: np.ndarray, where: str) -> None:
         raise OnnxcompError(f"{where}: holds {int(np.min(labels))}; class indices start at 0")
 
 
-def check_labels_fit(labels: np.ndarray, classes: int, where: str) -> None:
-    """Every label names one of ``classes`` outputs."""
-    if labels.size and int(np.max(labels)) >= classes:
+def class_labels(labels: np.ndarray, scores: np.ndarray, source: str) -> np.ndarray:
+    """``labels`` checked as class indices for the model output ``scores``, flattened.
+
+    Accuracy against labels that are not class indices is silently 0 (any --max-drop passes),
+    so one-hot, float, string, negative and out-of-range labels are refused naming the file.
+    """
+    where = f"{source}: labels"
+    labels = np.asarray(labels)
+    check_labels(labels, where)
+    labels = labels.reshape(-1)
+    classes = scores.shape[-1] if scores.ndim == 2 else None
+    if classes is not None and labels.size and int(np.max(labels)) >= classes:
         raise OnnxcompError(
             f"{where}: label {int(np.max(labels))} is out of range: the model scores {classes} "
             f"classes (0..{classes - 1})"
         )
+    return labels
 
 
 def check_array_fits(source: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -234,8 +244,6 @@ class NpzData(DataSource):
                 f"{path}: arrays disagree on the number of samples (first axis): {detail}"
             )
         self._count = next(iter(counts.values()))
-        if LABELS in self._arrays:
-            check_labels(self._arrays[LABELS], f"{path}: labels")
 
     @property
     def input_names(self) -> list[str]:

@@ -31,6 +31,7 @@ import yaml
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data, parse_shapes
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.evaluate import check_metric
 from onnxcomp.inputs import check_numbers, check_output, shorten
 from onnxcomp.passes import Context, StepReport, get_pass, parse_options, run_pass
 
@@ -228,10 +229,12 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
             )
         spec = get_pass(name)
         data = resolve(step.pop("data", None), f"step {index} ({name}): data")
-        # Paths inside options (e.g. eval_data) are relative to the recipe too.
+        # Paths inside options (e.g. eval_data, a metric file) are relative to the recipe too.
         for key, value in list(step.items()):
             if key.replace("-", "_").endswith("_data") and isinstance(value, str):
                 step[key] = str(resolve(value, f"step {index} ({name}): {key}"))
+            if key == "metric" and isinstance(value, str):
+                step[key] = metric_path(value, base_dir)
         where = f"{source}: step {index} ({name})"
         options = parse_options(spec.options, step, where)
         if dataclasses.is_dataclass(options):
@@ -255,11 +258,8 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
             )
         validate = dict(validate)
         validate["data"] = resolve(validate.get("data"), "validate: data")
-        metric = validate.get("metric", "auto")
-        if not isinstance(metric, str) or metric not in ("auto", "accuracy", "top1", "cosine"):
-            raise OnnxcompError(
-                f"{source}: validate: metric {shorten(metric)} is not one of auto, accuracy, top1, cosine"
-            )
+        check_metric(validate.get("metric", "auto"), f"{source}: validate: metric")
+        validate["metric"] = metric_path(validate.get("metric", "auto"), base_dir)
         if isinstance(validate.get("max_drop"), str):
             try:
                 validate["max_drop"] = float(validate["max_drop"])
@@ -336,7 +336,7 @@ def run_recipe(
     progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Load the input, run every step, validate, and save the result if it passes."""
-    from onnxcomp.validate import compare
+    from onnxcomp.evaluate import compare, load_metric
 
     if recipe.input is None:
         raise OnnxcompError(f"{recipe.source}: no input model (set 'input' or pass --input)")
@@ -370,17 +370,21 @@ def run_recipe(
         source = open_data(
             check.get("data"), specs, shapes=recipe.shapes, samples=int(check.get("samples", 16))
         )
+        measure = load_metric(check.get("metric", "auto"))
         comparison = compare(
-            str(recipe.input), model, source, limit=check.get("limit"), threads=recipe.threads
+            str(recipe.input),
+            model,
+            source,
+            limit=check.get("limit"),
+            threads=recipe.threads,
+            metric=measure,
         )
-        validation = comparison.to_json()
-        metric = check.get("metric", "auto")
-        validation["drop"] = comparison.drop(metric)
-        validation["drop_metric"] = comparison.drop_metric(metric)
-        max_drop = check.get("max_drop")
-        passed = max_drop is None or validation["drop"] <= max_drop
-        validation["max_drop"] = max_drop
+        verdict = comparison.verdict(measure, check.get("max_drop"))
+        validation = comparison.to_json(measure)
+        passed = verdict.passed
+        validation["max_drop"] = verdict.budget
         validation["passed"] = passed
+        validation["verdict"] = verdict.to_json()
     size_after = None
     if passed:
         model_io.save(model, recipe.output, inputs=recipe.reads())
@@ -399,3 +403,123 @@ def run_recipe(
         size_before=size_before,
         size_after=size_after,
     )
+
+
+def metric_path(spec: str, base_dir: str | Path) -> str:
+    """``file.py:function`` with a relative file is read from the recipe's folder."""
+    where, colon, attr = spec.rpartition(":")
+    if colon and (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
+        return f"{(Path(base_dir) / where).resolve()}:{attr}"
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# A recipe that replays a decision
+
+
+def decision_recipe(
+    report: dict[str, Any],
+    options: Any,
+    *,
+    input: str | Path,
+    output: str | Path,
+) -> dict[str, Any]:
+    """A recipe replaying what a ``quantize`` run decided, without timing anything: the chosen
+    mode pinned, the layers auto put back to float listed, the clean-up's rules pinned, and the
+    drop checked again by ``validate`` when there was evaluation data.
+
+    report/options: what ``quantize`` returned and was given.
+    """
+    from onnxcomp.quantize.api import QuantizeOptions
+
+    chosen = report.get("mode")
+    prepare = report.get("prepare") or {}
+    rules = prepare.get("optimize_rules")
+    defaults = QuantizeOptions()
+    given = {
+        f.name: getattr(options, f.name)
+        for f in dataclasses.fields(QuantizeOptions)
+        if getattr(options, f.name) != getattr(defaults, f.name)
+        and f.name not in ("mode", "data", "eval_data", "max_drop", "metric", "threads")
+    }
+    data = str(Path(options.data).resolve()) if options.data else None
+    steps: list[dict[str, Any]] = []
+    if chosen in ("static", "dynamic", "weight-only"):
+        step: dict[str, Any] = {"pass": "quantize", **given, "mode": chosen}
+        fallback = (report.get("budget") or {}).get("fallback_to_float") or []
+        if fallback:
+            step["exclude_nodes"] = [*options.exclude_nodes, *(f["node"] for f in fallback)]
+        if options.optimize and rules is not None:
+            step["optimize_rules"] = rules
+        if data:
+            step["data"] = data
+        steps.append(step)
+    elif chosen == "optimized":
+        values: dict[str, Any] = {"pass": "optimize"}
+        if rules is not None:
+            values["rules"] = rules
+        if options.shapes:
+            values["shapes"] = options.shapes
+        if data:
+            values["data"] = data  # what the clean-up checked itself on
+        steps.append(values)
+        opset = prepare.get("opset") or {}
+        if opset.get("to") and opset.get("to") != opset.get("from"):
+            steps.append({"pass": "normalize", "opset": opset["to"]})
+    else:  # float: the input as it is (normalize only lifts Constant weights, as loading does)
+        steps.append({"pass": "normalize", "infer_shapes": False})
+    recipe: dict[str, Any] = {
+        "version": 1,
+        "input": str(Path(input).resolve()),
+        "output": str(Path(output).resolve()),
+        "steps": steps,
+    }
+    if options.shapes:
+        recipe["shape"] = {k: "x".join(map(str, v)) for k, v in options.shapes.items()}
+    judge = options.eval_data or options.data
+    if judge:
+        budget = (report.get("auto") or {}).get("max_drop", options.max_drop)
+        metric = metric_path(options.metric, Path.cwd())
+        recipe["validate"] = {"data": str(Path(judge).resolve()), "metric": metric}
+        if budget is not None:
+            recipe["validate"]["max_drop"] = budget
+        recipe["validate"]["limit"] = options.check_samples
+    auto = report.get("auto")
+    if auto:
+        recipe["_decision"] = {
+            "chosen": auto["chosen"],
+            "why": auto["why"],
+            **(auto.get("decision") or {}),
+        }
+    return recipe
+
+
+def _against(runner_up: str | None) -> str:
+    return "the 0.97x bar" if runner_up in (None, "float") else runner_up
+
+
+def write_recipe(
+    recipe: dict[str, Any], path: str | Path, protect: list[str | Path] = ()
+) -> Path:
+    """Write ``recipe`` as YAML; a ``_decision`` entry becomes a comment block on top."""
+    path = Path(path)
+    for other in protect:
+        if path.resolve() == Path(other).resolve():
+            raise OnnxcompError(f"--recipe-out {path}: that is the model or output path")
+    recipe = dict(recipe)
+    decision = recipe.pop("_decision", None)
+    lines = []
+    if decision:
+        lines.append("# Replays a decision of `onnxcomp quantize --mode auto`, timing nothing:")
+        lines.append(f"#   chose {decision['chosen']}: {decision['why']}")
+        if decision.get("margin") is not None:
+            lines.append(
+                f"#   margin to {_against(decision.get('runner_up'))}: "
+                f"{decision['margin']:.3f}x fp32"
+                + (" (within timing noise)" if decision.get("within_noise") else "")
+            )
+        lines.append("# Run it with: onnxcomp run " + path.name)
+    text = "\n".join(lines) + ("\n" if lines else "")
+    text += yaml.safe_dump(recipe, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -74,7 +73,12 @@ class _ModelFile:
             return str(model)
         if isinstance(model, bytes):
             return model
-        if not _has_external(model) and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        has_external = any(
+            isinstance(v.const_value, ir.ExternalTensor)
+            for g in model.graphs()
+            for v in g.initializers.values()
+        )
+        if not has_external and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             try:
                 return ir.to_proto(model).SerializeToString()
             except Exception as err:  # a name or attribute that protobuf cannot hold
@@ -83,11 +87,24 @@ class _ModelFile:
         self.tmpdir = tempfile.mkdtemp(prefix="onnxcomp-session-")
         path = os.path.join(self.tmpdir, "model.onnx")
         ir.save(model, path, external_data="model.onnx.data")
+        _release_external(model)
         return path
 
     def __exit__(self, *exc) -> None:
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _release_external(model: ir.Model) -> None:
+    """Unmap the external weights that writing a copy read: onnxruntime holds its own, and the
+    pages read would otherwise count twice while the session lives (mapped again when read)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                try:
+                    value.const_value.release()
+                except BufferError:  # a caller still holds an array of it: leave it mapped
+                    pass
 
 
 def create_session(
@@ -207,93 +224,40 @@ def iter_outputs(
         yield batch, run(session, batch.inputs, output_names, label)
 
 
-def capture(
+def capture_session(
     model: ir.Model,
     names: Iterable[str],
-    data: DataSource,
     *,
-    batch_size: int = 32,
-    limit: int | None = None,
     threads: int = 1,
     optimization: str = "disable",
-) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
-    """Stream intermediate tensors: yield ``(batch, {name: array})`` one batch at a time.
+) -> ort.InferenceSession:
+    """A session of ``model`` whose outputs include the named intermediate tensors.
 
-    The caller folds each batch into running statistics and drops it, so memory is one batch
-    of the wanted tensors whatever the number of samples. Graph optimizations are disabled by
-    default so the named tensors exist as written in the model.
+    Ask `run` / `iter_outputs` for any subset of the names: onnxruntime computes only what the
+    requested outputs need. Graph optimizations are disabled by default so the named tensors exist
+    as written in the model. `onnxcomp.capture` streams them within a memory budget.
     """
     names = list(dict.fromkeys(names))
-    proto = ir.to_proto(model)
-    present = {o.name for o in proto.graph.output}
-    known = _value_types(model)
-    for name in names:
-        if name in present:
-            continue
-        if name not in known:
-            raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
-        output = proto.graph.output.add()
-        output.name = name
-        if known[name] is not None:
-            output.type.CopyFrom(known[name])
-    if _has_external(model):
-        # As bytes, external data would be looked for relative to the working folder: read it in.
-        import onnx
-
-        base_dir = next(
-            str(v.const_value.base_dir)
-            for g in model.graphs()
-            for v in g.initializers.values()
-            if isinstance(v.const_value, ir.ExternalTensor)
-        )
-        onnx.external_data_helper.load_external_data_for_model(proto, base_dir)
-    tmpdir = None
-    if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        source: ModelLike = proto.SerializeToString()
-    else:
-        tmpdir, source = _save_tmp(proto)
+    graph = model.graph
+    present = {v.name for v in graph.outputs}
+    values = {v.name: v for v in graph.inputs}
+    values.update((v.name, v) for node in graph for v in node.outputs)
+    added = 0
     try:
-        session = create_session(source, threads=threads, optimization=optimization, label="capture")
+        for name in names:
+            if name in present:
+                continue
+            if name not in values:
+                raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
+            graph.outputs.append(values[name])
+            present.add(name)
+            added += 1
+        # The weights are written once (or serialized in memory when small), never copied in a
+        # protobuf: the model itself gets the extra outputs while the session is created.
+        return create_session(model, threads=threads, optimization=optimization, label="capture")
     finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    yield from iter_outputs(
-        session, data, batch_size=batch_size, limit=limit, output_names=names, label="capture"
-    )
-
-
-def _value_types(model: ir.Model):
-    """name -> TypeProto (or None when unknown) for every value of the main graph."""
-    import onnx
-
-    types = {}
-    for value in model.graph.inputs:
-        types[value.name] = None
-    for node in model.graph:
-        for value in node.outputs:
-            type_proto = None
-            if value.dtype is not None:
-                type_proto = onnx.helper.make_tensor_type_proto(value.dtype.value, None)
-            types[value.name] = type_proto
-    return types
-
-
-def _save_tmp(proto) -> tuple[str, str]:
-    """Write a big proto with its weights beside it: (temporary folder, model path)."""
-    import onnx
-
-    tmpdir = tempfile.mkdtemp(prefix="onnxcomp-capture-")
-    path = Path(tmpdir) / "model.onnx"
-    onnx.save_model(proto, path, save_as_external_data=True, location="model.onnx.data")
-    return tmpdir, str(path)
-
-
-def _has_external(model: ir.Model) -> bool:
-    return any(
-        isinstance(v.const_value, ir.ExternalTensor)
-        for g in model.graphs()
-        for v in g.initializers.values()
-    )
+        for _ in range(added):
+            graph.outputs.pop()
 
 
 @functools.cache

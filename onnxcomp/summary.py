@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
 
 from onnxcomp import model as model_io
+from onnxcomp import ops
 from onnxcomp.errors import OnnxcompError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def _known(shape: Shape | None, what: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _conv(x: int, w: int) -> Callable[..., int]:
+def _conv(w: int) -> Callable[..., int]:
     def rule(ins: Sequence[Shape | None], out: Shape | None, attrs: Mapping[str, Any]) -> int:
         # Y: (N, M, *out_spatial), W: (M, C/group, *kernel)
         weight = _known(ins[w] if len(ins) > w else None, "weight")
@@ -93,15 +94,12 @@ def _recurrent(ins, out, attrs) -> int:
     return x[0] * x[1] * (math.prod(weights) + math.prod(recurrence))
 
 
+# Where each weighted op keeps its data and weight comes from ops.WEIGHTED.
 MAC_RULES: dict[str, Callable[..., int]] = {
-    "Conv": _conv(0, 1),
-    "ConvInteger": _conv(0, 1),
-    "QLinearConv": _conv(0, 3),
+    **{op: _conv(spec.weight) for op, spec in ops.WEIGHTED.items() if spec.layout == "conv"},
+    **{op: _matmul(spec.data) for op, spec in ops.WEIGHTED.items() if spec.layout == "matmul"},
     "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
-    "MatMul": _matmul(0),
-    "MatMulInteger": _matmul(0),
-    "QLinearMatMul": _matmul(0),
     "LSTM": _recurrent,
     "GRU": _recurrent,
     "RNN": _recurrent,
@@ -430,24 +428,20 @@ def _parameters(model: ir.Model) -> dict[str, Any]:
     init = [t for t in tensors if t["source"] == "initializer"]
     const = [t for t in tensors if t["source"] == "Constant node"]
     attrs = [t for t in tensors if t["source"].endswith(" attributes")]
+
+    def totals(group: list[dict[str, Any]], count: str = "tensors") -> dict[str, int]:
+        return {
+            count: len(group),
+            "elements": sum(t["elements"] for t in group),
+            "bytes": sum(t["bytes"] for t in group),
+        }
+
     return {
         "total": sum(t["elements"] for t in tensors),
         "bytes": sum(t["bytes"] for t in tensors),
-        "initializers": {
-            "tensors": len(init),
-            "elements": sum(t["elements"] for t in init),
-            "bytes": sum(t["bytes"] for t in init),
-        },
-        "constant_nodes": {
-            "tensors": len(const),
-            "elements": sum(t["elements"] for t in const),
-            "bytes": sum(t["bytes"] for t in const),
-        },
-        "ml_op_attributes": {
-            "nodes": len(attrs),
-            "elements": sum(t["elements"] for t in attrs),
-            "bytes": sum(t["bytes"] for t in attrs),
-        },
+        "initializers": totals(init),
+        "constant_nodes": totals(const),
+        "ml_op_attributes": totals(attrs, "nodes"),
     }
 
 

@@ -71,21 +71,34 @@ def _qdq_model(path: Path) -> Path:
     return path
 
 
-def test_model_against_itself_is_within_noise(models_dir):
+def test_model_against_itself(models_dir):
     cnn = models_dir / "digits_cnn.onnx"
-    result = benchmark([cnn, cnn], runs=300, warmup=20, memory=False, graph=False)
+    result = benchmark([cnn, cnn], runs=30, warmup=2, memory=False, graph=False)
     first, second = result.models
-    assert first.ratio_p50 == 1.0
-    assert 0.7 <= second.ratio_p50 <= 1.4, second.ratio_p50
-    assert len(first.latencies_ms) == len(second.latencies_ms) == 300
+    assert first.ratio_p50 == 1.0 and second.ratio_p50 > 0
+    assert len(first.latencies_ms) == len(second.latencies_ms) == 30
     assert first.percentile(50) <= first.percentile(90) <= first.percentile(99)
 
 
+@pytest.mark.timing
+def test_model_against_itself_is_within_noise(models_dir):
+    cnn = models_dir / "digits_cnn.onnx"
+    result = benchmark([cnn, cnn], runs=300, warmup=20, memory=False, graph=False)
+    assert 0.7 <= result.models[1].ratio_p50 <= 1.4, result.models[1].ratio_p50
+
+
+@pytest.mark.timing
 def test_doubled_conv_stack_is_clearly_slower(models_dir, tmp_path):
     cnn = models_dir / "digits_cnn.onnx"
     doubled = _doubled_convs(cnn, tmp_path / "doubled.onnx")
-    result = benchmark([cnn, doubled], runs=300, warmup=20, memory=False)
+    result = benchmark([cnn, doubled], runs=300, warmup=20, memory=False, graph=False)
     assert result.models[1].ratio_p50 > 1.3, result.models[1].ratio_p50
+
+
+def test_doubled_conv_stack_graph(models_dir, tmp_path):
+    cnn = models_dir / "digits_cnn.onnx"
+    doubled = _doubled_convs(cnn, tmp_path / "doubled.onnx")
+    result = benchmark([cnn, doubled], runs=5, warmup=1, memory=False)
     # a valid model with twice the Conv nodes (and an Add each), also after onnxruntime's fusions
     assert result.models[1].graph["nodes_before"] == 14 + 2 * 3
     assert (

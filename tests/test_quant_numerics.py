@@ -8,6 +8,7 @@ import onnx.parser
 import onnxruntime as ort
 import pytest
 
+from onnxcomp import layerwise
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.quantize import gptq, observers, schemes
 from onnxcomp.quantize.schemes import INT8, UINT8
@@ -344,7 +345,7 @@ def _correlated_inputs(rng: np.random.Generator, samples: int, features: int) ->
 def test_hessian_accumulator_streams():
     rng = np.random.default_rng(7)
     x = _correlated_inputs(rng, 1000, 32)
-    acc = gptq.HessianAccumulator()
+    acc = layerwise.HessianAccumulator()
     for chunk in np.array_split(x, 13):
         acc.update(chunk)
     nbytes = acc.nbytes
@@ -368,7 +369,7 @@ def test_gptq_beats_round_to_nearest(options):
     out_f, in_f = 48, 128
     x = _correlated_inputs(rng, 2000, in_f)  # (samples, in)
     w = rng.standard_normal((out_f, in_f)).astype(np.float32)  # (out, in)
-    acc = gptq.HessianAccumulator()
+    acc = layerwise.HessianAccumulator()
     acc.update(x)
     result = gptq.gptq_quantize(w, acc.H, block_size=64, **options)
 
@@ -392,7 +393,7 @@ def test_gptq_beats_round_to_nearest(options):
         return float(np.linalg.norm(w @ x.T - wq @ x.T))
 
     assert output_error(result.dequantized) < 0.85 * output_error(rtn)
-    assert gptq.reconstruction_error(w, result.dequantized, acc.H) == pytest.approx(
+    assert layerwise.reconstruction_error(w, result.dequantized, acc.H) == pytest.approx(
         output_error(result.dequantized) ** 2 / len(x), rel=1e-6
     )
 
@@ -413,10 +414,30 @@ def test_bias_correction_removes_mean_shift():
     w = rng.standard_normal((32, 64)).astype(np.float32)
     params = schemes.weight_params(w, axis=0, bits=4)
     wq = schemes.dequantize(schemes.quantize(w, params), params)
-    acc = gptq.HessianAccumulator()
+    acc = layerwise.HessianAccumulator()
     acc.update(x)
-    delta = gptq.bias_correction(w, wq, acc.mean)  # (out,)
+    delta = layerwise.bias_correction(w, wq, acc.mean)  # (out,)
     shift_before = (x @ w.T).mean(axis=0) - (x @ wq.T).mean(axis=0)
     shift_after = (x @ w.T).mean(axis=0) - ((x @ wq.T) + delta).mean(axis=0)
     assert np.abs(shift_before).max() > 0.1
     assert np.abs(shift_after).max() < 1e-4 * np.abs(shift_before).max() + 1e-5
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, False)])
+def test_blockwise_quantization_in_column_chunks_is_the_same(monkeypatch, bits, symmetric):
+    # Large weights are (de)quantized a few columns at a time; the result must not depend on it.
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((200, 47)).astype(np.float32)  # K not a whole number of blocks
+    whole = schemes.quantize_blockwise(w, 32, bits, symmetric)
+    monkeypatch.setattr(schemes, "_CHUNK", 1000)  # 5 columns of 200 per chunk
+    parts = schemes.quantize_blockwise(w, 32, bits, symmetric)
+    np.testing.assert_array_equal(parts.packed, whole.packed)
+    np.testing.assert_array_equal(parts.scales, whole.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(parts.zero_points, whole.zero_points)
+    deq = schemes.dequantize_blockwise(parts)
+    monkeypatch.setattr(schemes, "_CHUNK", 1 << 22)
+    np.testing.assert_array_equal(deq, schemes.dequantize_blockwise(whole))
+    assert schemes.sqnr_db(w, deq) == pytest.approx(
+        10 * np.log10(np.sum(w.astype(np.float64) ** 2) / np.sum((w - deq).astype(np.float64) ** 2))
+    )

@@ -116,7 +116,7 @@ def test_without_data_only_per_channel_int8():
     rng = np.random.default_rng(8)
     model = attention_projections(rng)
 
-    result = DynamicQuantizePass(DynamicQuantizeOptions())(model)
+    result = DynamicQuantizePass(DynamicQuantizeOptions(form="contrib"))(model)
 
     assert result.report["calibration"].startswith("none")
     ops = collections.Counter(node.op_type for node in result.model.graph)
@@ -130,7 +130,9 @@ def test_shared_input_is_quantized_once(tmp_path):
     x = rng.standard_normal((1, 11, 64)).astype(np.float32)
     refs = run(model, {"x": x})
 
-    result = DynamicQuantizePass(DynamicQuantizeOptions(smooth=False, bias_correction=False))(model)
+    result = DynamicQuantizePass(
+        DynamicQuantizeOptions(form="contrib", smooth=False, bias_correction=False)
+    )(model)
 
     ops = collections.Counter(node.op_type for node in result.model.graph)
     assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulIntegerToFloat"] == 3
@@ -150,7 +152,9 @@ def test_gemm_with_trans_b_alpha_beta():
     x = rng.standard_normal((4, 48)).astype(np.float32)
     (ref,) = run(model, {"x": x})
 
-    result = DynamicQuantizePass(DynamicQuantizeOptions(smooth=False, bias_correction=False))(model)
+    result = DynamicQuantizePass(
+        DynamicQuantizeOptions(form="contrib", smooth=False, bias_correction=False)
+    )(model)
 
     assert [n.op_type for n in result.model.graph] == ["DynamicQuantizeMatMul"]
     (out,) = run(result.model, {"x": x})
@@ -176,19 +180,43 @@ def test_standard_onnx_form_is_fused_by_onnxruntime(tmp_path):
     assert cosine(ref, out) > 0.999
 
 
-def test_standard_form_writes_no_contrib_op_even_with_data(tmp_path):
+def test_default_is_standard_onnx_that_passes_the_full_checker(tmp_path):
+    from models.build_graphs import bert
+
+    model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=1, heads=4, intermediate=256))
+    rng = np.random.default_rng(11)
+    calib = npz(tmp_path, input_ids=rng.integers(0, 500, (8, 12)).astype(np.int64))
+    ids = rng.integers(0, 500, (2, 12)).astype(np.int64)
+    (ref,) = run(copy_of(model), {"input_ids": ids})
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(), calib)(model)
+
+    assert {n.domain for n in result.model.graph} <= {"", "ai.onnx"}
+    assert "com.microsoft" not in result.model.opset_imports
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    # Embedding tables are int8 with one scale per row (Gather -> Cast -> Mul), not GatherBlockQuantized.
+    assert [e["to"] for e in result.report["embeddings"]] == ["Gather int8 (per-row scale)"] * 2
+    assert result.report["blockwise_layers"] == 0
+    fused = optimized_ops(result.model, tmp_path)
+    assert fused["MatMulInteger"] == 0
+    assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 6
+    (out,) = run(result.model, {"input_ids": ids})
+    assert cosine(ref, out) > 0.99
+
+
+def test_contrib_ops_give_the_contrib_form(tmp_path):
     from models.build_graphs import bert
 
     model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=1, heads=4, intermediate=256))
     rng = np.random.default_rng(11)
     calib = npz(tmp_path, input_ids=rng.integers(0, 500, (8, 12)).astype(np.int64))
 
-    result = DynamicQuantizePass(DynamicQuantizeOptions(form="onnx"), calib)(model)
+    result = DynamicQuantizePass(DynamicQuantizeOptions(form="contrib"), calib)(model)
 
-    assert not [n.op_type for n in result.model.graph if n.domain not in ("", "ai.onnx")]
-    assert result.report["embeddings"] == [] and result.report["blockwise_layers"] == 0
-    ids = rng.integers(0, 500, (2, 12)).astype(np.int64)
-    runtime.run(runtime.create_session(result.model), {"input_ids": ids})
+    ops = collections.Counter(n.op_type for n in result.model.graph if n.domain == "com.microsoft")
+    assert ops["GatherBlockQuantized"] == 2
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] + ops["MatMulNBits"] == 6
+    assert not any(n.op_type == "MatMulInteger" for n in result.model.graph)
 
 
 def test_conv_never_becomes_conv_integer_by_default(models_dir):
@@ -229,8 +257,12 @@ def test_smoothing_moves_activation_outliers_into_weights(tmp_path):
     calib = (rng.standard_normal((16, 11, 64)) * channel_scale).astype(np.float32)
     test = (rng.standard_normal((4, 11, 64)) * channel_scale).astype(np.float32)
     refs = run(model, {"x": test})
-    plain_options = DynamicQuantizeOptions(smooth=False, bias_correction=False, blockwise=False)
-    smooth_options = DynamicQuantizeOptions(smooth=True, bias_correction=False, blockwise=False)
+    plain_options = DynamicQuantizeOptions(
+        form="contrib", smooth=False, bias_correction=False, blockwise=False
+    )
+    smooth_options = DynamicQuantizeOptions(
+        form="contrib", smooth=True, bias_correction=False, blockwise=False
+    )
 
     plain = DynamicQuantizePass(plain_options, npz(tmp_path, x=calib))(copy_of(model))
     smoothed = DynamicQuantizePass(smooth_options, npz(tmp_path, x=calib))(copy_of(model))
@@ -257,8 +289,13 @@ def test_outlier_tokens_get_blockwise_kernel(tmp_path):
     refs = run(model, {"x": test})
     original = copy_of(model)
 
-    result = DynamicQuantizePass(DynamicQuantizeOptions(), npz(tmp_path, x=calib))(model)
+    standard = DynamicQuantizePass(DynamicQuantizeOptions(), npz(tmp_path, x=calib))(copy_of(model))
+    result = DynamicQuantizePass(DynamicQuantizeOptions(form="contrib"), npz(tmp_path, x=calib))(model)
 
+    # Standard ONNX below opset 21 cannot scale activations per block: those layers stay float, saying why.
+    kept = [layer for layer in standard.report["layers"] if layer["status"] == "float"]
+    assert kept and all("--contrib-ops" in layer["reason"] for layer in kept)
+    assert not any(n.op_type == "MatMulNBits" for n in standard.model.graph)
     blockwise = [layer for layer in result.report["layers"] if layer["status"] == "int8-blockwise"]
     assert blockwise and result.report["blockwise_layers"] == len(blockwise)
     assert all(layer["blockwise_sqnr_db"] >= layer["output_sqnr_db"] + 3 for layer in blockwise)
@@ -412,3 +449,28 @@ def test_inferred_shapes_are_dropped_so_onnxruntime_keeps_add_and_layernorm(tmp_
     assert [v.shape for v in result.model.graph.outputs] == [v.shape for v in kept.graph.outputs]
     (out,) = run(result.model, {"x": x})
     assert cosine(ref, out) > 0.999
+
+
+@pytest.mark.parametrize("form", ["contrib", "onnx"])
+def test_chain_of_plain_matmuls(form):
+    # MatMul -> MatMul with nothing between: rewriting one layer renames the tensor the next reads.
+    rng = np.random.default_rng(8)
+    w0, w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) / 8 for _ in range(3))
+    model = from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        chain (float[batch, 64] x) => (float[batch, 64] y) {
+            h0 = MatMul(x, w0)
+            h1 = MatMul(h0, w1)
+            y = MatMul(h1, w2)
+        }
+        """,
+        w0=w0,
+        w1=w1,
+        w2=w2,
+    )
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    ref = run(copy_of(model), {"x": x})[0]
+    result = DynamicQuantizePass(DynamicQuantizeOptions(form=form))(model)
+    assert result.report["quantized"] == 3
+    assert cosine(run(result.model, {"x": x})[0], ref) > 0.99

@@ -312,7 +312,7 @@ def test_cli_static_json_report(cli, tmp_path):
             ["--eval-data", str(MODELS / "digits_test_flat.npz"), "--data", str(CALIB)],
             "--eval-data: ",
         ),
-        (["--metric", "f1"], "metric: 'f1' is not one of"),
+        (["--metric", "f1"], "--metric 'f1': expected one of auto, accuracy, top1, cosine"),
     ],
 )
 def test_cli_bad_options_one_line_exit_2(cli, tmp_path, args, message):
@@ -328,7 +328,9 @@ def test_bias_correction_adjusts_int32_biases_and_keeps_accuracy():
     model, report = static(CNN, bias_correction=True)
     corrected = {r["node"] for r in report["bias_correction"]}
     assert len(corrected) == 5  # 3 Conv + 2 Gemm, each with an int32 bias
-    assert all(r["relative_shift"] < 0.5 for r in report["bias_correction"])
+    # A correction, not a new bias: 7-bit weights (the portable default) double the rounding
+    # step, and with it the shift (0.74 at most on this CNN).
+    assert all(r["relative_shift"] < 1.0 for r in report["bias_correction"])
     assert accuracy_drop(CNN, model) <= 0.003
     assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 3, "QGemm": 2}
 
@@ -356,16 +358,17 @@ def test_batchnorm_only_fallback_keeps_outputs():
 
 
 def test_capture_batches_shrink_to_the_memory_budget(monkeypatch):
+    from onnxcomp import capture
     from onnxcomp.quantize import calibrate as calib
     from onnxcomp.quantize.plan import build_plan
 
     model = model_io.load(CNN)
     model_io.normalize(model)
     plan = build_plan(model)
-    monkeypatch.setattr(calib, "CAPTURE_BUDGET_BYTES", 64 * 1024)  # one batch of 32 is ~200 KB
+    monkeypatch.setattr(capture, "CAPTURE_BUDGET_BYTES", 64 * 1024)  # one batch of 32 is ~200 KB
     sizes = [
         len(batch)
-        for batch, _ in calib.stream(
+        for batch, _ in capture.stream(
             model, list(plan.groups()), NpzData(CALIB), batch_size=32, limit=100
         )
     ]
@@ -462,7 +465,7 @@ def test_yolov8n_silu_split_concat_resize_run_as_integer_kernels(tmp_path):
 )
 def test_conv_patches_times_weight_is_the_conv(x_shape, w_shape, attrs):
     from onnxcomp import runtime
-    from onnxcomp.quantize.static import conv_geometry, conv_patches
+    from onnxcomp.layerwise import conv_geometry, conv_patches
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
@@ -482,26 +485,15 @@ def test_conv_patches_times_weight_is_the_conv(x_shape, w_shape, attrs):
 
     groups = attrs.get("group", 1)
     ir_node = next(iter(ir.from_proto(proto).graph))
-    kernel, strides, pads, dilations = conv_geometry(ir_node, w.shape, x.shape[2:])
-    patches = conv_patches(
-        x, kernel, strides=strides, pads=pads, dilations=dilations, groups=groups
-    )  # (N * out positions, groups, C/g * prod(kernel))
+    geometry = conv_geometry(ir_node, w.shape, x.shape[2:])
+    patches = conv_patches(x, geometry, groups=groups)  # (N * out, groups, C/g * prod(kernel))
     w_rows = w.reshape(groups, w.shape[0] // groups, -1)  # (groups, M/g, C/g * prod(kernel))
     ours = np.einsum("rgi,goi->rgo", patches, w_rows).reshape(len(patches), -1)  # (rows, M)
     theirs = np.moveaxis(y, 1, -1).reshape(-1, w.shape[0])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
     # Sub-sampled: a seeded subset of the same rows.
-    few = conv_patches(
-        x,
-        kernel,
-        strides=strides,
-        pads=pads,
-        dilations=dilations,
-        groups=groups,
-        max_rows=5,
-        rng=np.random.default_rng(1),
-    )
+    few = conv_patches(x, geometry, groups=groups, max_rows=5, rng=np.random.default_rng(1))
     assert few.shape == (5, *patches.shape[1:])
     assert all(any(np.array_equal(row, p) for p in patches) for row in few)
 

@@ -70,7 +70,7 @@ def test_matmulnbits_matches_float_matmul_with_dequantized_weights(bits, block_s
     w = rng.standard_normal((200, 48)).astype(np.float32)  # K = 200: not a whole number of blocks
     model = linear(w)
     x = rng.standard_normal((2, 5, 200)).astype(np.float32)
-    options = WeightOnlyOptions(
+    options = WeightOnlyOptions(form="contrib", 
         bits=bits, block_size=block_size, symmetric=symmetric, accuracy_level=1
     )
 
@@ -96,7 +96,7 @@ def test_bias_add_is_folded_and_int8_activations_stay_close():
     model = linear(w, b)
     ref = run(model, {"x": x})
 
-    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=8, accuracy_level=4))(model)
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(form="contrib", bits=8, accuracy_level=4))(model)
 
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
     assert "w" not in result.model.graph.initializers  # the float weight is gone
@@ -121,7 +121,7 @@ def test_gemm_becomes_matmulnbits_with_bias():
     x = rng.standard_normal((3, 64)).astype(np.float32)
     ref = run(model, {"x": x})
 
-    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=8, accuracy_level=1))(model)
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(form="contrib", bits=8, accuracy_level=1))(model)
 
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
     assert result.report["layers"][0]["op"] == "Gemm"
@@ -148,7 +148,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(tmp_path):
     errors = {}
     reports = {}
     for algorithm in ("rtn", "gptq"):
-        options = WeightOnlyOptions(bits=4, block_size=32, algorithm=algorithm, accuracy_level=1)
+        options = WeightOnlyOptions(form="contrib", bits=4, block_size=32, algorithm=algorithm, accuracy_level=1)
         result = WeightOnlyQuantizePass(options, NpzData(calib_path))(linear(w))
         errors[algorithm] = float(np.mean((run(result.model, {"x": test}) - ref) ** 2))
         reports[algorithm] = result.report
@@ -179,7 +179,7 @@ def test_gptq_in_chunks_when_hessians_exceed_the_budget(tmp_path, monkeypatch):
     x = rng.standard_normal((8, 64)).astype(np.float32)
     ref = run(from_text(text, **weights), {"x": x})
     monkeypatch.setattr(weight_only, "HESSIAN_MEMORY_BYTES", 1)
-    options = WeightOnlyOptions(bits=8, algorithm="gptq", accuracy_level=1)
+    options = WeightOnlyOptions(form="contrib", bits=8, algorithm="gptq", accuracy_level=1)
 
     result = WeightOnlyQuantizePass(options, NpzData(calib_path))(from_text(text, **weights))
 
@@ -203,7 +203,7 @@ def test_embedding_gather_becomes_gather_block_quantized(bits, symmetric):
     ids = rng.integers(0, 100, (2, 7)).astype(np.int64)
 
     result = WeightOnlyQuantizePass(
-        WeightOnlyOptions(bits=bits, block_size=32, symmetric=symmetric)
+        WeightOnlyOptions(form="contrib", bits=bits, block_size=32, symmetric=symmetric)
     )(model)
 
     assert [n.op_type for n in result.model.graph] == ["GatherBlockQuantized"]
@@ -222,7 +222,7 @@ def test_bert_graph_int4_and_reasons(tmp_path):
     ids = rng.integers(0, 500, (2, 12)).astype(np.int64)
     ref = run(model, {"input_ids": ids})
 
-    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=4, block_size=32))(model)
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(form="contrib", bits=4, block_size=32))(model)
 
     ops = collections.Counter(n.op_type for n in result.model.graph)
     assert ops["MatMulNBits"] == 12 and ops["GatherBlockQuantized"] == 2
@@ -241,7 +241,7 @@ def test_gather_with_odd_hidden_size_stays_float_with_reason():
             y = Gather(table, ids)
         }
     """
-    result = WeightOnlyQuantizePass(WeightOnlyOptions(block_size=32))(from_text(text, table=table))
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(form="contrib", block_size=32))(from_text(text, table=table))
 
     assert not result.modified
     assert "not a multiple of block_size 32" in result.report["skipped"][0]["reason"]
@@ -266,3 +266,118 @@ def test_bad_options_name_the_key(values, key):
 def test_bad_options_in_the_constructor_too():
     with pytest.raises(OnnxcompError, match="bits"):
         WeightOnlyQuantizePass(WeightOnlyOptions(bits=3))
+
+
+def matmul_chain(path, n: int = 256, layers: int = 5, seed: int = 0) -> None:
+    """Five chained MatMuls with [n, n] initializers, no bias, opset 17: the plainest LLM-style stack."""
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    rng = np.random.default_rng(seed)
+    nodes, weights, prev = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+        weights.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(h.make_node("MatMul", [prev, f"w{i}"], [out], name=f"mm{i}"))
+        prev = out
+    graph = h.make_graph(
+        nodes,
+        "chain",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        weights,
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize("extra", [[], ["--gptq"]])
+def test_chain_of_plain_matmuls_int4(cli, tmp_path, extra):
+    # Each rewrite renames the float output it replaces; the next layer must read the new one.
+    matmul_chain(tmp_path / "mlp.onnx")
+    result = cli(
+        "quantize", tmp_path / "mlp.onnx", "-o", tmp_path / "q.onnx",
+        "--mode", "weight-only", "--bits", "4", *extra,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    model = ir.load(tmp_path / "q.onnx")
+    # Standard ONNX by default: blocked DequantizeLinear + MatMul, one pair per layer.
+    assert [n.op_type for n in model.graph] == ["DequantizeLinear", "MatMul"] * 5
+    x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
+    ref = run(ir.load(tmp_path / "mlp.onnx"), {"x": x})
+    out = run(model, {"x": x})
+    cos = float(np.sum(ref * out) / (np.linalg.norm(ref) * np.linalg.norm(out)))
+    assert cos > 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# The default form: standard ONNX at opset 21 (blocked DequantizeLinear + MatMul), fused by onnxruntime.
+
+
+def optimized_ops(model: ir.Model, tmp_path) -> collections.Counter:
+    """Op types of the graph onnxruntime actually runs (after its own fusions)."""
+    path = tmp_path / "optimized.onnx"
+    runtime.create_session(model, optimized_model_path=str(path))
+    return collections.Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (4, True), (8, False)])
+def test_default_is_blocked_dequantize_linear_fused_into_matmulnbits(tmp_path, bits, symmetric):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((128, 48)).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    x = rng.standard_normal((2, 5, 128)).astype(np.float32)
+    model = ir.from_proto(onnx.version_converter.convert_version(ir.to_proto(linear(w, b)), 21))
+    contrib = ir.from_proto(ir.to_proto(model))
+
+    result = WeightOnlyQuantizePass(WeightOnlyOptions(bits=bits, symmetric=symmetric))(model)
+    reference = WeightOnlyQuantizePass(
+        WeightOnlyOptions(form="contrib", bits=bits, symmetric=symmetric)
+    )(contrib)
+
+    ops = [n.op_type for n in result.model.graph]
+    assert ops == ["DequantizeLinear", "MatMul", "Add"]
+    assert {n.domain for n in result.model.graph} == {""}
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    fused = optimized_ops(result.model, tmp_path)
+    assert fused["MatMulNBits"] == 1 and fused["DequantizeLinear"] == 0
+    # The same codes as the contrib form: the two run the same kernel on the same weights.
+    np.testing.assert_allclose(
+        run(result.model, {"x": x}), run(reference.model, {"x": x}), rtol=1e-4, atol=1e-4
+    )
+    assert result.report["layers"][0]["to"] == "DequantizeLinear+MatMul"
+
+
+def test_default_needs_opset_21_and_says_so():
+    model = linear(np.ones((64, 16), np.float32))
+
+    with pytest.raises(OnnxcompError, match="opset 21"):
+        WeightOnlyQuantizePass(WeightOnlyOptions())(model)
+
+
+def test_quantize_weight_only_writes_standard_onnx_and_contrib_on_request(tmp_path):
+    from models.build_graphs import bert
+
+    from onnxcomp.quantize.api import QuantizeOptions, quantize
+
+    model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=1, heads=4, intermediate=256))
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 500, (2, 12)).astype(np.int64)
+    ref = run(ir.from_proto(ir.to_proto(model)), {"input_ids": ids})
+    options = QuantizeOptions(
+        mode="weight-only", optimize=False, check_samples=4, shapes={"input_ids": [2, 12]}
+    )
+
+    standard, report = quantize(ir.from_proto(ir.to_proto(model)), options)
+    contrib, _ = quantize(model, QuantizeOptions(**{**vars(options), "contrib_ops": True}))
+
+    assert report["prepare"]["opset"]["to"] == 21
+    assert {n.domain for n in standard.graph} <= {"", "ai.onnx"}
+    onnx.checker.check_model(ir.to_proto(standard), full_check=True)
+    ops = collections.Counter(n.op_type for n in standard.graph)
+    assert ops["DequantizeLinear"] == 6 and ops["MatMulNBits"] == 0
+    assert optimized_ops(standard, tmp_path)["MatMulNBits"] == 6
+    contrib_ops = collections.Counter(n.op_type for n in contrib.graph if n.domain == "com.microsoft")
+    assert contrib_ops["MatMulNBits"] == 6 and contrib_ops["GatherBlockQuantized"] == 2
+    out = run(standard, {"input_ids": ids})
+    assert float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out)) > 0.95

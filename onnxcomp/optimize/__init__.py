@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
-@register("optimize", OptimizeOptions, help="Fuse decomposed activations and norms, fold BatchNorm and biases, fold constants.")
+@register(
+    "optimize",
+    OptimizeOptions,
+    help="Fuse decomposed activations and norms, fold BatchNorm and biases, fold constants.",
+)
 def _build(options: OptimizeOptions, context: Context) -> OptimizePass:
     return OptimizePass(options, data=context.data)

@@ -21,13 +21,16 @@ from typing import Any, Literal
 
 import onnx_ir as ir
 
-from onnxcomp import inputs
+from onnxcomp import cpu, inputs
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.evaluate import check_metric, load_metric
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
+from onnxcomp.quantize import auto
 from onnxcomp.quantize import calibrate as calib
 from onnxcomp.quantize import plan as qplan
+from onnxcomp.search import Built
 from onnxcomp.quantize.static import InsertQdqPass, correct_biases, gptq_codes
 
 logger = logging.getLogger(__name__)
@@ -45,13 +48,20 @@ class QuantizeOptions:
     per_channel: bool = True
     bits: int | None = None  # default: 8, or 4 with --mode weight-only
     activation_type: Literal["uint8", "int8"] = "uint8"
+    # The CPU the model will run on: "any" keeps int8 weights exact on every x86 path (7-bit);
+    # "vnni"/"arm64" (or "auto" on such a machine) take full-range weights. See onnxcomp.cpu.
+    target_cpu: str = "any"
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
     exclude_ops: list[str] = dataclasses.field(default_factory=list)
     max_drop: float | None = None
-    metric: Literal["auto", "accuracy", "top1", "cosine"] = "auto"  # what --max-drop measures
+    # what --max-drop measures: auto, accuracy, top1, cosine, or module:function / file.py:function
+    metric: str = "auto"
     data: str | None = None  # calibration .npz (or folder); recipes may give it per step instead
     eval_data: str | None = None  # where --max-drop and the self-check are measured
     optimize: bool = True
+    # the clean-up's rules (default: all, kept only if fp32 does not get slower); a recipe that
+    # replays auto's decision pins them, so nothing is re-timed
+    optimize_rules: list[str] | None = None
     # Off by default: measured on the digits CNN it changes nothing, on a MobileNetV3-like
     # classifier it lowers cosine to fp32 (0.993 -> 0.986): the kernel-window mean ignores padding.
     bias_correction: bool | None = None  # default by mode: off for static, on for dynamic
@@ -62,6 +72,9 @@ class QuantizeOptions:
     block_size: int = 32  # weight-only: MatMulNBits block size
     symmetric: bool = False  # weight-only: codes around a fixed zero point (no zero-point tensor)
     accuracy_level: int = 4  # weight-only: MatMulNBits compute precision (4 = int8 activations)
+    # Dynamic and weight-only: write onnxruntime's com.microsoft kernels (DynamicQuantizeMatMul,
+    # MatMulNBits, GatherBlockQuantized) instead of the standard ONNX it fuses into them.
+    contrib_ops: bool = False
     check_samples: int = 1000  # samples of the self-check and of the drop
     threads: int = 1
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # for random inputs
@@ -70,6 +83,7 @@ class QuantizeOptions:
         """Raise OnnxcompError naming the option when values do not fit together."""
         if self.bits is None:
             self.bits = 4 if self.mode == "weight-only" else 8
+        cpu.resolve(self.target_cpu)
         if self.bits not in (4, 8):
             raise OnnxcompError(f"{where}: --bits {self.bits}: only 8 and 4 are supported")
         if self.bits == 4 and self.mode != "weight-only":
@@ -85,6 +99,7 @@ class QuantizeOptions:
             raise OnnxcompError(f"{where}: --calibration-samples must be at least 1")
         if self.batch_size < 1:
             raise OnnxcompError(f"{where}: --batch-size must be at least 1")
+        check_metric(self.metric, f"{where}: --metric")
         bad = [op for op in self.exclude_ops if not op or not op[0].isupper()]
         if bad:
             raise OnnxcompError(
@@ -115,9 +130,13 @@ def prepare(
     when it is not installed), and upgrade to opset 13 when per-channel weights need it."""
     report: dict[str, Any] = {}
     report["normalize"] = model_io.normalize(model)
-    if options.optimize:
+    if options.optimize and options.optimize_rules is not None:
+        if data is None:
+            data = random_source(model, options)
+        model, report["optimize"] = _optimize(model, options, data, rules=options.optimize_rules)
+    elif options.optimize:
         if data is None:  # the clean-up checks itself on random inputs shaped by --shape
-            data = _random_source(model, options)
+            data = random_source(model, options)
         before = model_io.copy_model(model)
         model, report["optimize"] = _optimize(model, options, data)
         ratio = _slowdown(before, model, data, options)
@@ -130,6 +149,30 @@ def prepare(
                 "only BatchNormalization folded"
             )
             report["optimize"] = folded
+        # what a recipe pins to replay this without timing the clean-up again
+        report["optimize_rules"] = (
+            ["fold-batchnorm"] if "note" in report["optimize"] else _default_rules()
+        )
+    if options.mode == "weight-only" and not options.contrib_ops:
+        from onnxcomp.quantize.weight_only import STANDARD_OPSET
+
+        before = model_io.opset(model)
+        try:
+            model = model_io.ensure_opset(model, STANDARD_OPSET, "blocked DequantizeLinear")
+            model_io.normalize(model)
+            if before < STANDARD_OPSET:
+                report["opset"] = {
+                    "from": before,
+                    "to": STANDARD_OPSET,
+                    "reason": "standard blocked DequantizeLinear (block_size) needs opset 21",
+                }
+        except OnnxcompError as err:
+            options.contrib_ops = True
+            report["opset"] = {
+                "from": before,
+                "to": before,
+                "reason": f"contrib MatMulNBits written instead of standard ONNX: {err}",
+            }
     if options.per_channel and model_io.opset(model) < 13 and options.mode != "weight-only":
         before = model_io.opset(model)
         try:
@@ -149,6 +192,11 @@ def prepare(
 
 
 OPTIMIZE_SLOWDOWN = 1.05
+
+
+def _default_rules() -> list[str]:
+    options = get_pass("optimize").options()
+    return [rule.name for rule in options.selected_rules()]
 
 
 def _optimize(
@@ -188,12 +236,23 @@ def _slowdown(before: ir.Model, after: ir.Model, data: DataSource | None, option
     return result.models[1].ratio_p50
 
 
-def _random_source(model: ir.Model, options: QuantizeOptions | None = None) -> DataSource:
+def random_source(model: ir.Model, options: QuantizeOptions | None = None) -> DataSource:
+    """64 random samples shaped by the model's inputs (and ``options.shapes``)."""
     shapes = options.shapes if options is not None else None
     return open_data(None, model_io.input_specs(model), samples=64, shapes=shapes)
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CalibrationCache:
+    """Ranges and activation SQNR by tensor, kept between the builds of one fp32 graph on one
+    data source (a fallback's rebuilds): a tensor's fp32 range does not depend on which layers
+    are quantized, so only the tensors not seen before are calibrated."""
+
+    calibration: calib.Calibration | None = None
+    sqnr: dict[tuple[str, float, int], float] = dataclasses.field(default_factory=dict)
 
 
 def quantize_static(
@@ -204,14 +263,17 @@ def quantize_static(
     check_data: DataSource | None = None,
     reference: ir.Model | None = None,
     check: bool = True,
-) -> tuple[ir.Model, dict[str, Any]]:
-    """Plan, calibrate and rewrite a prepared model (in place); returns it with the report.
+    cache: CalibrationCache | None = None,
+) -> Built:
+    """Plan, calibrate and rewrite a prepared model (in place); returns it with the report and
+    the plan.
 
     ``reference`` is the prepared fp32 model (copied here when not given) for bias correction and
     the self-check.
     """
     started = time.perf_counter()
     reference = reference if reference is not None else model_io.copy_model(model)
+    as_gemm = qplan.matmul_bias_as_gemm(model)
     plan = qplan.build_plan(
         model,
         per_channel=options.per_channel,
@@ -220,27 +282,40 @@ def quantize_static(
     )
     # Names were checked against the input model; the clean-up may have fused some away.
     gone = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
-    calibration = calib.calibrate(
-        model,
-        plan,
-        data,
-        method=options.calibration,
-        activation_type=options.activation_type,
-        batch_size=options.batch_size,
-        limit=options.calibration_samples,
-    )
+    groups = plan.groups()
+    if cache is not None and cache.calibration and set(groups) <= set(cache.calibration.ranges):
+        calibration = cache.calibration
+    else:
+        calibration = calib.calibrate(
+            model,
+            plan,
+            data,
+            method=options.calibration,
+            activation_type=options.activation_type,
+            batch_size=options.batch_size,
+            limit=options.calibration_samples,
+        )
+        if cache is not None:
+            cache.calibration = calibration
     params = calib.activation_params(plan, calibration, options.activation_type)
-    sqnr = calib.activation_sqnr(
-        model, plan, params, data, batch_size=options.batch_size, limit=128
-    )
+    keys = {g: (g, float(params[g].scale), int(params[g].zero_point)) for g in groups}
+    if cache is not None and all(k in cache.sqnr for k in keys.values()):
+        sqnr = {g: cache.sqnr[k] for g, k in keys.items()}
+    else:
+        sqnr = calib.activation_sqnr(
+            model, plan, params, data, batch_size=options.batch_size, limit=128
+        )
+        if cache is not None:
+            cache.sqnr.update({keys[g]: v for g, v in sqnr.items() if g in keys})
     input_names = {id(wp.node): wp.node.inputs[0].name for wp in plan.weights}
+    reduce_range = cpu.reduce_range(options.target_cpu)
     codes, gptq_report = {}, None
     if options.gptq:
         codes, gptq_report = gptq_codes(
-            reference, plan, data, input_names, batch_size=options.batch_size
+            reference, plan, data, batch_size=options.batch_size, reduce_range=reduce_range
         )
-    result = InsertQdqPass(plan, params, codes)(model)
-    report: dict[str, Any] = {"mode": "static"}
+    result = InsertQdqPass(plan, params, codes, reduce_range=reduce_range)(model)
+    report: dict[str, Any] = {"mode": "static", "cpu": cpu.describe(options.target_cpu)}
     tensors = []
     for name, act in plan.activations.items():
         p = params[name]
@@ -271,13 +346,15 @@ def quantize_static(
             }
         )
     report["plan"] = plan.to_json()
+    if as_gemm:
+        report["plan"]["matmul_bias_as_gemm"] = as_gemm
     if gone:
         report["plan"]["excluded_but_fused_away"] = gone
     report["tensors"] = tensors
     report["calibration"] = {
         "method": calibration.method,
         "samples": calibration.samples,
-        "tensors": len(calibration.ranges),
+        "tensors": len(groups),
         "observer_bytes": calibration.observer_bytes,
         "activation_type": options.activation_type,
     }
@@ -288,30 +365,19 @@ def quantize_static(
             reference, model, plan, data, input_names, batch_size=options.batch_size
         )
     report["seconds"] = round(time.perf_counter() - started, 3)
-    report["_plan"] = plan
     if check:
         report["check"] = self_check(reference, model, check_data or data, options)
-    return model, report
+    return Built(model, report, plan)
 
 
 def self_check(
     reference: ir.Model, candidate: ir.Model, data: DataSource, options: QuantizeOptions
 ) -> dict[str, Any]:
-    """Run both models on ``data`` and count onnxruntime's fused kernels in the candidate."""
-    from onnxcomp import bench
-    from onnxcomp.quantize.auto import measure_drop
-
-    drop, metric, comparison = measure_drop(reference, candidate, data, options)
-    out: dict[str, Any] = {
-        "data": data.name,
-        "comparison": comparison,
-        "drop": drop,
-        "drop_metric": metric,
-    }
-    try:
-        out["graph"] = bench.graph_report(candidate, threads=options.threads, label="quantized")
-    except OnnxcompError as err:
-        out["graph"] = {"unavailable": str(err)}
+    """Run both models on ``data`` (the verdict holds the drop against ``--max-drop``, or its
+    default) and count onnxruntime's fused kernels in the candidate."""
+    verdict, comparison = auto.make_judge(reference, data, options, options.max_drop)(candidate)
+    out = auto.check_report(verdict, comparison)
+    out["graph"] = _graph_or_reason(candidate, options)
     return out
 
 
@@ -328,6 +394,7 @@ def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.
         their = DynamicQuantizeOptions(
             op_types=[op for op in defaults.op_types if op not in options.exclude_ops],
             per_channel=options.per_channel,
+            target_cpu=options.target_cpu,
             keep_float=list(options.exclude_nodes),
             bias_correction=(
                 defaults.bias_correction
@@ -335,6 +402,7 @@ def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.
                 else options.bias_correction
             ),
             calibration_samples=options.calibration_samples or defaults.calibration_samples,
+            form="contrib" if options.contrib_ops else "onnx",
         )
         return DynamicQuantizePass(their, data=data)
     from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
@@ -349,6 +417,7 @@ def _other_pass(options: QuantizeOptions, data: DataSource | None) -> ir.passes.
         op_types=[op for op in defaults.op_types if op not in options.exclude_ops],
         keep_float=list(options.exclude_nodes),
         calibration_samples=options.calibration_samples or defaults.calibration_samples,
+        form="contrib" if options.contrib_ops else "onnx",
     )
     their.check("quantize")
     return WeightOnlyQuantizePass(their, data=data)
@@ -361,9 +430,10 @@ def quantize_other(
     check_data: DataSource | None = None,
     reference: ir.Model | None = None,
     check: bool = True,
-) -> tuple[ir.Model, dict[str, Any]]:
-    """Dynamic or weight-only quantization through the other developer's passes."""
-    reference = reference if reference is not None else model_io.copy_model(model)
+) -> Built:
+    """Dynamic or weight-only quantization through their passes (in place)."""
+    if check and reference is None:
+        reference = model_io.copy_model(model)
     pass_ = _other_pass(options, data)
     started = time.perf_counter()
     model, step = run_pass(pass_, model, f"quantize ({options.mode})")
@@ -375,9 +445,9 @@ def quantize_other(
     source = check_data or data
     if check:
         if source is None:
-            source = _random_source(reference, options)
+            source = random_source(reference, options)
         report["check"] = self_check(reference, model, source, options)
-    return model, report
+    return Built(model, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +464,18 @@ def quantize(
     data: calibration samples (an .npz path or a DataSource); static needs it, auto uses it.
     eval_data: where ``max_drop`` and the self-check are measured (default: ``data``).
     """
+    built = quantize_built(model, options, data, eval_data)
+    return built.model, built.report
+
+
+def quantize_built(
+    model: ir.Model,
+    options: QuantizeOptions | None = None,
+    data: DataSource | str | os.PathLike | None = None,
+    eval_data: DataSource | str | os.PathLike | None = None,
+) -> Built:
+    """:func:`quantize`, keeping the quantization plan (``.plan``, static only) beside the
+    model and report."""
     options = dataclasses.replace(options) if options is not None else QuantizeOptions()
     options.check()
     data = _open(data if data is not None else options.data, model, "--data")
@@ -406,46 +488,71 @@ def quantize(
     if options.metric == "accuracy" and (judge is None or not judge.has_labels):
         where = judge.name if judge is not None else "random inputs"
         raise OnnxcompError(f"--metric accuracy: {where} has no 'labels' array to score against")
+    load_metric(options.metric)  # a bad module:function fails here, before any work
     if options.mode == "static" and data is None and not options.allow_random_calibration:
         raise OnnxcompError(
             "--mode static needs --data: activation ranges calibrated on random inputs are "
             "meaningless for real inputs (pass --allow-random-calibration to do it anyway)"
         )
-    unknown = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
-    if unknown:
-        raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
+    input_names = {n.name for n in model.graph}
     original_opset = model_io.opset(model)
     if options.mode == "static":
         model = inputs.static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
     original = model_io.copy_model(model) if options.mode == "auto" else None
     model, prep = prepare(model, options, data or eval_data)
+    # Names may be the input's, or the cleaned graph's (a recipe replaying auto's fallback).
+    unknown = sorted(set(options.exclude_nodes) - input_names - {n.name for n in model.graph})
+    if unknown:
+        raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     reference = model_io.copy_model(model)
+    cache = CalibrationCache()
+
+    def build_static(opts: QuantizeOptions, target: ir.Model) -> Built:
+        return quantize_static(
+            target, opts, calib_data, reference=reference, check=False, cache=cache
+        )
+
+    def build_other(opts: QuantizeOptions, target: ir.Model) -> Built:
+        return quantize_other(target, opts, data, reference=reference, check=False)
+
+    builders = auto.Builders(static=build_static, other=build_other)
+    calib_data = data if data is not None else random_source(model, options)
     if options.mode == "auto":
-        from onnxcomp.quantize import auto
-
-        model, report = auto.quantize_auto(model, options, data, eval_data, reference, original)
+        built = auto.quantize_auto(
+            model, options, data, eval_data, reference, original, builders,
+            judge_data=judge if judge is not None else random_source(reference, options),
+        )  # fmt: skip
+    elif options.mode == "static" and options.max_drop is not None:
+        judge_ = auto.make_judge(reference, eval_data or calib_data, options, options.max_drop)
+        candidate = auto.static_candidate(builders, options, reference)
+        built, verdict = auto.within_budget(candidate, judge_, first=None)
+        if not verdict.passed:
+            auto.raise_budget(verdict)
+        built.report["check"]["graph"] = _graph_or_reason(built.model, options)
     elif options.mode == "static":
-        calib_data = data if data is not None else _random_source(model, options)
-        if options.max_drop is not None:
-            from onnxcomp.quantize import auto
-
-            model, report = auto.static_within_budget(
-                model, options, calib_data, eval_data or calib_data, reference
-            )
-        else:
-            model, report = quantize_static(
-                model, options, calib_data, check_data=eval_data, reference=reference
-            )
+        built = quantize_static(
+            model, options, calib_data, check_data=eval_data, reference=reference, cache=cache
+        )
     else:
-        model, report = quantize_other(model, options, data, eval_data, reference)
-    report.pop("_plan", None)
-    report = {
+        built = quantize_other(model, options, data, eval_data, reference)
+    built.report = {
         "requested_mode": options.mode,
-        **report,
+        **built.report,
         "prepare": prep,
         "opset_input": original_opset,
     }
-    return model, report
+    # Latencies and checks in this report were measured on this machine's integer-kernel path.
+    built.report.setdefault("cpu", cpu.describe(options.target_cpu))
+    return built
+
+
+def _graph_or_reason(model: ir.Model, options: QuantizeOptions) -> dict[str, Any]:
+    from onnxcomp import bench
+
+    try:
+        return bench.graph_report(model, threads=options.threads, label="quantized")
+    except OnnxcompError as err:
+        return {"unavailable": str(err)}
 
 
 class QuantizePass(ir.passes.FunctionalPass):
@@ -466,6 +573,41 @@ class QuantizePass(ir.passes.FunctionalPass):
 register(
     "quantize", QuantizeOptions, help="int8 quantization: auto, static QDQ, dynamic or weight-only"
 )(lambda options, context: QuantizePass(options, context))
+
+
+def _register_modes() -> None:
+    """The dynamic and weight-only passes as recipe steps of their own, every option of theirs
+    reachable (``quantize`` maps only the options the modes share)."""
+    from onnxcomp.quantize.dynamic import DynamicQuantizeOptions, DynamicQuantizePass
+    from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
+
+    register("quantize-dynamic", DynamicQuantizeOptions, help="dynamic int8 (MatMul, Gemm)")(
+        lambda options, context: DynamicQuantizePass(options, data=context.data)
+    )
+    register("quantize-weight-only", WeightOnlyOptions, help="int4/int8 weight-only blocks")(
+        lambda options, context: _WeightOnlyStep(options, context)
+    )
+
+
+class _WeightOnlyStep(ir.passes.FunctionalPass):
+    """The recipe step ``quantize-weight-only``: upgrades the opset first when the standard form
+    needs it (blocked DequantizeLinear, opset 21), as `quantize` does, then runs the pass."""
+
+    def __init__(self, options: Any, context: Context):
+        super().__init__()
+        self.options = options
+        self.context = context
+
+    def call(self, model: ir.Model) -> Result:
+        from onnxcomp.quantize.weight_only import STANDARD_OPSET, WeightOnlyQuantizePass
+
+        model = model_io.copy_model(model)
+        if self.options.form == "onnx":
+            model = model_io.ensure_opset(model, STANDARD_OPSET, "blocked DequantizeLinear")
+        return WeightOnlyQuantizePass(self.options, data=self.context.data)(model)
+
+
+_register_modes()
 
 
 def parse(values: dict[str, Any], where: str = "quantize") -> QuantizeOptions:

@@ -1,12 +1,18 @@
 """``--mode auto``: quantize the ways that could pay, measure each in onnxruntime, keep the best.
 
-Candidates are the fp32 model itself, static QDQ (when there are calibration samples) and dynamic
-quantization (when the model has MatMul/Gemm weights and the dynamic pass is installed). Each is
-run on the evaluation data against fp32 (the drop: accuracy drop with labels, else 1 - top-1
-agreement, else 1 - cosine) and timed interleaved with fp32 at one thread. A candidate over the
-drop budget first gets its most sensitive layers (lowest SQNR of weight, input or output against
-fp32) put back to float, a few more each round, until it fits. The fastest candidate within budget
-that is faster than fp32 wins; when none is, the model stays float and the report says why.
+Candidates are the fp32 model itself, static QDQ (when there are calibration samples), dynamic
+quantization (when the model has MatMul/Gemm weights) and the cleaned-up fp32 graph (when the
+clean-up rewrote ops). Each is judged on the evaluation data against fp32 (the drop: a user
+metric, else accuracy drop with labels, else 1 - top-1 agreement, per position for sequence
+scores, else 1 - cosine) and timed interleaved with fp32 at one thread, only as long as their
+order is in doubt (`onnxcomp.search`). A static candidate over the drop budget that would still
+be the fastest gets its most sensitive layers (lowest SQNR of weight, input or output against
+fp32) put back to float, the number found by bisection. The fastest candidate within budget that
+is faster than fp32 wins; when the best two are within noise they are timed again, and the
+decision records the margin. When none is faster, the model stays float and the report says why.
+
+This module builds nothing itself: the quantize entry point (`onnxcomp.quantize.api`) hands it
+the build functions (:class:`Builders`), so neither imports the other back.
 """
 
 from __future__ import annotations
@@ -14,99 +20,79 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
+from onnxcomp import search
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.evaluate import (  # noqa: F401  (re-exported: the budgets' historical home)
+    DEFAULT_COSINE_DROP,
+    DEFAULT_MAX_DROP,
+    Comparison,
+    Verdict,
+    default_budget,
+)
+from onnxcomp.search import Built
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_DROP = 0.01  # without --max-drop: 1 point of accuracy or of top-1 agreement
-DEFAULT_COSINE_DROP = 0.005  # ... or a mean cosine of 0.995 to fp32 (embeddings, features)
 FASTER = 0.97  # a candidate must take at most this fraction of fp32's time to count as faster
-MAX_FALLBACK_ROUNDS = 6
+MAX_FALLBACK_BUILDS = 12  # bisection over the sensitivity order: about 2 log2(layers) builds
+# At most this many layers back to float (as the 1, 2, 4, ... 32 rounds before): past that the
+# static model has given back most of what made it faster.
+MAX_FALLBACK_LAYERS = 32
 
 
-def _api():
-    from onnxcomp.quantize import api
-
-    return api
+class BudgetError(OnnxcompError):
+    """The result misses ``--max-drop``; the CLI exits 1 and saves nothing."""
 
 
-def measure(
-    reference: ir.Model, candidates: dict[str, ir.Model], data: DataSource | None, options
-) -> dict[str, dict[str, Any]]:
-    """Latency (p50 at ``options.threads``, interleaved with fp32) and kernel counts of each."""
-    from onnxcomp import bench
-
-    names = ["float", *candidates]
-    models = [reference, *candidates.values()]
-    result = bench.benchmark(
-        models,
-        threads=options.threads,
-        runs=100,
-        warmup=10,
-        data=data,
-        shapes=options.shapes or None,
-        memory=False,
-        graph=True,
-        names=names,
+def raise_budget(verdict: Verdict) -> None:
+    raise BudgetError(
+        f"--max-drop {verdict.budget}: the best static result loses {verdict.drop:.4f} "
+        f"({verdict.metric}) even with its most sensitive layers in float; nothing saved"
     )
-    out = {}
-    for r in result.models:
-        graph = r.graph or {}
-        out[r.name] = {
-            "latency_ms": r.p50_ms,
-            "ratio_to_float": r.ratio_p50,
-            "integer_kernels": graph.get("integer_kernels"),
-            "islands": graph.get("islands"),
-        }
-    return out
 
 
-def resolve_metric(comparison, metric: str) -> str:
-    """The drop metric ``auto`` stands for on this data (see ``Comparison.metric``)."""
-    return comparison.metric(metric)
+@dataclasses.dataclass
+class Builders:
+    """How to build each mode from a prepared fp32 model (consumed in place)."""
+
+    static: Callable[[Any, ir.Model], Built]  # (options, model) -> static QDQ, plan attached
+    other: Callable[[Any, ir.Model], Built]  # (options with mode dynamic/weight-only, model)
 
 
-def drop_of(comparison, metric: str) -> tuple[float, str]:
-    """(drop, metric name) of a Comparison: accuracy drop, 1 - top-1 agreement, or 1 - the
-    lowest mean cosine over the outputs."""
-    return comparison.drop(metric), comparison.drop_metric(metric)
-
-
-def default_budget(metric_name: str) -> float:
-    """The drop accepted without --max-drop: 0.01 of accuracy or top-1, 0.005 of cosine."""
-    return DEFAULT_COSINE_DROP if metric_name == "1 - cosine" else DEFAULT_MAX_DROP
-
-
-def measure_drop(
-    reference: ir.Model, candidate: ir.Model, data: DataSource, options
-) -> tuple[float, str, dict]:
-    """Run both models on ``data``: (drop, metric name, the comparison as JSON)."""
-    from onnxcomp.validate import compare
-
-    comparison = compare(
+def make_judge(reference: ir.Model, data: DataSource, options, budget: float | None):
+    return search.Judge(
         reference,
-        candidate,
         data,
+        metric=options.metric,
+        max_drop=budget,
         batch_size=options.batch_size,
         limit=options.check_samples,
         threads=options.threads,
     )
-    drop, metric = drop_of(comparison, options.metric)
-    payload = comparison.to_json()
-    payload["drop"], payload["drop_metric"] = drop, metric
-    return drop, metric, payload
 
 
-def sensitivity(report: dict[str, Any]) -> list[tuple[str, float]]:
+def check_report(verdict: Verdict, comparison: Comparison) -> dict[str, Any]:
+    """The ``check`` section of a report: the comparison, and the verdict."""
+    return {
+        "data": comparison.data,
+        "comparison": comparison.to_json(),
+        "drop": verdict.drop,
+        "drop_metric": verdict.metric,
+        "verdict": verdict.to_json(),
+    }
+
+
+def sensitivity(built: Built) -> list[tuple[str, float]]:
     """Quantized weighted nodes, most sensitive first: (node name, lowest SQNR in dB of its weight,
     its input and its output tensors)."""
-    plan = report["_plan"]
+    plan, report = built.plan, built.report
     by_tensor = {t["tensor"]: t.get("sqnr_db") for t in report["tensors"]}
     scores = []
     for wp in plan.weights:
@@ -126,77 +112,64 @@ def sensitivity(report: dict[str, Any]) -> list[tuple[str, float]]:
     return scores
 
 
-def static_within_budget(
-    model: ir.Model,
-    options,
-    calib_data: DataSource,
-    eval_data: DataSource,
-    reference: ir.Model,
-    budget: float | None = None,
-    max_rounds: int = MAX_FALLBACK_ROUNDS,
-) -> tuple[ir.Model, dict[str, Any]]:
-    """Static QDQ; while the drop on ``eval_data`` exceeds the budget, put the most sensitive
-    layers back to float (1, 2, 4, ... of them, at most ``max_rounds`` times) and quantize again."""
-    api = _api()
-    budget = options.max_drop if budget is None else budget
-    base = model_io.copy_model(model)
-    candidate, report = api.quantize_static(
-        model, options, calib_data, reference=reference, check=False
-    )
-    drop, metric, comparison = measure_drop(reference, candidate, eval_data, options)
-    if budget is None:
-        budget = default_budget(metric)
-    history = [{"float_layers": [], "drop": drop}]
-    ranking = sensitivity(report)
-    count = 1
-    fallback: list[str] = []
-    rounds = 0
-    while budget is not None and drop > budget and rounds < max_rounds and count <= len(ranking):
-        rounds += 1
-        fallback = [name for name, _ in ranking[:count]]
-        opts = dataclasses.replace(options, exclude_nodes=[*options.exclude_nodes, *fallback])
-        candidate, report = api.quantize_static(
-            model_io.copy_model(base), opts, calib_data, reference=reference, check=False
+def static_candidate(builders: Builders, options, prepared: ir.Model) -> search.Candidate:
+    """Static QDQ of a copy of ``prepared``, falling back by putting its most sensitive layers
+    back to float."""
+
+    def build() -> Built:
+        return builders.static(options, model_io.copy_model(prepared))
+
+    def fallback(built: Built) -> search.Fallback:
+        def rebuild(names: list[str]) -> Built:
+            opts = dataclasses.replace(options, exclude_nodes=[*options.exclude_nodes, *names])
+            return builders.static(opts, model_io.copy_model(prepared))
+
+        return search.Fallback(sensitivity(built), rebuild)
+
+    return search.Candidate("static", build, fallback)
+
+
+def within_budget(
+    candidate: search.Candidate,
+    judge: search.Judge,
+    first: tuple[Built, Verdict, Comparison] | None = None,
+) -> tuple[Built, Verdict]:
+    """Build ``candidate`` (or take ``first``, built and judged) and, while it misses the
+    judge's budget, fall back by bisection. The result's report gets ``budget`` (rounds,
+    layers put back) and ``check``."""
+    if first is None:
+        built = candidate.build()
+        verdict, comparison = judge(built.model)
+    else:
+        built, verdict, comparison = first
+    result = search.FallbackResult(built, verdict, comparison, [], [])
+    if not verdict.passed and candidate.fallback is not None:
+        result = search.bisect_fallback(
+            candidate.fallback(built),
+            judge,
+            (built, verdict, comparison),
+            max_builds=MAX_FALLBACK_BUILDS,
+            max_count=MAX_FALLBACK_LAYERS,
         )
-        drop, metric, comparison = measure_drop(reference, candidate, eval_data, options)
-        history.append({"float_layers": fallback, "drop": drop})
-        count *= 2
+    order = dict(sensitivity(built)) if built.plan is not None else {}
+    report = result.built.report
     report["budget"] = {
-        "max_drop": budget,
-        "drop": drop,
-        "drop_metric": metric,
-        "within_budget": budget is None or drop <= budget,
+        "max_drop": result.verdict.budget,
+        "drop": result.verdict.drop,
+        "drop_metric": result.verdict.metric,
+        "within_budget": result.verdict.passed,
         "fallback_to_float": [
             {
                 "node": name,
-                "sqnr_db": s,
+                "sqnr_db": order.get(name),
                 "reason": "most sensitive layer (lowest SQNR), put back to float to meet the drop budget",
             }
-            for name, s in ranking
-            if name in fallback
+            for name in result.left_alone
         ],
-        "rounds": history,
+        "rounds": result.history or [{"float_layers": [], "drop": verdict.drop}],
     }
-    report["check"] = {
-        "data": eval_data.name,
-        "comparison": comparison,
-        "drop": drop,
-        "drop_metric": metric,
-    }
-    if budget is not None and drop > budget and options.mode == "static":
-        raise_budget(drop, budget, metric)
-    return candidate, report
-
-
-def raise_budget(drop: float, budget: float, metric: str) -> None:
-    raise BudgetError(
-        f"--max-drop {budget}: the best static result loses {drop:.4f} ({metric}) even with its most "
-        "sensitive layers in float; nothing saved"
-    )
-
-
-class BudgetError(OnnxcompError):
-    """The result misses ``--max-drop``; the CLI exits 1 and saves nothing."""
+    report["check"] = check_report(result.verdict, result.comparison)
+    return result.built, result.verdict
 
 
 def _has_weighted_matmul(model: ir.Model) -> bool:
@@ -216,148 +189,207 @@ def _op_counts(model: ir.Model) -> dict[str, int]:
     return counts
 
 
+def _graph_counts(model: ir.Model, name: str) -> dict[str, Any]:
+    from onnxcomp import bench
+
+    try:
+        graph = bench.graph_report(model, label=name)
+    except OnnxcompError as err:
+        logger.info("%s: optimized graph not inspected (%s)", name, err)
+        return {"integer_kernels": None, "islands": None}
+    return {"integer_kernels": graph.get("integer_kernels"), "islands": graph.get("islands")}
+
+
 def quantize_auto(
     model: ir.Model,
     options,
     data: DataSource | None,
     eval_data: DataSource | None,
     reference: ir.Model,
-    original: ir.Model | None = None,
-) -> tuple[ir.Model, dict[str, Any]]:
+    original: ir.Model,
+    builders: Builders,
+    judge_data: DataSource,
+) -> Built:
     """Try static and dynamic, measure drop and latency against fp32, keep the best (or float).
 
-    model/reference: the prepared graph (quantized in place / kept as fp32 reference);
-    original: the user's model, the baseline for latency and drop and what "float" returns.
+    model/reference: the prepared graph (``model`` consumed by the last build, ``reference``
+    kept as the fp32 reference); original: the user's model, the baseline for latency and drop
+    and what "float" returns; judge_data: where the drop is measured.
     """
-    api = _api()
-    original = original if original is not None else reference
-    budget = options.max_drop  # None: the default for the metric, once the metric is known
-    judge = eval_data or data
-    if judge is None:
-        judge = api._random_source(reference, options)
-    candidates: dict[str, ir.Model] = {}
-    reports: dict[str, dict[str, Any]] = {}
+    budget = options.max_drop
+    judge = make_judge(original, judge_data, options, budget)
+    timing_data = eval_data or data
+    candidates: list[search.Candidate] = []
     skipped: dict[str, str] = {}
     static_opts = dataclasses.replace(options, mode="auto")
     if data is not None:
-        logger.info("auto: building the static candidate")
-        try:
-            # All layers int8 first: putting layers back to float only makes it slower, so that
-            # search runs only if the all-int8 model is faster than every candidate that fits.
-            candidates["static"], reports["static"] = static_within_budget(
-                model_io.copy_model(model), static_opts, data, judge, original, budget, max_rounds=0
-            )
-        except OnnxcompError as err:
-            skipped["static"] = str(err)
+        candidates.append(static_candidate(builders, static_opts, reference))
     else:
         skipped["static"] = "no calibration data (--data): activation ranges cannot be calibrated"
     if _has_weighted_matmul(model):
-        logger.info("auto: building the dynamic candidate")
-        try:
-            dyn_opts = dataclasses.replace(options, mode="dynamic")
-            candidates["dynamic"], reports["dynamic"] = api.quantize_other(
-                model_io.copy_model(model), dyn_opts, data, judge, reference, check=False
-            )
-        except OnnxcompError as err:
-            skipped["dynamic"] = str(err)
+        dyn_opts = dataclasses.replace(options, mode="dynamic")
+        # the last build: it may consume the prepared model itself, no copy
+        candidates.append(search.Candidate("dynamic", lambda: builders.other(dyn_opts, model)))
     else:
         skipped["dynamic"] = (
             "no MatMul/Gemm weights (dynamic quantization of Conv runs as slow ConvInteger)"
         )
-
-    if (
-        options.optimize
-        and original is not reference
-        and _op_counts(original) != _op_counts(reference)
-    ):
+    if options.optimize and _op_counts(original) != _op_counts(reference):
         # The cleaned-up fp32 graph (checked by optimize against the input) is a candidate too:
         # where no quantization pays, the clean-up alone may (fused hard-swish: 0.62x on layout).
-        candidates["optimized"], reports["optimized"] = reference, {"mode": "optimized"}
-    if candidates:
-        logger.info("auto: timing %s against float in onnxruntime", ", ".join(candidates))
-        timing = measure(original, candidates, eval_data or data, options)
-    else:
-        timing = {"float": {"latency_ms": None, "ratio_to_float": 1.0}}
-    table = [{"mode": "float", **timing["float"], "drop": 0.0, "within_budget": True}]
-    metric = None
-    for mode, cand in candidates.items():
-        rep = reports[mode]
-        if "budget" in rep:
-            drop = rep["budget"]["drop"]
-            metric = rep["budget"]["drop_metric"]
-        else:
-            drop, metric, comparison = measure_drop(original, cand, judge, options)
-            rep["check"] = {
-                "data": judge.name,
-                "comparison": comparison,
-                "drop": drop,
-                "drop_metric": metric,
-            }
-        if budget is None:
-            budget = default_budget(metric)
-        table.append({"mode": mode, **timing[mode], "drop": drop, "drop_metric": metric})
-    for row in table[1:]:
-        row["within_budget"] = row["drop"] <= budget
-    static_row = next((row for row in table if row["mode"] == "static"), None)
-    if static_row is not None and not static_row["within_budget"]:
-        fits = [r["ratio_to_float"] for r in table[1:] if r["within_budget"]]
-        target = min([FASTER, *fits])
-        if static_row["ratio_to_float"] < target:
-            cand, rep = static_within_budget(
-                model_io.copy_model(model), static_opts, data, judge, original, budget
-            )
-            candidates["static"], reports["static"] = cand, rep
-            static_row.update(
-                measure(original, {"static": cand}, eval_data or data, options)["static"]
-            )
-            static_row["drop"] = rep["budget"]["drop"]
-            static_row["within_budget"] = static_row["drop"] <= budget
-            static_row["float_layers"] = len(rep["budget"]["fallback_to_float"])
-        else:
-            static_row["note"] = (
-                f"layers not put back to float: even all-int8 it takes "
-                f"{static_row['ratio_to_float']:.2f}x fp32, not under {target:.2f}x"
-            )
-    eligible = [
-        row for row in table[1:] if row["within_budget"] and row["ratio_to_float"] <= FASTER
-    ]
-    if eligible:
-        best = min(eligible, key=lambda row: row["ratio_to_float"])
-        chosen = best["mode"]
-        why = (
-            f"{chosen}: {best['ratio_to_float']:.2f}x fp32 latency, {best['drop_metric']} "
-            f"{best['drop']:.4f} within {budget} on {judge.name}"
+        candidates.append(
+            search.Candidate("optimized", lambda: Built(reference, {"mode": "optimized"}))
         )
-        result_model, report = candidates[chosen], reports[chosen]
+
+    built: dict[str, Built] = {}
+    verdicts: dict[str, Verdict] = {}
+    comparisons: dict[str, Comparison] = {}
+    by_name = {c.name: c for c in candidates}
+    for cand in candidates:
+        logger.info("auto: building the %s candidate", cand.name)
+        try:
+            result = cand.build()
+        except OnnxcompError as err:
+            skipped[cand.name] = str(err)
+            continue
+        verdict, comparison = judge(result.model)
+        result.report["check"] = check_report(verdict, comparison)
+        built[cand.name], verdicts[cand.name] = result, verdict
+        comparisons[cand.name] = comparison
+        logger.info("auto: %s: %s", cand.name, verdict.reason)
+    metric = next(iter(verdicts.values())).metric if verdicts else None
+    if budget is None and metric is not None:
+        budget = default_budget(metric)
+
+    timings: dict[str, search.Timing] = {}
+    if built:
+        logger.info("auto: timing %s against float in onnxruntime", ", ".join(built))
+        timings = search.time_candidates(
+            original,
+            {n: b.model for n, b in built.items()},
+            data=timing_data,
+            shapes=options.shapes or None,
+            threads=options.threads,
+            threshold=FASTER,
+            # over the budget: only the static candidate can still be rescued by its fallback
+            ignore=[n for n, v in verdicts.items() if not v.passed and n != "static"],
+            bar_only=[n for n, v in verdicts.items() if not v.passed and n == "static"],
+        )
+    notes: dict[str, str] = {}
+    float_layers: dict[str, int] = {}
+    static = verdicts.get("static")
+    if static is not None and not static.passed:
+        fits = [timings[n].ratio for n, v in verdicts.items() if v.passed]
+        target = min([FASTER, *fits])
+        ratio = timings["static"].ratio
+        if ratio < target:
+            # All layers int8 first: putting layers back to float only makes it slower, so the
+            # fallback runs only if the all-int8 model is faster than every candidate that fits.
+            result, verdicts["static"] = within_budget(
+                by_name["static"], judge, first=(built["static"], static, comparisons["static"])
+            )
+            built["static"] = result
+            float_layers["static"] = len(result.report["budget"]["fallback_to_float"])
+            timings.update(
+                search.time_candidates(
+                    original,
+                    {"static": result.model},
+                    data=timing_data,
+                    shapes=options.shapes or None,
+                    threads=options.threads,
+                    threshold=FASTER,
+                )
+            )
+            timings.pop("float", None)
+        else:
+            notes["static"] = (
+                f"layers not put back to float: even all-int8 it takes {ratio:.2f}x fp32, "
+                f"not under {target:.2f}x"
+            )
+
+    def rank(t) -> list[str]:
+        eligible = [n for n in built if verdicts[n].passed and t[n].ratio <= FASTER]
+        return sorted(eligible, key=lambda n: t[n].ratio) + ["float"]
+
+    decision = search.Decision("float", None, None, False, False)
+    if built:
+        decision = search.remeasure_if_close(
+            original,
+            {n: b.model for n, b in built.items()},
+            timings,
+            rank,
+            threshold=FASTER,
+            data=timing_data,
+            shapes=options.shapes or None,
+            threads=options.threads,
+        )
+    table = [
+        {
+            "mode": "float",
+            "latency_ms": timings["float"].latency_ms if "float" in timings else None,
+            "ratio_to_float": 1.0,
+            **_graph_counts(original, "float"),
+            "drop": 0.0,
+            "within_budget": True,
+        }
+    ]
+    for name, result in built.items():
+        row = {
+            "mode": name,
+            **timings[name].to_json(),
+            **_graph_counts(result.model, name),
+            "drop": verdicts[name].drop,
+            "drop_metric": verdicts[name].metric,
+            "within_budget": verdicts[name].passed,
+        }
+        if name in notes:
+            row["note"] = notes[name]
+        if name in float_layers:
+            row["float_layers"] = float_layers[name]
+        table.append(row)
+
+    chosen = decision.chosen
+    if chosen != "float":
+        best = timings[chosen]
+        v = verdicts[chosen]
+        why = (
+            f"{chosen}: {best.ratio:.2f}x fp32 latency, {v.metric} "
+            f"{v.drop:.4f} within {budget} on {judge_data.name}"
+        )
+        result = built[chosen]
         try:
             from onnxcomp import bench
 
-            report.setdefault("check", {})["graph"] = bench.graph_report(result_model, label=chosen)
+            result.report.setdefault("check", {})["graph"] = bench.graph_report(
+                result.model, label=chosen
+            )
         except OnnxcompError as err:
-            report.setdefault("check", {})["graph"] = {"unavailable": str(err)}
+            result.report.setdefault("check", {})["graph"] = {"unavailable": str(err)}
     else:
-        chosen = "float"
         reasons = []
-        for row in table[1:]:
-            if not row["within_budget"]:
+        for name in built:
+            if not verdicts[name].passed:
                 reasons.append(
-                    f"{row['mode']} loses {row['drop']:.4f} {row['drop_metric']} (> {budget})"
+                    f"{name} loses {verdicts[name].drop:.4f} {verdicts[name].metric} (> {budget})"
                 )
             else:
-                reasons.append(f"{row['mode']} is not faster ({row['ratio_to_float']:.2f}x fp32)")
+                reasons.append(f"{name} is not faster ({timings[name].ratio:.2f}x fp32)")
         reasons += [f"{mode} skipped: {why}" for mode, why in skipped.items()]
         why = "kept float (the input model, unchanged): " + "; ".join(reasons)
-        result_model = original
-        report = {"mode": "float"}
-    report["auto"] = {
+        result = Built(original, {"mode": "float"})
+    if decision.within_noise:
+        against = "the runner-up" if decision.runner_up not in (None, "float") else "the bar"
+        why += f" (within timing noise of {against}: --recipe-out pins the choice)"
+    result.report["auto"] = {
         "chosen": chosen,
         "why": why,
         "max_drop": budget,
         "metric": metric,
         "candidates": table,
         "skipped": skipped,
+        "decision": decision.to_json(),
     }
-    report["mode"] = chosen
+    result.report["mode"] = chosen
     if chosen in ("float", "optimized"):
-        report.pop("_plan", None)
-    return result_model, report
+        result.plan = None
+    return result

@@ -1,6 +1,6 @@
 """Calibration: stream the planned activation tensors through observers, batch by batch.
 
-`runtime.capture` yields one batch of the wanted tensors at a time; each is folded into its
+`onnxcomp.capture` streams one batch of the wanted tensors at a time; each is folded into its
 observer (running min/max or a fixed-size histogram) and dropped, so memory does not grow with the
 number of samples. `activation_sqnr` makes a second streaming pass to measure how much each
 quantized tensor loses (signal-to-quantization-noise ratio against fp32).
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import runtime
-from onnxcomp.data import Batch, DataSource
+from onnxcomp import capture
+from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.observers import make_observer
@@ -44,38 +43,6 @@ def _observer(method: str, activation_type: str):
     return make_observer(method)
 
 
-# One batch of captured tensors may hold at most this much; a bigger first batch makes the stream
-# restart with fewer samples per batch (a BERT layer stack asks for ~100 tensors per sample).
-CAPTURE_BUDGET_BYTES = 256 << 20
-
-
-def stream(
-    model: ir.Model, names: list[str], data: DataSource, *, batch_size: int, limit: int | None
-) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
-    """`runtime.capture`, with the batch size lowered when one batch of the named tensors would
-    exceed `CAPTURE_BUDGET_BYTES`, so memory stays bounded by the budget, not by the model."""
-    while True:
-        batches = runtime.capture(model, names, data, batch_size=batch_size, limit=limit)
-        first = next(batches, None)
-        if first is None:
-            return
-        nbytes = sum(a.nbytes for a in first[1].values())
-        if nbytes <= CAPTURE_BUDGET_BYTES or len(first[0]) <= 1:
-            break
-        per_sample = nbytes / len(first[0])
-        smaller = max(1, int(CAPTURE_BUDGET_BYTES // per_sample))
-        logger.info(
-            "capture: %d MB per batch of %d; batches of %d instead",
-            nbytes >> 20,
-            len(first[0]),
-            smaller,
-        )
-        del first, batches
-        batch_size = smaller
-    yield first
-    yield from batches
-
-
 def calibrate(
     model: ir.Model,
     plan: QuantPlan,
@@ -93,13 +60,12 @@ def calibrate(
     if not groups:
         return Calibration({}, 0, method)
     observers = {name: _observer(method, activation_type) for name in groups}
-    samples = 0
-    for batch, tensors in stream(model, list(groups), data, batch_size=batch_size, limit=limit):
-        samples += len(batch)
-        for name, array in tensors.items():
-            observers[name].update(array)
-    if samples == 0:
-        raise OnnxcompError(f"{data.name}: no samples to calibrate on")
+    try:
+        samples = capture.accumulate(model, observers, data, batch_size=batch_size, limit=limit)
+    except OnnxcompError as err:
+        if "no samples" in str(err):
+            raise OnnxcompError(f"{data.name}: no samples to calibrate on") from None
+        raise
     ranges = {}
     for name, obs in observers.items():
         try:
@@ -160,21 +126,10 @@ def activation_sqnr(
     groups = plan.groups()
     if not groups:
         return {}
-    signal = dict.fromkeys(groups, 0.0)
-    noise = dict.fromkeys(groups, 0.0)
-    for _, tensors in stream(model, list(groups), data, batch_size=batch_size, limit=limit):
-        for name, array in tensors.items():
-            ref = np.asarray(array, np.float32)
-            approx = schemes.dequantize(schemes.quantize(ref, params[name]), params[name])
-            ref64 = ref.astype(np.float64)
-            signal[name] += float(np.sum(ref64 * ref64))
-            noise[name] += float(np.sum((ref64 - approx) ** 2))
-    out = {}
-    for name in groups:
-        if noise[name] == 0:
-            out[name] = math.inf
-        elif signal[name] == 0:
-            out[name] = -math.inf
-        else:
-            out[name] = 10 * math.log10(signal[name] / noise[name])
-    return out
+
+    def round_trip(p: schemes.QuantParams):
+        return lambda ref: schemes.dequantize(schemes.quantize(ref, p), p)
+
+    sqnr = {name: capture.SignalToNoise(round_trip(params[name])) for name in groups}
+    capture.accumulate(model, sqnr, data, batch_size=batch_size, limit=limit)
+    return {name: acc.compute() for name, acc in sqnr.items()}

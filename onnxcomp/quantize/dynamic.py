@@ -1,17 +1,21 @@
 """Dynamic int8 quantization of MatMul and Gemm: weights quantized offline, activations at run time.
 
-Each MatMul / Gemm whose weight is a constant ``[K, N]`` becomes the integer kernel onnxruntime's CPU provider runs
-for dynamic quantization:
+Each MatMul / Gemm whose weight is a constant ``[K, N]`` becomes, by default (``form="onnx"``), the standard-ONNX
+chain ``DynamicQuantizeLinear(x)`` (shared by every MatMul reading ``x``) -> ``MatMulInteger`` -> ``Cast`` -> ``Mul``
+(activation scale x weight scales) -> ``Add`` (bias), which every ONNX runtime reads and which onnxruntime's optimizer
+fuses into the same kernels as the contrib form (measured on paraphrase-MiniLM-L3: 9 ``DynamicQuantizeMatMul`` and 9
+``MatMulIntegerToFloat`` after optimization in both forms, latency equal within noise).
 
-- ``com.microsoft.DynamicQuantizeMatMul(x, W_int8, w_scale, w_zero_point, bias)`` when ``x`` feeds one quantized
-  MatMul;
-- one ``DynamicQuantizeLinear(x)`` shared by several ``com.microsoft.MatMulIntegerToFloat`` when it feeds several
-  (the query/key/value projections of an attention block).
+``form="contrib"`` (``--contrib-ops``) writes those onnxruntime ``com.microsoft`` kernels directly:
 
-These are the ops onnxruntime's own optimizer fuses ``quantize_dynamic``'s DynamicQuantizeLinear + MatMulInteger +
-Cast + Mul + Add chains into; writing them directly makes the speed independent of the fusion. ``form="onnx"`` writes
-the unfused standard-ONNX chain instead (DynamicQuantizeLinear, MatMulInteger, Cast, Mul, Add), for runtimes without
-the contrib ops. A bias Add that follows the MatMul is folded into the kernel.
+- ``DynamicQuantizeMatMul(x, W_int8, w_scale, w_zero_point, bias)`` when ``x`` feeds one quantized MatMul;
+- one ``DynamicQuantizeLinear(x)`` shared by several ``MatMulIntegerToFloat`` when it feeds several (the
+  query/key/value projections of an attention block);
+
+and, with calibration data, two things standard ONNX below opset 21 cannot say: layers that need int8 activations
+scaled per token and block run as ``MatMulNBits`` 8-bit (in the standard form they stay float, with the reason in
+the report), and embedding tables become ``GatherBlockQuantized`` (in the standard form: an int8 table with one
+scale per row, ``Gather`` -> ``Cast`` -> ``Mul``). A bias Add that follows the MatMul is folded into the kernel.
 
 Weights are symmetric int8 with one scale per output column. Activations are uint8 with a per-tensor range computed
 at run time, the error that dominates on transformers: with calibration data the pass measures each layer's output
@@ -40,9 +44,16 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import capture, cpu
 from onnxcomp import model as model_io
-from onnxcomp import runtime
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import (
+    add_initializer,
+    drop_unused_initializers,
+    replace_uses,
+    strip_inferred_shapes,
+)
+from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes, smooth
 from onnxcomp.quantize.weight_only import (
@@ -50,7 +61,7 @@ from onnxcomp.quantize.weight_only import (
     match_embedding,
     matmul_nbits_node,
     rewrite_gather,
-    split_by_budget,
+    rewrite_gather_standard,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,8 +79,11 @@ class DynamicQuantizeOptions:
     Attributes:
         op_types: ops to quantize; "Conv" only when listed (it becomes ConvInteger, slow on CPU).
         per_channel: one weight scale per output column (else one per tensor).
-        reduce_range: 7-bit weights ([-64, 64]); only needed on CPUs without AVX-512 VNNI / AVX-VNNI.
-        form: "contrib": onnxruntime's fused kernels; "onnx": standard ops only.
+        target_cpu: the CPU the model will run on (see onnxcomp.cpu): "any" (default) writes 7-bit weights
+            ([-64, 64]) that onnxruntime's u8s8 kernels run exactly on every x86 path; "vnni", "arm64" (or
+            "auto" on such a machine) take full-range int8 weights.
+        form: "onnx" (default): standard ONNX ops only, which onnxruntime fuses into its integer kernels;
+            "contrib": onnxruntime's com.microsoft kernels written directly (``--contrib-ops``).
         keep_float: node names to leave float.
         min_sqnr_db: with data, layers whose output SQNR on the data (per-tensor or, for block-wise layers,
             block-wise) stays below this are kept float (0: none).
@@ -78,10 +92,10 @@ class DynamicQuantizeOptions:
         smooth: with data, try SmoothQuant on each group of MatMuls sharing an input and keep what helps.
         smooth_alphas: migration strengths tried; the best output SQNR wins (0 = no smoothing).
         bias_correction: with data, add the mean output error of each quantized layer to its bias.
-        blockwise: with data and the contrib form, layers whose simulated output SQNR gains at least
-            ``blockwise_gain_db`` from int8 activations scaled per token and block (instead of per tensor) run as
-            MatMulNBits 8-bit with accuracy_level 4: the FFN down-projections of transformers, whose inputs have
-            outliers that per-tensor scales cannot hold and smoothing cannot reach.
+        blockwise: with data, layers whose simulated output SQNR gains at least ``blockwise_gain_db`` from int8
+            activations scaled per token and block (instead of per tensor) run as MatMulNBits 8-bit with
+            accuracy_level 4 in the contrib form, and stay float in the standard form: the FFN down-projections of
+            transformers, whose inputs have outliers that per-tensor scales cannot hold and smoothing cannot reach.
         blockwise_gain_db: the gain (dB) that earns a layer the block-wise kernel.
         blockwise_max_sqnr_db: only layers whose per-tensor output SQNR on the data is below this run block-wise
             (0: no limit). MatMulNBits 8-bit runs at half the speed of DynamicQuantizeMatMul (MiniLM's
@@ -89,8 +103,9 @@ class DynamicQuantizeOptions:
             per-tensor scales ruin: on MiniLM one layer at 16.5 dB; the four others that gain 6 dB are at 22-34 dB
             and would cost 0.03 of fp32's latency for 0.9987 -> 0.9992 mean cosine.
         blockwise_block_size: block size along K of the block-wise layers (weights and activations).
-        embeddings: Gathers of constant tables (token, position embeddings) become GatherBlockQuantized with
-            8-bit blocks along the hidden axis: a quarter of the size, no measurable error (contrib form only).
+        embeddings: Gathers of constant tables (token, position embeddings) are stored 8-bit: a quarter of the
+            size, no measurable error (contrib form: GatherBlockQuantized with blocks along the hidden axis;
+            standard form: an int8 table with one scale per row, Gather -> Cast -> Mul).
         calibration_samples: samples of the data used for the measurements.
         keep_shapes: keep the inferred shapes of intermediate values; by default they are dropped when the graph
             has a residual Add feeding a LayerNormalization, so that onnxruntime does not fuse the pair into its
@@ -99,8 +114,8 @@ class DynamicQuantizeOptions:
 
     op_types: list[str] = dataclasses.field(default_factory=lambda: ["MatMul", "Gemm"])
     per_channel: bool = True
-    reduce_range: bool = False
-    form: Literal["contrib", "onnx"] = "contrib"
+    target_cpu: str = "any"
+    form: Literal["contrib", "onnx"] = "onnx"
     keep_float: list[str] = dataclasses.field(default_factory=list)
     min_sqnr_db: float = 0.0
     max_float_layers: int = 0
@@ -115,7 +130,13 @@ class DynamicQuantizeOptions:
     calibration_samples: int = 64
     keep_shapes: bool = False
 
+    @property
+    def reduce_range(self) -> bool:
+        """7-bit weights, unless the target CPU's int8 kernels accumulate in int32."""
+        return cpu.reduce_range(self.target_cpu)
+
     def check(self, where: str = "dynamic quantization") -> None:
+        cpu.resolve(self.target_cpu)
         for op in self.op_types:
             if op not in SUPPORTED_OPS:
                 raise OnnxcompError(
@@ -151,19 +172,16 @@ class _Match:
 
     name: str
     op_type: str
-    x: ir.Value
     w: np.ndarray  # (K, N) float32, Gemm's transB and alpha applied
     bias: np.ndarray | None  # (N,) float32
     nodes: list[ir.Node]
     output: ir.Value
     conv: ir.Node | None = None  # for Conv: the original node (attributes are copied)
 
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant array if it is an initializer the user cannot override, else None."""
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
+    @property
+    def x(self) -> ir.Value:
+        """The input as the graph holds it now: rewriting the layer before renames its output."""
+        return self.nodes[0].inputs[0]
 
 
 def _is_float32(value: ir.Value) -> bool:
@@ -203,7 +221,7 @@ def _match_matmul(node: ir.Node) -> _Match | str:
     if fold is not None:
         add, bias, output = fold
         nodes.append(add)
-    return _Match(node.name or "", "MatMul", x, w, bias, nodes, output)
+    return _Match(node.name or "", "MatMul", w, bias, nodes, output)
 
 
 def _match_gemm(node: ir.Node) -> _Match | str:
@@ -211,7 +229,7 @@ def _match_gemm(node: ir.Node) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(node.name or "", "Gemm", node.inputs[0], w, bias, [node], node.outputs[0])
+    return _Match(node.name or "", "Gemm", w, bias, [node], node.outputs[0])
 
 
 def _match_conv(node: ir.Node) -> _Match | str:
@@ -225,9 +243,7 @@ def _match_conv(node: ir.Node) -> _Match | str:
         bias = _const(node.inputs[2])
         if bias is None:
             return "bias is computed at run time"
-    return _Match(
-        node.name or "", "Conv", node.inputs[0], w, bias, [node], node.outputs[0], conv=node
-    )
+    return _Match(node.name or "", "Conv", w, bias, [node], node.outputs[0], conv=node)
 
 
 # op type -> rule; a rule returns a match or the reason the node stays float.
@@ -254,6 +270,7 @@ class _Layer:
     smooth_scale: np.ndarray | None = None  # (K,) SmoothQuant factors s: x / s, s * w
     blockwise_sqnr_db: float | None = None  # simulated output SQNR with per-block int8 activations
     blockwise_reason: str | None = None  # set when the layer runs as MatMulNBits
+    shares_weight_with: str | None = None  # the layer whose int8 weight this one reads
     new_output: ir.Value | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -275,6 +292,8 @@ class _Layer:
             entry["bias_corrected"] = True
         if self.blockwise_sqnr_db is not None:
             entry["blockwise_sqnr_db"] = _round(self.blockwise_sqnr_db)
+        if self.shares_weight_with:
+            entry["shares_weight_with"] = self.shares_weight_with
         if self.float_reason or self.blockwise_reason:
             entry["reason"] = self.float_reason or self.blockwise_reason
         return entry
@@ -341,6 +360,7 @@ class _GroupStats:
         self.blockwise_weights = []
 
     def observe_error(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float32)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (tokens, K)
         refs = [x2 @ lay.match.w for lay in self.layers]  # (tokens, N) each
@@ -413,7 +433,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         if quantized:
             self._rewrite(model, quantized)
         embeddings = []
-        if opts.embeddings and opts.form == "contrib":
+        if opts.embeddings:
             embeddings = self._quantize_embeddings(model, skipped)
         shapes_dropped = 0
         if (quantized or embeddings) and not opts.keep_shapes:
@@ -425,6 +445,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             "form": opts.form,
             "per_channel": opts.per_channel,
             "reduce_range": opts.reduce_range,
+            "cpu": cpu.describe(opts.target_cpu),
             "shapes_dropped": shapes_dropped,
             **calibration,
             "layers": [lay.to_json() for lay in layers],
@@ -456,15 +477,20 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             hidden = shape[-1] if len(shape) == 2 else 0
             block = next((b for b in (128, 64, 32, 16) if hidden and hidden % b == 0), 128)
             match = match_embedding(node, block)
+            if not isinstance(match, str):
+                match = schemes.nonfinite_reason(match.w) or match
             if isinstance(match, str):
                 skipped.append({"node": name, "op": "Gather", "reason": match})
             else:
                 plan.append((match, block))
         entries = []
         for match, block in plan:
-            entry, _ = rewrite_gather(model.graph, match, 8, block, True)
+            if self.options.form == "contrib":
+                entry, _ = rewrite_gather(model.graph, match, 8, block, True)
+            else:
+                entry, _ = rewrite_gather_standard(model.graph, match)
             entries.append(entry)
-        if entries:
+        if entries and self.options.form == "contrib":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return entries
 
@@ -484,6 +510,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             if id(node) in claimed:
                 continue
             match = RULES[node.op_type](node)
+            if not isinstance(match, str):
+                match = schemes.nonfinite_reason(match.w) or match
             if isinstance(match, str):
                 skipped.append({"node": name, "op": node.op_type, "reason": match})
                 continue
@@ -534,27 +562,25 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in layers:
             by_input.setdefault(lay.match.x.name, []).append(lay)
         alphas = sorted(set([0.0] + (list(opts.smooth_alphas) if opts.smooth else [])))
-        block = opts.blockwise_block_size if opts.blockwise and opts.form == "contrib" else None
+        block = opts.blockwise_block_size if opts.blockwise else None
         for name, group in by_input.items():
             eligible = block if all(lay.match.op_type == "MatMul" for lay in group) else None
             groups[name] = _GroupStats(group, alphas, eligible)
         limit = opts.calibration_samples
         # The candidate weights of every group are held while the data streams by: groups are taken in chunks
         # that fit CALIBRATION_MEMORY_BYTES, each chunk with its own two runs over the data.
-        chunks = split_by_budget(
+        chunks = capture.split_by_budget(
             list(groups),
             lambda name: (len(alphas) + 1) * sum(lay.match.w.size * 4 for lay in by_input[name]),
             CALIBRATION_MEMORY_BYTES,
         )
         for names in chunks:
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_range(x)
+            ranges = {name: capture.Each(groups[name].observe_range) for name in names}
+            capture.accumulate(model, ranges, data, limit=limit)
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    groups[name].observe_error(np.asarray(x, np.float32))
+            errors = {name: capture.Each(groups[name].observe_error) for name in names}
+            capture.accumulate(model, errors, data, limit=limit)
             for name in names:
                 groups[name].release()
         smoothed = blockwise = 0
@@ -577,12 +603,18 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                         not opts.blockwise_max_sqnr_db
                         or lay.output_sqnr_db < opts.blockwise_max_sqnr_db
                     )
-                    if gain >= opts.blockwise_gain_db and poor:
+                    if gain >= opts.blockwise_gain_db and poor and opts.form == "contrib":
                         blockwise += 1
                         lay.blockwise_reason = (
                             f"per-tensor output SQNR {lay.output_sqnr_db:.1f} dB, per-block int8 "
                             f"activations gain {gain:.1f} dB on the data: MatMulNBits 8-bit, block "
                             f"{stats.block_size}, accuracy_level 4"
+                        )
+                    elif gain >= opts.blockwise_gain_db and poor:
+                        lay.float_reason = (
+                            f"per-tensor output SQNR {lay.output_sqnr_db:.1f} dB on the data; per-block "
+                            f"int8 activations would gain {gain:.1f} dB, which needs MatMulNBits "
+                            "(--contrib-ops): kept float"
                         )
         return {
             "calibration": getattr(data, "name", "data"),
@@ -624,6 +656,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         ):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         self._order = {id(node): i for i, node in enumerate(graph)}
+        self._shared: dict[tuple, tuple] = {}
         groups: dict[tuple[int, float], list[_Layer]] = {}
         for lay in layers:
             groups.setdefault((id(lay.match.x), lay.smooth_alpha), []).append(lay)
@@ -631,15 +664,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             self._rewrite_group(graph, group)
 
     def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        base, n = name, 1
-        while name in graph.initializers:
-            name = f"{base}_{n}"
-            n += 1
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape = ir.Shape(array.shape)
-        value.dtype = ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(value)
-        return value
+        return add_initializer(graph, name, array)
 
     def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
         opts = self.options
@@ -679,19 +704,27 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             shared = dql.outputs
         for lay in per_tensor:
             m = lay.match
-            w = m.w * scale_vec[:, None] if scale_vec is not None else m.w
-            p = schemes.weight_params(
-                w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range
-            )
-            wq = schemes.quantize(w, p)  # (K, N) int8
-            # Of the weight actually quantized (smoothed: s * w).
-            lay.weight_sqnr_db = schemes.sqnr_db(w, schemes.dequantize(wq, p))
             name = m.name.replace("/", "_").strip("_") or "matmul"
-            w_q = self._initializer(graph, f"{name}_W_int8", wq)
-            w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
-            w_zp = self._initializer(
-                graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8)
-            )
+            # A weight read by several MatMuls is quantized once (unless smoothing scaled it for
+            # this reader's input): the later readers take the same int8 initializers.
+            key = _weight_key(m) if scale_vec is None else None
+            if key in self._shared:
+                lay.shares_weight_with, w_q, w_s, w_zp, lay.weight_sqnr_db = self._shared[key]
+            else:
+                w = m.w * scale_vec[:, None] if scale_vec is not None else m.w
+                p = schemes.weight_params(
+                    w, axis=1, per_channel=opts.per_channel, reduce_range=opts.reduce_range
+                )
+                wq = schemes.quantize(w, p)  # (K, N) int8
+                # Of the weight actually quantized (smoothed: s * w).
+                lay.weight_sqnr_db = schemes.sqnr_db(w, schemes.dequantize(wq, p))
+                w_q = self._initializer(graph, f"{name}_W_int8", wq)
+                w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
+                w_zp = self._initializer(
+                    graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8)
+                )
+                if key is not None:
+                    self._shared[key] = (m.name, w_q, w_s, w_zp, lay.weight_sqnr_db)
             bias = m.bias
             if lay.bias_delta is not None:
                 bias = (bias if bias is not None else 0.0) + lay.bias_delta
@@ -762,17 +795,25 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     ) -> None:
         graph.insert_before(anchor, new_nodes)
         for lay in group:
-            old, new = lay.match.output, lay.new_output
-            new.name, old_name = old.name, old.name
-            old.name = f"{old_name}__float"
-            new.name = old_name
-            new.shape, new.type = old.shape, old.type
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            replace_uses(lay.match.output, lay.new_output, old_suffix="__float", take_name=True)
         for lay in group:
             inputs = [v for node in lay.match.nodes for v in node.inputs]
             for node in reversed(lay.match.nodes):
                 graph.remove(node, safe=True)
-            _drop_unused(graph, inputs)
+            drop_unused_initializers(graph, inputs)
+
+
+def _weight_key(match: _Match) -> tuple:
+    """Layers with equal keys compute with the same ``[K, N]`` weight: one initializer, seen
+    through the same Gemm attributes."""
+    node = match.nodes[0]
+    attrs = node.attributes
+    view = (
+        (attrs.get_int("transB", 0), attrs.get_float("alpha", 1.0))
+        if node.op_type == "Gemm"
+        else ()
+    )
+    return (id(node.inputs[1]), node.op_type, view)
 
 
 def _residual_layernorms(graph: ir.Graph) -> list[ir.Node]:
@@ -800,13 +841,7 @@ def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
     """
     if not _residual_layernorms(graph):
         return 0
-    outputs = {id(v) for v in graph.outputs}
-    dropped = 0
-    for node in graph:
-        for value in node.outputs:
-            if value.shape is not None and id(value) not in outputs:
-                value.shape = None
-                dropped += 1
+    dropped = strip_inferred_shapes(graph, types=False)
     if dropped:
         logger.info(
             "dropped the inferred shapes of %d values: with them onnxruntime fuses residual Add + "
@@ -814,15 +849,6 @@ def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
             dropped,
         )
     return dropped
-
-
-def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove initializers the rewrite left without readers (the float weights and biases)."""
-    for value in values:
-        if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        if value.name in graph.initializers and graph.initializers[value.name] is value:
-            del graph.initializers[value.name]
 
 
 def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:

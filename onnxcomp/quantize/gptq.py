@@ -1,4 +1,6 @@
-"""Layer-wise quantization solvers on plain arrays: GPTQ, its Hessian, bias correction.
+"""GPTQ rounding on plain arrays: the layer-wise quantization solver.
+
+Hessians, the damped inverse and the layer-by-layer driver are in `onnxcomp.layerwise`.
 
 Layout: a linear layer is ``y = W x`` with ``W: (out_features, in_features)`` and inputs
 ``x: (samples, in_features)`` (the PyTorch / Gemm(transB=1) convention). For an ONNX MatMul weight
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.layerwise import inverse_cholesky_upper
 from onnxcomp.quantize.schemes import (
     INT8,
     QuantParams,
@@ -29,70 +32,6 @@ logger = logging.getLogger(__name__)
 ColumnQuantizer = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
-class HessianAccumulator:
-    """Running ``H = 2 X^T X / n`` of a layer's inputs (and their mean), memory O(in_features^2).
-
-    The Hessian of the layer-wise objective ``||W X - W_q X||^2`` (Frantar et al., GPTQ, 2022, Sec.
-    3). Rows with NaN or inf are dropped and counted in ``dropped_rows``.
-    """
-
-    def __init__(self, in_features: int | None = None):
-        self.in_features = in_features
-        self.n_samples = 0
-        self.dropped_rows = 0
-        self._h: np.ndarray | None = None  # (in, in) float64
-        self._sum: np.ndarray | None = None  # (in,) float64
-
-    def update(self, x: np.ndarray) -> None:
-        """Add inputs ``x: (..., in_features)``; leading axes are samples (batch, tokens, ...)."""
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 0:
-            raise OnnxcompError(
-                "HessianAccumulator.update needs inputs of shape (samples, in_features)"
-            )
-        if self.in_features is None:
-            self.in_features = int(x.shape[-1])
-        if x.shape[-1] != self.in_features:
-            raise OnnxcompError(f"inputs have {x.shape[-1]} features, expected {self.in_features}")
-        x = x.reshape(-1, self.in_features)  # (samples, in)
-        ok = np.all(np.isfinite(x), axis=1)
-        if not np.all(ok):
-            self.dropped_rows += int(np.count_nonzero(~ok))
-            x = x[ok]
-        m = x.shape[0]
-        if m == 0:
-            return
-        if self._h is None:
-            self._h = np.zeros((self.in_features, self.in_features), dtype=np.float64)
-            self._sum = np.zeros(self.in_features, dtype=np.float64)
-        total = self.n_samples + m
-        # Running average keeps H at the scale of one sample whatever the count.
-        self._h *= self.n_samples / total
-        self._h += (2.0 / total) * (x.T @ x)
-        self._sum += x.sum(axis=0)
-        self.n_samples = total
-
-    @property
-    def H(self) -> np.ndarray:  # noqa: N802 (the usual name)
-        """``2 X^T X / n``, (in_features, in_features) float64."""
-        if self._h is None:
-            raise OnnxcompError("HessianAccumulator: no inputs seen")
-        return self._h
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Mean input ``E[x]``, (in_features,) float64: what `bias_correction` needs."""
-        if self._sum is None:
-            raise OnnxcompError("HessianAccumulator: no inputs seen")
-        return self._sum / self.n_samples
-
-    @property
-    def nbytes(self) -> int:
-        if self._h is None or self._sum is None:
-            return 0
-        return self._h.nbytes + self._sum.nbytes
-
-
 @dataclasses.dataclass
 class GptqResult:
     """What `gptq_quantize` returns. Shapes use W's layout (out_features, in_features)."""
@@ -103,29 +42,6 @@ class GptqResult:
     scale: np.ndarray | None
     zero_point: np.ndarray | None  # same shape as scale
     loss: float  # GPTQ's objective estimate: sum over columns of (w - q)^2 / (2 [H^-1]_jj)
-
-
-def _inverse_hessian_upper(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of ``(H + damp * mean(diag H) I)^-1 = U^T U``.
-
-    The damping grows tenfold (up to 5 times) while H is not positive definite.
-    """
-    n = h.shape[0]
-    mean_diag = float(np.mean(np.diag(h)))
-    for attempt in range(6):
-        d = damp * (10.0**attempt) * mean_diag
-        try:
-            low = np.linalg.cholesky(h + d * np.eye(n))  # H = L L^T
-            low_inv = np.linalg.inv(low)
-            h_inv = low_inv.T @ low_inv
-            return np.linalg.cholesky(h_inv).T  # upper: H^-1 = U^T U
-        except np.linalg.LinAlgError:
-            logger.warning(
-                "GPTQ: Hessian not positive definite with damp=%g; increasing damping", d
-            )
-    raise OnnxcompError(
-        "GPTQ: Hessian is not positive definite even with strong damping (check inputs)"
-    )
 
 
 def gptq_quantize(
@@ -149,7 +65,7 @@ def gptq_quantize(
 
     Args:
         W: float weight, (out_features, in_features).
-        H: ``2 X^T X / n``, (in_features, in_features), from `HessianAccumulator`.
+        H: ``2 X^T X / n``, (in_features, in_features), from `layerwise.HessianAccumulator`.
         quantizer: the grid. None: per output channel (``dtype``, ``symmetric``) computed from W, or
             per group of ``group_size`` input columns (MatMulNBits blocks after transposing). A
             `QuantParams`: per tensor, or per channel with ``axis=0`` and ``out`` scales. A callable
@@ -174,6 +90,7 @@ def gptq_quantize(
         )
     out_f, in_f = w.shape
     qt = quant_type(dtype)
+    code_range = (qt.qmin, qt.qmax)
 
     dead = np.diag(h) == 0  # inputs that are always 0: any value works, use 0
     h[dead, dead] = 1.0
@@ -191,6 +108,7 @@ def gptq_quantize(
         column_fn = None
         if isinstance(quantizer, QuantParams):
             qt = quantizer.dtype
+            code_range = quantizer.code_range
             if quantizer.axis not in (None, 0) or (
                 quantizer.axis == 0 and quantizer.scale.shape != (out_f,)
             ):
@@ -224,7 +142,7 @@ def gptq_quantize(
 
     w = w[:, perm]
     h = h[np.ix_(perm, perm)]
-    u = _inverse_hessian_upper(h, damp)  # (in, in) upper, in permuted order
+    u = inverse_cholesky_upper(h, damp)  # (in, in) upper, in permuted order
 
     codes = np.zeros((out_f, in_f), dtype=np.int64)  # permuted order
     deq = np.zeros((out_f, in_f), dtype=np.float64)
@@ -255,7 +173,7 @@ def gptq_quantize(
                         s, z = result_scale[:, g], result_zero[:, g]
                 else:
                     s, z = scale, zero
-                q, wq = _round_column(col, s, z, qt.qmin, qt.qmax)
+                q, wq = _round_column(col, s, z, *code_range)
             codes[:, i1 + i] = q
             deq[:, i1 + i] = wq
             d = u1[i, i]
@@ -288,36 +206,3 @@ def _round_column(
     # exactly DequantizeLinear's float32 result
     wq = ((q - z).astype(np.float32) * s).astype(np.float64)
     return q, wq
-
-
-def bias_correction(
-    W_fp: np.ndarray,  # noqa: N803
-    W_q: np.ndarray,  # noqa: N803
-    mean_input: np.ndarray,
-) -> np.ndarray:
-    """Bias delta ``(W_fp - W_q) E[x]``, (out,), that restores the mean output of a quantized layer.
-
-    Added to the layer's bias it makes ``E[W_q x + b]`` equal ``E[W_fp x + b]`` (empirical bias
-    correction, Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias
-    Correction", ICCV 2019, Sec. 4.2).
-
-    Args:
-        W_fp, W_q: (out_features, in_features) float and dequantized weights.
-        mean_input: (in_features,) mean of the layer's inputs (`HessianAccumulator.mean`).
-    """
-    w_fp = np.asarray(W_fp, dtype=np.float64)
-    w_q = np.asarray(W_q, dtype=np.float64)
-    mu = np.asarray(mean_input, dtype=np.float64).reshape(-1)
-    if w_fp.shape != w_q.shape or w_fp.ndim != 2 or mu.shape != (w_fp.shape[1],):
-        raise OnnxcompError(
-            f"bias_correction needs W_fp, W_q (out, in) and mean_input (in,); "
-            f"got {w_fp.shape}, {w_q.shape}, "
-            f"{mu.shape}"
-        )
-    return ((w_fp - w_q) @ mu).astype(np.float32)  # (out,)
-
-
-def reconstruction_error(W: np.ndarray, W_q: np.ndarray, H: np.ndarray) -> float:  # noqa: N803
-    """Mean output error per sample ``E||(W - W_q) x||^2 = tr(dW H dW^T) / 2``, H = 2 X^T X / n."""
-    dw = np.asarray(W, dtype=np.float64) - np.asarray(W_q, dtype=np.float64)  # (out, in)
-    return float(np.einsum("oi,ij,oj->", dw, np.asarray(H, dtype=np.float64), dw) / 2.0)

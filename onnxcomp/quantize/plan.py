@@ -27,22 +27,18 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import ops
+from onnxcomp.graph import const as _const
+
 Role = Literal["weighted", "elementwise", "concat", "unary", "passthrough", "activation", "float"]
 
 FLOAT_TYPES = (ir.DataType.FLOAT,)
 
 
-def _conv_axis(node: ir.Node) -> int:
-    return 0  # weight (M, C/group, k...): output channels first
-
-
-def _gemm_axis(node: ir.Node) -> int:
-    trans_b = node.attributes.get_int("transB", 0)
-    return 0 if trans_b else 1  # B: (N, K) when transposed, else (K, N)
-
-
-def _matmul_axis(node: ir.Node) -> int:
-    return 1  # B: (K, N), one scale per output column
+def _weight_axis(node: ir.Node) -> int:
+    """The weight axis of the output channels (ops.WEIGHTED); MatMul weights here are (K, N)."""
+    axis = ops.WEIGHTED[node.op_type].out_axis(node)
+    return axis % 2 if axis < 0 else axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +66,9 @@ def _rules(*rules: OpRule) -> dict[str, OpRule]:
 
 
 OP_TABLE: dict[str, OpRule] = _rules(
-    OpRule("Conv", "weighted", "QLinearConv", 1, (0,), _conv_axis, 2),
-    OpRule("Gemm", "weighted", "QGemm", 1, (0,), _gemm_axis, 2),
-    OpRule("MatMul", "weighted", "QLinearMatMul / MatMulIntegerToFloat", 1, (0,), _matmul_axis),
+    OpRule("Conv", "weighted", "QLinearConv", 1, (0,), _weight_axis, 2),
+    OpRule("Gemm", "weighted", "QGemm", 1, (0,), _weight_axis, 2),
+    OpRule("MatMul", "weighted", "QLinearMatMul / MatMulIntegerToFloat", 1, (0,), _weight_axis),
     OpRule(
         "ConvTranspose",
         "float",
@@ -175,14 +171,6 @@ class QuantPlan:
         }
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    if value.is_graph_input():
-        return None  # an initializer the caller may override at run time is not a constant
-    return value.const_value.numpy()
-
-
 def _is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in FLOAT_TYPES
 
@@ -255,6 +243,59 @@ def _weight_problem(node: ir.Node, rule: OpRule) -> str | None:
         if bias is not None and _const(bias) is None:
             return "bias is computed at run time"
     return None
+
+
+def matmul_bias_as_gemm(model: ir.Model) -> list[str]:
+    """Rewrite ``Add(MatMul(x, W), b)`` with a 2-D ``x``, a constant ``W: [K, N]`` and a constant per-column ``b``
+    as ``Gemm(x, W, b)`` (the same numbers); returns the names of the MatMuls rewritten.
+
+    TensorFlow exports (tf2onnx) write Dense layers this way. onnxruntime fuses such a pair into a Gemm itself, before
+    its QDQ fusions: the quantized MatMul then runs as DequantizeLinear + float Gemm (an island), whereas a Gemm
+    written with an int32 bias behind DequantizeLinear becomes QGemm. Inputs of rank 3 and up are left alone:
+    onnxruntime keeps them MatMul (MatMulIntegerToFloat, bias Add after it).
+    """
+    done = []
+    plan = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, w = node.inputs[0], _const(node.inputs[1])
+        if w is None or w.ndim != 2 or w.dtype != np.float32:
+            continue
+        if x is None or x.shape is None or len(x.shape) != 2 or not _is_float(x):
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output():
+            continue
+        add, idx = uses[0].node, uses[0].idx
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        bias = _const(add.inputs[1 - idx])
+        n = w.shape[1]
+        if bias is None or bias.dtype != np.float32 or bias.size != n or bias.shape[-1:] != (n,):
+            continue
+        plan.append((node, add, bias.reshape(n)))
+    for node, add, bias in plan:
+        name = f"{node.name or 'MatMul'}_bias"
+        while name in model.graph.initializers:
+            name += "_"
+        b = ir.Value(name=name, const_value=ir.tensor(bias, name=name))
+        b.shape, b.dtype = ir.Shape([bias.shape[0]]), ir.DataType.FLOAT
+        model.graph.register_initializer(b)
+        gemm = ir.node("Gemm", [node.inputs[0], node.inputs[1], b], name=node.name)
+        model.graph.insert_before(node, gemm)
+        old = add.outputs[0]
+        gemm.outputs[0].name, old.name = old.name, f"{old.name}__matmul_add"
+        gemm.outputs[0].shape, gemm.outputs[0].type = old.shape, old.type
+        ir.convenience.replace_all_uses_with(old, gemm.outputs[0], replace_graph_outputs=True)
+        stale = [add.inputs[1 - i] for i in range(2) if add.inputs[i] is node.outputs[0]]
+        model.graph.remove([add, node], safe=True)
+        for value in stale:
+            if value is not None and not value.uses() and value.name in model.graph.initializers:
+                del model.graph.initializers[value.name]
+        done.append(node.name or "MatMul")
+    return done
 
 
 def build_plan(

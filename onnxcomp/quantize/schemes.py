@@ -101,12 +101,20 @@ class QuantParams:
 
     scale: float32, shape () per tensor or (C,) per axis; zero_point: same shape, stored in
         ``dtype.storage``.
+    levels: the code interval [lo, hi] the grid was built for, when narrower than the type's
+        (7-bit weights: [-64, 64]); `quantize` and GPTQ never leave it. None: the type's full range.
     """
 
     scale: np.ndarray
     zero_point: np.ndarray
     dtype: QuantType
     axis: int | None = None
+    levels: tuple[int, int] | None = None
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The codes this grid may produce: ``levels``, else the type's full range."""
+        return self.levels if self.levels is not None else (self.dtype.qmin, self.dtype.qmax)
 
     def __post_init__(self) -> None:
         self.dtype = quant_type(self.dtype)
@@ -182,7 +190,8 @@ def params_from_range(
         raise OnnxcompError(
             f"per-channel ranges of shape {scale32.shape} need a 1-D range and an axis"
         )
-    return QuantParams(scale32, zero_point, qt, axis if scale32.ndim else None)
+    levels = _levels(qt, symmetric, reduce_range) if reduce_range else None
+    return QuantParams(scale32, zero_point, qt, axis if scale32.ndim else None, levels)
 
 
 def scale_zero_point(
@@ -281,8 +290,9 @@ def _broadcast(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
     """ONNX QuantizeLinear as onnxruntime computes it: ``saturate(rint(x / scale) + zero_point)``.
 
-    float32 division, round half to even, saturation to the full range of the type. NaN maps to the
-    zero point.
+    float32 division, round half to even, saturation to the full range of the type (or to the
+    grid's narrower ``levels``, which only weights use: they are stored as codes). NaN maps to
+    the zero point.
     """
     x = np.asarray(x, dtype=np.float32)
     scale, zp = _broadcast(params, x.ndim)
@@ -295,10 +305,11 @@ def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
             f"on axis {params.axis}"
         )
     qt = params.dtype
+    lo, hi = params.code_range
     with np.errstate(invalid="ignore", over="ignore"):
         r = np.rint(x / scale)  # float32, like MLAS
         # Clamp before adding the zero point, as MLAS does, so huge values cannot overflow the add.
-        r = np.clip(r, np.float32(qt.qmin) - zp, np.float32(qt.qmax) - zp)
+        r = np.clip(r, np.float32(lo) - zp, np.float32(hi) - zp)
     r = np.where(np.isnan(r), 0.0, r)
     return (r.astype(np.int32) + zp.astype(np.int32)).astype(qt.storage)
 
@@ -311,16 +322,50 @@ def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``"""
-    ref = np.asarray(reference, dtype=np.float64)
-    err = ref - np.asarray(approx, dtype=np.float64)
-    signal = float(np.sum(ref * ref))
-    noise = float(np.sum(err * err))
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum(ref^2) / sum((ref - approx)^2))``
+
+    Summed in float64 over chunks of the flattened arrays, so a large weight needs no float64 copy.
+    """
+    ref = np.ravel(np.asarray(reference))
+    other = np.ravel(np.broadcast_to(np.asarray(approx), np.shape(reference)))
+    signal = noise = 0.0
+    for start in range(0, max(ref.size, 1), _CHUNK):
+        r = ref[start : start + _CHUNK].astype(np.float64)
+        err = r - other[start : start + _CHUNK].astype(np.float64)
+        signal += float(np.dot(r, r))
+        noise += float(np.dot(err, err))
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def nonfinite_reason(w: np.ndarray) -> str | None:
+    """Why ``w`` cannot be quantized because of NaN or inf values (no code stands for them), or
+    None when every value is finite. Counted in chunks: a large weight needs no boolean copy."""
+    flat = np.ravel(np.asarray(w))
+    if not np.issubdtype(flat.dtype, np.floating):
+        return None
+    nan = inf = 0
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start : start + _CHUNK]
+        bad = ~np.isfinite(part)
+        if bad.any():
+            n_nan = int(np.count_nonzero(np.isnan(part)))
+            nan += n_nan
+            inf += int(np.count_nonzero(bad)) - n_nan
+    if not nan and not inf:
+        return None
+    found = " and ".join(
+        f"{count} {what}" for count, what in ((inf, "inf"), (nan, "NaN")) if count
+    )
+    return f"holds {found} of {flat.size} values, which no integer code can stand for: kept float"
+
+
+# Elements per chunk of the whole-weight numerics (sqnr_db, block-wise (de)quantization): 16 MB of
+# float32, so that temporaries stay small beside a large weight.
+_CHUNK = 1 << 22
 
 
 # --- block-wise weight-only quantization in MatMulNBits layout
@@ -423,11 +468,37 @@ def quantize_blockwise(
     Round-to-nearest; see `onnxcomp.quantize.gptq` for error-correcting rounding.
     """
     _check_blockwise(block_size, bits)
-    w = np.asarray(w, dtype=np.float32)
+    w = np.asarray(w)
     if w.ndim != 2:
         raise OnnxcompError(
             f"block-wise quantization needs a 2-D [K, N] weight, got shape {w.shape}"
         )
+    k, n = w.shape
+    # Columns are independent: a large weight is done a few columns at a time (the results are
+    # N-major, so the parts line up end to end).
+    step = max(1, _CHUNK // max(k, 1))
+    parts = [
+        _quantize_columns(w[:, a : a + step], block_size, bits, symmetric)
+        for a in range(0, n, step)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    zero_points = None if symmetric else np.concatenate([p.zero_points for p in parts])
+    return BlockwiseWeight(
+        np.concatenate([p.packed for p in parts]),
+        np.concatenate([p.scales for p in parts]),
+        zero_points,
+        k,
+        n,
+        bits,
+        block_size,
+    )
+
+
+def _quantize_columns(
+    w: np.ndarray, block_size: int, bits: int, symmetric: bool
+) -> BlockwiseWeight:
+    w = np.asarray(w, dtype=np.float32)
     if not np.all(np.isfinite(w)):
         raise OnnxcompError("weight contains NaN or inf")
     k, n = w.shape
@@ -455,11 +526,17 @@ def quantize_blockwise(
 def dequantize_blockwise(q: BlockwiseWeight) -> np.ndarray:
     """The float32 ``[K, N]`` weight a MatMulNBits node uses: ``(code - zero_point) * scale``."""
     n, nb, bs = q.N, q.n_blocks, q.block_size
-    codes = unpack_bits(q.packed, q.bits, bs).astype(np.int32)  # (N, n_blocks, block_size)
-    if q.zero_points is None:
-        zp = np.full((n, nb), 1 << (q.bits - 1), dtype=np.int32)
-    else:
-        zp = unpack_bits(q.zero_points.reshape(n, -1), q.bits, nb).astype(np.int32)  # (N, n_blocks)
-    scale = q.scales.reshape(n, nb, 1)
-    wt = (codes - zp[:, :, None]).astype(np.float32) * scale  # (N, n_blocks, block_size)
-    return np.ascontiguousarray(wt.reshape(n, -1)[:, : q.K].T)
+    out = np.empty((q.K, n), dtype=np.float32)
+    zp_all = None if q.zero_points is None else q.zero_points.reshape(n, -1)
+    scales = q.scales.reshape(n, nb, 1)
+    step = max(1, _CHUNK // max(nb * bs, 1))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        codes = unpack_bits(q.packed[a:b], q.bits, bs).astype(np.int32)  # (n', n_blocks, block)
+        if zp_all is None:
+            zp = np.full((b - a, nb), 1 << (q.bits - 1), dtype=np.int32)
+        else:
+            zp = unpack_bits(zp_all[a:b], q.bits, nb).astype(np.int32)  # (n', n_blocks)
+        wt = (codes - zp[:, :, None]).astype(np.float32) * scales[a:b]  # (n', n_blocks, block)
+        out[:, a:b] = wt.reshape(b - a, -1)[:, : q.K].T
+    return out

@@ -15,54 +15,31 @@ the fp32 and in the quantized model, and the difference is added to the layer's 
 
 `gptq_codes` (``--gptq``) picks the int8 codes of Conv, Gemm and MatMul weights by GPTQ instead of
 round-to-nearest, on the same per-channel grid; a Conv is seen as a linear layer on the im2col
-patches of its input (`conv_patches`), one Hessian per group.
+patches of its input (`layerwise.conv_patches`), one Hessian per group.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import capture, layerwise
 from onnxcomp.data import DataSource
+from onnxcomp.graph import NameSource as _Names
+from onnxcomp.graph import add_initializer
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes
-from onnxcomp.quantize.calibrate import stream
-from onnxcomp.quantize.plan import OP_TABLE, QuantPlan, WeightPlan
+from onnxcomp.quantize.plan import OP_TABLE, QuantPlan
 
 logger = logging.getLogger(__name__)
 
 
-class _Names:
-    """Fresh value/node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: ir.Graph):
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        for node in graph:
-            self.used.add(node.name)
-            self.used.update(v.name for v in node.outputs)
-
-    def __call__(self, base: str) -> str:
-        name, n = base, 0
-        while name in self.used:
-            n += 1
-            name = f"{base}_{n}"
-        self.used.add(name)
-        return name
-
-
 def _initializer(graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -> ir.Value:
-    name = names(base)
-    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
-    value.shape = ir.Shape(np.asarray(array).shape)
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, base, array, names)
 
 
 def _insert_after(graph: ir.Graph, value: ir.Value, new_nodes: list[ir.Node]) -> None:
@@ -82,13 +59,17 @@ class InsertQdqPass(ir.passes.InPlacePass):
         plan: QuantPlan,
         activation_params: Mapping[str, schemes.QuantParams],
         weight_codes: Mapping[int, np.ndarray] | None = None,
+        *,
+        reduce_range: bool = True,
     ):
         """weight_codes: id(node) -> int8 codes (the weight's layout) chosen by GPTQ, used
-        instead of round-to-nearest with the same per-channel scales."""
+        instead of round-to-nearest with the same per-channel scales.
+        reduce_range: 7-bit weights [-64, 64], exact on every x86 int8 path (see onnxcomp.cpu)."""
         super().__init__()
         self.plan = plan
         self.params = activation_params
         self.weight_codes = dict(weight_codes or {})
+        self.reduce_range = reduce_range
 
     def call(self, model: ir.Model) -> Result:
         graph = model.graph
@@ -98,8 +79,16 @@ class InsertQdqPass(ir.passes.InPlacePass):
         weights_report = self._weights(graph, names)
         pairs = 0
         group_inits: dict[str, tuple[ir.Value, ir.Value]] = {}
+        exact = {
+            act.group for act in self.plan.activations.values() if _cast_from_bool(act.value)
+        }
         for name, act in self.plan.activations.items():
             params = self.params[name]
+            if act.group in exact:
+                # 0/1 values: scale 1 holds them exactly, whatever range calibration saw.
+                params = schemes.QuantParams(1.0, 0, params.dtype)
+                if isinstance(self.params, dict):
+                    self.params[name] = params
             value = act.value
             if act.group not in group_inits:
                 group_inits[act.group] = (
@@ -109,12 +98,24 @@ class InsertQdqPass(ir.passes.InPlacePass):
             scale, zero_point = group_inits[act.group]
             uses = list(value.uses())
             q_out = ir.Value(name=names(f"{name}_quantized"))
-            q = ir.node(
-                "QuantizeLinear",
-                [value, scale, zero_point],
-                outputs=[q_out],
-                name=names(f"{name}_QuantizeLinear"),
-            )
+            cast = _cast_from_bool(value)
+            if cast is not None:
+                # A mask or one-hot cast from bool: cast it straight to the integer type instead of
+                # writing floats and quantizing them (magika's one-hot bytes: 2048 x 257 values a run).
+                q = ir.node(
+                    "Cast",
+                    [cast.inputs[0]],
+                    attributes={"to": _onnx_type(params)},
+                    outputs=[q_out],
+                    name=names(f"{name}_CastQuantized"),
+                )
+            else:
+                q = ir.node(
+                    "QuantizeLinear",
+                    [value, scale, zero_point],
+                    outputs=[q_out],
+                    name=names(f"{name}_QuantizeLinear"),
+                )
             new_nodes = [q]
 
             def make_dq(
@@ -182,7 +183,12 @@ class InsertQdqPass(ir.passes.InPlacePass):
             key = (id(wp.value), wp.axis)
             if key not in done:
                 w = wp.value.const_value.numpy().astype(np.float32)
-                params = schemes.weight_params(w, axis=wp.axis, per_channel=wp.axis is not None)
+                params = schemes.weight_params(
+                    w,
+                    axis=wp.axis,
+                    per_channel=wp.axis is not None,
+                    reduce_range=self.reduce_range,
+                )
                 q = self.weight_codes.get(id(wp.node))
                 if q is None:
                     q = schemes.quantize(w, params)
@@ -290,6 +296,23 @@ class InsertQdqPass(ir.passes.InPlacePass):
             graph.initializers.pop(bias.name, None)
 
 
+def _cast_from_bool(value: ir.Value) -> ir.Node | None:
+    """The Cast(bool -> float) that produces ``value``, if any: its 0/1 values are exact in int8 and uint8."""
+    node = value.producer()
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return None
+    source = node.inputs[0]
+    if source is None or source.dtype != ir.DataType.BOOL:
+        return None
+    if node.attributes.get_int("to", 0) != ir.DataType.FLOAT:
+        return None
+    return node
+
+
+def _onnx_type(params: schemes.QuantParams) -> ir.DataType:
+    return ir.DataType.from_numpy(np.dtype(params.zero_point.dtype))
+
+
 def done_weight_dq(node: ir.Node, rule) -> ir.Node:
     return node.inputs[rule.weight_input].producer()
 
@@ -305,183 +328,25 @@ def _bias_int32(b: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return q, scale
 
 
-# Patch rows one batch may add to a Conv's Hessian; more are sub-sampled (seeded). A batch of 32
-# ResNet stage-1 inputs has 32 x 32 x 32 = 32768 positions; 4096 of them already outnumber the
-# 288 = 32 x 3 x 3 features many times over, and the float64 patches stay under 40 MB.
-GPTQ_MAX_ROWS_PER_BATCH = 4096
-
-
-def conv_patches(
-    x: np.ndarray,
-    kernel: tuple[int, ...],
-    *,
-    strides: tuple[int, ...],
-    pads: tuple[int, ...],
-    dilations: tuple[int, ...],
-    groups: int = 1,
-    max_rows: int | None = None,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """im2col: the receptive field of each output position of a Conv, one row per position.
-
-    Args:
-        x: the Conv's input, (N, C, *spatial).
-        pads: ONNX order, all the begins then all the ends (``auto_pad`` already resolved).
-        max_rows: keep at most this many rows, drawn without replacement by ``rng`` (only those
-            rows are gathered, so memory follows ``max_rows``, not the output size).
-
-    Returns (rows, groups, C/groups * prod(kernel)): rows ordered (n, *out) and features ordered
-    (channel, *kernel) within a group, so that ``weight.reshape(M, -1) @ row`` is the output of
-    the weight's (M, C/g, *kernel) layout.
-    """
-    x = np.asarray(x)
-    dims = len(kernel)
-    n, c = x.shape[:2]
-    half = len(pads) // 2
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + half]) for i in range(dims)])
-    reach = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilations))
-    spatial = tuple(range(2, 2 + dims))
-    # A view: (N, C, *positions, *reach), strided down to (N, C, *out, *kernel); nothing copied.
-    windows = np.lib.stride_tricks.sliding_window_view(xp, reach, axis=spatial)
-    windows = windows[
-        (slice(None), slice(None))
-        + tuple(slice(None, None, s) for s in strides)
-        + tuple(slice(None, None, d) for d in dilations)
-    ]
-    out = windows.shape[2 : 2 + dims]
-    total = n * math.prod(out)
-    if max_rows is not None and total > max_rows:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        flat = np.sort(rng.choice(total, size=max_rows, replace=False))
-    else:
-        flat = np.arange(total)
-    idx = np.unravel_index(flat, (n, *out))
-    # Advanced indices around a slice: the indexed axis goes first -> (rows, C, *kernel).
-    patches = windows[(idx[0], slice(None), *idx[1:])]
-    return patches.reshape(len(flat), groups, (c // groups) * math.prod(kernel))
-
-
-def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...], spatial: tuple[int, ...]):
-    """(kernel, strides, pads, dilations) of a Conv on an input of ``spatial`` size, with
-    ``auto_pad`` turned into explicit pads as onnxruntime computes them."""
-    attrs = node.attributes
-    kernel = tuple(int(k) for k in weight_shape[2:])
-    dims = len(kernel)
-    strides = tuple(attrs.get_ints("strides", [1] * dims))
-    dilations = tuple(attrs.get_ints("dilations", [1] * dims))
-    pads = tuple(attrs.get_ints("pads", [0] * (2 * dims)))
-    auto_pad = attrs.get_string("auto_pad", "NOTSET")
-    if auto_pad == "VALID":
-        pads = (0,) * (2 * dims)
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations):
-            total = max(0, (-(-size // s) - 1) * s + d * (k - 1) + 1 - size)
-            small, large = total // 2, total - total // 2
-            begins.append(small if auto_pad == "SAME_UPPER" else large)
-            ends.append(large if auto_pad == "SAME_UPPER" else small)
-        pads = tuple(begins + ends)
-    return kernel, strides, pads, dilations
-
-
-@dataclasses.dataclass
-class _GptqLayer:
-    """A weighted op as GPTQ sees it: ``groups`` linear layers ``y = W x``, each with its own
-    Hessian. ``key`` says which layers read the same rows (and so share the Hessians)."""
-
-    wp: WeightPlan
-    input_name: str
-    weight: np.ndarray  # float32, the op's own layout
-    rows: np.ndarray  # (groups, out/groups, in): W for the solver
-    key: tuple
-    rows_of: Callable[[np.ndarray, np.random.Generator], np.ndarray]  # input -> (rows, groups, in)
-    back: Callable[[np.ndarray], np.ndarray]  # (groups, out/groups, in) -> the op's layout
-
-
-def _gemm_layer(wp: WeightPlan, input_name: str, weight: np.ndarray) -> _GptqLayer | str:
-    node = wp.node
-    if weight.ndim != 2:
-        return f"weight has rank {weight.ndim}, GPTQ needs a matrix"
-    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-    trans_a = node.op_type == "Gemm" and node.attributes.get_int("transA", 0)
-    w = weight if trans_b else weight.T  # (out, in)
-
-    def rows_of(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        x = x.T if trans_a else x
-        return x.reshape(-1, 1, x.shape[-1])  # (samples, 1, in)
-
-    def back(q: np.ndarray) -> np.ndarray:
-        return q[0] if trans_b else q[0].T
-
-    return _GptqLayer(wp, input_name, weight, w[None], (input_name, bool(trans_a)), rows_of, back)
-
-
-def _conv_layer(wp: WeightPlan, input_name: str, weight: np.ndarray) -> _GptqLayer | str:
-    node = wp.node
-    groups = node.attributes.get_int("group", 1)
-    m = weight.shape[0]
-    if weight.ndim < 3 or m % groups:
-        return f"weight of shape {list(weight.shape)} does not fit group={groups}"
-    attrs = node.attributes
-    key = (
-        input_name,
-        groups,
-        tuple(weight.shape[1:]),
-        tuple(attrs.get_ints("strides", [])),
-        tuple(attrs.get_ints("pads", [])),
-        tuple(attrs.get_ints("dilations", [])),
-        attrs.get_string("auto_pad", "NOTSET"),
-    )
-
-    def rows_of(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        kernel, strides, pads, dilations = conv_geometry(node, weight.shape, x.shape[2:])
-        return conv_patches(
-            x,
-            kernel,
-            strides=strides,
-            pads=pads,
-            dilations=dilations,
-            groups=groups,
-            max_rows=GPTQ_MAX_ROWS_PER_BATCH,
-            rng=rng,
-        )
-
-    def back(q: np.ndarray) -> np.ndarray:
-        return q.reshape(weight.shape)
-
-    # (M, C/g, *kernel) -> (g, M/g, C/g * prod(kernel)): output channels of group i come i-th.
-    w = weight.reshape(groups, m // groups, -1)
-    return _GptqLayer(wp, input_name, weight, w, key, rows_of, back)
-
-
-# How each weighted op of the plan becomes GPTQ's (out, in) layers; a string is why it cannot.
-GPTQ_LAYOUT: dict[str, Callable[[WeightPlan, str, np.ndarray], _GptqLayer | str]] = {
-    "Gemm": _gemm_layer,
-    "MatMul": _gemm_layer,
-    "Conv": _conv_layer,
-}
-
-
 def gptq_codes(
     reference: ir.Model,
     plan: QuantPlan,
     data: DataSource,
-    input_names: dict[int, str],
     *,
     batch_size: int = 32,
     limit: int | None = 256,
     seed: int = 0,
+    reduce_range: bool = True,
 ) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
     """int8 codes for the Conv/Gemm/MatMul weights of ``plan`` by GPTQ (Frantar et al. 2022,
     "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers", Alg. 1),
     on the same per-channel grid as round-to-nearest.
 
-    The layer inputs are streamed from the fp32 model into Hessians ``2 X^T X / n``, batch by
-    batch: a Gemm/MatMul's rows are its input rows; a Conv's rows are the im2col patches of its
-    input (`conv_patches`, at most `GPTQ_MAX_ROWS_PER_BATCH` per batch, drawn with ``seed``), with
-    one Hessian per group (a depthwise Conv gets one ``kH*kW`` Hessian per channel). Layers that
-    read the same rows share their Hessians. The Conv weight (M, C/g, kH, kW) is solved as
-    (M, C/g*kH*kW) rows, group by group.
+    `layerwise.reconstruct` streams the layer inputs from the fp32 ``reference`` into Hessians
+    ``2 X^T X / n``: a Gemm/MatMul's rows are its input rows; a Conv's rows are the im2col patches
+    of its input (at most `layerwise.MAX_ROWS_PER_BATCH` per batch, drawn with ``seed``), with one
+    Hessian per group (a depthwise Conv gets one ``kH*kW`` Hessian per channel). Layers that read
+    the same rows share their Hessians.
 
     Returns (id(node) -> codes in the weight's own layout, one report row per weight: ``node``,
     ``op``, ``groups``, ``in_features`` and the layer-wise reconstruction error per sample of
@@ -490,82 +355,64 @@ def gptq_codes(
     """
     from onnxcomp.quantize import gptq
 
-    layers: list[_GptqLayer] = []
+    views: list[layerwise.LinearView] = []
     report: list[dict[str, Any]] = []
     for wp in plan.weights:
         node = wp.node
-        make = GPTQ_LAYOUT.get(node.op_type)
-        if make is None:
-            layer: _GptqLayer | str = f"GPTQ has no layout for {node.op_type}"
+        view = layerwise.linear_view(node, wp.value.const_value.numpy().astype(np.float32))
+        if isinstance(view, str):
+            report.append({"node": node.name, "op": node.op_type, "skipped": view})
+            logger.info("GPTQ: %s keeps round-to-nearest: %s", node.name, view)
         else:
-            weight = wp.value.const_value.numpy().astype(np.float32)
-            layer = make(wp, input_names[id(node)], weight)
-        if isinstance(layer, str):
-            report.append({"node": node.name, "op": node.op_type, "skipped": layer})
-            logger.info("GPTQ: %s keeps round-to-nearest: %s", node.name, layer)
-        else:
-            layers.append(layer)
-    if not layers:
+            views.append(view)
+    if not views:
         return {}, report
+    axes = {id(wp.node): wp.axis for wp in plan.weights}
 
-    # One layer per key computes the rows; its Hessians serve every layer with that key.
-    keys = list(dict.fromkeys(layer.key for layer in layers))
-    first = {key: next(layer for layer in layers if layer.key == key) for key in keys}
-    hessians: dict[tuple, list] = {
-        key: [gptq.HessianAccumulator() for _ in range(len(first[key].rows))] for key in keys
-    }
-    rngs = {key: np.random.default_rng([seed, i]) for i, key in enumerate(keys)}
-    by_input: dict[str, list[tuple]] = {}
-    for key in keys:
-        by_input.setdefault(first[key].input_name, []).append(key)
-    names = sorted(by_input)
-    for _, tensors in stream(reference, names, data, batch_size=batch_size, limit=limit):
-        for name, array in tensors.items():
-            for key in by_input[name]:
-                rows = first[key].rows_of(array, rngs[key])  # (rows, groups, in)
-                for g, acc in enumerate(hessians[key]):
-                    acc.update(rows[:, g, :])
-
-    codes: dict[int, np.ndarray] = {}
-    for layer in layers:
-        node = layer.wp.node
-        accs = hessians[layer.key]
-        if any(acc.n_samples == 0 for acc in accs):
-            reason = "no finite calibration inputs reached it"
-            report.append({"node": node.name, "op": node.op_type, "skipped": reason})
-            logger.info("GPTQ: %s keeps round-to-nearest: %s", node.name, reason)
-            continue
+    def solve(w: np.ndarray, h: np.ndarray, ctx: layerwise.SolveContext) -> layerwise.Solution:
         # The grid InsertQdqPass uses, from the weight in its own layout.
+        axis = axes[id(ctx.view.node)]
         params = schemes.weight_params(
-            layer.weight, axis=layer.wp.axis, per_channel=layer.wp.axis is not None
+            ctx.view.weight,
+            axis=axis,
+            per_channel=axis is not None,
+            reduce_range=reduce_range,
         )
-        n_groups, rows_per_group, in_features = layer.rows.shape
-        q = np.zeros(layer.rows.shape, np.int8)
-        rtn_error = gptq_error = 0.0
-        for g, acc in enumerate(accs):
-            w = layer.rows[g]  # (out/groups, in)
-            if layer.wp.axis is None:
-                grid = params
-            else:
-                # Per output channel: W's rows are the channels, group by group.
-                channels = slice(g * rows_per_group, (g + 1) * rows_per_group)
-                grid = schemes.QuantParams(
-                    params.scale[channels], params.zero_point[channels], params.dtype, 0
-                )
-            result = gptq.gptq_quantize(w, acc.H, quantizer=grid)
-            rtn = schemes.dequantize(schemes.quantize(w, grid), grid)
-            q[g] = result.quantized.astype(np.int8)
-            rtn_error += gptq.reconstruction_error(w, rtn, acc.H)
-            gptq_error += gptq.reconstruction_error(w, result.dequantized, acc.H)
-        codes[id(node)] = np.ascontiguousarray(layer.back(q))
+        if axis is not None:  # per output channel: W's rows are the channels, group by group
+            params = schemes.QuantParams(
+                params.scale[ctx.channels],
+                params.zero_point[ctx.channels],
+                params.dtype,
+                0,
+                params.levels,
+            )
+        result = gptq.gptq_quantize(w, h, quantizer=params)
+        rtn = schemes.dequantize(schemes.quantize(w, params), params)
+        return layerwise.Solution(
+            result.dequantized,
+            codes=result.quantized.astype(np.int8),
+            info={"rtn_error": layerwise.reconstruction_error(w, rtn, h)},
+        )
+
+    done = layerwise.reconstruct(
+        reference, views, data, solve, batch_size=batch_size, limit=limit, seed=seed
+    )
+    codes: dict[int, np.ndarray] = {}
+    for layer in done.layers:
+        node = layer.view.node
+        if layer.skipped:
+            report.append({"node": node.name, "op": node.op_type, "skipped": layer.skipped})
+            logger.info("GPTQ: %s keeps round-to-nearest: %s", node.name, layer.skipped)
+            continue
+        codes[id(node)] = np.ascontiguousarray(layer.codes)
         report.append(
             {
                 "node": node.name,
                 "op": node.op_type,
-                "groups": n_groups,
-                "in_features": in_features,
-                "rtn_error": rtn_error,
-                "gptq_error": gptq_error,
+                "groups": layer.view.groups,
+                "in_features": int(layer.view.rows.shape[2]),
+                "rtn_error": sum(s.info["rtn_error"] for s in layer.solutions),
+                "gptq_error": layer.error,
             }
         )
     return codes, report
@@ -591,41 +438,36 @@ def correct_biases(
 
     input_names: id(node) -> name of the node's float input before the rewrite.
     """
-    targets = [wp for wp in plan.weights if wp.node.op_type in ("Conv", "Gemm")]
-    targets = [wp for wp in targets if _bias_dq(wp.node) is not None]
+    targets = []
+    for wp in plan.weights:
+        if wp.node.op_type not in ("Conv", "Gemm") or _bias_dq(wp.node) is None:
+            continue
+        view = layerwise.linear_view(wp.node, wp.value.const_value.numpy().astype(np.float32))
+        if not isinstance(view, str):
+            targets.append(view)
     if not targets:
         return []
-    names = sorted({input_names[id(wp.node)] for wp in targets})
-    axes = {}
-    for wp in targets:
-        axes[input_names[id(wp.node)]] = 1 if wp.node.op_type == "Conv" else -1
-    means = _channel_means(reference, names, axes, data, batch_size, limit)
+    stats = {}
+    for view in targets:
+        stats.setdefault(input_names[id(view.node)], capture.ChannelStats(view.input_channel_axis))
+    capture.accumulate(reference, stats, data, batch_size=batch_size, limit=limit)
     graph = quantized.graph
     name_gen = _Names(graph)
     report = []
-    for wp in targets:
-        node = wp.node
-        mean_x = means[input_names[id(node)]]  # (C_in,)
-        w_fp = wp.value.const_value.numpy().astype(np.float64)
+    for view in targets:
+        node = view.node
+        mean_x = stats[input_names[id(node)]].compute().mean  # (C_in,)
+        if mean_x.shape[0] != view.input_channels:
+            continue  # the input's channels do not match the weight
         w_dq_node = node.inputs[OP_TABLE[node.op_type].weight_input].producer()
-        w_q = _dequantized(w_dq_node).astype(np.float64)
-        err = w_fp - w_q
-        if node.op_type == "Conv":
-            groups = node.attributes.get_int("group", 1)
-            m, cg = err.shape[:2]
-            err_sum = err.reshape(m, cg, -1).sum(axis=2)  # (M, C/g)
-            if mean_x.shape[0] != cg * groups:
-                continue
-            x_groups = mean_x.reshape(groups, cg)  # (g, C/g)
-            group_of = np.arange(m) // (m // groups)
-            delta = np.sum(err_sum * x_groups[group_of], axis=1)  # (M,)
-        else:
+        w_q = view.to_rows(_dequantized(w_dq_node))  # (groups, out/groups, in)
+        mu = view.per_feature(mean_x)  # (groups, in)
+        delta = np.concatenate(
+            [layerwise.bias_correction(w, w_q[g], mu[g]) for g, w in enumerate(view.rows)]
+        ).astype(np.float64)  # (out,)
+        if node.op_type == "Gemm":
             alpha = node.attributes.get_float("alpha", 1.0)
             beta = node.attributes.get_float("beta", 1.0)
-            if node.attributes.get_int("transB", 0):
-                delta = err @ mean_x  # B: (N, K)
-            else:
-                delta = mean_x @ err  # B: (K, N)
             delta = delta * alpha / beta
         bias_dq = _bias_dq(node)
         codes = bias_dq.inputs[0].const_value.numpy().astype(np.float64)
@@ -677,24 +519,3 @@ def _dequantized(dq: ir.Node) -> np.ndarray:
         axis if np.ndim(scale) else None,
     )
     return schemes.dequantize(q, params)
-
-
-def _channel_means(
-    model: ir.Model,
-    names: list[str],
-    axes: dict[str, int],
-    data: DataSource,
-    batch_size: int,
-    limit: int | None,
-) -> dict[str, np.ndarray]:
-    """Per-channel means of the named tensors over ``data`` (channel axis per tensor), streamed."""
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = dict.fromkeys(names, 0)
-    for _, tensors in stream(model, names, data, batch_size=batch_size, limit=limit):
-        for name, array in tensors.items():
-            axis = axes[name] % array.ndim
-            other = tuple(i for i in range(array.ndim) if i != axis)
-            s = np.sum(array, axis=other, dtype=np.float64)
-            sums[name] = sums.get(name, 0.0) + s
-            counts[name] += int(math.prod(array.shape[i] for i in other))
-    return {name: sums[name] / max(counts[name], 1) for name in names}

