@@ -44,6 +44,14 @@ class _Group(click.Group):
             if _TERMINATED:  # the handler's exception was swallowed (e.g. in an at-fork hook)
                 raise Terminated()
             return result
+        except click.UsageError as err:
+            # click's own usage errors as one line too, like every other mistake.
+            message = err.format_message()
+            message = message[:1].lower() + message[1:]
+            sub = err.ctx.info_name if err.ctx is not None and err.ctx.parent is not None else None
+            command = f"onnxcomp {sub} --help" if sub else "onnxcomp --help"
+            click.echo(f"error: {' '.join(message.split())} (see {command})", err=True)
+            ctx.exit(EXIT_USER_ERROR)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except CheckFailed as err:
@@ -921,6 +929,7 @@ def quantize(model_path, output, shapes, recipe_out, force, as_json, **flags):
         values["shapes"] = parse_shapes(shapes)
     options = parse_options(QuantizeOptions, values, "quantize")
     model = model_io.load(model_path)
+    inputs.check_not_quantized(model, model_path)
     reads = [model_path, flags.get("data"), flags.get("eval_data")]
     inputs.check_output(output, reads=reads, model=model)
     if recipe_out:

@@ -265,3 +265,35 @@ def check_numbers(where: str = "", *, recipe: bool = False, **values: object) ->
             else:
                 wanted = f"between {low} and {high}"
             raise OnnxcompError(f"{prefix}{label} {value}: must be {wanted}")
+
+
+# Ops that only a quantized model holds.
+_QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "QGemm",
+    "QLinearAdd",
+    "QLinearMul",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "QAttention",
+    "DynamicQuantizeLSTM",
+}
+
+
+def check_not_quantized(model: ir.Model, path: str | os.PathLike) -> None:
+    """Refuse to quantize a model that is already quantized (it would be done twice, silently)."""
+    found: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in _QUANTIZED_OPS:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    if found:
+        ops = ", ".join(f"{op} x{n}" for op, n in sorted(found.items(), key=lambda i: -i[1])[:4])
+        raise OnnxcompError(
+            f"{path}: already quantized ({ops}); quantize the float model it came from"
+        )

@@ -401,3 +401,221 @@ def test_exit_codes_of_the_command_line(tmp_path, cli, monkeypatch):
     assert "Traceback" not in result.stderr
     with pytest.raises(ZeroDivisionError):
         cli("--debug", "validate", CNN, CNN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt models, bad data, bad options, bad recipes: one error line, exit 2, nothing written
+
+
+def _graph(path: Path, nodes, inits=(), inputs=None, opset: int = 17) -> Path:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        list(inits),
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    onnx.save(proto, path)
+    return path
+
+
+def _undefined_weight():
+    tensor = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    tensor.data_type = TensorProto.UNDEFINED
+    return tensor
+
+
+BAD_MODELS = {
+    "cycle": (
+        lambda p: _graph(p, [helper.make_node("Add", ["x", "b"], ["a"]),
+                             helper.make_node("Relu", ["a"], ["b"]),
+                             helper.make_node("Identity", ["a"], ["y"])]),
+        "cycle",
+    ),
+    "reshape_without_inputs": (
+        lambda p: _graph(p, [helper.make_node("Reshape", [], ["r"]),
+                             helper.make_node("Add", ["x", "r"], ["y"])]),
+        "Reshape needs at least 2",
+    ),
+    "empty_weight": (
+        lambda p: _graph(p, [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+                         [numpy_helper.from_array(np.zeros((0, 4), np.float32), "w")]),
+        "empty weight",
+    ),
+    "undefined_weight": (
+        lambda p: _graph(p, [helper.make_node("MatMul", ["x", "w"], ["y"])], [_undefined_weight()]),
+        "UNDEFINED",
+    ),
+    "huge_input": (
+        lambda p: _graph(p, [helper.make_node("Relu", ["x"], ["y"])],
+                         inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 100000, 100000])]),
+        "--data",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODELS))
+@pytest.mark.parametrize("command", ["optimize", "quantize"])
+def test_corrupt_models_are_one_error_line(tmp_path, cli, case, command):
+    build, message = BAD_MODELS[case]
+    model = build(tmp_path / f"{case}.onnx")
+    out = tmp_path / "out.onnx"
+    args = [command, model, "-o", out] + (["--mode", "dynamic"] if command == "quantize" else ["--no-bench"])
+    result = cli(*args)
+    assert result.exit_code == 2, result.stderr
+    assert message in _error_line(result)
+    assert not out.exists()
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, cli):
+    (tmp_path / "model").mkdir()
+    proto = onnx.load(CNN)
+    onnx.save(proto, tmp_path / "model" / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    (tmp_path / "model" / "m.data").rename(tmp_path / "outside.data")
+    proto = onnx.load(tmp_path / "model" / "m.onnx", load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save(proto, tmp_path / "model" / "m.onnx")
+    for command in (["optimize", "--no-bench"], ["quantize", "--mode", "dynamic"]):
+        result = cli(command[0], tmp_path / "model" / "m.onnx", "-o", tmp_path / "o.onnx", *command[1:])
+        assert result.exit_code == 2
+        assert "outside the model's folder" in _error_line(result)
+
+
+def test_already_quantized_model_is_refused(tmp_path, cli):
+    once = tmp_path / "once.onnx"
+    assert cli("quantize", CNN, "-o", once, "--mode", "dynamic").exit_code == 0
+    result = cli("quantize", once, "-o", tmp_path / "twice.onnx", "--mode", "dynamic")
+    assert result.exit_code == 2
+    assert "already quantized" in _error_line(result)
+
+
+def _digits(**arrays) -> dict:
+    data = dict(np.load(TEST))
+    data.update(arrays)
+    return data
+
+
+BAD_DATA = {
+    "nan": (lambda d: _digits(input=np.where(np.arange(d["input"].size).reshape(d["input"].shape) == 5, np.nan, d["input"]).astype(np.float32)), "NaN"),
+    "inf": (lambda d: _digits(input=np.full_like(d["input"], np.inf)), "infinity"),
+    "one_hot": (lambda d: _digits(labels=np.eye(10, dtype=np.int64)[d["labels"]]), "one-hot"),
+    "float_labels": (lambda d: _digits(labels=d["labels"].astype(np.float32)), "integer class indices"),
+    "string_labels": (lambda d: _digits(labels=d["labels"].astype(str)), "strings"),
+    "negative_labels": (lambda d: _digits(labels=-d["labels"] - 1), "start at 0"),
+    "labels_out_of_range": (lambda d: _digits(labels=d["labels"] + 10), "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_refused(tmp_path, cli, case):
+    build, message = BAD_DATA[case]
+    path = tmp_path / f"{case}.npz"
+    np.savez(path, **build(dict(np.load(TEST))))
+    result = cli("validate", CNN, CNN, "--data", path, "--max-drop", "0.01")
+    assert result.exit_code == 2, result.output
+    assert message in _error_line(result)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["validate", CNN, CNN, "--max-drop", "nan"], "--max-drop"),
+        (["validate", CNN, CNN, "--batch-size", "0"], "--batch-size"),
+        (["validate", CNN, CNN, "--shape", "input=-1x1x8x8"], "--shape"),
+        (["validate", CNN, CNN, "--threads", "many"], "--threads"),
+        (["quantize", CNN, "-o", "/tmp/never-written.onnx", "--threads", "0"], "--threads 0"),
+        (["bench", CNN, "--warmup", "-1"], "--warmup"),
+    ],
+)
+def test_bad_options_are_refused(cli, args, message):
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert message in _error_line(result)
+    assert _error_line(result).startswith("error: ")
+
+
+BOMB = """
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+steps: [{pass: optimize}]
+"""
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("threads: many\nsteps: [{pass: optimize}]", "threads: expected an integer"),
+        ("shape: 5\nsteps: [{pass: optimize}]", "shape must map"),
+        ("shape: {input: 1xAx8x8}\nsteps: [{pass: optimize}]", "shape"),
+        ("steps: [{pass: [optimize]}]", "pass must be a pass name"),
+        ("steps: [{pass: optimize, 5: x}]", "keys are strings"),
+        ("1: x\nsteps: [{pass: optimize}]", "keys are strings"),
+        ("steps: [{pass: optimize}]\nvalidate: {limit: ten}", "limit: expected an integer"),
+        ("threads: -3\nsteps: [{pass: optimize}]", "threads -3"),
+        ("steps: [{pass: optimize}]\nvalidate: {max_drop: -1}", "max_drop -1"),
+        ("steps: [{pass: quantize, threads: -3}]", "threads -3"),
+        (BOMB, "alias bomb"),
+        ("steps: " + "[" * 100 + "]" * 100, "nested deeper"),
+    ],
+)
+def test_bad_recipes_are_one_short_line(tmp_path, cli, body, message):
+    _copy(CNN, tmp_path / "cnn.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("input: cnn.onnx\noutput: out.onnx\n" + body)
+    result = cli("run", recipe)
+    assert result.exit_code == 2, result.output
+    line = _error_line(result)
+    assert message in line and len(line) < 300
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, cli):
+    _copy(CNN, tmp_path / "cnn.onnx")
+    for out, message in [
+        ("/proc/out.onnx", "cannot write under"),
+        (str(tmp_path / "cnn.onnx" / "out.onnx"), "is a file, not a folder"),
+        (str(tmp_path), "is a directory"),
+    ]:
+        result = cli("optimize", tmp_path / "cnn.onnx", "-o", out, "--no-bench")
+        assert result.exit_code == 2, out
+        assert message in _error_line(result)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through folder permissions")
+def test_read_only_folder_is_refused(tmp_path, cli):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        result = cli("optimize", CNN, "-o", folder / "out.onnx", "--no-bench")
+        assert result.exit_code == 2
+        assert "cannot write in" in _error_line(result)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_unexpected_probe_failure_is_one_line(tmp_path, cli, monkeypatch):
+    """A read-only filesystem or an immutable folder: the write probe fails -> one line."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    result = cli("optimize", CNN, "-o", tmp_path / "out.onnx", "--no-bench")
+    assert result.exit_code == 2
+    assert "read-only filesystem" in _error_line(result)
