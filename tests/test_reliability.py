@@ -619,3 +619,19 @@ def test_unexpected_probe_failure_is_one_line(tmp_path, cli, monkeypatch):
     result = cli("optimize", CNN, "-o", tmp_path / "out.onnx", "--no-bench")
     assert result.exit_code == 2
     assert "read-only filesystem" in _error_line(result)
+
+
+@pytest.mark.parametrize("new_type", [TensorProto.FLOAT, 5, 8])  # FLOAT tag, TENSORS, STRINGS
+def test_ml_attribute_with_a_flipped_type_is_one_line(tmp_path, cli, new_type):
+    """One bit flip in an ai.onnx.ml attribute's type once failed inside onnx-ir's serializer."""
+    proto = onnx.load(MODELS / "variety" / "logreg_digits.onnx")
+    node = next(n for n in proto.graph.node if n.domain == "ai.onnx.ml")
+    node.attribute[1].type = new_type
+    model = tmp_path / "flipped.onnx"
+    onnx.save(proto, model)
+    out = tmp_path / "out.onnx"
+    result = cli("quantize", model, "-o", out, "--mode", "dynamic")
+    assert result.exit_code in (0, 2), result.stderr
+    if result.exit_code == 2:
+        assert _error_line(result).startswith("error: ")
+        assert not out.exists()
