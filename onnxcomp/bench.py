@@ -641,3 +641,65 @@ def _memory_child(args: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     _memory_child(json.loads(sys.argv[1]))
+
+
+PROFILE_TOP_NODES = 30  # slowest nodes kept per model: a 1,000-node model's report stays small
+
+
+def profile(
+    models: Sequence[ModelLike],
+    *,
+    names: Sequence[str] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    data: DataSource | str | os.PathLike | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    threads: int = 1,
+    runs: int = 20,
+    warmup: int = 3,
+    top: int = PROFILE_TOP_NODES,
+) -> dict[str, Any]:
+    """Where the time goes in each model, from onnxruntime's profiler: per op type and the
+    slowest ``top`` nodes (median kernel time per run), on the same inputs as ``benchmark``.
+
+    The profiler adds time to every node and the models run one after the other, so
+    ``benchmark`` (interleaved, unprofiled) stays the latency figure.
+    """
+    from onnxcomp.cpu import isa_path
+
+    labels = list(names) if names else _labels(models)
+    first = _as_ir(models[0])
+    feeds, feeds_from = _make_feeds(first, feeds, data, shapes, 1)
+    entries = []
+    for label, model in zip(labels, models, strict=True):
+        source = first if model is models[0] and isinstance(model, ir.Model) else _source(model)
+        raw = runtime.profile_nodes(source, feeds, runs=runs, warmup=warmup, threads=threads, label=label)
+        nodes = raw["nodes"]
+        total = sum(n["ms"] for n in nodes)
+        by_op: dict[str, dict[str, Any]] = {}
+        for n in nodes:
+            entry = by_op.setdefault(n["op"], {"op": n["op"], "ms": 0.0, "count": 0})
+            entry["ms"] += n["ms"]
+            entry["count"] += 1
+        op_types = sorted(by_op.values(), key=lambda e: -e["ms"])
+        for entry in op_types:
+            entry["share"] = entry["ms"] / total if total > 0 else 0.0
+        slowest = sorted(nodes, key=lambda n: -n["ms"])[:top]
+        entries.append(
+            {
+                "name": label,
+                "run_p50_ms": float(np.median(raw["runs"])) if raw["runs"] else None,
+                "nodes_ms": total,
+                "nodes": len(nodes),
+                "op_types": op_types,
+                "slowest_nodes": [
+                    {**n, "share": n["ms"] / total if total > 0 else 0.0} for n in slowest
+                ],
+            }
+        )
+    return {
+        "threads": threads,
+        "runs": runs,
+        "inputs": feeds_from,
+        "cpu": isa_path(),
+        "models": entries,
+    }

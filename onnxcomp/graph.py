@@ -203,11 +203,16 @@ class NameSource:
 
 
 def add_initializer(
-    graph: ir.Graph, hint: str, array: np.ndarray, names: NameSource | None = None
+    graph: ir.Graph,
+    hint: str,
+    array: np.ndarray,
+    names: NameSource | None = None,
+    dtype: ir.DataType | None = None,
 ) -> ir.Value:
     """Register ``array`` in ``graph`` as a new initializer named after ``hint``.
 
-    Without ``names`` the name is made unique among the graph's initializers only.
+    Without ``names`` the name is made unique among the graph's initializers only. ``dtype``
+    for the types numpy lacks (4-bit: ``array`` holds one code per byte).
     """
     array = np.asarray(array)
     if names is not None:
@@ -217,11 +222,9 @@ def add_initializer(
         while name in graph.initializers:
             name = f"{hint}_{i}"
             i += 1
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype else ir.tensor(array, name=name)
     value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
+        name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
     )
     graph.register_initializer(value)
     return value

@@ -521,24 +521,24 @@ def _resolve_shape(src: list[int], target: list[int], allowzero: int) -> list[in
     return out
 
 
-def _axes(node: ir.Node) -> list[int] | None | str:
-    """The ``axes`` of a Squeeze/Unsqueeze/Reduce* (attribute or input), None when not given."""
+def _axes(node: ir.Node, i: int, axis: int) -> tuple[int | None, list[int] | None] | ChannelFlow:
+    """(input rank, ``axes`` of a Squeeze/Unsqueeze/Reduce*, None when not given), or a stop."""
+    if i != 0:
+        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
     axes = attr(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         array = const(node.inputs[1])
         if array is None:
-            return f"{node.op_type}: axes are computed at run time"
+            return _flow(node, i, axis, stop=f"{node.op_type}: axes are computed at run time")
         axes = array.reshape(-1).tolist()
-    return None if axes is None else [int(a) for a in axes]
+    return rank(node.inputs[0]), None if axes is None else [int(a) for a in axes]
 
 
 def _squeeze_like(node: ir.Node, i: int, axis: int) -> ChannelFlow:
-    if i != 0:
-        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
-    r = rank(node.inputs[0])
-    axes = _axes(node)
-    if isinstance(axes, str):
-        return _flow(node, i, axis, stop=axes)
+    found = _axes(node, i, axis)
+    if isinstance(found, ChannelFlow):
+        return found
+    r, axes = found
     out_rank = rank(node.outputs[0])
     if r is None or (axes is None and out_rank is None):
         return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
@@ -578,12 +578,10 @@ def _pool(node: ir.Node, i: int, axis: int) -> ChannelFlow:
 
 
 def _reduce(node: ir.Node, i: int, axis: int) -> ChannelFlow:
-    if i != 0:
-        return _flow(node, i, axis, stop=f"{node.op_type}: the axes input is not data")
-    r = rank(node.inputs[0])
-    axes = _axes(node)
-    if isinstance(axes, str):
-        return _flow(node, i, axis, stop=axes)
+    found = _axes(node, i, axis)
+    if isinstance(found, ChannelFlow):
+        return found
+    r, axes = found
     if r is None:
         return _flow(node, i, axis, stop=f"{node.op_type}: the rank is unknown")
     reduced = {a % r for a in axes} if axes else set(range(r))

@@ -69,7 +69,7 @@ def _load_builtin_passes() -> None:
     # Importing a pass module registers its passes; done lazily so `import onnxcomp` stays light.
     import importlib
 
-    for module in ("onnxcomp.optimize", "onnxcomp.quantize"):
+    for module in ("onnxcomp.optimize", "onnxcomp.quantize", "onnxcomp.prune", "onnxcomp.transfer"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -229,9 +229,9 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
             )
         spec = get_pass(name)
         data = resolve(step.pop("data", None), f"step {index} ({name}): data")
-        # Paths inside options (e.g. eval_data, a metric file) are relative to the recipe too.
+        # Paths inside options (e.g. eval_data, teacher_model, a metric file) are relative to the recipe too.
         for key, value in list(step.items()):
-            if key.replace("-", "_").endswith("_data") and isinstance(value, str):
+            if key.replace("-", "_").endswith(("_data", "_model")) and isinstance(value, str):
                 step[key] = str(resolve(value, f"step {index} ({name}): {key}"))
             if key == "metric" and isinstance(value, str):
                 step[key] = metric_path(value, base_dir)

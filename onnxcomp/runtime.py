@@ -260,6 +260,73 @@ def capture_session(
             graph.outputs.pop()
 
 
+def profile_nodes(
+    model: ModelLike,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int = 1,
+    label: str = "model",
+) -> dict[str, object]:
+    """Run a model under onnxruntime's profiler; the time of each node it executed.
+
+    Returns ``{"runs": [ms of each timed run], "nodes": [{"node", "op", "ms"}]}`` where a
+    node's ``ms`` is its median kernel time per timed run, in execution order. The nodes are the
+    ones onnxruntime ran after its own graph optimizations (fused kernels under its names); the
+    ``warmup`` first runs are left out.
+    """
+    import bisect
+    import json
+
+    tmpdir = tempfile.mkdtemp(prefix="onnxcomp-profile-")
+    try:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmpdir, "profile")
+        with _ModelFile(model) as source:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    session = ort.InferenceSession(
+                        source, options, providers=["CPUExecutionProvider"]
+                    )
+            except Exception as err:
+                raise OnnxcompError(
+                    f"{label}: onnxruntime cannot load it ({_one_line(err)})"
+                ) from None
+        for _ in range(warmup + runs):
+            run(session, feeds, label=label)
+        with open(session.end_profiling(), encoding="utf-8") as f:
+            events = json.load(f)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    model_runs = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )[warmup:]
+    starts = [begin for begin, _ in model_runs]
+    # node -> its kernel time (us) in each timed run; the median over runs, so one run slowed
+    # by a neighbour on a loaded machine does not move a node's figure
+    nodes: dict[str, tuple[str, np.ndarray]] = {}
+    for event in events:
+        name = event.get("name", "")
+        index = bisect.bisect_right(starts, event.get("ts", -1)) - 1
+        if event.get("cat") != "Node" or not name.endswith("_kernel_time") or index < 0:
+            continue
+        node = name[: -len("_kernel_time")]
+        if node not in nodes:
+            nodes[node] = (event.get("args", {}).get("op_name", "?"), np.zeros(len(starts)))
+        nodes[node][1][index] += event["dur"]
+    return {
+        "runs": [(end - begin) / 1000 for begin, end in model_runs],
+        "nodes": [
+            {"node": node, "op": op, "ms": float(np.median(times)) / 1000}
+            for node, (op, times) in nodes.items()
+        ],
+    }
+
+
 @functools.cache
 def qdq_problem(opset: int) -> str | None:
     """Why this onnxruntime cannot run QuantizeLinear/DequantizeLinear at ``opset`` (None: it can).

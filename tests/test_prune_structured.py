@@ -1,0 +1,186 @@
+"""Structured pruning: each kind of dependency group on real graphs (Flatten into Gemm on the
+digits CNN, residual Add on the ResNet-style graph, depthwise Conv on the MobileNetV2-style one,
+Concat), declined groups with their reasons, and the pruned models run in onnxruntime."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models import build_graphs
+from onnxcomp import model as model_io
+from onnxcomp import runtime
+from onnxcomp.data import open_data
+from onnxcomp.prune.api import PruneOptions, prune
+from onnxcomp.prune.structured import build_groups
+
+
+def _run(model, feed):
+    return runtime.create_session(model).run(None, feed)[0]
+
+
+def _by_producer(report):
+    return {g["group"]: g for g in report["groups"]}
+
+
+def _check(model):
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_digits_cnn_30_percent_fewer_macs_within_one_point(models_dir):
+    model, report = prune(
+        model_io.load(models_dir / "digits_cnn.onnx"),
+        PruneOptions(structured=True, sparsity=0.2, samples=128),
+        data=models_dir / "digits_calib.npz", eval_data=models_dir / "digits_test.npz",
+    )  # fmt: skip
+    _check(model)
+    assert report["after"]["macs"] <= 0.7 * report["before"]["macs"]
+    assert report["after"]["parameters"] < report["before"]["parameters"]
+    assert report["check"]["drop"] <= 0.01
+    groups = _by_producer(report)
+    flatten = [g for g in groups.values() if "flatten into Gemm" in g["kind"]]
+    assert flatten and flatten[0]["removed"] > 0
+    # the last Gemm feeds the output: declined, and the report says why
+    assert "graph output 'logits'" in groups["/head/head.4/Gemm"]["skipped"]
+    # tensors really shrink
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[1].const_value.shape[0] < 32
+
+
+def _graph_model(name, **kwargs):
+    proto = getattr(build_graphs, name)(**kwargs)
+    return ir.from_proto(proto), build_graphs.example_feed(proto, batch=4)
+
+
+def _calib(tmp_path, proto_model, samples=32):
+    proto = ir.to_proto(proto_model)
+    path = tmp_path / "calib.npz"
+    np.savez(path, **build_graphs.example_feed(proto, batch=samples, seed=1))
+    return path
+
+
+def test_resnet_residual_groups_cut_both_branches(tmp_path):
+    model, feed = _graph_model("resnet", widths=(16, 32), blocks=2, image_size=16)
+    dense = _run(model, feed)
+    calib = _calib(tmp_path, model)
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.5, samples=32), data=calib)
+    _check(pruned)
+    residual = [g for g in report["groups"] if "residual" in g["kind"]]
+    assert residual and all(g["removed"] > 0 for g in residual)
+    # a residual stream group cuts every Conv writing into it (stem + block outputs + shortcut)
+    assert max(len(g["producers"]) for g in residual) >= 3
+    out = _run(pruned, feed)
+    assert out.shape == dense.shape
+    assert report["after"]["macs"] < 0.5 * report["before"]["macs"]
+    cos = np.sum(out * dense) / np.linalg.norm(out) / np.linalg.norm(dense)
+    assert cos > 0.9
+
+
+def test_mobilenetv2_depthwise_groups_update_the_group_count(tmp_path):
+    model, feed = _graph_model("mobilenetv2", width=0.5, image_size=32, last_channels=128)
+    dense = _run(model, feed)
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.4, samples=16), data=_calib(tmp_path, model))
+    _check(pruned)
+    assert any("depthwise" in g["kind"] and g["removed"] > 0 for g in report["groups"])
+    for node in pruned.graph:
+        if node.op_type == "Conv" and node.attributes.get_int("group", 1) > 1:
+            assert node.attributes.get_int("group") == node.inputs[1].const_value.shape[0]
+    assert _run(pruned, feed).shape == dense.shape
+
+
+def _concat_model(fixed_reshape: bool = False) -> ir.Model:
+    rng = np.random.default_rng(0)
+    batch = 2 if fixed_reshape else "n"
+
+    def init(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    inits = [init("wa", 16, 3, 3, 3), init("ba", 16), init("wb", 16, 3, 3, 3), init("bb", 16),
+             init("wc", 32, 32, 3, 3), init("bc", 32), init("wf", 10, 32 * 16 if fixed_reshape else 32)]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a0"], ["a"]),
+        helper.make_node("Conv", ["x", "wb", "bb"], ["b0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b0"], ["b"]),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Conv", ["c", "wc", "bc"], ["d0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d0"], ["d"]),
+    ]
+    if fixed_reshape:
+        inits.append(numpy_helper.from_array(np.array([-1, 32 * 16], np.int64), "shape"))
+        nodes += [helper.make_node("MaxPool", ["d"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                  helper.make_node("Reshape", ["p", "shape"], ["f"])]
+    else:
+        nodes += [helper.make_node("GlobalAveragePool", ["d"], ["p"]), helper.make_node("Flatten", ["p"], ["f"])]
+    nodes.append(helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1))
+    graph = helper.make_graph(
+        nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], inits,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    model = ir.from_proto(proto)
+    model_io.normalize(model)
+    return model
+
+
+def test_concat_groups_cut_at_their_offsets(tmp_path):
+    model = _concat_model()
+    kinds = [g.kinds for g in build_groups(model)]
+    assert sum("concat" in k for k in kinds) == 2
+    feed = {"x": np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(2).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    dense = _run(model, feed)
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.5), data=tmp_path / "calib.npz")
+    _check(pruned)
+    concat = [g for g in report["groups"] if "concat" in g["kind"]]
+    assert len(concat) == 2 and all(g["removed"] == 8 for g in concat)
+    consumer = [n for n in pruned.graph if n.op_type == "Conv"][-1]
+    assert consumer.inputs[1].const_value.shape[1] == 16  # 8 + 8 channels kept of 32
+    assert _run(pruned, feed).shape == dense.shape
+
+
+def test_a_group_that_cannot_be_cut_is_declined_with_its_reason():
+    model = _concat_model(fixed_reshape=True)
+    groups = build_groups(model)
+    declined = [g for g in groups if g.declined]
+    assert any("Reshape target fixes the channel count" in g.declined for g in declined)
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.5, optimize=False))
+    _check(pruned)
+    reasons = [g.get("skipped", "") for g in report["groups"]]
+    assert any("Reshape" in r for r in reasons)
+    # the groups before the Concat are still cut
+    assert any(g["removed"] > 0 for g in report["groups"])
+    feed = {"x": np.ones((2, 3, 8, 8), np.float32)}
+    assert _run(pruned, feed).shape == (2, 10)
+
+
+
+def test_structured_max_drop_spares_groups(models_dir):
+    model, report = prune(
+        model_io.load(models_dir / "digits_cnn.onnx"),
+        PruneOptions(structured=True, sparsity=0.8, samples=64, reconstruct=False, max_drop=0.02),
+        data=models_dir / "digits_calib.npz", eval_data=models_dir / "digits_test.npz",
+    )  # fmt: skip
+    assert report["check"]["drop"] <= 0.02
+    assert report.get("spared")
+
+
+@pytest.mark.parametrize("importance", ["l1", "activation"])
+def test_importance_choices(models_dir, importance):
+    model, report = prune(
+        model_io.load(models_dir / "digits_cnn.onnx"),
+        PruneOptions(structured=True, sparsity=0.25, importance=importance, samples=64),
+        data=models_dir / "digits_calib.npz", eval_data=models_dir / "digits_test.npz",
+    )  # fmt: skip
+    assert report["check"]["drop"] <= 0.02
+
+
+def test_random_inputs_without_data():
+    model = _concat_model()
+    source = open_data(None, model_io.input_specs(model), samples=8, shapes={"x": [1, 3, 8, 8]})
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.25, shapes={"x": [1, 3, 8, 8]}))
+    assert report["reconstruct"] is False
+    assert source.num_samples == 8
+    _check(pruned)
