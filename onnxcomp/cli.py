@@ -806,6 +806,8 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
         values["upgrade_opset"] = False
     options = parse_options(OptimizeOptions, values, "optimize")
     inputs.check_output(output, reads=[model_path, data], model=model)
+    if report_path:
+        inputs.check_output(report_path, reads=[model_path, data, output], model=model, option="--report")
     source = open_data(data, model_io.input_specs(model), shapes=parsed) if data else None
     result, report = run_optimize(model, options, source)
     saved = model_io.save(result, output, inputs=[model_path, data])
@@ -972,8 +974,9 @@ def quantize(model_path, output, shapes, recipe_out, force, report_path, as_json
     inputs.check_not_quantized(model, model_path)
     reads = [model_path, flags.get("data"), flags.get("eval_data")]
     inputs.check_output(output, reads=reads, model=model)
-    if recipe_out:
-        inputs.check_output(recipe_out, reads=[*reads, output], model=model, option="--recipe-out")
+    for option, path in (("--recipe-out", recipe_out), ("--report", report_path)):
+        if path:
+            inputs.check_output(path, reads=[*reads, output], model=model, option=option)
     try:
         built = quantize_built(model, options)
     except BudgetError as err:

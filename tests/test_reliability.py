@@ -635,3 +635,16 @@ def test_ml_attribute_with_a_flipped_type_is_one_line(tmp_path, cli, new_type):
     if result.exit_code == 2:
         assert _error_line(result).startswith("error: ")
         assert not out.exists()
+
+
+def test_side_outputs_never_replace_inputs(tmp_path, cli):
+    """--report and --recipe-out are outputs too: checked against every input up front."""
+    data = _copy(TEST, tmp_path / "test.npz")
+    result = cli("optimize", CNN, "-o", tmp_path / "o.onnx", "--data", data, "--report", data,
+                 "--no-bench")
+    assert result.exit_code == 2 and "refusing to overwrite" in _error_line(result)
+    result = cli("quantize", CNN, "-o", tmp_path / "q.onnx", "--mode", "dynamic", "--eval-data", data,
+                 "--recipe-out", data)
+    assert result.exit_code == 2 and "refusing to overwrite" in _error_line(result)
+    assert data.read_bytes() == TEST.read_bytes()
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "q.onnx").exists()
