@@ -1377,7 +1377,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     student = model_io.load(student_path)
     from onnxcomp import inputs
 
-    inputs.check_output(output, reads=[teacher_path, student_path, data, val_path], model=student)
+    inputs.check_output(output, reads=[teacher_path, student_path, *data, val_path], model=student)
     values = _head_values(head, "classify", hidden, epochs, lr, weight_decay, patience, seed, batch_size)
     values.update({"at": at, "temperature": temperature, "labels_weight": labels_weight,
                    "teacher_output": teacher_output, "cache": not no_cache})
@@ -1386,7 +1386,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     sources = [open_data(path, specs) for path in data]
     val_source = open_data(val_path, specs) if val_path else None
     result = distill(teacher, student, sources, options, val_data=val_source, threads=threads)
-    saved = model_io.save(result.model, output, inputs=[teacher_path, student_path, data, val_path])
+    saved = model_io.save(result.model, output, inputs=[teacher_path, student_path, *data, val_path])
     report = dict(result.report, output=str(saved))
     html_report(
         report, report_path, [student_path, str(saved)], ["student", "distilled"], data=sources[0],
