@@ -1457,7 +1457,8 @@ def prune(
     from onnxcomp import model as model_io
     from onnxcomp.data import parse_shapes
     from onnxcomp.passes import parse_options
-    from onnxcomp.prune.api import BudgetError, PruneOptions
+    from onnxcomp.prune.api import PruneOptions
+    from onnxcomp.prune.budget import BudgetError
     from onnxcomp.prune.api import prune as run_prune
 
     values = dict(

@@ -27,6 +27,7 @@ from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
 from onnxcomp.prune import numerics as pn
+from onnxcomp.prune.budget import fall_back, make_judge
 
 logger = logging.getLogger(__name__)
 
@@ -265,45 +266,6 @@ def _unstructured(model, reference, options, method, reconstruct, data, judge):
     return model, report
 
 
-def make_judge(reference: ir.Model, judge_data: DataSource, options: PruneOptions):
-    """The drop of a candidate against ``reference`` on ``judge_data``, held to ``--max-drop``."""
-    from onnxcomp import search
-
-    return search.Judge(
-        reference,
-        judge_data,
-        metric=options.metric,
-        max_drop=options.max_drop,
-        batch_size=options.batch_size,
-        limit=options.check_samples,
-        threads=options.threads,
-    )
-
-
-def fall_back(first_build, order, build, judge, options, what: str):
-    """Bisect over ``order`` (most sensitive first) for the fewest names to spare so that the
-    drop holds ``--max-drop`` (the search module's fallback); returns the result and the
-    report's ``check`` (the comparison, the verdict, the rounds)."""
-    from onnxcomp import search
-
-    verdict, comparison = judge(first_build.model)
-    result = search.bisect_fallback(search.Fallback(order, build), judge, (first_build, verdict, comparison))
-    if not result.verdict.passed:
-        raise BudgetError(
-            f"--max-drop {options.max_drop}: the drop stays {result.verdict.drop:.4f} "
-            f"({result.verdict.metric}) even with the most sensitive {what} spared; nothing saved"
-        )
-    check = result.comparison.to_json()
-    check.update(
-        data=result.comparison.data,
-        drop=result.verdict.drop,
-        drop_metric=result.verdict.metric,
-        verdict=result.verdict.to_json(),
-        rounds=[{"spared": r["float_layers"], "drop": r["drop"]} for r in result.history],
-    )
-    return result, check
-
-
 def _within_budget(model, reference, targets, cfg, data, judge_data, options):
     """Prune all targets; when the drop exceeds ``max_drop``, spare the layers that lose most of
     their output (relative error on the calibration data), as few as bisection finds."""
@@ -329,10 +291,6 @@ def _within_budget(model, reference, targets, cfg, data, judge_data, options):
 
 def _sensitivity(row: dict[str, Any]) -> float:
     return float(row.get("relative_error", 0.0))
-
-
-class BudgetError(OnnxcompError):
-    """--max-drop cannot be met: nothing is written (exit 1)."""
 
 
 class PrunePass(ir.passes.FunctionalPass):

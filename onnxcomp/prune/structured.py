@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import capture, layerwise
+from onnxcomp import capture, layerwise, ops
 from onnxcomp import graph as g
 from onnxcomp import model as model_io
-from onnxcomp import ops
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.prune.budget import fall_back, make_judge
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ def apply_cuts(
         _set(w_value, new.astype(w.dtype))
         solved.add(id(w_value))
         report.append({"node": g.label(node), "inputs_removed": len(in_cut), "relative_error": error})
-    for key, (value, axis, positions) in cuts.items():
+    for value, axis, positions in cuts.values():
         if id(value) in solved:  # a consumer: its rows were cut together with its columns
             continue
         _set(value, np.delete(value.const_value.numpy(), sorted(positions), axis=axis))
@@ -550,7 +550,6 @@ def _within_budget(model, reference, groups, data, options, judge_data):
     """Cut all groups; when the drop exceeds ``max_drop``, spare the groups whose consumers lose
     most (relative least-squares error), as few as bisection finds."""
     from onnxcomp import search
-    from onnxcomp.prune.api import fall_back, make_judge
 
     how = options.importance if options.importance != "bn" else "l2"
 
