@@ -1458,8 +1458,8 @@ def prune(
     from onnxcomp.data import parse_shapes
     from onnxcomp.passes import parse_options
     from onnxcomp.prune.api import PruneOptions
-    from onnxcomp.prune.budget import BudgetError
     from onnxcomp.prune.api import prune as run_prune
+    from onnxcomp.prune.budget import BudgetError
 
     values = dict(
         sparsity=sparsity, method=method, scope=scope, pattern=pattern, threshold=threshold,
