@@ -1387,8 +1387,6 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
     Exit codes: 0 best model written; 1 no trial met --max-drop (the closest written as
     OUTPUT.closest.onnx); 2 bad input; 130 interrupted (the best so far written).
     """
-    import shutil
-
     from onnxcomp.tune import NoSolution, TuneOptions, parse_duration, pareto_table, plot
     from onnxcomp.tune import tune as run_tune
 
@@ -1408,7 +1406,11 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
         exit_code = 130
     report = result.to_json()
     if recipe_out and result.recipe:
-        shutil.copyfile(result.recipe, recipe_out)
+        text = Path(result.recipe).read_text(encoding="utf-8")
+        Path(recipe_out).write_text(
+            text.replace(f"onnxcomp run {Path(result.recipe).name}", f"onnxcomp run {Path(recipe_out).name}"),
+            encoding="utf-8",
+        )
         report["recipe"] = str(recipe_out)
     png = plot(result, result.run_dir / "pareto.png")
     report["plot"] = str(png) if png else None

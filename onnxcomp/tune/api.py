@@ -435,15 +435,16 @@ class Tuner:
             for r in self.records:
                 sampler.observe(r["config"], _score(r, opts.objective))
             tried = {_key(r["config"]): r for r in self.records}
-            seeds = [c for c in self.space.greedy() if _key(c) not in tried]
             while len(self.records) < opts.trials:
                 if self.deadline is not None and self.records and time.perf_counter() >= self.deadline:
                     stopped = "time budget"
                     break
                 want = min(self.runner.workers, opts.trials - len(self.records))
                 batch: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
-                while seeds and len(batch) < want:
-                    batch.append((seeds.pop(0), None))
+                # The greedy seed, one step at a time (each step looks at the results so far;
+                # it never fills a parallel batch on its own guess).
+                if not batch:
+                    batch = [(c, None) for c in self.space.greedy(tried)]
                 attempts = 0
                 while len(batch) < want and attempts < 50:
                     attempts += 1

@@ -62,19 +62,50 @@ class Space:
         c["keep_float"] = min(int(c.get("keep_float") or 0), max(self.keep_float_choices))
         return c
 
-    def greedy(self) -> list[dict[str, Any]]:
-        """The seed: the cheap, usually good configurations first, then each lever alone."""
-        seeds = []
-        for q in self.quantize:
-            if q != "none":
-                seeds.append({"prune": "none", "ratio": 0.0, "quantize": q, "calibration": "minmax", "keep_float": 0})
-        seeds.append({"prune": "none", "ratio": 0.0, "quantize": "none", "calibration": None, "keep_float": 0})
+    def greedy(self, tried: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """The next greedy seeds, given the trials so far (``tried``: canonical key -> record):
+        each lever alone (every quantize mode, the cleaned-up graph, structured ratios from
+        small to large, stopping at the first that misses the budget), then the largest passing
+        ratio combined with the fastest passing quantize mode, then static with the most
+        sensitive layer float if static missed. [] when the seed is done."""
+        import json
+
+        def rec(config):
+            return tried.get(json.dumps(self.canonical(config), sort_keys=True))
+
+        base = {"prune": "none", "ratio": 0.0, "quantize": "none", "calibration": None, "keep_float": 0}
+        alone = [
+            {**base, "quantize": q, "calibration": "minmax"} for q in self.quantize if q != "none"
+        ]
+        if "none" in self.quantize:
+            alone.append(dict(base))
+        for config in alone:
+            if config["prune"] in self.prune and config["quantize"] in self.quantize and rec(config) is None:
+                return [self.canonical(config)]
+        best_ratio = None
         if "structured" in self.prune:
-            for r in self.ratios[:2]:
-                seeds.append({"prune": "structured", "ratio": r, "quantize": "none", "calibration": None, "keep_float": 0})
-        if "static" in self.quantize and self.keep_float_choices[-1] > 0:
-            seeds.append({"prune": "none", "ratio": 0.0, "quantize": "static", "calibration": "minmax", "keep_float": 1})
-        return [self.canonical(s) for s in seeds if s["prune"] in self.prune and s["quantize"] in self.quantize]
+            q0 = "none" if "none" in self.quantize else self.quantize[0]
+            for r in self.ratios:
+                config = {**base, "prune": "structured", "ratio": r, "quantize": q0, "calibration": "minmax"}
+                record = rec(config)
+                if record is None:
+                    return [self.canonical(config)]
+                if not record.get("passed"):
+                    break
+                best_ratio = r
+        quant = [rec(c) for c in alone if c["quantize"] != "none"]
+        quant = [r for r in quant if r and r.get("passed") and r.get("latency_ratio") is not None]
+        if best_ratio is not None and quant and "none" in self.quantize:
+            fastest = min(quant, key=lambda r: r["latency_ratio"])
+            config = {**fastest["config"], "prune": "structured", "ratio": best_ratio}
+            if rec(config) is None:
+                return [self.canonical(config)]
+        static = rec({**base, "quantize": "static", "calibration": "minmax"}) if "static" in self.quantize else None
+        if static is not None and not static.get("passed") and self.keep_float_choices[-1] > 0:
+            config = {**base, "quantize": "static", "calibration": "minmax", "keep_float": 1}
+            if rec(config) is None:
+                return [self.canonical(config)]
+        return []
 
 
 def steps(config: dict[str, Any], layers: list[str], seed: int = 0) -> list[dict[str, Any]]:
