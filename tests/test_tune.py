@@ -126,3 +126,13 @@ def test_ray_runs_trials_on_a_local_ray(tmp_path):
     finally:
         ray.shutdown()
     assert len(result.trials) == 2 and result.passed
+
+
+def test_without_optuna_the_random_search_is_seeded(monkeypatch):
+    from onnxcomp.tune.api import Sampler
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if it were not installed
+    choices = {"prune": ["none", "structured"], "ratio": [0.1, 0.2, 0.3], "keep_float": [0, 1, 2]}
+    first, second = Sampler(choices, seed=3), Sampler(choices, seed=3)
+    assert first.kind == "random"
+    assert [first.suggest() for _ in range(5)] == [second.suggest() for _ in range(5)]
