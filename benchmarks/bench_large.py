@@ -105,11 +105,70 @@ def _child(target, src: Path, dst: Path) -> tuple[float, float, float]:
     return result
 
 
+def _command(args: list[str]) -> tuple[float, float, int]:
+    """Run ``onnxcomp ARGS`` in a child: (wall seconds, peak RSS MB of that child, exit code)."""
+    import os
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    code = "import sys; from onnxcomp.cli import main; sys.argv[0] = 'onnxcomp'; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode
+
+
+def commands(src: Path, work: Path, size: int) -> None:
+    """The commands users run, each in its own process: wall time and peak memory."""
+    x = work / "x.npz"
+    np.savez(x, x=np.random.default_rng(2).standard_normal((2, 8192)).astype(np.float32))
+    runs = [
+        ("inspect", ["inspect", str(src)]),
+        (
+            "optimize (self-check on 2 samples)",
+            [
+                "optimize",
+                str(src),
+                "-o",
+                str(work / "opt" / "large.onnx"),
+                "--no-bench",
+                "--data",
+                str(x),
+            ],
+        ),
+        (
+            "quantize --mode weight-only (int4)",
+            [
+                "quantize",
+                str(src),
+                "-o",
+                str(work / "wo" / "large.onnx"),
+                "--mode",
+                "weight-only",
+                "--data",
+                str(x),
+                "--eval-data",
+                str(x),
+            ],
+        ),
+    ]
+    print(f"\n{'command':38} {'wall s':>8} {'peak RSS MB':>12} {'x weights':>10} {'exit':>5}")
+    for name, args in runs:
+        seconds, peak, code = _command(args)
+        print(
+            f"{name:38} {seconds:8.1f} {peak:12.0f} {peak * 2**20 / size:10.2f} {code:5d}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.2, help="weight size to build (GB)")
     parser.add_argument("--workdir", default="/tmp/onnxcomp-large")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    parser.add_argument(
+        "--commands", action="store_true", help="also time inspect, optimize, weight-only quantize"
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -143,6 +202,8 @@ def main() -> None:
     print(
         f"\nweights {size / 1e6:.0f} MB; onnxcomp output identical to input in onnxruntime: {same}"
     )
+    if args.commands:
+        commands(src, work, size)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

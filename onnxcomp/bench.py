@@ -12,6 +12,7 @@ imports through ``/proc/self/clear_refs``; elsewhere ``ru_maxrss``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import gc
 import json
@@ -529,23 +530,70 @@ def peak_memory(model: ModelLike, feeds: Mapping[str, np.ndarray], *, threads: i
         feeds_path = os.path.join(tmpdir, "feeds.npz")
         np.savez(feeds_path, **feeds)
         result_path = os.path.join(tmpdir, "result.json")
-        args = {"model": model_path, "feeds": feeds_path, "threads": threads, "result": result_path}
+        args = {
+            "model": model_path,
+            "feeds": feeds_path,
+            "threads": threads,
+            "result": result_path,
+            "parent": os.getpid(),
+        }
         # The child must import this very onnxcomp, installed or not.
         package_root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.run(
-            [sys.executable, "-m", "onnxcomp.bench", json.dumps(args)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
+        command = [sys.executable, "-m", "onnxcomp.bench", json.dumps(args)]
+        proc = None
+        try:
+            with _signals_held():  # a signal raised inside Popen() would orphan the child
+                proc = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                )
+            _, stderr = proc.communicate(timeout=600)
+        except BaseException:  # timeout, Ctrl-C, SIGTERM: the child ends with us
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            raise
         if proc.returncode != 0 or not os.path.exists(result_path):
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = (stderr.strip().splitlines() or ["no output"])[-1]
             raise OnnxcompError(f"memory child process failed (exit {proc.returncode}: {tail})")
         result = json.loads(Path(result_path).read_text())
     return max(0, result["peak_kb"] - result["baseline_kb"]) * 1024
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM (delivered on exit from the block) where the platform can."""
+    import signal
+    import threading
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """In the memory child, Linux only: get SIGTERM when onnxcomp ends, however it ends (a
+    signal that lands while the child starts, or SIGKILL, would otherwise orphan it)."""
+    import ctypes
+    import signal
+
+    if hasattr(signal, "pthread_sigmask"):  # the parent held these while starting us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        sys.exit(1)
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -571,6 +619,7 @@ def _reset_peak() -> bool:
 
 
 def _memory_child(args: dict[str, Any]) -> None:
+    _die_with_parent(args.get("parent"))
     with np.load(args["feeds"]) as npz:
         feeds = {k: npz[k] for k in npz.files}
     if _reset_peak():

@@ -16,21 +16,126 @@ from typing import Any
 import click
 import numpy as np
 
-from onnxcomp.errors import OnnxcompError
-
-EXIT_USER_ERROR = 2
-EXIT_CHECK_FAILED = 1
+from onnxcomp.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERNAL_ERROR,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USER_ERROR,
+    CheckFailed,
+    OnnxcompError,
+    Terminated,
+)
 
 
 class _Group(click.Group):
+    """Turns every way a command can end into its documented exit code (see onnxcomp.errors).
+
+    A user's mistake is one ``error:`` line (exit 2); a check that failed exits 1; anything else
+    is an internal error: one line with where it happened (exit 3), the traceback with --debug.
+    SIGTERM raises Terminated so temporary files are removed before exit 143; Ctrl-C exits 130.
+    """
+
     def invoke(self, ctx: click.Context) -> Any:
+        _TERMINATED.clear()
+        previous = _install_sigterm()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if _TERMINATED:  # the handler's exception was swallowed (e.g. in an at-fork hook)
+                raise Terminated()
+            return result
+        except click.UsageError as err:
+            # click's own usage errors as one line too, like every other mistake.
+            message = err.format_message()
+            message = message[:1].lower() + message[1:]
+            sub = err.ctx.info_name if err.ctx is not None and err.ctx.parent is not None else None
+            command = f"onnxcomp {sub} --help" if sub else "onnxcomp --help"
+            click.echo(f"error: {' '.join(message.split())} (see {command})", err=True)
+            ctx.exit(EXIT_USER_ERROR)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except CheckFailed as err:
+            if _debug(ctx):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(EXIT_CHECK_FAILED)
         except OnnxcompError as err:
-            if ctx.obj and ctx.obj.get("debug"):
+            if _debug(ctx):
                 raise
             click.echo(f"error: {err}", err=True)
             ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(EXIT_SIGINT)
+        except Terminated:
+            click.echo("error: terminated", err=True)
+            ctx.exit(EXIT_SIGTERM)
+        except MemoryError:
+            if _debug(ctx):
+                raise
+            click.echo(
+                "error: out of memory; use fewer or smaller samples (--batch-size, --limit, "
+                "--calibration-samples) or a smaller --shape",
+                err=True,
+            )
+            ctx.exit(EXIT_USER_ERROR)
+        except Exception as err:
+            if _debug(ctx):
+                raise
+            click.echo(f"internal error: {_where(err)}", err=True)
+            click.echo("rerun with --debug for the traceback, and please report it", err=True)
+            ctx.exit(EXIT_INTERNAL_ERROR)
+        finally:
+            _restore_sigterm(previous)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+def _where(err: BaseException) -> str:
+    """``Type: first line of the message (file.py:line in function)``, cut to one short line."""
+    import traceback
+
+    lines = str(err).strip().splitlines()
+    message = lines[0][:200] if lines else ""
+    frames = traceback.extract_tb(err.__traceback__)
+    place = ""
+    if frames:
+        last = frames[-1]
+        place = f" ({Path(last.filename).name}:{last.lineno} in {last.name})"
+    return f"{type(err).__name__}: {message}{place}" if message else f"{type(err).__name__}{place}"
+
+
+_TERMINATED: list[int] = []  # non-empty once SIGTERM arrived
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated()
+
+
+def _install_sigterm() -> Any:
+    """Route SIGTERM through an exception (main thread only; None when not installed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):
+            pass
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -249,10 +354,12 @@ def validate(
 
     Exit codes: 0 passed (or no --max-drop); 1 the drop exceeds --max-drop; 2 bad input.
     """
+    from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
     from onnxcomp.evaluate import compare, load_metric
 
+    inputs.check_numbers(samples=samples, batch_size=batch_size, limit=limit, max_drop=max_drop, threads=threads)
     ref = model_io.load(reference)
     model_io.load(candidate)  # fail early, with the file's name, on a bad candidate
     measure = load_metric(metric)
@@ -580,8 +687,11 @@ def bench(models, threads, runs, warmup, data, batch_size, shapes, no_memory, as
     """
     import contextlib
 
+    from onnxcomp import inputs
     from onnxcomp.bench import benchmark, progress_steps
     from onnxcomp.data import parse_shapes
+
+    inputs.check_numbers(threads=threads, runs=runs, warmup=warmup, batch_size=batch_size)
 
     memory = not no_memory
     with contextlib.ExitStack() as stack:
@@ -677,12 +787,14 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     inputs); a rewrite that moves an output beyond --tolerance and beyond what fp32 noise explains
     (judged on a float64 run of the input) is left out and named in a note; the rest is kept.
     """
+    from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data, parse_shapes
     from onnxcomp.optimize import OptimizeOptions
     from onnxcomp.optimize import optimize as run_optimize
     from onnxcomp.passes import parse_options
 
+    inputs.check_numbers(tolerance=tolerance, runs=runs)
     model = model_io.load(model_path)
     parsed = parse_shapes(shapes)
     values: dict[str, Any] = {"skip": list(skip), "shapes": parsed}
@@ -693,9 +805,12 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
     if no_upgrade_opset:
         values["upgrade_opset"] = False
     options = parse_options(OptimizeOptions, values, "optimize")
+    inputs.check_output(output, reads=[model_path, data], model=model)
+    if report_path:
+        inputs.check_output(report_path, reads=[model_path, data, output], model=model, option="--report")
     source = open_data(data, model_io.input_specs(model), shapes=parsed) if data else None
     result, report = run_optimize(model, options, source)
-    saved = model_io.save(result, output, inputs=[model_path])
+    saved = model_io.save(result, output, inputs=[model_path, data])
     report["size_bytes"] = {"before": Path(model_path).stat().st_size, "after": saved.stat().st_size}
     report["output"] = str(saved)
     if not no_bench:
@@ -822,9 +937,10 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
     help="Also write a recipe that replays this run's decision (mode, layers kept float, clean-up "
     "rules) with `onnxcomp run`, without timing anything again.",
 )
+@click.option("--force", is_flag=True, help="Write the result even when the self-check finds it broken.")
 @report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **flags):
+def quantize(model_path, output, shapes, recipe_out, force, report_path, as_json, **flags):
     """Quantize MODEL to int8 and write it to OUTPUT, with a per-layer report.
 
     Static QDQ places Q/DQ only where onnxruntime runs integer kernels; --mode auto (the default)
@@ -832,8 +948,10 @@ def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **fla
     within --max-drop (default 0.01; 0.005 of cosine), or the input model when nothing is faster.
     Timings under load can tie: --recipe-out pins the decision for `onnxcomp run`.
 
-    Exit codes: 0 written; 1 --max-drop cannot be met (nothing written); 2 bad input.
+    Exit codes: 0 written; 1 --max-drop cannot be met or the self-check finds the result broken
+    (nothing written; --force writes it anyway); 2 bad input; 3 internal error.
     """
+    from onnxcomp import inputs
     from onnxcomp import model as model_io
     from onnxcomp.data import parse_shapes
     from onnxcomp.passes import parse_options
@@ -841,6 +959,9 @@ def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **fla
     from onnxcomp.quantize.auto import BudgetError
     from onnxcomp.recipe import decision_recipe, write_recipe
 
+    inputs.check_numbers(
+        **{k: flags.get(k) for k in ("threads", "max_drop", "calibration_samples", "batch_size")}
+    )
     # Only the flags given: the dataclass holds every default. Parsed like a recipe step, so a
     # bad value gets the same one-line error naming the flag.
     values = {k: v for k, v in flags.items() if v is not None}
@@ -850,13 +971,28 @@ def quantize(model_path, output, shapes, recipe_out, report_path, as_json, **fla
         values["shapes"] = parse_shapes(shapes)
     options = parse_options(QuantizeOptions, values, "quantize")
     model = model_io.load(model_path)
+    inputs.check_not_quantized(model, model_path)
+    reads = [model_path, flags.get("data"), flags.get("eval_data")]
+    inputs.check_output(output, reads=reads, model=model)
+    for option, path in (("--recipe-out", recipe_out), ("--report", report_path)):
+        if path:
+            inputs.check_output(path, reads=[*reads, output], model=model, option=option)
     try:
         built = quantize_built(model, options)
     except BudgetError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
     report = built.report
-    saved = model_io.save(built.model, output, inputs=[model_path])
+    broken = inputs.broken_reason(report.get("check"))
+    if broken and not force:
+        raise CheckFailed(
+            f"the result is broken by onnxcomp's own check: {broken}; nothing written "
+            "(--force writes it anyway)"
+        )
+    if broken:
+        report.setdefault("warnings", []).append(f"written with --force although broken: {broken}")
+        click.echo(f"warning: written with --force although broken: {broken}", err=True)
+    saved = model_io.save(built.model, output, inputs=reads)
     report["output"] = str(saved)
     report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
     if recipe_out:
@@ -1097,9 +1233,10 @@ def _epoch_printer():
 @_head_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--threads", default=1, show_default=True)
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def transfer_fit(model_path, data, val_path, at, pooling, tries, task, val_fraction, head, hidden, epochs, lr,
-                 weight_decay, patience, batch_size, seed, no_cache, output, threads, as_json):
+                 weight_decay, patience, batch_size, seed, no_cache, output, threads, report_path, as_json):
     """Train a new head on MODEL's features (numpy) and splice it on as ONNX nodes.
 
     The output model gives `probabilities` [N, K] and `label` (int64) for --task classify, or
@@ -1111,6 +1248,9 @@ def transfer_fit(model_path, data, val_path, at, pooling, tries, task, val_fract
     from onnxcomp.transfer import FitOptions, fit
 
     model = model_io.load(model_path)
+    from onnxcomp import inputs
+
+    inputs.check_output(output, reads=[model_path, data, val_path], model=model)
     values = _head_values(head, task, hidden, epochs, lr, weight_decay, patience, seed, batch_size)
     values.update({"at": at, "pooling": pooling, "tries": tries, "val_fraction": val_fraction, "cache": not no_cache})
     options = parse_options(FitOptions, values, "transfer fit")
@@ -1121,8 +1261,9 @@ def transfer_fit(model_path, data, val_path, at, pooling, tries, task, val_fract
     result = fit(model, source, options, val_data=val_source, threads=threads, progress=progress)
     if progress:
         click.echo(err=True)
-    saved = model_io.save(result.model, output, inputs=[model_path])
+    saved = model_io.save(result.model, output, inputs=[model_path, data, val_path])
     report = dict(result.report, output=str(saved))
+    html_report(report, report_path, [model_path, str(saved)], ["input", "fitted"], data=source, threads=threads)
     if as_json:
         emit_json(report)
         return
@@ -1201,9 +1342,11 @@ def transfer_structure(model_path, classes, reinit, seed, output, as_json):
 @_head_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--threads", default=1, show_default=True)
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def distill_command(teacher_path, student_path, data, val_path, at, temperature, labels_weight, teacher_output,
-                    head, hidden, epochs, lr, weight_decay, patience, batch_size, seed, no_cache, output, threads, as_json):
+                    head, hidden, epochs, lr, weight_decay, patience, batch_size, seed, no_cache, output, threads,
+                    report_path, as_json):
     """Train the student's head on the teacher's soft outputs (KL at T + CE on labels)."""
     from onnxcomp import model as model_io
     from onnxcomp.data import open_data
@@ -1212,6 +1355,9 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 
     teacher = model_io.load(teacher_path)
     student = model_io.load(student_path)
+    from onnxcomp import inputs
+
+    inputs.check_output(output, reads=[teacher_path, student_path, data, val_path], model=student)
     values = _head_values(head, "classify", hidden, epochs, lr, weight_decay, patience, seed, batch_size)
     values.update({"at": at, "temperature": temperature, "labels_weight": labels_weight,
                    "teacher_output": teacher_output, "cache": not no_cache})
@@ -1220,8 +1366,12 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     sources = [open_data(path, specs) for path in data]
     val_source = open_data(val_path, specs) if val_path else None
     result = distill(teacher, student, sources, options, val_data=val_source, threads=threads)
-    saved = model_io.save(result.model, output, inputs=[teacher_path, student_path])
+    saved = model_io.save(result.model, output, inputs=[teacher_path, student_path, data, val_path])
     report = dict(result.report, output=str(saved))
+    html_report(
+        report, report_path, [student_path, str(saved)], ["student", "distilled"], data=sources[0],
+        threads=threads,
+    )
     if as_json:
         emit_json(report)
         return
@@ -1268,10 +1418,11 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before pruning.")
 @shape_option
 @click.option("--threads", default=1, show_default=True)
+@report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(
     model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, reconstruct, data,
-    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, as_json,
+    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
 ):
     """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
 
@@ -1297,14 +1448,21 @@ def prune(
     )  # fmt: skip
     options = parse_options(PruneOptions, {k: v for k, v in values.items() if v is not None}, "prune")
     model = model_io.load(model_path)
+    from onnxcomp import inputs
+
+    inputs.check_output(output, reads=[model_path, data, eval_data], model=model)
     try:
         result, report = run_prune(model, options, data=data, eval_data=eval_data)
     except BudgetError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-    saved = model_io.save(result, output, inputs=[model_path])
+    saved = model_io.save(result, output, inputs=[model_path, data, eval_data])
     report["output"] = str(saved)
     report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    html_report(
+        report, report_path, [model_path, str(saved)], ["input", "pruned"], data=eval_data or data,
+        shapes=options.shapes, threads=threads,
+    )
     if as_json:
         emit_json(report)
     else:

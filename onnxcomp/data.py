@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,15 @@ from onnxcomp.model import InputSpec
 logger = logging.getLogger(__name__)
 
 LABELS = "labels"
+
+# Random inputs of one sample may take at most this much memory (a declared input of
+# [1, 100000, 100000] floats would be 37 GiB): beyond it, real data or a smaller --shape is asked for.
+RANDOM_BUDGET_BYTES = 1 << 30
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(text)} chars)"
 
 
 @dataclasses.dataclass
@@ -75,10 +85,84 @@ class DataSource(abc.ABC):
             )
         for name, (dtype, shape) in self.sample_signature().items():
             check_array_fits(self.name, wanted[name], dtype, shape)
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Raise OnnxcompError when an input holds NaN or infinity (sources read from files)."""
+        return
 
     @abc.abstractmethod
     def sample_signature(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """dtype and full shape (samples first) of each input array."""
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise OnnxcompError(f"--batch-size {batch_size}: must be at least 1")
+
+
+# Arrays are scanned for NaN and infinity this many bytes at a time (memory stays bounded).
+_SCAN_BYTES = 64 << 20
+
+
+def check_finite(array: np.ndarray, where: str) -> None:
+    """Raise OnnxcompError naming the first sample that holds NaN or infinity."""
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(
+        array.dtype, np.complexfloating
+    ):
+        return
+    if array.ndim == 0:
+        if not np.isfinite(array):
+            raise OnnxcompError(f"{where}: holds {array.item()} (NaN or infinity)")
+        return
+    row_bytes = max(1, array[:1].nbytes)
+    step = max(1, _SCAN_BYTES // row_bytes)
+    for start in range(0, len(array), step):
+        chunk = np.asarray(array[start : start + step])
+        bad = ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if bad.any():
+            first = start + int(np.argmax(bad))
+            count = int(bad.sum())
+            raise OnnxcompError(
+                f"{where}: sample {first} holds NaN or infinity ({count} bad sample(s) in "
+                f"samples {start}..{start + len(chunk) - 1}); clean the data first"
+            )
+
+
+def check_labels(labels: np.ndarray, where: str) -> None:
+    """Labels are class indices: integers >= 0, one per sample."""
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise OnnxcompError(
+            f"{where}: shape {list(labels.shape)} looks one-hot; labels are class indices, one "
+            "per sample (e.g. labels.argmax(1))"
+        )
+    if labels.ndim not in (1, 2):
+        raise OnnxcompError(
+            f"{where}: shape {list(labels.shape)}; labels are class indices, one per sample"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        kind = "strings" if labels.dtype.kind in "USO" else str(labels.dtype)
+        raise OnnxcompError(f"{where}: {kind}; labels are integer class indices (e.g. int64)")
+    if labels.size and int(np.min(labels)) < 0:
+        raise OnnxcompError(f"{where}: holds {int(np.min(labels))}; class indices start at 0")
+
+
+def class_labels(labels: np.ndarray, scores: np.ndarray, source: str) -> np.ndarray:
+    """``labels`` checked as class indices for the model output ``scores``, flattened.
+
+    Accuracy against labels that are not class indices is silently 0 (any --max-drop passes),
+    so one-hot, float, string, negative and out-of-range labels are refused naming the file.
+    """
+    where = f"{source}: labels"
+    labels = np.asarray(labels)
+    check_labels(labels, where)
+    labels = labels.reshape(-1)
+    classes = scores.shape[-1] if scores.ndim == 2 else None
+    if classes is not None and labels.size and int(np.max(labels)) >= classes:
+        raise OnnxcompError(
+            f"{where}: label {int(np.max(labels))} is out of range: the model scores {classes} "
+            f"classes (0..{classes - 1})"
+        )
+    return labels
 
 
 def check_array_fits(source: str, spec: InputSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -176,7 +260,12 @@ class NpzData(DataSource):
     def sample_signature(self):
         return {k: (a.dtype, a.shape) for k, a in self._arrays.items() if k != LABELS}
 
+    def check_values(self) -> None:
+        for key in self.input_names:
+            check_finite(self._arrays[key], f"{self.name}: input {key!r}")
+
     def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        self.check_batch_size(batch_size)
         total = self._count if limit is None else min(limit, self._count)
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
@@ -234,6 +323,7 @@ class FolderData(DataSource):
             part.check(specs)
 
     def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        self.check_batch_size(batch_size)
         left = self.num_samples if limit is None else limit
         for part in self.parts:
             if left <= 0:
@@ -274,11 +364,33 @@ class RandomData(DataSource):
         self.shapes: dict[str, tuple[int, ...]] = {}
         for spec in self.specs:
             self.shapes[spec.name] = self._resolve_shape(spec, shapes.get(spec.name))
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Refuse random feeds that would not fit in memory, naming the option to give."""
+        total = 0
+        for spec in self.specs:
+            shape = self.shapes[spec.name]
+            itemsize = spec.dtype.itemsize if spec.dtype != object else 8
+            size = math.prod(shape) * itemsize
+            total += size
+            if total > RANDOM_BUDGET_BYTES:
+                dynamic = spec.shape is None or any(not isinstance(d, int) for d in spec.shape)
+                hint = f", or a smaller shape with --shape {spec.name}=..." if dynamic else ""
+                raise OnnxcompError(
+                    f"random inputs: {spec.name!r} of shape {list(shape)} {spec.dtype} would take "
+                    f"{size / 2**30:.1f} GiB per sample (budget {RANDOM_BUDGET_BYTES / 2**30:.0f} "
+                    f"GiB); give real samples with --data{hint}"
+                )
 
     @staticmethod
     def _resolve_shape(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
         if given is not None:
             given = tuple(int(d) for d in given)
+            if any(d < 1 for d in given):
+                raise OnnxcompError(
+                    f"--shape {spec.name}: {list(given)}: every dim must be a positive integer"
+                )
             if spec.shape is not None:
                 if len(given) != len(spec.shape):
                     raise OnnxcompError(
@@ -323,7 +435,11 @@ class RandomData(DataSource):
             for s in self.specs
         }
 
+    def check_values(self) -> None:
+        pass  # drawn finite
+
     def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
+        self.check_batch_size(batch_size)
         # Each "sample" is one feed of the resolved shape (its first axis may be > 1).
         rng = np.random.default_rng(self.seed)
         total = self.samples if limit is None else min(limit, self.samples)
@@ -359,8 +475,12 @@ def parse_shapes(values: Sequence[str]) -> dict[str, list[int]]:
             if not sep or not name:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.lower().split("x")]
+            if any(d < 1 for d in shapes[name]):
+                raise ValueError
         except ValueError:
-            raise OnnxcompError(f"--shape {value!r}: expected NAME=1x3x224x224") from None
+            raise OnnxcompError(
+                f"--shape {_short(value)}: expected NAME=1x3x224x224 (positive integer dims)"
+            ) from None
     return shapes
 
 

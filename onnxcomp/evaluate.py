@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 
 from onnxcomp import runtime
-from onnxcomp.data import Batch, DataSource
+from onnxcomp.data import Batch, DataSource, class_labels
 from onnxcomp.errors import OnnxcompError
 
 Metric = Literal["auto", "accuracy", "top1", "cosine"]
@@ -584,7 +584,7 @@ def compare(
         if batch.labels is not None:
             name = labels_output or _label_output(ref, present)
             if name is not None:
-                labels = np.asarray(batch.labels).reshape(-1)
+                labels = class_labels(batch.labels, ref[name], teacher.data.name)
                 correct_ref += int(np.sum(_predict(ref[name]) == labels))
                 correct_cand += int(np.sum(_predict(cand[name]) == labels))
                 labelled += len(labels)
@@ -685,7 +685,7 @@ def evaluate(
                 raise OnnxcompError(
                     "metric accuracy: no output holds class scores or integer predictions"
                 )
-            labels = np.asarray(batch.labels).reshape(-1)
+            labels = class_labels(batch.labels, outputs[name], data.name)
             s, n = float(np.sum(_predict(outputs[name]) == labels)), len(labels)
         total += s
         count += n

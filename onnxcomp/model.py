@@ -21,6 +21,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
 
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.inputs import check_output, os_error
+from onnxcomp.inputs import external_data_files as external_data_files  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,106 @@ def load(path: str | os.PathLike) -> ir.Model:
     _check_external_data(model, path)
     _check_tensor_sizes(model, path)
     _check_references(model, path)
+    _check_acyclic(model, path)
+    _check_arity(model, path)
+    _check_weights(model, path)
     return model
+
+
+def _check_acyclic(model: ir.Model, path: Path) -> None:
+    """The nodes of each graph must have an order (a cycle makes every pass loop or fail)."""
+    for graph in model.graphs():
+        nodes = list(graph)
+        index = {id(node): i for i, node in enumerate(nodes)}
+        waiting = [0] * len(nodes)
+        users: list[list[int]] = [[] for _ in nodes]
+        for i, node in enumerate(nodes):
+            for value in node.inputs:
+                producer = value.producer() if value is not None else None
+                if producer is not None and id(producer) in index:
+                    waiting[i] += 1
+                    users[index[id(producer)]].append(i)
+        ready = [i for i, n in enumerate(waiting) if n == 0]
+        done = 0
+        while ready:
+            i = ready.pop()
+            done += 1
+            for j in users[i]:
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    ready.append(j)
+        if done < len(nodes):
+            stuck = next(nodes[i] for i, n in enumerate(waiting) if n > 0)
+            raise OnnxcompError(
+                f"{path}: the graph has a cycle through node {_node_name(stuck)} "
+                "(an output feeds back into its own inputs); the model is corrupt"
+            )
+
+
+def _node_name(node: ir.Node) -> str:
+    """``'conv1' (Conv)``, or ``(unnamed Conv)``."""
+    return f"{node.name!r} ({node.op_type})" if node.name else f"(unnamed {node.op_type})"
+
+
+def _check_arity(model: ir.Model, path: Path) -> None:
+    """Standard ops must have the inputs and outputs their ONNX schema requires."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            continue
+        version = model.opset_imports.get(
+            domain, model.opset_imports.get("ai.onnx" if domain == "" else domain)
+        )
+        try:
+            schema = onnx.defs.get_schema(
+                node.op_type, int(version or 1), "" if domain == "ai.onnx" else domain
+            )
+        except Exception:  # unknown op or opset: onnxruntime judges it later
+            continue
+        given = len(node.inputs)
+        missing = given < schema.min_input or any(
+            i < given and node.inputs[i] is None and formal.option == _SINGLE
+            for i, formal in enumerate(schema.inputs)
+        )
+        if missing:
+            raise OnnxcompError(
+                f"{path}: node {_node_name(node)} has {given} input(s); "
+                f"{node.op_type} needs at least {schema.min_input}"
+                + (
+                    f" ({', '.join(f.name for f in schema.inputs[: schema.min_input])})"
+                    if schema.inputs
+                    else ""
+                )
+            )
+        if len(node.outputs) < schema.min_output:
+            raise OnnxcompError(
+                f"{path}: node {_node_name(node)} has {len(node.outputs)} "
+                f"output(s); {node.op_type} needs at least {schema.min_output}"
+            )
+
+
+_SINGLE = onnx.defs.OpSchema.FormalParameterOption.Single
+
+# Ops whose second input is a weight; a weight without elements computes nothing.
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _check_weights(model: ir.Model, path: Path) -> None:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if (
+            node.op_type not in _WEIGHTED
+            or node.domain not in ("", "ai.onnx")
+            or len(node.inputs) < 2
+        ):
+            continue
+        weight = node.inputs[1]
+        tensor = weight.const_value if weight is not None else None
+        if tensor is not None and math.prod(tensor.shape.numpy()) == 0:
+            raise OnnxcompError(
+                f"{path}: node {_node_name(node)} has the empty weight "
+                f"{weight.name!r} of shape {list(tensor.shape.numpy())}; the layer computes "
+                "nothing (a broken export)"
+            )
 
 
 def _check_references(model: ir.Model, path: Path) -> None:
@@ -105,6 +206,12 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
         if not isinstance(tensor, ir.ExternalTensor):
             continue
         data_path = Path(tensor.path)
+        folder = path.resolve().parent
+        if Path(tensor.location).is_absolute() or folder not in data_path.resolve().parents:
+            raise OnnxcompError(
+                f"{path}: external data file {tensor.location!r} of tensor {value.name!r} lies "
+                "outside the model's folder, which onnxruntime refuses; move it beside the model"
+            )
         if not data_path.exists():
             raise OnnxcompError(
                 f"{path}: external data file {tensor.location!r} of tensor {value.name!r} "
@@ -127,6 +234,12 @@ def _check_tensor_sizes(model: ir.Model, path: Path) -> None:
     """Each initializer's data must hold as many elements as its dims say (cheap: no decoding)."""
     for _, value in iter_tensors(model):
         tensor = value.const_value
+        if tensor is None:
+            continue
+        if tensor.dtype == ir.DataType.UNDEFINED:
+            raise OnnxcompError(
+                f"{path}: tensor {value.name!r} has data type UNDEFINED (a corrupt file)"
+            )
         try:
             itemsize = tensor.dtype.itemsize
         except TypeError:  # strings: no fixed size
@@ -157,16 +270,6 @@ def _check_tensor_sizes(model: ir.Model, path: Path) -> None:
             )
 
 
-def external_data_files(model: ir.Model) -> set[Path]:
-    """The external data files the model's tensors are read from."""
-    files = set()
-    for _, value in iter_tensors(model):
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            files.add(Path(tensor.path).resolve())
-    return files
-
-
 def weight_bytes(model: ir.Model) -> int:
     """Bytes held by initializers (after constants are lifted, all weights)."""
     total = 0
@@ -177,67 +280,82 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
+def has_external_data(model: ir.Model) -> bool:
+    """True when any initializer is read from an external data file."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for _, v in iter_tensors(model))
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike,
     *,
-    inputs: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike | None] = (),
     external_data: bool | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; never overwrite one of ``inputs``.
 
     Everything is written to a temporary folder beside ``path`` and then renamed into place,
-    so a failure leaves no half-written file. With ``external_data`` (default: when the
-    weights exceed 1.5 GB) the weights go to ``<name>.data`` beside the model. Shapes that
-    ``normalize`` inferred are left out of the file (see INFERRED_SHAPE).
+    so a failure (or a signal: the CLI turns SIGTERM into an exception) leaves no half-written
+    file and no temporary folder. With ``external_data`` the weights go to ``<name>.data``
+    beside the model; by default that happens when the model's weights were read from external
+    data (so the result never points at the input's data file, which may be elsewhere) or
+    exceed 1.5 GB. Shapes that ``normalize`` inferred are left out of the file (see
+    INFERRED_SHAPE).
     """
     path = Path(path)
+    check_output(path, reads=inputs, model=model, option="output")
     target = path.resolve()
-    protected = {Path(p).resolve() for p in inputs} | external_data_files(model)
     if external_data is None:
-        external_data = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = has_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     data_target = target.with_name(data_name)
-    for candidate in (target, data_target) if external_data else (target,):
-        if candidate in protected or (candidate.exists() and _same_file(candidate, protected)):
-            raise OnnxcompError(
-                f"{path}: refusing to overwrite an input file; choose another output"
-            )
-    if target.is_dir():
-        raise OnnxcompError(f"{path}: is a directory; give a file name for the output")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    except OSError as err:
+        raise os_error(path, err) from None
+    inlined: list[tuple[ir.Value, object]] = []
     try:
         tmp_model = tmpdir / path.name
         cleared = _strip_inferred_shapes(model)
         try:
+            if not external_data:
+                inlined = _inline_external(model)
             if external_data:
                 ir.save(model, tmp_model, external_data=data_name)
             else:
                 ir.save(model, tmp_model)
         except OSError as err:
-            raise OnnxcompError(f"{path}: cannot write ({_one_line(err)})") from None
+            raise os_error(path, err) from None
+        except Exception as err:  # protobuf cannot hold a name, attribute or size
+            raise OnnxcompError(f"{path}: cannot serialize the model ({_one_line(err)})") from None
         finally:
             for value, shape, type_ in cleared:
                 value.type = type_
                 value.shape = shape
-        if external_data:
-            os.replace(tmpdir / data_name, data_target)
-        os.replace(tmp_model, target)
+            for value, tensor in inlined:
+                value.const_value = tensor
+        try:
+            if external_data and (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, data_target)
+            os.replace(tmp_model, target)
+        except OSError as err:
+            raise os_error(path, err) from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     logger.info("saved %s", target)
     return target
 
 
-def _same_file(candidate: Path, protected: set[Path]) -> bool:
-    for other in protected:
-        try:
-            if other.exists() and os.path.samefile(candidate, other):
-                return True
-        except OSError:
-            continue
-    return False
+def _inline_external(model: ir.Model) -> list[tuple[ir.Value, object]]:
+    """Read external tensors into memory (for a single-file save); returns what to put back."""
+    replaced = []
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            replaced.append((value, tensor))
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+    return replaced
 
 
 def opset(model: ir.Model) -> int:

@@ -360,12 +360,20 @@ def _concat(node: ir.Node, i: int, axis: int) -> ChannelFlow:
     return _flow(node, i, axis, [ChannelEdge(0, axis, "offset", offset=offset)])
 
 
-def _split(node: ir.Node, i: int, axis: int) -> ChannelFlow:
+def _data_dims(node: ir.Node, i: int, axis: int) -> list[int | None] | ChannelFlow:
+    """The dims of input 0, the data (the other inputs are sizes or indices), or a stop."""
     if i != 0:
-        return _flow(node, i, axis, stop="Split: the split sizes are not data")
+        return _flow(node, i, axis, stop=f"{node.op_type}: input {i} is not data")
     shape = dims(node.inputs[0])
     if shape is None:
-        return _flow(node, i, axis, stop="Split: the input rank is unknown")
+        return _flow(node, i, axis, stop=f"{node.op_type}: the input rank is unknown")
+    return shape
+
+
+def _split(node: ir.Node, i: int, axis: int) -> ChannelFlow:
+    shape = _data_dims(node, i, axis)
+    if isinstance(shape, ChannelFlow):
+        return shape
     along = attr(node, "axis", 0) % len(shape)
     if axis != along:
         return _flow(node, i, axis, [ChannelEdge(o, axis) for o in range(len(node.outputs))])
@@ -390,11 +398,9 @@ def _split(node: ir.Node, i: int, axis: int) -> ChannelFlow:
 
 
 def _slice(node: ir.Node, i: int, axis: int) -> ChannelFlow:
-    if i != 0:
-        return _flow(node, i, axis, stop="Slice: starts/ends are not data")
-    shape = dims(node.inputs[0])
-    if shape is None:
-        return _flow(node, i, axis, stop="Slice: the input rank is unknown")
+    shape = _data_dims(node, i, axis)
+    if isinstance(shape, ChannelFlow):
+        return shape
     r = len(shape)
     parts = [const(v) if v is not None else None for v in node.inputs[1:5]]
     parts += [None] * (4 - len(parts))

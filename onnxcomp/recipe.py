@@ -32,12 +32,25 @@ from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data, parse_shapes
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.evaluate import check_metric
+from onnxcomp.inputs import check_numbers, check_output, shorten
 from onnxcomp.passes import Context, StepReport, get_pass, parse_options, run_pass
 
 logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"version", "input", "output", "data", "shape", "steps", "validate", "threads"}
 VALIDATE_KEYS = {"data", "max_drop", "metric", "limit", "samples"}
+# Numeric options of any step checked for range (threads >= 1, max_drop in [0, 1], ...).
+NUMBER_KEYS = {
+    "threads",
+    "batch_size",
+    "runs",
+    "warmup",
+    "samples",
+    "limit",
+    "calibration_samples",
+    "max_drop",
+    "tolerance",
+}
 
 
 @dataclasses.dataclass
@@ -52,6 +65,21 @@ class Recipe:
     validate: dict[str, Any] | None = None
     threads: int = 1
     source: str = "recipe"
+    path: Path | None = None  # the recipe file, when read from one
+
+    def reads(self) -> list[Path]:
+        """Every file the recipe reads: itself, the input model, every data file."""
+        paths = [self.path, self.input, self.data]
+        for step in self.steps:
+            paths.append(step["data"])
+            options = step["options"]
+            for field in dataclasses.fields(options) if dataclasses.is_dataclass(options) else ():
+                value = getattr(options, field.name)
+                if field.name.endswith("data") and isinstance(value, (str, Path)):
+                    paths.append(value)
+        if self.validate is not None:
+            paths.append(self.validate.get("data"))
+        return [Path(p) for p in paths if p is not None]
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -59,15 +87,106 @@ def read_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise OnnxcompError(f"{path}: no such recipe file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.is_dir():
+        raise OnnxcompError(f"{path}: is a directory, not a recipe file")
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise OnnxcompError(
-            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})"
-        ) from None
-    return parse_recipe(raw, base_dir=path.parent, source=str(path))
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise OnnxcompError(
+                f"{path}: {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes"
+            )
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise OnnxcompError(f"{path}: cannot read ({err.strerror})") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise OnnxcompError(f"{path}: not valid {kind} ({shorten(lines[0], 200)[1:-1]})") from None
+    _check_size(raw, f"{path}")
+    recipe = parse_recipe(raw, base_dir=path.parent, source=str(path))
+    recipe.path = path.resolve()
+    return recipe
+
+
+# Limits of the YAML reader: a recipe is a few hundred bytes; these stop alias bombs and
+# pathological nesting long before they cost time or memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_ALIASES = 100
+MAX_DEPTH = 20
+MAX_VALUES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses more than MAX_ALIASES aliases and nesting deeper than
+    MAX_DEPTH (a 600-byte alias bomb otherwise expands to gigabytes when walked)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D102 - PyYAML's hook
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.YAMLError(
+                    f"more than {MAX_ALIASES} aliases (line {event.start_mark.line + 1}); "
+                    "refused as a possible alias bomb"
+                )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a YAML recipe with alias, depth and size limits (safe types only)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise yaml.YAMLError(f"longer than {MAX_RECIPE_BYTES:,} characters")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _check_size(value: Any, where: str) -> None:
+    """Refuse documents nested deeper than MAX_DEPTH or expanding (aliases followed) to more
+    than MAX_VALUES values; shared nodes are counted once per use but visited once."""
+    sizes: dict[int, int] = {}
+
+    def size(item: Any, depth: int) -> int:
+        if depth > MAX_DEPTH:
+            raise OnnxcompError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if not isinstance(item, (Mapping, list)):
+            return 1
+        if id(item) in sizes:
+            return sizes[id(item)]
+        children = item.values() if isinstance(item, Mapping) else item
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_VALUES:
+                raise OnnxcompError(
+                    f"{where}: expands to more than {MAX_VALUES:,} values (aliases followed); "
+                    "refused as a possible alias bomb"
+                )
+        sizes[id(item)] = total
+        return total
+
+    size(value, 0)
+
+
+def _string_keys(mapping: Mapping, where: str) -> None:
+    for key in mapping:
+        if not isinstance(key, str):
+            raise OnnxcompError(f"{where}: key {shorten(key)} is not a name (keys are strings)")
 
 
 def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -> Recipe:
@@ -75,6 +194,7 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
     base_dir = Path(base_dir)
     if not isinstance(raw, Mapping):
         raise OnnxcompError(f"{source}: a recipe is a mapping with a 'steps' list")
+    _string_keys(raw, source)
     unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
     if unknown:
         raise OnnxcompError(
@@ -92,16 +212,21 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
     def resolve(value: Any, key: str) -> Path | None:
         if value is None:
             return None
-        if not isinstance(value, str):
-            raise OnnxcompError(f"{source}: {key} must be a path, got {value!r}")
+        if not isinstance(value, str) or not value:
+            raise OnnxcompError(f"{source}: {key} must be a path, got {shorten(value)}")
         return (base_dir / value).resolve() if not Path(value).is_absolute() else Path(value)
 
     checked_steps = []
     for index, step in enumerate(steps, start=1):
         if not isinstance(step, Mapping) or "pass" not in step:
             raise OnnxcompError(f"{source}: step {index} must be a mapping with a 'pass' key")
+        _string_keys(step, f"{source}: step {index}")
         step = dict(step)
         name = step.pop("pass")
+        if not isinstance(name, str):
+            raise OnnxcompError(
+                f"{source}: step {index}: pass must be a pass name, got {shorten(name)}"
+            )
         spec = get_pass(name)
         data = resolve(step.pop("data", None), f"step {index} ({name}): data")
         # Paths inside options (e.g. eval_data, teacher_model, a metric file) are relative to the recipe too.
@@ -110,13 +235,22 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
                 step[key] = str(resolve(value, f"step {index} ({name}): {key}"))
             if key == "metric" and isinstance(value, str):
                 step[key] = metric_path(value, base_dir)
-        options = parse_options(spec.options, step, f"{source}: step {index} ({name})")
+        where = f"{source}: step {index} ({name})"
+        options = parse_options(spec.options, step, where)
+        if dataclasses.is_dataclass(options):
+            numbers = {
+                f.name: getattr(options, f.name)
+                for f in dataclasses.fields(options)
+                if f.name in NUMBER_KEYS
+            }
+            check_numbers(where, recipe=True, **numbers)
         checked_steps.append({"pass": name, "options": options, "data": data})
 
     validate = raw.get("validate")
     if validate is not None:
         if not isinstance(validate, Mapping):
             raise OnnxcompError(f"{source}: validate must be a mapping (data, max_drop)")
+        _string_keys(validate, f"{source}: validate")
         unknown = sorted(set(validate) - VALIDATE_KEYS)
         if unknown:
             raise OnnxcompError(
@@ -126,16 +260,18 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
         validate["data"] = resolve(validate.get("data"), "validate: data")
         check_metric(validate.get("metric", "auto"), f"{source}: validate: metric")
         validate["metric"] = metric_path(validate.get("metric", "auto"), base_dir)
-        if validate.get("max_drop") is not None:
+        if isinstance(validate.get("max_drop"), str):
             try:
                 validate["max_drop"] = float(validate["max_drop"])
-            except (TypeError, ValueError):
-                raise OnnxcompError(f"{source}: validate: max_drop must be a number") from None
-    shape_values = raw.get("shape") or []
-    if isinstance(shape_values, Mapping):
-        shapes = {k: [int(d) for d in str(v).split("x")] for k, v in shape_values.items()}
-    else:
-        shapes = parse_shapes(shape_values)
+            except ValueError:
+                raise OnnxcompError(
+                    f"{source}: validate: max_drop must be a number, got {shorten(validate['max_drop'])}"
+                ) from None
+        numbers = {k: validate.get(k) for k in ("max_drop", "limit", "samples")}
+        check_numbers(f"{source}: validate", recipe=True, **numbers)
+    shapes = _parse_shape_key(raw.get("shape"), source)
+    threads = raw.get("threads", 1)
+    check_numbers(source, recipe=True, threads=threads)
     return Recipe(
         input=resolve(raw.get("input"), "input"),
         output=resolve(raw.get("output"), "output"),
@@ -143,9 +279,29 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
         data=resolve(raw.get("data"), "data"),
         shapes=shapes,
         validate=validate,
-        threads=int(raw.get("threads", 1)),
+        threads=int(threads),
         source=source,
     )
+
+
+def _parse_shape_key(value: Any, source: str) -> dict[str, list[int]]:
+    """``shape: {input: 1x3x224x224}`` or ``shape: [input=1x3x224x224]``."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        _string_keys(value, f"{source}: shape")
+        items = [f"{name}={dims}" for name, dims in value.items()]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = value
+    else:
+        raise OnnxcompError(
+            f"{source}: shape must map input names to dims (shape: {{input: 1x3x224x224}}), "
+            f"got {shorten(value)}"
+        )
+    try:
+        return parse_shapes(items)
+    except OnnxcompError as err:
+        raise OnnxcompError(f"{source}: shape: {err}") from None
 
 
 @dataclasses.dataclass
@@ -188,6 +344,7 @@ def run_recipe(
         raise OnnxcompError(f"{recipe.source}: no output path (set 'output' or pass --output)")
     start = time.perf_counter()
     model = model_io.load(recipe.input)
+    check_output(recipe.output, reads=recipe.reads(), model=model, option="output")
     model_io.normalize(model)
     specs = model_io.input_specs(model)
 
@@ -230,7 +387,7 @@ def run_recipe(
         validation["verdict"] = verdict.to_json()
     size_after = None
     if passed:
-        model_io.save(model, recipe.output, inputs=[recipe.input])
+        model_io.save(model, recipe.output, inputs=recipe.reads())
         size_after = recipe.output.stat().st_size
         data_file = recipe.output.with_name(recipe.output.name + ".data")
         if data_file.exists():

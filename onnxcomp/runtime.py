@@ -9,6 +9,7 @@ while a session is created.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -324,3 +325,36 @@ def profile_nodes(
             for node, (op, times) in nodes.items()
         ],
     }
+
+
+@functools.cache
+def qdq_problem(opset: int) -> str | None:
+    """Why this onnxruntime cannot run QuantizeLinear/DequantizeLinear at ``opset`` (None: it can).
+
+    Probed with a two-node model, once per opset, so static quantization can refuse up front
+    instead of writing a model onnxruntime rejects at the end.
+    """
+    import onnx
+
+    helper = onnx.helper
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        [
+            helper.make_tensor("s", onnx.TensorProto.FLOAT, [], [0.1]),
+            helper.make_tensor("z", onnx.TensorProto.UINT8, [], [128]),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    try:
+        create_session(proto.SerializeToString(), label="QuantizeLinear probe")
+    except OnnxcompError as err:
+        return str(err)
+    return None

@@ -42,3 +42,9 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+@pytest.fixture
+def feature_cache(tmp_path, monkeypatch):
+    """Transfer tests: features cached in the test's own folder, not in ~/.cache."""
+    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))

@@ -137,3 +137,25 @@ def test_weight_only_keeps_the_inf_table_float_and_shares_wq(data, form):
     out = run(result.model, data)
     assert np.all(np.isfinite(out))
     assert cosine(out, ref) > 0.999
+
+
+def test_static_plan_keeps_a_nonfinite_weight_float_and_plans_the_rest():
+    from onnxcomp import model as model_io
+    from onnxcomp.quantize.plan import build_plan
+
+    model = attention_model()
+    model_io.normalize(model)
+    wk = model.graph.initializers["wk"]
+    broken = wk.const_value.numpy().copy()
+    broken[0, 0] = np.nan
+    wk.const_value = ir.tensor(broken, name="wk")
+
+    plan = build_plan(model)
+    reasons = [d["reason"] for d in plan.to_json()["float_nodes"]]
+    assert (
+        reasons.count(
+            "weight holds 1 NaN of 4096 values, which no integer code can stand for: kept float"
+        )
+        == 1
+    )
+    assert {w.value.name for w in plan.weights} == {"wq", "wv", "wo", "wc"}

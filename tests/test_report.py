@@ -4,6 +4,7 @@ errors, are not blank, and show the JSON's own figures (read back from their dat
 
 from __future__ import annotations
 
+import html
 import json
 import struct
 import zlib
@@ -197,14 +198,63 @@ def test_recipe_run_report_shows_its_steps(tmp_path):
     assert "steps" in figures.sections
 
 
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prune")
+    result = run_cli(
+        "prune", CNN, "-o", tmp / "pruned.onnx", "--data", CALIB, "--eval-data", TEST,
+        "--report", tmp / "report.html", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout), tmp / "report.html"
+
+
+def test_prune_report_shows_the_json_figures(pruned):
+    result, page = pruned
+    figures = Figures(page.read_text())
+    assert figures.values["drop"] == result["check"]["drop"]
+    assert figures.values["sparsity"] == result["after"]["sparsity"] > 0.4
+    assert figures.values["size-after"] == result["size_bytes"]["output"]
+    assert {"summary", "prune", "before-after", "time"} <= set(figures.sections)
+    skipped = [t for t in result["tensors"] if t.get("skipped")]
+    assert skipped and all(html.escape(t["skipped"]) in page.read_text() for t in skipped)
+
+
+def test_transfer_fit_report_shows_cuts_and_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))
+    result = run_cli(
+        "transfer", "fit", MODELS / "digits_cnn_04.onnx", "--data", CALIB, "--val", TEST,
+        "--tries", 2, "--epochs", 20, "-o", tmp_path / "fit.onnx", "--report", tmp_path / "fit.html", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    fit = json.loads(result.stdout)
+    page = (tmp_path / "fit.html").read_text()
+    figures = Figures(page)
+    assert figures.values["val-metric"] == fit["val_metric"]
+    assert {"cuts", "history", "time"} <= set(figures.sections)
+    assert page.count("<polyline") >= 2  # loss and metric curves
+    assert fit["cut"]["tensor"] in page
+
+
+def test_distill_report_shows_agreement_and_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))
+    result = run_cli(
+        "distill", CNN, "--student", MODELS / "digits_cnn_04_half.onnx", "--data", CALIB, "--val", TEST,
+        "--at", "/features/features.8/Relu_output_0", "--epochs", 10, "-o", tmp_path / "student.onnx",
+        "--report", tmp_path / "distill.html", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    distilled = json.loads(result.stdout)
+    figures = Figures((tmp_path / "distill.html").read_text())
+    assert figures.values["val-agreement"] == distilled["val_agreement"]
+    assert figures.values["val-metric"] == distilled["val_metric"]
+    assert {"history", "time"} <= set(figures.sections)
+
+
 @needs_chromium
-@pytest.mark.parametrize("which", ["optimized", "quantized"])
+@pytest.mark.parametrize("which", ["optimized", "quantized", "pruned"])
 def test_report_opens_in_chromium(which, request, tmp_path):
     result, page = request.getfixturevalue(which)
-    opened = open_page(page)
-    assert opened.console == []
-    dom = Figures(opened.dom)
-    assert dom.values == Figures(page.read_text()).values
     shot = tmp_path / "page.png"
     opened = open_page(page, screenshot=shot)
     assert opened.console == []
@@ -212,6 +262,15 @@ def test_report_opens_in_chromium(which, request, tmp_path):
     assert pixels.shape[:2] == (2000, 1200)
     inked = (pixels[..., :3].min(axis=2) < 200).mean()
     assert inked > 0.01, f"the screenshot is almost blank ({inked:.2%} dark pixels)"
+
+
+@needs_chromium
+def test_the_browser_shows_the_same_figures(quantized):
+    """The DOM Chromium built holds the figures written in the file (no markup lost)."""
+    _, page = quantized
+    opened = open_page(page)
+    assert opened.console == []
+    assert Figures(opened.dom).values == Figures(page.read_text()).values
 
 
 def test_other_commands_results_render():

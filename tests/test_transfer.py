@@ -20,14 +20,10 @@ from onnxcomp.transfer import FitOptions, extract, find_cuts, fit
 from onnxcomp.transfer.cuts import pool, resolve_cut
 from onnxcomp.transfer.features import compute_features, key
 
+pytestmark = pytest.mark.usefixtures("feature_cache")
 MODELS = __import__("pathlib").Path(__file__).resolve().parents[1] / "models"
 
 BACKBONE = MODELS / "digits_cnn_04.onnx"  # trained on digits 0-4 only (models/build_transfer.py)
-
-
-@pytest.fixture(autouse=True)
-def feature_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,8 @@ from onnxcomp.data import NpzData
 from onnxcomp.transfer import FitOptions, fit
 from onnxcomp.transfer.features import compute_features, key
 
-pytestmark = pytest.mark.thirdparty
+pytestmark = [pytest.mark.thirdparty, pytest.mark.usefixtures("feature_cache")]
 pytest.importorskip("PIL")
-
-
-@pytest.fixture(autouse=True)
-def feature_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONNXCOMP_FEATURE_CACHE", str(tmp_path / "features"))
 
 
 def task_files(folder, input_name: str, size: int, scale: str):

@@ -297,6 +297,10 @@ class OptimizePass(ir.passes.FunctionalPass):
                     fault = find_fault(
                         [r.name for r in rules], self._applier(model, rules), judge, exclude
                     )
+                    if (
+                        fault is not None and fault.key in exclude
+                    ):  # not a single instance after all
+                        fault = None
                 if fault is None:
                     why = (
                         f"the cleaned model's output {verdict.report['worst_output']!r} differs by "

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import onnx_ir as ir
 
-from onnxcomp import cpu
+from onnxcomp import cpu, inputs
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource, open_data
 from onnxcomp.errors import OnnxcompError
@@ -496,6 +496,8 @@ def quantize_built(
         )
     input_names = {n.name for n in model.graph}
     original_opset = model_io.opset(model)
+    if options.mode == "static":
+        model = inputs.static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
     original = model_io.copy_model(model) if options.mode == "auto" else None
     model, prep = prepare(model, options, data or eval_data)
     # Names may be the input's, or the cleaned graph's (a recipe replaying auto's fallback).

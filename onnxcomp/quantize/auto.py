@@ -66,6 +66,12 @@ class Builders:
     other: Callable[[Any, ir.Model], Built]  # (options with mode dynamic/weight-only, model)
 
 
+def drop_of(comparison: Comparison, metric: Any) -> tuple[float, str]:
+    """(drop, metric name) of a comparison; kept for callers written before
+    ``Comparison.verdict`` (prune's ``measure``)."""
+    return comparison.drop(metric), comparison.drop_metric(metric)
+
+
 def make_judge(reference: ir.Model, data: DataSource, options, budget: float | None):
     return search.Judge(
         reference,
@@ -290,17 +296,23 @@ def quantize_auto(
             )
             built["static"] = result
             float_layers["static"] = len(result.report["budget"]["fallback_to_float"])
-            timings.update(
-                search.time_candidates(
-                    original,
-                    {"static": result.model},
-                    data=timing_data,
-                    shapes=options.shapes or None,
-                    threads=options.threads,
-                    threshold=FASTER,
+            if verdicts["static"].passed:  # still over budget: no use timing it again
+                timings.update(
+                    search.time_candidates(
+                        original,
+                        {"static": result.model},
+                        data=timing_data,
+                        shapes=options.shapes or None,
+                        threads=options.threads,
+                        threshold=FASTER,
+                    )
                 )
-            )
-            timings.pop("float", None)
+                timings.pop("float", None)
+            else:
+                notes["static"] = (
+                    f"still over budget with {float_layers['static']} layers in float; "
+                    "its latency is the all-int8 model's"
+                )
         else:
             notes["static"] = (
                 f"layers not put back to float: even all-int8 it takes {ratio:.2f}x fp32, "

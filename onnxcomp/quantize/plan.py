@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from onnxcomp import ops
 from onnxcomp.graph import const as _const
+from onnxcomp.quantize.schemes import nonfinite_reason
 
 Role = Literal["weighted", "elementwise", "concat", "unary", "passthrough", "activation", "float"]
 
@@ -228,6 +229,9 @@ def _weight_problem(node: ir.Node, rule: OpRule) -> str | None:
         return "weight is computed at run time, not an initializer"
     if array.dtype != np.float32:
         return f"weight is {array.dtype}, not float32"
+    nonfinite = nonfinite_reason(array)
+    if nonfinite:
+        return f"weight {nonfinite}"
     if not _is_float(node.inputs[0]):
         return "input is not float32"
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):

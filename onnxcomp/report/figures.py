@@ -26,9 +26,9 @@ def kind(result: dict[str, Any]) -> str:
         return "optimize"
     if "trials" in result:
         return "tune"
-    if "history" in result and "teacher" in result:
+    if "teacher_output" in result or "teacher" in result:
         return "distill"
-    if "cuts" in result or "history" in result:
+    if "cuts" in result or "tried" in result or "history" in result:
         return "transfer"
     if any(
         isinstance(layer, dict) and "sparsity" in layer for layer in list_of(result.get("layers"))

@@ -82,6 +82,30 @@ def summary(result: dict[str, Any]) -> str | None:
                 "reasons below" if floats else "",
             )
         )
+    if number(result.get("val_metric")) is not None:
+        sub = []
+        if number(result.get("train_metric")) is not None:
+            sub.append(f"train {svg.fmt(result['train_metric'], 4)}")
+        if result.get("val_samples"):
+            sub.append(f"{esc(result['val_samples'])} validation samples")
+        name = result.get("metric") if isinstance(result.get("metric"), str) else "metric"
+        cards.append(
+            _card(
+                f"validation {name}",
+                figure("val-metric", result["val_metric"], svg.fmt(result["val_metric"], 4)),
+                "; ".join(sub),
+            )
+        )
+    if number(result.get("val_agreement")) is not None:
+        cards.append(
+            _card(
+                "agreement with the teacher",
+                figure(
+                    "val-agreement", result["val_agreement"], svg.fmt(result["val_agreement"], 4)
+                ),
+                "top-1, validation samples",
+            )
+        )
     before, after = dict_of(result.get("before")), dict_of(result.get("after"))
     if number(after.get("sparsity")) is not None and after.get("sparsity"):
         cards.append(
@@ -117,7 +141,7 @@ def summary(result: dict[str, Any]) -> str | None:
         if isa.get("target_cpu"):
             sub = f"target {isa['target_cpu']}; weights {isa.get('weight_range') or '?'}"
         cards.append(_card("measured on", figure("cpu", isa["isa"], isa["isa"]), esc(sub)))
-    else:
+    elif lat or result.get("profile"):
         cards.append(_card("measured on", "not recorded", "the result names no CPU"))
     if not cards:
         return None
@@ -125,6 +149,8 @@ def summary(result: dict[str, Any]) -> str | None:
     auto = dict_of(result.get("auto"))
     if auto.get("why"):
         lines.append(f"<p>auto chose <b>{esc(auto.get('chosen'))}</b>: {esc(auto['why'])}</p>")
+    elif isinstance(result.get("why"), str):
+        lines.append(f"<p>{esc(result['why'])}</p>")
     if qual and qual.get("reason"):
         lines.append(f"<p>Verdict: {esc(qual['reason'])}.</p>")
     return section(
@@ -266,7 +292,7 @@ def timing(result: dict[str, Any]) -> str | None:
     if profile.get("cpu"):
         facts.append(f"CPU: {esc(profile['cpu'])}")
     parts.append(
-        f'<p class="note">{"; ".join(facts)}. Times are medians per run; the profiler adds time to every node, so the latency ratio is the one in the summary; nodes are the ones onnxruntime ran after its own fusions.</p>'
+        f'<p class="note">{"; ".join(facts)}. Times are medians per run; the profiler adds time to every node, so they compare nodes and op types, not end-to-end latency (see the summary); nodes are the ones onnxruntime ran after its own fusions.</p>'
     )
     totals: dict[str, float] = {}
     for m in models:
@@ -359,6 +385,9 @@ SHOWN_ELSEWHERE = {
     "max_drop",
     "size_bytes_before",
     "size_bytes_after",
+    "val_metric",
+    "val_agreement",
+    "why",
 }
 
 

@@ -239,8 +239,9 @@ def _range(values: Sequence[float]) -> list[float]:
     if not finite:
         return [0.0, 1.0]
     low, high = min(finite), max(finite)
-    pad = (high - low) * 0.08 or abs(high) * 0.1 or 0.1
-    return nice_ticks(low - pad, high + pad)
+    pad = (high - low) * 0.04 or abs(high) * 0.1 or 0.1
+    # data that starts at or above 0 (epochs, latencies, counts) keeps an axis from 0 up
+    return nice_ticks(max(low - pad, 0.0) if low >= 0 else low - pad, high + pad)
 
 
 def _pair(value) -> list[float]:

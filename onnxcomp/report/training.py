@@ -21,9 +21,18 @@ def _scalar_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def cuts(result: dict[str, Any]) -> str | None:
-    rows = [c for c in list_of(result.get("cuts")) if isinstance(c, dict)]
+    # transfer fit lists the cuts it tried ("tried") and the one kept ("cut")
+    rows = [
+        c
+        for c in list_of(result.get("cuts")) or list_of(result.get("tried"))
+        if isinstance(c, dict)
+    ]
     if not rows:
         return None
+    kept = dict_of(result.get("cut")).get("tensor")
+    rows = [
+        {**c, "chosen": True} if kept is not None and c.get("tensor") == kept else c for c in rows
+    ]
     keys = _scalar_keys(rows)
     name_key = next(
         (k for k in ("name", "cut", "tensor", "node") if k in keys), keys[0] if keys else "cut"

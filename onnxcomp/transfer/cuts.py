@@ -238,7 +238,14 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
             add(out, "Flatten output", 1)
         elif node.op_type in ("Gemm", "MatMul") and len(node.inputs) > 1:
             weight = node.inputs[1]
-            if weight is not None and weight.const_value is not None and out is not None:
+            # A classifier's last layer: [N, D] in; a transformer's last MatMul works per token.
+            per_sample = _dims(node.inputs[0]) is not None and len(_dims(node.inputs[0])) == 2
+            if (
+                weight is not None
+                and weight.const_value is not None
+                and out is not None
+                and per_sample
+            ):
                 if not feeds_weighted(out, set()):
                     add(node.inputs[0], f"input of the last {node.op_type} (penultimate layer)", 0)
         elif _is_layer_norm(node) and out is not None:
@@ -248,10 +255,16 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
     for value in model.graph.outputs:
         dims = _dims(value)
         if dims is not None and len(dims) == 2:
-            add(value, "model output", 5)
+            if _computed_by_a_layer(value):
+                add(value, "model output", 5)
+            else:  # pooled by the model itself: a sentence embedding, say
+                add(value, "model output (embedding)", 0)
     # Encoders: the last 4-D map of each spatial size before any upsampling op.
     last_by_size: dict[tuple, ir.Value] = {}
-    for node in nodes[:first_upsample]:
+    convolutional = any(n.op_type == "Conv" for n in nodes)
+    for node in nodes[:first_upsample] if convolutional else ():
+        if node.op_type in RESHAPING_OPS or node.op_type == "Transpose":
+            continue  # attention heads and layout changes are not feature maps
         for out in node.outputs:
             dims = _dims(out)
             if dims is None or len(dims) != 4 or not _known(dims[1:]) or not _is_float(out):
@@ -274,7 +287,7 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
         if features is not None and features > MAX_FEATURES:
             logger.info("not a cut: %s has %d features (> %d)", value.name, features, MAX_FEATURES)
             continue
-        if id(value) in outputs and kind != "model output":
+        if id(value) in outputs and "model output" not in kind:
             kind = f"{kind}, model output"
         producer = value.producer()
         cuts.append(
@@ -299,7 +312,8 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
     values = {v.name: v for n in nodes for v in n.outputs}
     kept, origins = [], set()
     for cut in cuts:
-        origin = (_origin(values[cut.tensor]), cut.features, cut.pooling in ("none", "flatten"))
+        flat = "flat" if cut.pooling in ("none", "flatten") else cut.pooling
+        origin = (_origin(values[cut.tensor]), cut.features, flat)
         if origin in origins:
             continue
         origins.add(origin)
@@ -309,6 +323,20 @@ def find_cuts(model: ir.Model, *, limit: int | None = None) -> list[Cut]:
         cut.rank = rank
         del cut._preference  # type: ignore[attr-defined]
     return cuts[:limit] if limit else cuts
+
+
+def _computed_by_a_layer(value: ir.Value) -> bool:
+    """Whether an output comes from a Gemm/MatMul (logits, probabilities), not from pooling."""
+    node = value.producer()
+    while node is not None and node.op_type in (
+        "Softmax",
+        "Sigmoid",
+        "Identity",
+        "Add",
+        "LogSoftmax",
+    ):
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node is not None and node.op_type in ("Gemm", "MatMul")
 
 
 RESHAPING_OPS = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Dropout"}

@@ -19,9 +19,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
-from onnxcomp.capture import Collect, accumulate
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.evaluate import reference_outputs
 from onnxcomp.transfer.api import FitResult, choose_cuts, split_indices, train_on_cuts
 from onnxcomp.transfer.cuts import Pooling, fix_input_shapes, restore_input_shapes
 from onnxcomp.transfer.features import compute_features, labels_of
@@ -83,9 +83,13 @@ def teacher_scores(
     elif output not in {v.name for v in teacher.graph.outputs}:
         names = ", ".join(v.name for v in teacher.graph.outputs)
         raise OnnxcompError(f"the teacher has no output {output!r} (outputs: {names})")
-    collect = Collect()
-    accumulate(teacher, {output: collect}, data, batch_size=batch_size)
-    scores = collect.compute().astype(np.float64)
+    parts = [
+        outputs[output]
+        for _, outputs in reference_outputs(teacher, data, batch_size=batch_size, threads=threads)
+    ]
+    if not parts:
+        raise OnnxcompError(f"{data.name}: no samples")
+    scores = np.concatenate(parts).astype(np.float64)
     if scores.ndim != 2:
         raise OnnxcompError(
             f"teacher output {output!r} has shape {list(scores.shape)}, not [batch, classes]"
