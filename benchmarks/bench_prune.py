@@ -1,7 +1,7 @@
 """Pruning side by side: onnxcomp's unstructured (magnitude, Wanda, SparseGPT reconstruction),
 structured and structured+int8 rows beside onnxsim's four pruning functions, per model.
 
-    python benchmarks/bench_prune.py [--models digits,resnet,mobilenetv2,orientation,minilm_l3]
+    python benchmarks/bench_prune.py [--models digits,resnet,mobilenetv2,orientation,minilm_l3,yolov8n]
                                      [--runs 300] [--structured-only] [--json]
 
 Per row: sparsity (zeros in the weights) or channels removed, MACs, file size, zip size (zlib of
@@ -9,7 +9,8 @@ the weights), p50 latency at 1 thread (all models of one table timed interleaved
 and its ratio to the dense cleaned-up model, and accuracy (digits: top-1 on the 540 held-out
 digits) or fidelity to the dense model (untrained generated graphs: top-1 agreement and cosine on
 random inputs, the only data they have; third-party models: models/realdata.py's rendered text
-lines and sentences). Numbers go to docs/prune.md and the README by hand.
+lines and sentences; YOLOv8n: scikit-image photos, box IoU to the dense model's boxes after a
+0.25 confidence threshold and per-class NMS). Numbers go to docs/prune.md and the README by hand.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from onnxcomp import model as model_io  # noqa: E402
 from onnxcomp.prune.api import PruneOptions, clean_up, model_stats, prune  # noqa: E402
 
 MODELS = ROOT / "models"
-THIRDPARTY = ("minilm_l3", "orientation")  # real data from models/realdata.py
+THIRDPARTY = ("minilm_l3", "orientation", "yolov8n")  # real data from models/realdata.py
 
 
 def _digits():
@@ -82,6 +83,49 @@ def _quality(model, dense_out: np.ndarray, data_path: Path) -> dict:
         row["accuracy"] = float(np.mean(out.argmax(1) == data["labels"]))
     return row
 
+
+
+def _detections(out: np.ndarray, conf: float = 0.25, nms_iou: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+    """YOLOv8 output for one image, [4 + classes, N] (cx, cy, w, h, class scores) -> boxes
+    [K, 4] (x1, y1, x2, y2) and classes [K] above ``conf``, after per-class NMS."""
+    scores = out[4:].T
+    cls, score = scores.argmax(1), scores.max(1)
+    keep = score >= conf
+    cx, cy, w, h = out[:4, keep]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    cls, score = cls[keep], score[keep]
+    chosen: list[int] = []
+    for i in np.argsort(-score):
+        same = [j for j in chosen if cls[j] == cls[i]]
+        if not same or _iou(boxes[i : i + 1], boxes[same]).max() < nms_iou:
+            chosen.append(int(i))
+    return boxes[chosen], cls[chosen]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix [len(a), len(b)] of x1y1x2y2 boxes."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def box_iou(model, dense, data_path: Path, conf: float = 0.25) -> dict:
+    """Mean IoU of the boxes of ``model`` to those of ``dense``: each box matched to the best box
+    of the same class in the other model's result (0 when there is none), both ways, averaged."""
+    data = np.load(data_path)
+    feed = {k: data[k] for k in data.files if k != "labels"}
+    got = runtime.create_session(model).run(None, feed)[0]
+    want = runtime.create_session(dense).run(None, feed)[0]
+    ious, boxes = [], 0
+    for g, w in zip(got, want):
+        (gb, gc), (wb, wc) = _detections(g, conf), _detections(w, conf)
+        boxes += len(wb)
+        for xb, xc, yb, yc in ((wb, wc, gb, gc), (gb, gc, wb, wc)):
+            for box, c in zip(xb, xc):
+                other = yb[yc == c]
+                ious.append(float(_iou(box[None], other).max()) if len(other) else 0.0)
+    return {"box_iou": float(np.mean(ious)) if ious else None, "dense_boxes": boxes}
 
 def _zip(model: ir.Model) -> int:
     raw = b"".join(
@@ -135,7 +179,9 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
     from onnxcomp.data import open_data
 
     dense, _ = clean_up(model_io.copy_model(model), PruneOptions(), open_data(test, model_io.input_specs(model)))
-    dense_out = _outputs(dense, test)
+    detector = name == "yolov8n"  # [1, 4 + classes, N] boxes: judged by box IoU to the dense model
+    dense_out = None if detector else _outputs(dense, test)
+    shapes = {"images": [1, 3, 320, 320]} if detector else None
     candidates: list[tuple[str, object]] = [("dense (cleaned)", dense)]
 
     def ours(label, **options):
@@ -166,6 +212,10 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
     elif name == "orientation":
         ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2, samples=32)
         structured = ours("onnxcomp structured 30% ch", structured=True, sparsity=0.3, samples=32)
+    elif detector:
+        structured_only = True
+        ours("onnxcomp structured 10% ch", structured=True, sparsity=0.1)
+        structured = ours("onnxcomp structured 25% ch", structured=True, sparsity=0.25)
     else:
         if not structured_only:
             ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
@@ -185,7 +235,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
     live = [(label, m) for label, m in candidates if not isinstance(m, str)]
     timing = bench.benchmark([m for _, m in live], runs=runs, warmup=20, memory=False, graph=False, data=test)
     p50 = {label: t for (label, _), t in zip(live, timing.models)}
-    dense_stats = model_stats(dense)
+    dense_stats = model_stats(dense, shapes)
     rows = []
     for label, m in candidates:
         row: dict = {"model": name, "row": label}
@@ -193,7 +243,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
             row["note"] = m
             rows.append(row)
             continue
-        stats = model_stats(m)
+        stats = model_stats(m, shapes)
         row.update(
             sparsity=stats["sparsity"],
             parameters=stats["parameters"],
@@ -203,7 +253,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
             zip_kb=round(_zip(m) / 1024, 1),
             p50_ms=round(p50[label].p50_ms, 4),
             ratio=round(p50[label].p50_ms / p50["dense (cleaned)"].p50_ms, 3),
-            **{k: round(v, 4) for k, v in _quality(m, dense_out, test).items()},
+            **{k: round(v, 4) for k, v in (box_iou(m, dense, test) if detector else _quality(m, dense_out, test)).items()},
         )
         rows.append(row)
     return rows
@@ -211,7 +261,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
 
 def markdown(rows: list[dict]) -> str:
     cols = ["row", "sparsity", "parameters", "macs_ratio", "file_kb", "zip_kb", "p50_ms", "ratio", "accuracy",
-            "top1_agreement", "cosine", "note"]  # fmt: skip
+            "top1_agreement", "cosine", "box_iou", "note"]  # fmt: skip
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         out.append(f"\n### {model}\n")

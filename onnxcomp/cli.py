@@ -878,6 +878,34 @@ def optimize(model_path, output, data, shapes, tolerance, only, skip, no_upgrade
 # quantize
 
 
+def _save_result(model: Any, report: dict[str, Any], model_path: str, output: str, inputs: list) -> Path:
+    """Save a command's result model (never over one of ``inputs``); the report gets its path
+    and both file sizes."""
+    from onnxcomp import model as model_io
+
+    saved = model_io.save(model, output, inputs=inputs)
+    report["output"] = str(saved)
+    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    return saved
+
+
+def _show_result(report: dict[str, Any], as_json: bool, text: Any, report_path: str | None = None) -> None:
+    """Print a command's report as JSON or as ``text(report)`` (and where the HTML report went)."""
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(text(report))
+    if report_path:
+        click.echo(f"report: {report_path}")
+
+
+def _wrote_line(report: dict[str, Any]) -> str | None:
+    size = report.get("size_bytes")
+    if not size:
+        return None
+    return f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})"
+
+
 def _split_names(values: tuple[str, ...]) -> list[str]:
     return [name for value in values for name in value.split(",") if name]
 
@@ -992,9 +1020,7 @@ def quantize(model_path, output, shapes, recipe_out, force, report_path, as_json
     if broken:
         report.setdefault("warnings", []).append(f"written with --force although broken: {broken}")
         click.echo(f"warning: written with --force although broken: {broken}", err=True)
-    saved = model_io.save(built.model, output, inputs=reads)
-    report["output"] = str(saved)
-    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    saved = _save_result(built.model, report, model_path, output, inputs=reads)
     if recipe_out:
         recipe = decision_recipe(report, options, input=model_path, output=output)
         report["recipe"] = str(write_recipe(recipe, recipe_out, protect=[model_path, output]))
@@ -1002,12 +1028,7 @@ def quantize(model_path, output, shapes, recipe_out, force, report_path, as_json
         report, report_path, [model_path, str(saved)], ["input", "quantized"],
         data=options.eval_data or options.data, shapes=options.shapes, threads=options.threads,
     )
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(_quantize_text(report))
-        if report_path:
-            click.echo(f"report: {report_path}")
+    _show_result(report, as_json, _quantize_text, report_path)
 
 
 def _quantize_text(report: dict[str, Any]) -> str:
@@ -1089,9 +1110,8 @@ def _quantize_text(report: dict[str, Any]) -> str:
             ops = ", ".join(f"{k} x{v}" for k, v in graph["integer_kernel_ops"].items())
             lines.append(f"onnxruntime runs {graph['integer_kernels']} integer kernels ({ops}); "
                          f"{graph['islands']} DequantizeLinear feeding float ops")
-    size = report.get("size_bytes")
-    if size:
-        lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    if _wrote_line(report):
+        lines.append(_wrote_line(report))
     if report.get("recipe"):
         lines.append(f"wrote {report['recipe']}: `onnxcomp run {report['recipe']}` replays this decision")
     return "\n".join(lines)
@@ -1357,7 +1377,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     student = model_io.load(student_path)
     from onnxcomp import inputs
 
-    inputs.check_output(output, reads=[teacher_path, student_path, data, val_path], model=student)
+    inputs.check_output(output, reads=[teacher_path, student_path, *data, val_path], model=student)
     values = _head_values(head, "classify", hidden, epochs, lr, weight_decay, patience, seed, batch_size)
     values.update({"at": at, "temperature": temperature, "labels_weight": labels_weight,
                    "teacher_output": teacher_output, "cache": not no_cache})
@@ -1366,7 +1386,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     sources = [open_data(path, specs) for path in data]
     val_source = open_data(val_path, specs) if val_path else None
     result = distill(teacher, student, sources, options, val_data=val_source, threads=threads)
-    saved = model_io.save(result.model, output, inputs=[teacher_path, student_path, data, val_path])
+    saved = model_io.save(result.model, output, inputs=[teacher_path, student_path, *data, val_path])
     report = dict(result.report, output=str(saved))
     html_report(
         report, report_path, [student_path, str(saved)], ["student", "distilled"], data=sources[0],
@@ -1456,17 +1476,12 @@ def prune(
     except BudgetError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(EXIT_CHECK_FAILED)
-    saved = model_io.save(result, output, inputs=[model_path, data, eval_data])
-    report["output"] = str(saved)
-    report["size_bytes"] = {"input": Path(model_path).stat().st_size, "output": saved.stat().st_size}
+    saved = _save_result(result, report, model_path, output, inputs=[model_path, data, eval_data])
     html_report(
         report, report_path, [model_path, str(saved)], ["input", "pruned"], data=eval_data or data,
         shapes=options.shapes, threads=threads,
     )
-    if as_json:
-        emit_json(report)
-    else:
-        click.echo(_prune_text(report))
+    _show_result(report, as_json, _prune_text, report_path)
 
 
 def _prune_text(report: dict[str, Any]) -> str:
@@ -1502,9 +1517,8 @@ def _prune_text(report: dict[str, Any]) -> str:
         if out.get("cosine_mean") is not None:
             text += f", cosine {out['cosine_mean']:.5f} mean"
         lines.append(text)
-    size = report.get("size_bytes")
-    if size:
-        lines.append(f"wrote {report['output']}: {human_bytes(size['output'])} (input {human_bytes(size['input'])})")
+    if _wrote_line(report):
+        lines.append(_wrote_line(report))
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import abc
 import dataclasses
 import logging
 import math
+import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -503,3 +504,28 @@ def open_data(
         source = NpzData(path)
     source.check(specs)
     return source
+
+
+def open_given(
+    source: DataSource | str | os.PathLike | None, specs: Sequence[InputSpec], what: str
+) -> DataSource | None:
+    """A command's data argument as a source checked against the model's inputs ``specs``: None
+    stays None, a source is checked, a path is opened; errors name the flag ``what``."""
+    if source is None or isinstance(source, DataSource):
+        if isinstance(source, DataSource):
+            source.check(specs)
+        return source
+    try:
+        return open_data(Path(source), specs)
+    except OnnxcompError as err:
+        raise OnnxcompError(f"{what}: {err}") from None
+
+
+def open_given_pair(specs: Sequence[InputSpec], options, data=None, eval_data=None):
+    """(data, eval_data) of a command: the arguments, else ``options.data`` / ``options.eval_data``,
+    opened by :func:`open_given`; ``options.max_drop`` needs one of them to measure on."""
+    data = open_given(data if data is not None else options.data, specs, "--data")
+    eval_data = open_given(eval_data if eval_data is not None else options.eval_data, specs, "--eval-data")
+    if options.max_drop is not None and eval_data is None and data is None:
+        raise OnnxcompError("--max-drop needs --eval-data (or --data) to measure the drop on")
+    return data, eval_data

@@ -197,30 +197,6 @@ def broken_reason(check: dict | None) -> str | None:
     return None
 
 
-def static_opset(model: ir.Model) -> ir.Model:
-    """The model at an opset where onnxruntime runs QuantizeLinear/DequantizeLinear.
-
-    Below opset 10 (no QuantizeLinear) it is upgraded to 13 with onnx's version converter; an
-    opset this onnxruntime has no QuantizeLinear kernel for is refused before any work.
-    """
-    from onnxcomp import model as model_io
-    from onnxcomp import runtime
-
-    current = model_io.opset(model)
-    if current < 10:
-        return model_io.ensure_opset(model, 13, "QuantizeLinear (opset 10 or newer)")
-    problem = runtime.qdq_problem(current)
-    if problem is not None:
-        import onnxruntime
-
-        raise OnnxcompError(
-            f"the model imports opset {current}, and onnxruntime {onnxruntime.__version__} cannot "
-            "run QuantizeLinear at that opset, so a static result could not be loaded; re-export "
-            "the model at an older opset (13 to 21 work everywhere) or use --mode dynamic"
-        )
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Numbers given as options or recipe keys
 

@@ -290,7 +290,7 @@ def bisect_fallback(
         nonlocal builds, best
         builds += 1
         chosen = names[:k]
-        logger.info("fallback: %d of %d layers left float", k, len(names))
+        logger.info("fallback: %d of %d left alone (float, unpruned)", k, len(names))
         result = fallback.build(chosen)
         v, c = judge(result.model)
         tried[k] = (result, v, c)

@@ -100,6 +100,8 @@ def test_max_drop_spares_sensitive_layers(models_dir):
     model, report = _prune(models_dir, sparsity=0.95, method="magnitude", reconstruct=False, max_drop=0.02)
     assert report["check"]["drop"] <= 0.02
     assert any("spared" in t.get("skipped", "") for t in report["tensors"])
+    assert report["check"]["verdict"]["passed"]
+    assert report["check"]["rounds"][0]["spared"] == []  # bisection starts from everything pruned
 
 
 def test_bad_options_are_named(models_dir):

@@ -165,6 +165,8 @@ def test_structured_max_drop_spares_groups(models_dir):
     )  # fmt: skip
     assert report["check"]["drop"] <= 0.02
     assert report.get("spared")
+    assert report["check"]["verdict"]["passed"]
+    assert report["check"]["rounds"][0]["spared"] == []  # bisection starts from everything pruned
 
 
 @pytest.mark.parametrize("importance", ["l1", "activation"])

@@ -359,7 +359,7 @@ def test_sigterm_during_bench_memory_ends_the_child_and_cleans_up(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == "error: terminated"
-    assert _ended(child), Path(f"/proc/{child}/cmdline").read_bytes()
+    assert _ended(child, seconds=60), Path(f"/proc/{child}/cmdline").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("onnxcomp-")]
 
 

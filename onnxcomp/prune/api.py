@@ -16,7 +16,6 @@ import logging
 import os
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
-from onnxcomp.data import DataSource, open_data
+from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
 from onnxcomp.prune import numerics as pn
@@ -74,17 +73,6 @@ class PruneOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _open(source, model: ir.Model, what: str) -> DataSource | None:
-    if source is None or isinstance(source, DataSource):
-        if isinstance(source, DataSource):
-            source.check(model_io.input_specs(model))
-        return source
-    try:
-        return open_data(Path(source), model_io.input_specs(model))
-    except OnnxcompError as err:
-        raise OnnxcompError(f"{what}: {err}") from None
 
 
 def clean_up(model: ir.Model, options: PruneOptions, data: DataSource | None) -> tuple[ir.Model, dict[str, Any]]:
@@ -189,10 +177,7 @@ def prune(
     """
     options = dataclasses.replace(options) if options is not None else PruneOptions()
     options.check()
-    data = _open(data if data is not None else options.data, model, "--data")
-    eval_data = _open(eval_data if eval_data is not None else options.eval_data, model, "--eval-data")
-    if options.max_drop is not None and eval_data is None and data is None:
-        raise OnnxcompError("--max-drop needs --eval-data (or --data) to measure the drop on")
+    data, eval_data = open_given_pair(model_io.input_specs(model), options, data, eval_data)
     unknown = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
@@ -280,30 +265,66 @@ def _unstructured(model, reference, options, method, reconstruct, data, judge):
     return model, report
 
 
-def _within_budget(model, reference, targets, cfg, data, judge, options):
-    """Prune all targets; while the drop exceeds ``max_drop``, spare the layer whose pruning
-    costs most (measured alone), then the next, until the budget holds or nothing is pruned."""
+def make_judge(reference: ir.Model, judge_data: DataSource, options: PruneOptions):
+    """The drop of a candidate against ``reference`` on ``judge_data``, held to ``--max-drop``."""
+    from onnxcomp import search
+
+    return search.Judge(
+        reference,
+        judge_data,
+        metric=options.metric,
+        max_drop=options.max_drop,
+        batch_size=options.batch_size,
+        limit=options.check_samples,
+        threads=options.threads,
+    )
+
+
+def fall_back(first_build, order, build, judge, options, what: str):
+    """Bisect over ``order`` (most sensitive first) for the fewest names to spare so that the
+    drop holds ``--max-drop`` (the search module's fallback); returns the result and the
+    report's ``check`` (the comparison, the verdict, the rounds)."""
+    from onnxcomp import search
+
+    verdict, comparison = judge(first_build.model)
+    result = search.bisect_fallback(search.Fallback(order, build), judge, (first_build, verdict, comparison))
+    if not result.verdict.passed:
+        raise BudgetError(
+            f"--max-drop {options.max_drop}: the drop stays {result.verdict.drop:.4f} "
+            f"({result.verdict.metric}) even with the most sensitive {what} spared; nothing saved"
+        )
+    check = result.comparison.to_json()
+    check.update(
+        data=result.comparison.data,
+        drop=result.verdict.drop,
+        drop_metric=result.verdict.metric,
+        verdict=result.verdict.to_json(),
+        rounds=[{"spared": r["float_layers"], "drop": r["drop"]} for r in result.history],
+    )
+    return result, check
+
+
+def _within_budget(model, reference, targets, cfg, data, judge_data, options):
+    """Prune all targets; when the drop exceeds ``max_drop``, spare the layers that lose most of
+    their output (relative error on the calibration data), as few as bisection finds."""
+    from onnxcomp import search
     from onnxcomp.prune import unstructured as un
 
-    spared_names: list[str] = []
-    while True:
+    def build(spared_names: list[str]) -> search.Built:
         candidate = model_io.copy_model(model)
         chosen, _ = un.plan_weights(
             candidate, exclude_nodes=list(options.exclude_nodes) + spared_names, min_size=options.min_size
         )
-        if not chosen:
-            raise BudgetError(f"--max-drop {options.max_drop}: even one pruned layer breaks the budget")
         rows = un.prune_weights(candidate, chosen, cfg, data)
-        check = measure(reference, candidate, judge, options)
-        check["data"] = judge.name
-        if check["drop"] <= options.max_drop:
-            spared = [{"node": n, "skipped": f"spared to keep the drop within --max-drop {options.max_drop}"}
-                      for n in spared_names]
-            return candidate, rows, spared, check
-        # Spare the layer that lost most of its output (relative error on the calibration data).
-        by_error = sorted((r for r in rows if "skipped" not in r), key=_sensitivity, reverse=True)
-        spared_names.append(by_error[0]["node"])
-        logger.info("max-drop: drop %.4f > %.4f, sparing %s", check["drop"], options.max_drop, by_error[0]["node"])
+        return search.Built(candidate, {"tensors": rows}, spared_names)
+
+    first = build([])
+    pruned = [r for r in first.report["tensors"] if "skipped" not in r]
+    order = sorted(((r["node"], _sensitivity(r)) for r in pruned), key=lambda item: item[1], reverse=True)
+    result, check = fall_back(first, order, build, make_judge(reference, judge_data, options), options, "layers")
+    spared = [{"node": n, "skipped": f"spared to keep the drop within --max-drop {options.max_drop}"}
+              for n in result.left_alone]
+    return result.built.model, result.built.report["tensors"], spared, check
 
 
 def _sensitivity(row: dict[str, Any]) -> float:

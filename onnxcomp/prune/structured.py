@@ -546,39 +546,39 @@ def prune_structured(
     return model, report
 
 
-def _within_budget(model, reference, groups, data, options, judge):
-    """Cut all groups; while the drop exceeds ``max_drop``, spare the group whose consumers lose
-    most (relative least-squares error), until the budget holds."""
-    from onnxcomp.prune.api import BudgetError, measure
+def _within_budget(model, reference, groups, data, options, judge_data):
+    """Cut all groups; when the drop exceeds ``max_drop``, spare the groups whose consumers lose
+    most (relative least-squares error), as few as bisection finds."""
+    from onnxcomp import search
+    from onnxcomp.prune.api import fall_back, make_judge
 
-    spared: list[str] = []
-    while True:
+    how = options.importance if options.importance != "bn" else "l2"
+
+    def build(spared: list[str]) -> search.Built:
         candidate = model_io.copy_model(model)
         cand_groups = build_groups(candidate, options.exclude_nodes)
         by_name = {grp.name: grp for grp in cand_groups}
         for name in spared:
             by_name[name].declined = f"spared to keep the drop within --max-drop {options.max_drop}"
         live = [grp for grp in cand_groups if not grp.declined]
-        if not live:
-            raise BudgetError(f"--max-drop {options.max_drop}: even one pruned group breaks the budget")
         cand_h = consumer_hessians(candidate, cand_groups, data, options) if data is not None else None
-        cand_scores = {id(grp): importance(grp, options.importance if options.importance != "bn" else "l2", cand_h)
-                       for grp in live}
+        cand_scores = {id(grp): importance(grp, how, cand_h) for grp in live}
         choose(cand_groups, cand_scores, options.sparsity, options.scope)
         cut_report = apply_cuts(candidate, cand_groups, cand_h, options.damp)
         _forget_shapes(candidate)
-        check = measure(reference, candidate, judge, options)
-        check["data"] = judge.name
-        if check["drop"] <= options.max_drop:
-            groups[:] = cand_groups
-            return candidate, cut_report, spared, check
-        worst = _most_sensitive(live, cut_report)
-        spared.append(worst.name)
-        logger.info("max-drop: drop %.4f > %.4f, sparing group %s", check["drop"], options.max_drop, worst.name)
+        return search.Built(candidate, {"consumers": cut_report}, (cand_groups, live))
+
+    first = build([])
+    order = _sensitivity_order(first.plan[1], first.report["consumers"])
+    result, check = fall_back(first, order, build, make_judge(reference, judge_data, options), options, "groups")
+    groups[:] = result.built.plan[0]
+    return result.built.model, result.built.report["consumers"], list(result.left_alone), check
 
 
-def _most_sensitive(live: list[DependencyGroup], cut_report: list[dict[str, Any]]) -> DependencyGroup:
+def _sensitivity_order(live: list[DependencyGroup], cut_report: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """The live groups, most sensitive first: the largest relative error among their consumers."""
     err = {r["node"]: r.get("relative_error") or 0.0 for r in cut_report}
-    def loss(grp):
-        return max((err.get(g.label(n), 0.0) for n in grp.consumers), default=0.0)
-    return max(live, key=loss)
+    scores = [(grp.name, max((err.get(g.label(n), 0.0) for n in grp.consumers), default=0.0)) for grp in live]
+    return sorted(scores, key=lambda item: item[1], reverse=True)
+
+

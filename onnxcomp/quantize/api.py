@@ -16,22 +16,21 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import onnx_ir as ir
 
-from onnxcomp import cpu, inputs
+from onnxcomp import cpu, runtime
 from onnxcomp import model as model_io
-from onnxcomp.data import DataSource, open_data
+from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.evaluate import check_metric, load_metric
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
 from onnxcomp.quantize import auto
 from onnxcomp.quantize import calibrate as calib
 from onnxcomp.quantize import plan as qplan
-from onnxcomp.search import Built
 from onnxcomp.quantize.static import InsertQdqPass, correct_biases, gptq_codes
+from onnxcomp.search import Built
 
 logger = logging.getLogger(__name__)
 
@@ -110,19 +109,6 @@ class QuantizeOptions:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open(
-    source: DataSource | str | os.PathLike | None, model: ir.Model, what: str
-) -> DataSource | None:
-    if source is None or isinstance(source, DataSource):
-        if isinstance(source, DataSource):
-            source.check(model_io.input_specs(model))
-        return source
-    try:
-        return open_data(Path(source), model_io.input_specs(model))
-    except OnnxcompError as err:
-        raise OnnxcompError(f"{what}: {err}") from None
-
-
 def prepare(
     model: ir.Model, options: QuantizeOptions, data: DataSource | None = None
 ) -> tuple[ir.Model, dict[str, Any]]:
@@ -192,6 +178,25 @@ def prepare(
 
 
 OPTIMIZE_SLOWDOWN = 1.05
+
+
+def static_opset(model: ir.Model) -> ir.Model:
+    """The model at an opset where onnxruntime runs QuantizeLinear/DequantizeLinear.
+
+    Below opset 10 (no QuantizeLinear) it is upgraded to 13 with onnx's version converter; an
+    opset this onnxruntime has no QuantizeLinear kernel for is refused before any work.
+    """
+    current = model_io.opset(model)
+    if current < 10:
+        return model_io.ensure_opset(model, 13, "QuantizeLinear (opset 10 or newer)")
+    problem = runtime.qdq_problem(current)
+    if problem is not None:
+        raise OnnxcompError(
+            f"the model imports opset {current}, and onnxruntime {runtime.ort.__version__} cannot "
+            "run QuantizeLinear at that opset, so a static result could not be loaded; re-export "
+            "the model at an older opset (13 to 21 work everywhere) or use --mode dynamic"
+        )
+    return model
 
 
 def _default_rules() -> list[str]:
@@ -478,12 +483,7 @@ def quantize_built(
     model and report."""
     options = dataclasses.replace(options) if options is not None else QuantizeOptions()
     options.check()
-    data = _open(data if data is not None else options.data, model, "--data")
-    eval_data = _open(
-        eval_data if eval_data is not None else options.eval_data, model, "--eval-data"
-    )
-    if options.max_drop is not None and eval_data is None and data is None:
-        raise OnnxcompError("--max-drop needs --eval-data (or --data) to measure the drop on")
+    data, eval_data = open_given_pair(model_io.input_specs(model), options, data, eval_data)
     judge = eval_data if eval_data is not None else data
     if options.metric == "accuracy" and (judge is None or not judge.has_labels):
         where = judge.name if judge is not None else "random inputs"
@@ -497,7 +497,7 @@ def quantize_built(
     input_names = {n.name for n in model.graph}
     original_opset = model_io.opset(model)
     if options.mode == "static":
-        model = inputs.static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
+        model = static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
     original = model_io.copy_model(model) if options.mode == "auto" else None
     model, prep = prepare(model, options, data or eval_data)
     # Names may be the input's, or the cleaned graph's (a recipe replaying auto's fallback).
@@ -579,7 +579,7 @@ def _register_modes() -> None:
     """The dynamic and weight-only passes as recipe steps of their own, every option of theirs
     reachable (``quantize`` maps only the options the modes share)."""
     from onnxcomp.quantize.dynamic import DynamicQuantizeOptions, DynamicQuantizePass
-    from onnxcomp.quantize.weight_only import WeightOnlyOptions, WeightOnlyQuantizePass
+    from onnxcomp.quantize.weight_only import WeightOnlyOptions
 
     register("quantize-dynamic", DynamicQuantizeOptions, help="dynamic int8 (MatMul, Gemm)")(
         lambda options, context: DynamicQuantizePass(options, data=context.data)

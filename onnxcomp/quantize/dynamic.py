@@ -49,9 +49,9 @@ from onnxcomp import model as model_io
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import (
     add_initializer,
+    drop_shapes_before_skip_layernorm,
     drop_unused_initializers,
     replace_uses,
-    strip_inferred_shapes,
 )
 from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
@@ -811,41 +811,6 @@ def _weight_key(match: _Match) -> tuple:
         else ()
     )
     return (id(node.inputs[1]), node.op_type, view)
-
-
-def _residual_layernorms(graph: ir.Graph) -> list[ir.Node]:
-    """LayerNormalizations fed by an Add of two run-time tensors: what onnxruntime fuses into
-    SkipLayerNormalization when the shapes prove both Add inputs alike."""
-    found = []
-    for node in graph:
-        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        add = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
-            continue
-        if all(v is not None and v.const_value is None for v in add.inputs):
-            found.append(node)
-    return found
-
-
-def drop_shapes_before_skip_layernorm(graph: ir.Graph) -> int:
-    """Forget the inferred shapes of the intermediate values when the graph has a residual Add + LayerNormalization.
-
-    onnxruntime (1.32) fuses the pair into SkipLayerNormalization only when the shapes of both Add inputs are known
-    and equal; its CPU kernel is 3-5x slower than Add + LayerNormalization. Without stored shapes onnxruntime infers
-    its own, loses the sequence dimension at the attention Reshapes and keeps the faster pair, as it does for the
-    exported model. Graph inputs and outputs keep their shapes; types are kept. Returns the number of values changed.
-    """
-    if not _residual_layernorms(graph):
-        return 0
-    dropped = strip_inferred_shapes(graph, types=False)
-    if dropped:
-        logger.info(
-            "dropped the inferred shapes of %d values: with them onnxruntime fuses residual Add + "
-            "LayerNormalization into its slower SkipLayerNormalization",
-            dropped,
-        )
-    return dropped
 
 
 def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:

@@ -34,7 +34,12 @@ import onnx_ir as ir
 
 from onnxcomp import layerwise
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.graph import add_initializer, drop_unused_initializers, replace_uses
+from onnxcomp.graph import (
+    add_initializer,
+    drop_shapes_before_skip_layernorm,
+    drop_unused_initializers,
+    replace_uses,
+)
 from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
 from onnxcomp.quantize import gptq, schemes
@@ -276,8 +281,6 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         if done:
             # As for dynamic int8: stored shapes let onnxruntime fuse residual Add + LayerNormalization into its
             # slower SkipLayerNormalization (paraphrase-MiniLM-L3 int4 at opset 21: 0.87x fp32 with, 0.71x without).
-            from onnxcomp.quantize.dynamic import drop_shapes_before_skip_layernorm
-
             shapes_dropped = drop_shapes_before_skip_layernorm(model.graph)
         report: dict[str, object] = {
             "quantized": len(layers),
