@@ -1521,3 +1521,94 @@ def _prune_text(report: dict[str, Any]) -> str:
     if _wrote_line(report):
         lines.append(_wrote_line(report))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the best model.")
+@click.option("--eval-data", required=True, type=click.Path(), help="Samples the metric is measured on (every trial).")
+@click.option("--data", type=click.Path(), help="Calibration samples (default: --eval-data).")
+@click.option("--metric", default="auto", show_default=True, metavar="NAME|module:function", help=METRIC_HELP)
+@click.option("--max-drop", type=float, default=0.01, show_default=True, help="Largest accepted drop of the metric.")
+@click.option("--objective", type=click.Choice(["latency", "size"]), default="latency", show_default=True)
+@click.option("--space", "levers", default="prune,quantize", show_default=True, help="Levers searched: prune, quantize (comma-separated).")
+@click.option("--trials", type=int, default=20, show_default=True, help="Trials in all (a resumed run counts its old ones).")
+@click.option("--time-budget", metavar="20m", help="Stop starting trials after this long (90s, 20m, 1.5h); running ones finish.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Trials built and evaluated in parallel (local process pool).")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run trials as Ray tasks: auto starts a local Ray with --workers CPUs; an address joins a cluster.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", type=click.Path(file_okay=False), help="A run folder (with trials.jsonl) to continue.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Where the trial log and models go (default: OUTPUT's name + .tune/).")
+@click.option("--limit", type=int, default=1000, show_default=True, help="Evaluation samples per trial.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads for the latency measurements.")
+@click.option("--recipe-out", type=click.Path(dir_okay=False), help="Also copy the chosen recipe here (one is always written beside OUTPUT).")
+@report_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every trial).")
+def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_json, ray_address, **flags):
+    """Search compression recipes (prune, quantize, layers left float) for the fastest (or
+    smallest) model within --max-drop, each trial built and measured in onnxruntime.
+
+    Builds and the metric run in parallel (--workers, --ray); latency is measured serially in
+    this process after each build, so parallel trials do not disturb each other's timing.
+    Sensitivity first (the drop when only one layer is quantized, cached in the run folder),
+    a greedy seed, then optuna's TPE when installed (else a seeded random search).
+
+    Exit codes: 0 best model written; 1 no trial met --max-drop (the closest written as
+    OUTPUT.closest.onnx); 2 bad input; 130 interrupted (the best so far written).
+    """
+    from onnxcomp.tune import NoSolution, TuneOptions, parse_duration, pareto_table, plot
+    from onnxcomp.tune import tune as run_tune
+
+    options = TuneOptions(
+        **flags,
+        time_budget=parse_duration(time_budget),
+        levers=[v for v in levers.split(",") if v],
+        ray=ray_address,
+    )
+    exit_code = 0
+    try:
+        result = run_tune(model_path, output, options)
+    except NoSolution as err:
+        click.echo(f"error: {err}", err=True)
+        result, exit_code = err.result, EXIT_CHECK_FAILED
+    if result.stopped == "interrupted":
+        exit_code = 130
+    report = result.to_json()
+    if recipe_out and result.recipe:
+        text = Path(result.recipe).read_text(encoding="utf-8")
+        Path(recipe_out).write_text(
+            text.replace(f"onnxcomp run {Path(result.recipe).name}", f"onnxcomp run {Path(recipe_out).name}"),
+            encoding="utf-8",
+        )
+        report["recipe"] = str(recipe_out)
+    png = plot(result, result.run_dir / "pareto.png")
+    report["plot"] = str(png) if png else None
+    if report_path:
+        from onnxcomp.report import write_report
+
+        write_report(_clean(report), report_path)
+    if as_json:
+        emit_json(report)
+    else:
+        header, rows = pareto_table(result)
+        click.echo(table(rows, header))
+        best = result.best or {}
+        what = "best" if result.passed else "closest (over budget)"
+        click.echo(
+            f"{len(result.trials)} trials ({result.search}, stopped: {result.stopped}) in {result.seconds:.0f}s; "
+            f"{what}: {best.get('name')} ({best.get('latency_ratio', math.nan):.2f}x fp32 latency, "
+            f"drop {best.get('drop', math.nan):.4f})"
+        )
+        click.echo(f"wrote {result.output or result.closest}; recipe {report['recipe']}")
+        if png:
+            click.echo(f"plot: {png}")
+    if exit_code:
+        sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    main()
