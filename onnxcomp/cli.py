@@ -1560,7 +1560,7 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
     Exit codes: 0 best model written; 1 no trial met --max-drop (the closest written as
     OUTPUT.closest.onnx); 2 bad input; 130 interrupted (the best so far written).
     """
-    from onnxcomp.tune import NoSolution, TuneOptions, parse_duration, pareto_table, plot
+    from onnxcomp.tune import NoSolution, TuneOptions, pareto_table, parse_duration, plot
     from onnxcomp.tune import tune as run_tune
 
     options = TuneOptions(

@@ -45,7 +45,7 @@ FINAL_TOP = 3  # trials timed again side by side before the choice
 class NoSolution(OnnxcompError):
     """No trial met the budget; the closest one was saved under another name."""
 
-    def __init__(self, message: str, result: "TuneResult"):
+    def __init__(self, message: str, result: TuneResult):
         super().__init__(message)
         self.result = result
 
