@@ -241,6 +241,21 @@ class Judge:
             reference, data, batch_size=batch_size, limit=limit, threads=threads
         )
 
+    @classmethod
+    def from_options(
+        cls, reference: runtime.ModelLike, data: DataSource, options: Any, max_drop: float | None
+    ) -> Judge:
+        """A judge with a command's options: metric, batch_size, check_samples, threads."""
+        return cls(
+            reference,
+            data,
+            metric=options.metric,
+            max_drop=max_drop,
+            batch_size=options.batch_size,
+            limit=options.check_samples,
+            threads=options.threads,
+        )
+
     def compare(self, model: runtime.ModelLike) -> Comparison:
         return compare(self.reference, model, metric=self.metric, threads=self.threads)
 

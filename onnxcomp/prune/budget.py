@@ -18,15 +18,7 @@ class BudgetError(OnnxcompError):
 
 def make_judge(reference: ir.Model, judge_data: DataSource, options: Any) -> search.Judge:
     """The drop of a candidate against ``reference`` on ``judge_data``, held to ``--max-drop``."""
-    return search.Judge(
-        reference,
-        judge_data,
-        metric=options.metric,
-        max_drop=options.max_drop,
-        batch_size=options.batch_size,
-        limit=options.check_samples,
-        threads=options.threads,
-    )
+    return search.Judge.from_options(reference, judge_data, options, options.max_drop)
 
 
 def fall_back(first_build, order, build, judge, options, what: str):

@@ -73,15 +73,7 @@ def drop_of(comparison: Comparison, metric: Any) -> tuple[float, str]:
 
 
 def make_judge(reference: ir.Model, data: DataSource, options, budget: float | None):
-    return search.Judge(
-        reference,
-        data,
-        metric=options.metric,
-        max_drop=budget,
-        batch_size=options.batch_size,
-        limit=options.check_samples,
-        threads=options.threads,
-    )
+    return search.Judge.from_options(reference, data, options, budget)
 
 
 def check_report(verdict: Verdict, comparison: Comparison) -> dict[str, Any]:
