@@ -180,11 +180,22 @@ class Judge:
         self.limit = None if data is None else 64
         self._truth: ir.Model | str | None = None
         self._reference_error: float | None = None
+        self._outputs = None  # the input model's outputs, run once (see _reference_outputs)
 
     def _compare(self, a, b):
         from onnxcomp.validate import compare
 
         return compare(a, b, self.source, limit=self.limit)
+
+    def _reference_outputs(self):
+        """The input model's outputs on the check data, computed once: its onnxruntime session
+        is released before any candidate's is made (a large model is never in memory twice)."""
+        from onnxcomp.evaluate import ReferenceOutputs
+
+        if self._outputs is None:
+            self._outputs = ReferenceOutputs(self.reference, self.source, limit=self.limit)
+            self._outputs.collect()
+        return self._outputs
 
     def truth(self) -> ir.Model | str:
         """The float64 evaluation of the input model (built once), or why there is none."""
@@ -199,7 +210,9 @@ class Judge:
         return self._truth
 
     def __call__(self, candidate: ir.Model) -> Verdict:
-        comparison = self._compare(self.reference, candidate)
+        from onnxcomp.validate import compare
+
+        comparison = compare(self._reference_outputs(), candidate)
         worst, where = worst_error(comparison)
         report: dict[str, Any] = {
             "samples": comparison.samples,

@@ -282,7 +282,12 @@ class OptimizePass(ir.passes.FunctionalPass):
         faults: list[Fault] = []
         work, log, normalized = self._apply(model, rules, exclude, annotated)
         check = None
-        if options.self_check:
+        # Nothing rewritten: the graph computes what the input does, so neither model is run
+        # (a large model's self-check costs a session of its weights and minutes).
+        changed = bool(log.applied) or log.opset_after != log.opset_before
+        if options.self_check and not changed:
+            log.notes.append("self-check skipped: no rewrite applied")
+        elif options.self_check:
             judge = Judge(
                 model,
                 self.data,

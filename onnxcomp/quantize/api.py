@@ -125,7 +125,10 @@ def prepare(
             data = random_source(model, options)
         before = model_io.copy_model(model)
         model, report["optimize"] = _optimize(model, options, data)
-        ratio = _slowdown(before, model, data, options)
+        step = report["optimize"]
+        changed = step["applied"] or step["opset"]["before"] != step["opset"]["after"]
+        # An unchanged graph is not timed (on a large model each timing is a session).
+        ratio = _slowdown(before, model, data, options) if changed else None
         if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
             # The clean-up is for quantization; it must not cost fp32 time the int8 kernels
             # then have to win back. Keep the input graph, with BatchNorm folded only.
