@@ -159,11 +159,12 @@ def commands(src: Path, work: Path, size: int, width: int, only: tuple[str, ...]
             ["quantize", str(src), "-o", out("wo"), "--mode", "weight-only", "--bits", "4",
              "--data", str(x), "--eval-data", str(x)],
         ),  # fmt: skip
+        # without --data: per-channel int8 only (calibrating smoothing and bias correction
+        # holds each layer's candidate weights and runs the model twice per chunk of layers)
         "dynamic": (
-            "quantize --mode dynamic",
-            ["quantize", str(src), "-o", out("dyn"), "--mode", "dynamic", "--data", str(x),
-             "--eval-data", str(x)],
-        ),  # fmt: skip
+            "quantize --mode dynamic (no calibration)",
+            ["quantize", str(src), "-o", out("dyn"), "--mode", "dynamic", "--eval-data", str(x)],
+        ),
         "prune": (
             "prune --sparsity 0.5 (magnitude)",
             ["prune", str(src), "-o", out("prune"), "--sparsity", "0.5", "--eval-data", str(x)],

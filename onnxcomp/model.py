@@ -34,6 +34,10 @@ T = TypeVar("T")
 # it: protobuf cannot serialise a message over 2 GB.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 
+# Above this many bytes of weights, work that needs two models' onnxruntime sessions alive at
+# once (interleaved latency timing) is left out, so a command peaks near one copy of the weights.
+TIMING_LIMIT_BYTES = 1_000_000_000
+
 
 def load(path: str | os.PathLike) -> ir.Model:
     """Read an ONNX file (weights in external data stay on disk until used).

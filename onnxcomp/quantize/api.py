@@ -127,8 +127,15 @@ def prepare(
         model, report["optimize"] = _optimize(model, options, data)
         step = report["optimize"]
         changed = step["applied"] or step["opset"]["before"] != step["opset"]["after"]
-        # An unchanged graph is not timed (on a large model each timing is a session).
-        ratio = _slowdown(before, model, data, options) if changed else None
+        # An unchanged graph is not timed, nor a large one: interleaved timing holds both
+        # models' sessions, twice the weights in memory.
+        large = model_io.weight_bytes(model) > model_io.TIMING_LIMIT_BYTES
+        if changed and large:
+            step.setdefault("notes", []).append(
+                "fp32 latency of the clean-up not measured: weights over "
+                f"{model_io.TIMING_LIMIT_BYTES / 1e9:g} GB (two sessions would not fit the memory bound)"
+            )
+        ratio = _slowdown(before, model, data, options) if changed and not large else None
         if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
             # The clean-up is for quantization; it must not cost fp32 time the int8 kernels
             # then have to win back. Keep the input graph, with BatchNorm folded only.
