@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -388,14 +389,36 @@ def set_weight(value: ir.Value, array: np.ndarray) -> None:
     release(old)
 
 
+def spill(model: ir.Model, min_bytes: int = 1 << 20) -> int:
+    """Move the in-memory initializers of at least ``min_bytes`` to scratch files, lazy from then
+    on (a pass's output of a model read from external data: its new weights then cost no memory
+    while the self-check's sessions run, and ``save`` streams them). Returns the bytes moved."""
+    moved = 0
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < min_bytes:
+            continue
+        if tensor.dtype.is_string():
+            continue
+        [value.const_value] = ir.external_data.convert_tensors_to_external(
+            [tensor], _scratch_dir(), _scratch_name()
+        )
+        moved += tensor.nbytes
+    return moved
+
+
 def release(tensor: object) -> None:
-    """Unmap an external tensor's data (read again from disk when next used); no-op otherwise,
-    or while a caller still holds an array of it."""
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:
-            pass
+    """Unmap an external tensor's data (read again from disk when next used); while a caller
+    still holds an array of it, drop its resident pages instead (the kernel reads them again
+    if the array is used). No-op for tensors in memory."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return
+    try:
+        tensor.release()
+    except BufferError:
+        raw = getattr(tensor, "raw", None)
+        if raw is not None and hasattr(raw, "madvise"):
+            raw.madvise(mmap.MADV_DONTNEED)
 
 
 _SCRATCH: list[Path] = []

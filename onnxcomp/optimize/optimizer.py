@@ -21,7 +21,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import NameSource, annotated_values, drop_unused, strip_inferred_shapes
 from onnxcomp.graph import label as _node_label
 from onnxcomp.optimize import rules as rules_mod
-from onnxcomp.optimize.check import Fault, Judge, find_fault
+from onnxcomp.optimize.check import Fault, Judge, check_data, find_fault
 from onnxcomp.optimize.rules import NO_UPGRADE, Match, Rule
 from onnxcomp.passes import Result
 
@@ -276,6 +276,8 @@ class OptimizePass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> Result:
         options = self.options
+        if options.self_check:  # inputs that cannot be made are refused before any work
+            check_data(model, self.data, options.samples, options.shapes)
         rules = options.selected_rules()
         annotated = annotated_values(model)
         exclude: dict[InstanceKey, str] = {}

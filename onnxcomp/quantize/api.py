@@ -13,6 +13,7 @@ candidates (`onnxcomp.quantize.auto`). Registered as the recipe step ``quantize`
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -451,7 +452,17 @@ def quantize_other(
         reference = model_io.copy_model(model)
     pass_ = _other_pass(options, data)
     started = time.perf_counter()
+    mapped = [v.const_value for _, v in model_io.iter_tensors(model)]
     model, step = run_pass(pass_, model, f"quantize ({options.mode})")
+    if reference is not None and model_io.has_external_data(reference):
+        # A large model's new weights wait on disk, and the float weights the pass read are
+        # unmapped: neither costs memory while the self-check's sessions run.
+        model_io.spill(model)
+        del pass_
+        gc.collect()
+        for tensor in mapped:
+            model_io.release(tensor)
+    del mapped
     report = {
         "mode": options.mode,
         **step.report,
