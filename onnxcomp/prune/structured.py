@@ -563,10 +563,11 @@ def choose_by_macs(
     fraction: float,
     count: MacCount,
     cap: float = MAX_GROUP_CUT,
-) -> None:
+) -> float:
     """Set ``removed`` so the MACs drop by ``fraction``, taking the channels with the lowest
     score per MAC saved first across all groups, at most ``cap`` of each group (kept counts
-    rounded as in `choose`)."""
+    rounded as in `choose`). Returns the fraction of the MACs removed (less than asked when
+    the cap and the rounding leave too little to cut)."""
     live = [grp for grp in groups if not grp.declined]
     target = count.total * (1.0 - fraction)
     cost = {id(grp): count.per_channel(grp) for grp in live}
@@ -591,6 +592,7 @@ def choose_by_macs(
     chosen = plan(lo)
     for grp in live:
         grp.removed = np.sort(orders[id(grp)][: chosen[id(grp)]])
+    return 1.0 - count.macs(chosen) / count.total
 
 
 def apply_cuts(
@@ -777,7 +779,7 @@ def prune_structured(
             model, reference, groups, data if reconstruct else None, options, judge
         )
     else:
-        _choose(model, groups, scores, options, data)
+        notes += _choose(model, groups, scores, options, data)
         cut_report = apply_cuts(model, groups, hessians if reconstruct else None, options.damp)
         _forget_shapes(model)
     report: dict[str, Any] = {
@@ -799,13 +801,17 @@ def prune_structured(
     return model, report
 
 
-def _choose(model: ir.Model, groups: list[DependencyGroup], scores, options, data: DataSource | None) -> None:
-    """`choose` by channels, or `choose_by_macs` with ``--sparsity-of macs``."""
-    if options.sparsity_of == "macs":
-        count = MacCount(model, groups, _shapes(model, options, data))
-        choose_by_macs(groups, scores, options.sparsity, count)
-    else:
+def _choose(model: ir.Model, groups: list[DependencyGroup], scores, options, data: DataSource | None) -> list[str]:
+    """`choose` by channels, or `choose_by_macs` with ``--sparsity-of macs``; returns notes."""
+    if options.sparsity_of != "macs":
         choose(groups, scores, options.sparsity, options.scope)
+        return []
+    count = MacCount(model, groups, _shapes(model, options, data))
+    done = choose_by_macs(groups, scores, options.sparsity, count)
+    if done < options.sparsity - 0.005:
+        return [f"--sparsity-of macs: {done:.1%} of the MACs removed, not {options.sparsity:.0%}: no group loses "
+                f"more than {MAX_GROUP_CUT:.0%} of its channels, kept counts stay multiples of {ROUND_TO}"]
+    return []
 
 
 def _shapes(model: ir.Model, options, data: DataSource | None) -> dict[str, list[int]]:
