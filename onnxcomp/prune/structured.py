@@ -30,6 +30,7 @@ from onnxcomp import graph as g
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.prune import heads
 from onnxcomp.prune.budget import fall_back, make_judge
 
 logger = logging.getLogger(__name__)
@@ -743,7 +744,9 @@ def consumer_hessians(
         by_name.setdefault(view.input.name, []).append(inputs[id(node)])
     if not by_name:
         return {}
-    capture.accumulate(model, by_name, data, batch_size=options.batch_size, limit=options.samples)
+    capture.accumulate(
+        model, by_name, data, batch_size=options.batch_size, limit=options.samples, positions=capture.token_positions
+    )
     return {key: [acc.H for acc in acc_in.hessians] for key, acc_in in inputs.items()}
 
 
@@ -757,7 +760,12 @@ def prune_structured(
     if reconstruct and data is None:
         raise OnnxcompError("--reconstruct needs --data")
     groups = build_groups(model, options.exclude_nodes)
-    if not any(not grp.declined for grp in groups):
+    attention = heads.build_head_groups(model, options.exclude_nodes)
+    if options.max_drop is not None:
+        for grp in attention:
+            grp.declined = grp.declined or "--max-drop: attention heads are not in the fallback search yet"
+    heads.claim_projections(groups, attention)
+    if not any(not grp.declined for grp in groups + attention):
         reasons = "; ".join(f"{grp.name}: {grp.declined}" for grp in groups[:3])
         raise OnnxcompError(f"no channel group can be pruned ({reasons or 'no Conv/Gemm/MatMul with constant weights'})")
     hessians = (
@@ -772,6 +780,7 @@ def prune_structured(
                      "its scale is in the weights, ranked by L2")
         how = "l2"
     scores = {id(grp): importance(grp, how, hessians) for grp in groups if not grp.declined}
+    head_cuts = heads.prune_heads(model, attention, data, options, reconstruct)
     spared: list[str] = []
     check = None
     if options.max_drop is not None:
@@ -789,8 +798,8 @@ def prune_structured(
         "sparsity_of": options.sparsity_of,
         "reconstruct": reconstruct,
         "requested_ratio": options.sparsity,
-        "groups": [grp.to_json() for grp in groups],
-        "consumers": cut_report,
+        "groups": [grp.to_json() for grp in attention + groups],
+        "consumers": head_cuts + cut_report,
     }
     if spared:
         report["spared"] = spared
