@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import build_graphs  # noqa: E402
-from onnxcomp import bench, runtime  # noqa: E402
+from onnxcomp import bench, evaluate, runtime  # noqa: E402
 from onnxcomp import model as model_io  # noqa: E402
 from onnxcomp.prune.api import PruneOptions, clean_up, model_stats, prune  # noqa: E402
 
@@ -90,47 +90,15 @@ def _quality(model, dense_out: np.ndarray, data_path: Path) -> dict:
 
 
 
-def _detections(out: np.ndarray, conf: float = 0.25, nms_iou: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
-    """YOLOv8 output for one image, [4 + classes, N] (cx, cy, w, h, class scores) -> boxes
-    [K, 4] (x1, y1, x2, y2) and classes [K] above ``conf``, after per-class NMS."""
-    scores = out[4:].T
-    cls, score = scores.argmax(1), scores.max(1)
-    keep = score >= conf
-    cx, cy, w, h = out[:4, keep]
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-    cls, score = cls[keep], score[keep]
-    chosen: list[int] = []
-    for i in np.argsort(-score):
-        same = [j for j in chosen if cls[j] == cls[i]]
-        if not same or _iou(boxes[i : i + 1], boxes[same]).max() < nms_iou:
-            chosen.append(int(i))
-    return boxes[chosen], cls[chosen]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x1y1x2y2 boxes."""
-    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def box_iou(model, dense, data_path: Path, conf: float = 0.25) -> dict:
-    """Mean IoU of the boxes of ``model`` to those of ``dense``: each box matched to the best box
-    of the same class in the other model's result (0 when there is none), both ways, averaged."""
+    """`evaluate.box_agreement` of ``model``'s boxes with ``dense``'s on the photos."""
     data = np.load(data_path)
     feed = {k: data[k] for k in data.files if k != "labels"}
     got = runtime.create_session(model).run(None, feed)[0]
     want = runtime.create_session(dense).run(None, feed)[0]
-    ious, boxes = [], 0
-    for g, w in zip(got, want):
-        (gb, gc), (wb, wc) = _detections(g, conf), _detections(w, conf)
-        boxes += len(wb)
-        for xb, xc, yb, yc in ((wb, wc, gb, gc), (gb, gc, wb, wc)):
-            for box, c in zip(xb, xc):
-                other = yb[yc == c]
-                ious.append(float(_iou(box[None], other).max()) if len(other) else 0.0)
-    return {"box_iou": float(np.mean(ious)) if ious else None, "dense_boxes": boxes}
+    row = evaluate.box_agreement(got, want, conf)
+    return {"box_iou": row["box_iou"], "dense_boxes": row["reference_boxes"]}
+
 
 def _zip(model: ir.Model) -> int:
     raw = b"".join(
@@ -232,8 +200,11 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
         structured = ours("onnxcomp structured 30% ch", structured=True, sparsity=0.3, samples=32)
     elif detector:
         structured_only = True
-        ours("onnxcomp structured 10% ch", structured=True, sparsity=0.1)
-        structured = ours("onnxcomp structured 25% ch", structured=True, sparsity=0.25)
+        ours("onnxcomp structured 12% ch", structured=True, sparsity=0.12, importance="activation", samples=16)
+        structured = ours(
+            "onnxcomp structured 25% MACs", structured=True, sparsity=0.25, sparsity_of="macs",
+            importance="activation", samples=16,
+        )  # fmt: skip
     else:
         if not structured_only:
             ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
