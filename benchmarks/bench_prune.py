@@ -36,7 +36,7 @@ from onnxcomp import model as model_io  # noqa: E402
 from onnxcomp.prune.api import PruneOptions, clean_up, model_stats, prune  # noqa: E402
 
 MODELS = ROOT / "models"
-THIRDPARTY = ("minilm_l3", "orientation", "yolov8n")  # real data from models/realdata.py
+THIRDPARTY = ("minilm_l3", "minilm", "orientation", "yolov8n")  # real data from models/realdata.py
 
 
 def _digits():
@@ -48,7 +48,11 @@ def _digits():
 def _thirdparty(name: str):
     from models import realdata, thirdparty
 
-    calib, test = realdata.build(name)
+    if name == "minilm":  # all-MiniLM-L6-v2, python models/build_minilm.py --out-dir models/build
+        calib, test = realdata.build("minilm_docs")
+        return model_io.load(MODELS / "build" / "minilm.onnx"), calib, test
+    # MiniLM: ~680 calibration sentences (reconstruction needs more tokens than a 1536-wide layer has inputs)
+    calib, test = realdata.build("minilm_l3_docs" if name == "minilm_l3" else name)
     return model_io.load(thirdparty.fetch(name)), calib, test
 
 
@@ -66,8 +70,9 @@ def _outputs(model, data_path: Path) -> np.ndarray:
     """The model's first float output of rank 2 (logits, or a sentence embedding)."""
     data = np.load(data_path)
     feed = {k: data[k] for k in data.files if k != "labels"}
-    outs = runtime.create_session(model).run(None, feed)
-    return next(o for o in outs if o.dtype.kind == "f" and o.ndim == 2).astype(np.float64)
+    outs = [o for o in runtime.create_session(model).run(None, feed) if o.dtype.kind == "f"]
+    out = next((o for o in outs if o.ndim == 2), outs[0])  # else a hidden state, flattened per sample
+    return out.reshape(len(out), -1).astype(np.float64)
 
 
 def _quality(model, dense_out: np.ndarray, data_path: Path) -> dict:
@@ -103,20 +108,29 @@ def _zip(model: ir.Model) -> int:
 
 
 def _calibration_list(data_path: Path, n: int = 64) -> list[dict]:
+    """The first ``n`` samples, one dict each, cut to their real tokens when there is a mask."""
     data = np.load(data_path)
     names = [k for k in data.files if k != "labels"]
-    return [{k: data[k][i : i + 1] for k in names} for i in range(min(n, len(data[names[0]])))]
+    rows = []
+    for i in range(min(n, len(data[names[0]]))):
+        row = {k: data[k][i : i + 1] for k in names}
+        if "attention_mask" in row:
+            length = int(row["attention_mask"].sum())
+            row = {k: v[:, :length] for k, v in row.items()}
+        rows.append(row)
+    return rows
 
 
 def _onnxsim_rows(
-    dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False, name: str = ""
+    dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False, name: str = "", samples: int = 64
 ) -> list[tuple[str, object]]:
-    """onnxsim's four pruning functions on the cleaned dense model (or why not)."""
+    """onnxsim's four pruning functions on the cleaned dense model (or why not); Wanda and SparseGPT
+    get the same calibration samples as onnxcomp's reconstruction (at most ``samples``)."""
     try:
         from onnxsim import pruning
     except Exception as err:  # not installed, or no pruning API at this version
         return [("onnxsim pruning", f"unavailable: {type(err).__name__}: {err}")]
-    cal = _calibration_list(calib)
+    cal = _calibration_list(calib, samples if name.startswith("minilm") else 64)
     rows: list[tuple[str, object]] = []
     jobs = [
         ("onnxsim magnitude 50%", lambda: pruning.apply_magnitude_pruning(dense_proto, sparsity=0.5)),
@@ -127,7 +141,7 @@ def _onnxsim_rows(
     ]  # fmt: skip
     if structured_only or name == "orientation":
         jobs = jobs[-1:]
-    elif name == "minilm_l3":
+    elif name.startswith("minilm"):
         jobs = jobs[:3]
     for label, job in jobs:
         try:
@@ -147,6 +161,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
     from onnxcomp.data import open_data
 
     dense, _ = clean_up(model_io.copy_model(model), PruneOptions(), open_data(test, model_io.input_specs(model)))
+    calib_samples = len(np.load(calib)[model_io.input_specs(model)[0].name])
     detector = name == "yolov8n"  # [1, 4 + classes, N] boxes: judged by box IoU to the dense model
     dense_out = None if detector else _outputs(dense, test)
     shapes = {"images": [1, 3, 320, 320]} if detector else None
@@ -172,11 +187,14 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
         ours("onnxcomp 2:4 + reconstruction", sparsity=0.5, pattern="2:4")
         structured = ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2)
         ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
-    elif name == "minilm_l3":
+    elif name.startswith("minilm"):
         structured = None
         ours("onnxcomp magnitude 50%", sparsity=0.5, method="magnitude", reconstruct=False)
         ours("onnxcomp Wanda 50%", sparsity=0.5, method="wanda", reconstruct=False, samples=48)
-        ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5, samples=48)
+        ours("onnxcomp SparseGPT+LS 50%, 48 sentences", sparsity=0.5, samples=48)
+        ours(f"onnxcomp SparseGPT+LS 50%, {calib_samples} sentences", sparsity=0.5, samples=calib_samples)
+        ours("onnxcomp structured 10% heads+FFN", structured=True, sparsity=0.1, importance="activation")
+        ours("onnxcomp structured 25% heads+FFN", structured=True, sparsity=0.25, importance="activation")
     elif name == "orientation":
         ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2, samples=32)
         structured = ours("onnxcomp structured 30% ch", structured=True, sparsity=0.3, samples=32)
@@ -201,7 +219,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
             candidates.append((label + " + int8", q))
         except Exception as err:
             candidates.append(("structured + int8", f"failed: {err}"))
-    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name)
+    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name, calib_samples)
 
     live = [(label, m) for label, m in candidates if not isinstance(m, str)]
     timing = bench.benchmark([m for _, m in live], runs=runs, warmup=20, memory=False, graph=False, data=test)

@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # Hessians held at once; more layers than this take more runs over the data.
 HESSIAN_BUDGET_BYTES = 2 << 30
+# `corrected_target` regresses the reference's outputs on the compressed model's inputs: with
+# fewer input rows than this many times the layer's inputs it overfits the calibration data
+# (paraphrase-MiniLM-L3 at 50 %: 48 sentences, cosine 0.936 -> 0.924 with it; 679 sentences, 0.945 ->
+# 0.958), so such layers are solved on their own outputs.
+TARGET_MIN_ROWS_PER_INPUT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,7 +638,7 @@ def _solve_view(
     result = LayerResult(view, hessians=hessians, rows=min(acc.n_samples for acc in hessians))
     for g, acc in enumerate(hessians):
         w = rows[g]
-        if acc.cross is not None:
+        if acc.cross is not None and acc.n_samples >= TARGET_MIN_ROWS_PER_INPUT * w.shape[1]:
             w = corrected_target(w, acc.H, acc.cross, target_damp).astype(np.float32)
         channels = slice(g * per_group, (g + 1) * per_group)
         solution = solve(w, acc.H, SolveContext(view, g, channels, acc))

@@ -761,9 +761,11 @@ def prune_structured(
         raise OnnxcompError("--reconstruct needs --data")
     groups = build_groups(model, options.exclude_nodes)
     attention = heads.build_head_groups(model, options.exclude_nodes)
-    if options.max_drop is not None:
-        for grp in attention:
-            grp.declined = grp.declined or "--max-drop: attention heads are not in the fallback search yet"
+    not_yet = ("--max-drop: attention heads are not in the fallback search yet" if options.max_drop is not None
+               else "--sparsity-of macs: heads are cut by --sparsity-of channels only" if options.sparsity_of == "macs"
+               else None)  # fmt: skip
+    for grp in attention if not_yet else []:
+        grp.declined = grp.declined or not_yet
     heads.claim_projections(groups, attention)
     if not any(not grp.declined for grp in groups + attention):
         reasons = "; ".join(f"{grp.name}: {grp.declined}" for grp in groups[:3])
