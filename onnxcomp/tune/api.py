@@ -589,7 +589,8 @@ class Tuner:
             # The first batch: each lever alone (the sensitivity probes need its layers and groups).
             if not self.records:
                 self.run_batch(self.space.greedy({})[: min(opts.batch, opts.trials)])
-            self.measure_sensitivity()
+            if len(self.records) < opts.trials:  # probes only for a search that goes on
+                self.measure_sensitivity()
             sampler = Sampler(self.space.choices(), opts.seed)
             for r in self.records:  # told in trial order
                 sampler.add(self.space.canonical(r["config"]), _score(r, opts.objective))
@@ -645,6 +646,8 @@ class Tuner:
 
         built = [r for r in self.records if r.get("path") and "error" not in r and Path(r["path"]).exists()]
         if not built:
+            if stopped == "interrupted":
+                raise KeyboardInterrupt  # nothing to keep yet
             raise OnnxcompError(f"tune: no trial could be built (see {self.log_path})")
         key = "latency_ratio" if self.options.objective == "latency" else "size_ratio"
         passing = [r for r in built if r.get("passed") and r.get(key) is not None]

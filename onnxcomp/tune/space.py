@@ -138,9 +138,10 @@ class Space:
         for config in alone:
             want(config)
         want(base)
-        for cut in self.cuts[1:]:
-            want({**base, "cut": cut})
         q0 = "none" if "none" in self.quantize else self.quantize[0]
+        p0 = "none" if "none" in self.prune else self.prune[0]
+        for cut in self.cuts[1:]:
+            want({**base, "cut": cut, "quantize": q0, "calibration": "minmax", "prune": p0, "ratio": self.ratios[0]})
         best_ratio, first_fail, pending = None, None, False
         if "structured" in self.prune:
             structured = {**base, "prune": "structured", "quantize": q0, "calibration": "minmax"}
