@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxcomp.recipe import parse_recipe, read_recipe, run_recipe
-from onnxcomp.tune import NoSolution, TuneOptions, tune
+from onnxcomp.tune import TuneOptions, tune
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CNN = str(MODELS / "digits_cnn.onnx")
