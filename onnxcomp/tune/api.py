@@ -577,6 +577,9 @@ class Tuner:
     def tried(self) -> dict[str, dict[str, Any]]:
         return {space_mod.key(self.space.canonical(r["config"])): r for r in self.records}
 
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
     def search(self) -> TuneResult:
         opts = self.options
         started = time.perf_counter()
@@ -589,13 +592,13 @@ class Tuner:
             # The first batch: each lever alone (the sensitivity probes need its layers and groups).
             if not self.records:
                 self.run_batch(self.space.greedy({})[: min(opts.batch, opts.trials)])
-            if len(self.records) < opts.trials:  # probes only for a search that goes on
-                self.measure_sensitivity()
+            if len(self.records) < opts.trials and not self._past_deadline():
+                self.measure_sensitivity()  # probes only for a search that goes on
             sampler = Sampler(self.space.choices(), opts.seed)
             for r in self.records:  # told in trial order
                 sampler.add(self.space.canonical(r["config"]), _score(r, opts.objective))
             while len(self.records) < opts.trials:
-                if self.deadline is not None and time.perf_counter() >= self.deadline:
+                if self._past_deadline():
                     stopped = "time budget"
                     break
                 want = min(opts.batch, opts.trials - len(self.records))
