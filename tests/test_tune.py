@@ -90,16 +90,17 @@ def test_no_solution_exits_1_and_saves_the_closest(tmp_path):
 
 def test_resume_continues_the_trial_log(tmp_path):
     out = tmp_path / "p.onnx"
-    first = tune(CNN, out, options(trials=2, levers=["prune"]))
+    first = tune(CNN, out, options(trials=3, levers=["prune"]))
     log = first.run_dir / "trials.jsonl"
-    assert len(log.read_text().splitlines()) == 2
+    assert len(log.read_text().splitlines()) == 3
     # The first batch (each lever alone) gave the prune groups; each was probed alone.
     assert len(first.group_sensitivity) >= 2
     assert {"group", "drop_alone"} <= set(first.group_sensitivity[0])
-    again = tune(CNN, out, options(trials=4, levers=["prune"], resume=str(first.run_dir)))
-    assert [t["trial"] for t in again.trials] == [0, 1, 2, 3]
-    assert [t["name"] for t in again.trials[:2]] == [t["name"] for t in first.trials]
-    assert len(log.read_text().splitlines()) == 4
+    again = tune(CNN, out, options(trials=5, levers=["prune"], resume=str(first.run_dir)))
+    assert [t["trial"] for t in again.trials] == [0, 1, 2, 3, 4]
+    assert [t["name"] for t in again.trials[:3]] == [t["name"] for t in first.trials]
+    assert len(log.read_text().splitlines()) == 5
+    assert again.group_sensitivity == first.group_sensitivity  # from the cache, not probed again
 
 
 def test_sigint_keeps_the_best_so_far(tmp_path):

@@ -127,7 +127,9 @@ class TuneResult:
     objective: str
     group_sensitivity: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # pid, set-up seconds
-    timing_seconds: float = 0.0  # spent timing in this process (workers idle)
+    timing_seconds: float = 0.0  # spent timing in this process (workers idle), final choice included
+    timing_cpu_seconds: float = 0.0
+    main_cpu_seconds: float = 0.0  # CPU of this process over the search (the builds too with 1 worker)
     startup_seconds: float = 0.0  # starting the workers (each loads the model and runs the reference)
     decision: dict[str, Any] | None = None  # the final choice among the fastest
 
@@ -152,6 +154,8 @@ class TuneResult:
             "group_sensitivity": self.group_sensitivity,
             "workers": self.workers,
             "timing_seconds": self.timing_seconds,
+            "timing_cpu_seconds": self.timing_cpu_seconds,
+            "main_cpu_seconds": self.main_cpu_seconds,
             "startup_seconds": self.startup_seconds,
             "decision": self.decision,
             "trials": self.trials,
@@ -509,9 +513,10 @@ class Tuner:
         for record in batch:
             if record.get("size_bytes"):
                 record["size_ratio"] = record["size_bytes"] / self.base_size
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         self.time_batch(batch)
         self.timing_seconds += time.perf_counter() - started
+        self.timing_cpu_seconds += time.process_time() - cpu
         for record in batch:
             self.records.append(record)
             with self.log_path.open("a", encoding="utf-8") as f:
@@ -560,7 +565,8 @@ class Tuner:
             results = self.runner.map(jobs) if jobs else []
 
             def order(names, rows, what):
-                out = [{what: n, "drop_alone": r.get("drop"), "error": r.get("error")} for n, r in zip(names, rows)]
+                out = [{what: n, "drop_alone": r.get("drop"), "error": r.get("error"), "cpu_seconds": r.get("cpu_seconds")}
+                       for n, r in zip(names, rows)]
                 out.sort(key=lambda s: -(s["drop_alone"] if s["drop_alone"] is not None else math.inf))
                 return out
 
@@ -582,9 +588,9 @@ class Tuner:
 
     def search(self) -> TuneResult:
         opts = self.options
-        started = time.perf_counter()
+        started, self._cpu_start = time.perf_counter(), time.process_time()
         self.deadline = started + opts.time_budget if opts.time_budget else None
-        self.timing_seconds = 0.0
+        self.timing_seconds = self.timing_cpu_seconds = 0.0
         stopped = "trials"
         sampler = None
         try:
@@ -656,7 +662,10 @@ class Tuner:
         passing = [r for r in built if r.get("passed") and r.get(key) is not None]
         decision = None
         if passing and self.options.objective == "latency" and stopped != "interrupted":
+            started, cpu = time.perf_counter(), time.process_time()
             decision = self._final_choice(passing)
+            self.timing_seconds += time.perf_counter() - started
+            self.timing_cpu_seconds += time.process_time() - cpu
         passing.sort(key=lambda r: (r[key], r.get("macs") or 0, r["size_bytes"], r["trial"]))
         if decision is not None:
             passing.sort(key=lambda r: r["trial"] != decision["chosen"])
@@ -695,6 +704,8 @@ class Tuner:
             objective=self.options.objective,
             workers=self.runner.info if self.runner else [],
             timing_seconds=round(self.timing_seconds, 2),
+            timing_cpu_seconds=round(self.timing_cpu_seconds, 2),
+            main_cpu_seconds=round(time.process_time() - getattr(self, "_cpu_start", time.process_time()), 2),
             startup_seconds=round(self.runner.start_seconds, 2) if self.runner else 0.0,
             decision=decision,
         )

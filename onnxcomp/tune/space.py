@@ -115,7 +115,8 @@ class Space:
         canonical key -> record). It depends on which trials passed the budget and on nothing
         timed, so the same seed proposes the same trials whatever the number of workers:
 
-        1. each lever alone: every quantize mode, the cleaned-up graph, the smallest structured
+        1. each lever alone: every quantize mode, the cleaned-up graph (or, when pruning is
+           applied in every trial, unstructured at the largest ratio), the smallest structured
            ratio (and, for a transfer task, each candidate cut);
         2. the larger structured ratios up to the first that misses the budget;
         3. the largest passing ratio with each passing quantize mode; static with the most
@@ -142,6 +143,8 @@ class Space:
         p0 = "none" if "none" in self.prune else self.prune[0]
         for cut in self.cuts[1:]:
             want({**base, "cut": cut, "quantize": q0, "calibration": "minmax", "prune": p0, "ratio": self.ratios[0]})
+        if "unstructured" in self.prune and "none" not in self.prune:  # prune is applied in every trial
+            want({**base, "prune": "unstructured", "ratio": self.ratios[-1], "quantize": q0, "calibration": "minmax"})
         best_ratio, first_fail, pending = None, None, False
         if "structured" in self.prune:
             structured = {**base, "prune": "structured", "quantize": q0, "calibration": "minmax"}
