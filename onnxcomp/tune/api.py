@@ -53,7 +53,7 @@ FINAL_MIN_ROUNDS, FINAL_MAX_ROUNDS = 6, 12
 TIMING_MIN_ROUNDS, TIMING_MAX_ROUNDS = 3, 8  # per batch: until each one's place vs the best is settled
 LATENCY_STEP = 0.05  # latency ratios told to the optimiser are rounded to this
 BATCH = 4  # trials proposed together (fixed: the sequence must not depend on --workers)
-TIE_MARGIN = 0.03  # final choice: within 3 % of the fastest (and within noise) is a tie
+TIE_MARGIN = 0.05  # final choice: within 5 % of the fastest (and within noise) is a tie
 MAX_ASKS = 50  # proposals per batch before the space counts as exhausted
 
 

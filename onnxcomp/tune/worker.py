@@ -32,10 +32,12 @@ class Worker:
     def __init__(self, setup: dict[str, Any]):
         from onnxcomp import model as model_io
         from onnxcomp.data import open_data
+        from onnxcomp.passes import get_pass
         from onnxcomp.search import Judge
 
         self.setup = setup
         start = time.perf_counter()
+        get_pass("optimize")  # imports every pass module now, not in the first trial
         specs = model_io.input_specs(model_io.load(setup["reference"]))
         source = open_data(setup["eval_data"], specs)
         self.judge = Judge(
