@@ -58,7 +58,6 @@ def build_presets(model, calib, test, max_drop, tmp):
     start = time.perf_counter()
     tuner = Tuner(model, Path(tmp) / "preset.onnx", TuneOptions(eval_data=test, data=calib, max_drop=max_drop))
     tuner.runner = Runner(1, None, tuner.setup())
-    tuner.timing_seconds = 0.0
     tuner.options.objective = "size"  # build and judge only: the presets are timed below, together
     records = tuner.run_batch(QUANT + PRUNE)
     return tuner, records, time.perf_counter() - start

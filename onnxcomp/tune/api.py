@@ -383,6 +383,7 @@ class Tuner:
         self.deadline = None
         self.runner: Runner | None = None
         self._timing_data = None
+        self.timing_seconds = self.timing_cpu_seconds = 0.0
 
     # -- transfer fit -------------------------------------------------------------------------
 

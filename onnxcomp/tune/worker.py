@@ -127,9 +127,15 @@ _WORKER: Worker | None = None
 
 
 def one_thread() -> None:
-    """1 BLAS / OpenMP thread in this process (numpy reads these when it is first imported)."""
+    """1 BLAS / OpenMP thread in this process: the environment for libraries not loaded yet,
+    threadpoolctl (when installed) for those already loaded (a Ray worker imports numpy first)."""
     for var in THREAD_VARS:
         os.environ[var] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
 
 
 def start_process(setup: dict[str, Any]) -> None:
