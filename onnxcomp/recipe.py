@@ -78,7 +78,7 @@ class Recipe:
                 if field.name.endswith("data") and isinstance(value, (str, Path)):
                     paths.append(value)
         if self.validate is not None:
-            paths.append(self.validate.get("data"))
+            paths += [self.validate.get("data"), self.validate.get("reference")]
         return [Path(p) for p in paths if p is not None]
 
 
