@@ -353,12 +353,15 @@ def head_scores(group: HeadGroup, h: np.ndarray | None, damp: float = 0.01) -> n
     return scores
 
 
-def choose_heads(groups: list[HeadGroup], scores: dict[int, np.ndarray], ratio: float) -> None:
-    """Remove the lowest-scored ``ratio`` of each live group's heads (at least one head stays)."""
+def choose_heads(
+    groups: list[HeadGroup], scores: dict[int, np.ndarray], ratio: float, group_ratios: dict[str, float] | None = None
+) -> None:
+    """Remove the lowest-scored ``ratio`` (or ``group_ratios[name]``) of each live group's heads
+    (at least one head stays)."""
     for grp in groups:
         if grp.declined:
             continue
-        n = min(grp.heads - 1, int(np.floor(grp.heads * ratio)))
+        n = min(grp.heads - 1, int(np.floor(grp.heads * (group_ratios or {}).get(grp.name, ratio))))
         grp.removed = np.sort(np.argsort(scores[id(grp)], kind="stable")[:n])
 
 
@@ -461,11 +464,11 @@ def prune_heads(model: ir.Model, groups: list[HeadGroup], data, options, reconst
     """Score (block OBS on calibration inputs, or weight norms without data), choose
     ``options.sparsity`` of each block's heads, cut them and solve the out-projections."""
     live = [grp for grp in groups if not grp.declined]
-    if not live or options.sparsity <= 0:
+    if not live or (options.sparsity <= 0 and not getattr(options, "group_ratios", None)):
         return []
     hessians = out_proj_hessians(model, live, data, options) if data is not None else {}
     scores = {id(grp): head_scores(grp, hessians.get(id(grp.out_proj)), options.damp) for grp in live}
-    choose_heads(live, scores, options.sparsity)
+    choose_heads(live, scores, options.sparsity, getattr(options, "group_ratios", None))
     report = cut_heads(model, live, hessians if reconstruct else None, options.damp)
     for grp in live:
         logger.info("%s: %d of %d heads removed", grp.name, len(grp.removed), grp.heads)
