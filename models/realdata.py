@@ -20,7 +20,7 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
 - ``yolov8n``, ``vit_focus``: scikit-image's bundled photos (its wheel, fetched with pip, read without installing
   it) and crops of them: 320x320 letterboxed in [0, 1] for the YOLOv8n detector; 224x224 letterboxed with ImageNet
   mean/std for the ViT-S focus model.
-- ``minilm_l3_docs`` / ``minilm_docs``: the same evaluation sentences, and ~900 calibration sentences: the
+- ``minilm_l3_docs`` / ``minilm_docs``: the same evaluation sentences, and 679 calibration sentences: the
   48 above plus prose sentences of the Python reference documentation (`python_doc_sentences`).
 - ``ocr_rec``: English text lines rendered with Pillow, 48 x 320 as PP-OCR's recogniser reads them (32 calibration,
   64 evaluation lines; judged per position against fp32: no character dictionary is needed).
@@ -63,7 +63,7 @@ def cache_dir() -> pathlib.Path:
 # Sources: photos, fonts, files, sentences
 
 
-def photos() -> dict[str, "PIL.Image.Image"]:  # noqa: F821
+def photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
     """scikit-image's bundled colour and grey photos, by name, as RGB Pillow images."""
     from PIL import Image
 
@@ -370,11 +370,10 @@ def _minilm_l3() -> tuple[dict, dict]:
 
 def python_doc_sentences(limit: int | None = None) -> list[str]:
     """Real English sentences of 6-30 words from the Python reference documentation that every
-    CPython ships (``pydoc_data.topics``, ~460 k characters): about 870 of them, prose only (no
+    CPython ships (``pydoc_data.topics``, ~460 k characters): about 630 of them, prose only (no
     code, no markup), in a fixed order. A calibration corpus that needs no download."""
-    import re
-
     import pydoc_data.topics
+    import re
 
     text = " ".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
     found = []
@@ -387,7 +386,7 @@ def python_doc_sentences(limit: int | None = None) -> list[str]:
 
 def _minilm_docs(keys: tuple[str, ...]) -> tuple[dict, dict]:
     """MiniLM calibration on many sentences: the benchmarks' 48 plus the Python documentation's
-    (~900 in all, ~18 k real tokens); evaluation on build_minilm.py's 64, as ``minilm_l3``."""
+    (679 in all, 13.3 k real tokens); evaluation on build_minilm.py's 64, as ``minilm_l3``."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_minilm import CALIBRATION
 
