@@ -487,11 +487,19 @@ def _n_removed(channels: int, wanted: int) -> int:
     return max(0, channels - keep)
 
 
-def choose(groups: list[DependencyGroup], scores: dict[int, np.ndarray], ratio: float, scope: str) -> None:
-    """Set ``removed`` of each live group: the lowest-scored ``ratio`` of its channels (layer), or
-    the lowest overall after normalising each group's scores by its mean (global); kept counts
-    rounded to a multiple of ``ROUND_TO``."""
+def choose(
+    groups: list[DependencyGroup], scores: dict[int, np.ndarray], ratio: float, scope: str,
+    group_ratios: dict[str, float] | None = None,
+) -> None:
+    """Set ``removed`` of each live group: the lowest-scored ``ratio`` of its channels (layer; a
+    group named in ``group_ratios`` takes its own ratio), or the lowest overall after normalising
+    each group's scores by its mean (global); kept counts rounded to a multiple of ``ROUND_TO``."""
     live = [grp for grp in groups if not grp.declined]
+    unknown = sorted(set(group_ratios or {}) - {grp.name for grp in live})
+    if unknown:
+        raise OnnxcompError(f"group_ratios: {unknown[0]!r} is not a prunable group (see the report's groups)")
+    if scope == "global" and group_ratios:
+        raise OnnxcompError("group_ratios: a ratio per group needs scope layer")
     if scope == "global" and live:
         flat = np.concatenate([_normalised(scores[id(grp)]) for grp in live])
         k = int(np.floor(len(flat) * ratio))
@@ -503,7 +511,8 @@ def choose(groups: list[DependencyGroup], scores: dict[int, np.ndarray], ratio: 
             grp.removed = np.sort(order[:n])
         return
     for grp in live:
-        n = _n_removed(grp.channels, int(np.floor(grp.channels * ratio)))
+        r = (group_ratios or {}).get(grp.name, ratio)
+        n = _n_removed(grp.channels, int(np.floor(grp.channels * r)))
         grp.removed = np.sort(np.argsort(scores[id(grp)], kind="stable")[:n])
 
 
@@ -818,8 +827,10 @@ def prune_structured(
 def _choose(model: ir.Model, groups: list[DependencyGroup], scores, options, data: DataSource | None) -> list[str]:
     """`choose` by channels, or `choose_by_macs` with ``--sparsity-of macs``; returns notes."""
     if options.sparsity_of != "macs":
-        choose(groups, scores, options.sparsity, options.scope)
+        choose(groups, scores, options.sparsity, options.scope, options.group_ratios)
         return []
+    if options.group_ratios:
+        raise OnnxcompError("group_ratios: a ratio per group needs --sparsity-of channels")
     count = MacCount(model, groups, _shapes(model, options, data))
     done = choose_by_macs(groups, scores, options.sparsity, count)
     if done < options.sparsity - 0.005:
