@@ -83,6 +83,10 @@ class _Miss(Exception):
     pass
 
 
+class _NotAttention(_Miss):
+    """A Softmax that is no attention (a classifier's head): not a head group at all."""
+
+
 def _one_user(value: ir.Value, what: str) -> ir.Node:
     """The one node that computes with ``value`` (Shape nodes reading only its batch and sequence
     dims are allowed beside it: exporters build the Reshape targets that way)."""
@@ -188,6 +192,14 @@ def _compose(order: list[int], perm: list[int]) -> list[int]:
     return [order[p] for p in perm]
 
 
+def _before_mask(value: ir.Value) -> ir.Value:
+    """The scores an additive mask is added to (``value`` itself when there is no such Add)."""
+    node = value.producer()
+    if node is not None and node.op_type == "Add" and len(node.inputs) == 2:
+        return next((v for v in node.inputs if _scores_path(v)), value)
+    return value
+
+
 def _scores_path(value: ir.Value) -> bool:
     """``value`` is (a scaled) MatMul of two computed tensors: the attention scores."""
     node = value.producer()
@@ -196,18 +208,23 @@ def _scores_path(value: ir.Value) -> bool:
     return node is not None and node.op_type == "MatMul" and all(g.const(v) is None for v in node.inputs)
 
 
-def match_attention(softmax: ir.Node) -> HeadGroup:
-    """The head group around one Softmax (declined with the reason when the pattern misses)."""
+def match_attention(softmax: ir.Node) -> HeadGroup | None:
+    """The head group around one Softmax (declined with the reason when the pattern misses), or
+    None when the Softmax does not normalise a product of two computed tensors (no attention)."""
     name = g.label(softmax)
     group = HeadGroup(name, 0, 0)
     try:
         _match(softmax, group)
+    except _NotAttention:
+        return None
     except _Miss as why:
         group.declined = str(why)
     return group
 
 
 def _match(softmax: ir.Node, group: HeadGroup) -> None:
+    if not _scores_path(_before_mask(softmax.inputs[0])):
+        raise _NotAttention()
     if g.attr(softmax, "axis", -1) not in (-1, 3):
         raise _Miss("the Softmax is not over the last axis")
     # back: Softmax <- (Add mask) <- (Div/Mul scale) <- MatMul(q, k)
@@ -294,6 +311,8 @@ def build_head_groups(model: ir.Model, exclude_nodes: list[str] = ()) -> list[He
         if node.op_type != "Softmax":
             continue
         group = match_attention(node)
+        if group is None:
+            continue
         if not group.declined:
             excluded = [g.label(n) for n, _ in group.projections if n.name in exclude_nodes]
             if group.out_proj is not None and group.out_proj.name in exclude_nodes:
@@ -334,12 +353,15 @@ def head_scores(group: HeadGroup, h: np.ndarray | None, damp: float = 0.01) -> n
     return scores
 
 
-def choose_heads(groups: list[HeadGroup], scores: dict[int, np.ndarray], ratio: float) -> None:
-    """Remove the lowest-scored ``ratio`` of each live group's heads (at least one head stays)."""
+def choose_heads(
+    groups: list[HeadGroup], scores: dict[int, np.ndarray], ratio: float, group_ratios: dict[str, float] | None = None
+) -> None:
+    """Remove the lowest-scored ``ratio`` (or ``group_ratios[name]``) of each live group's heads
+    (at least one head stays)."""
     for grp in groups:
         if grp.declined:
             continue
-        n = min(grp.heads - 1, int(np.floor(grp.heads * ratio)))
+        n = min(grp.heads - 1, int(np.floor(grp.heads * (group_ratios or {}).get(grp.name, ratio))))
         grp.removed = np.sort(np.argsort(scores[id(grp)], kind="stable")[:n])
 
 
@@ -442,11 +464,11 @@ def prune_heads(model: ir.Model, groups: list[HeadGroup], data, options, reconst
     """Score (block OBS on calibration inputs, or weight norms without data), choose
     ``options.sparsity`` of each block's heads, cut them and solve the out-projections."""
     live = [grp for grp in groups if not grp.declined]
-    if not live or options.sparsity <= 0:
+    if not live or (options.sparsity <= 0 and not getattr(options, "group_ratios", None)):
         return []
     hessians = out_proj_hessians(model, live, data, options) if data is not None else {}
     scores = {id(grp): head_scores(grp, hessians.get(id(grp.out_proj)), options.damp) for grp in live}
-    choose_heads(live, scores, options.sparsity)
+    choose_heads(live, scores, options.sparsity, getattr(options, "group_ratios", None))
     report = cut_heads(model, live, hessians if reconstruct else None, options.damp)
     for grp in live:
         logger.info("%s: %d of %d heads removed", grp.name, len(grp.removed), grp.heads)
