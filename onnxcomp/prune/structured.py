@@ -792,9 +792,10 @@ def prune_structured(
         how = "l2"
     scores = {id(grp): importance(grp, how, hessians) for grp in groups if not grp.declined}
     head_cuts = heads.prune_heads(model, attention, data, options, reconstruct)
-    if options.sparsity_of == "macs" and any(not grp.declined for grp in attention):
-        notes.append("--sparsity-of macs: attention heads are cut first as a fraction of heads; the share of "
-                     "MACs is then taken from the channel groups of what is left")
+    # group_ratios may name head groups too (prune_heads took theirs); the rest are channel groups
+    options = dataclasses.replace(
+        options, group_ratios={k: v for k, v in options.group_ratios.items() if k not in {a.name for a in attention}}
+    )
     spared: list[str] = []
     check = None
     if options.max_drop is not None:
@@ -829,6 +830,8 @@ def _choose(model: ir.Model, groups: list[DependencyGroup], scores, options, dat
     if options.sparsity_of != "macs":
         choose(groups, scores, options.sparsity, options.scope, options.group_ratios)
         return []
+    if options.group_ratios:
+        raise OnnxcompError("group_ratios: a ratio per group needs --sparsity-of channels")
     count = MacCount(model, groups, _shapes(model, options, data))
     done = choose_by_macs(groups, scores, options.sparsity, count)
     if done < options.sparsity - 0.005:
