@@ -61,3 +61,30 @@ def test_vit_focus_constant_folding_keeps_the_class_token_concat_loadable():
     got = runtime.run(runtime.create_session(result), {"input_image": x})
     for name, array in expected.items():
         np.testing.assert_allclose(got[name], array, rtol=1e-4, atol=1e-5)
+
+
+# A detection head's split: one part goes on to arithmetic, the other straight to an output
+# through Sigmoid. The plan used to look up the Split's first output only (KeyError).
+SPLIT_HEAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 3, 8, 8] x) => (float[1, 2, 8, 8] scores, float[1, 2, 8, 8] boxes) <float[4, 3, 1, 1] w,
+                                                                              float k = {2.0}> {
+    c = Conv(x, w)
+    a, b = Split<axis = 1, num_outputs = 2>(c)
+    scores = Sigmoid(b)
+    boxes = Mul(a, k)
+}
+"""
+
+
+def test_split_with_one_output_near_a_model_output_is_planned():
+    from onnxcomp.quantize.plan import build_plan
+
+    text = SPLIT_HEAD.replace(
+        "float[4, 3, 1, 1] w,",
+        "float[4, 3, 1, 1] w = {" + ", ".join(str(v / 10) for v in range(12)) + "},",
+    )
+    model = _text_model(text)
+    plan = build_plan(model)
+    split = next(d for d in plan.floats if d.node.op_type == "Split")
+    assert "model output 'scores'" in split.reason
