@@ -1427,6 +1427,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--threshold", type=float, help="--method threshold: zero the weights with |w| <= this.")
 @click.option("--structured", is_flag=True, help="Remove whole channels (dependency groups): smaller, faster tensors.")
 @click.option("--importance", default="l2", show_default=True, metavar="l1|l2|bn|activation", help="--structured: how channels are ranked.")
+@click.option("--sparsity-of", default="channels", show_default=True, metavar="channels|macs", help="--structured: what --sparsity counts (macs: cut the channels with the lowest score per MAC, model-wide).")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="Solve the kept weights layer by layer on --data (default: on with --data).")
 @click.option("--data", type=click.Path(), help="Calibration samples (.npz or folder) for Wanda, reconstruction and activation importance.")
 @click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes left dense (repeatable).")
@@ -1441,8 +1442,8 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(
-    model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, reconstruct, data,
-    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
+    model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, sparsity_of, reconstruct,
+    data, exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
 ):
     """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
 
@@ -1463,7 +1464,7 @@ def prune(
 
     values = dict(
         sparsity=sparsity, method=method, scope=scope, pattern=pattern, threshold=threshold,
-        structured=structured, importance=importance, reconstruct=reconstruct,
+        structured=structured, importance=importance, sparsity_of=sparsity_of, reconstruct=reconstruct,
         exclude_nodes=_split_names(exclude_nodes), min_size=min_size, max_drop=max_drop, metric=metric,
         samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
     )  # fmt: skip
@@ -1545,6 +1546,8 @@ def _prune_text(report: dict[str, Any]) -> str:
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Where the trial log and models go (default: OUTPUT's name + .tune/).")
 @click.option("--limit", type=int, default=1000, show_default=True, help="Evaluation samples per trial.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads for the latency measurements.")
+@click.option("--batch", type=int, default=4, show_default=True, help="Trials proposed together (fixed, so results do not depend on --workers).")
+@click.option("--transfer-fit", is_flag=True, help="MODEL is a backbone: every trial fits a head on --data (labelled) first; the search also chooses the cut and the head.")
 @click.option("--recipe-out", type=click.Path(dir_okay=False), help="Also copy the chosen recipe here (one is always written beside OUTPUT).")
 @report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every trial).")
@@ -1552,10 +1555,11 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
     """Search compression recipes (prune, quantize, layers left float) for the fastest (or
     smallest) model within --max-drop, each trial built and measured in onnxruntime.
 
-    Builds and the metric run in parallel (--workers, --ray); latency is measured serially in
-    this process after each build, so parallel trials do not disturb each other's timing.
-    Sensitivity first (the drop when only one layer is quantized, cached in the run folder),
-    a greedy seed, then optuna's TPE when installed (else a seeded random search).
+    Builds and the metric run in parallel on long-lived workers (--workers, --ray); latency
+    is measured in this process between batches of builds, while the workers are idle, so
+    parallel trials do not disturb the timing. Sensitivity first (the drop when only one
+    layer is quantized or one channel group pruned, cached in the run folder), greedy seeds,
+    then optuna's TPE when installed (else a seeded random search).
 
     Exit codes: 0 best model written; 1 no trial met --max-drop (the closest written as
     OUTPUT.closest.onnx); 2 bad input; 130 interrupted (the best so far written).
