@@ -115,7 +115,6 @@ def _command(args: list[str]) -> tuple[float, float, int]:
     The child reports its own VmHWM at exit: the rusage of a forked child would start from this
     process's peak (ru_maxrss carries over exec).
     """
-    import os
     import subprocess
     import sys
     import tempfile
@@ -143,7 +142,9 @@ def _command(args: list[str]) -> tuple[float, float, int]:
 COMMANDS = ("inspect", "optimize", "weight-only", "dynamic", "prune")
 
 
-def commands(src: Path, work: Path, size: int, width: int, only: tuple[str, ...] = COMMANDS) -> list:
+def commands(
+    src: Path, work: Path, size: int, width: int, only: tuple[str, ...] = COMMANDS
+) -> list:
     """The commands users run, each in its own process: wall time and peak memory."""
     x = work / "x.npz"
     np.savez(x, x=np.random.default_rng(2).standard_normal((2, width)).astype(np.float32))
@@ -156,8 +157,20 @@ def commands(src: Path, work: Path, size: int, width: int, only: tuple[str, ...]
         ),
         "weight-only": (
             "quantize --mode weight-only --bits 4",
-            ["quantize", str(src), "-o", out("wo"), "--mode", "weight-only", "--bits", "4",
-             "--data", str(x), "--eval-data", str(x)],
+            [
+                "quantize",
+                str(src),
+                "-o",
+                out("wo"),
+                "--mode",
+                "weight-only",
+                "--bits",
+                "4",
+                "--data",
+                str(x),
+                "--eval-data",
+                str(x),
+            ],
         ),  # fmt: skip
         # without --data: per-channel int8 only (calibrating smoothing and bias correction
         # holds each layer's candidate weights and runs the model twice per chunk of layers)
@@ -188,7 +201,9 @@ def commands(src: Path, work: Path, size: int, width: int, only: tuple[str, ...]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.2, help="weight size to build (GB)")
-    parser.add_argument("--width", type=int, default=8192, help="each MatMul weight is width x width")
+    parser.add_argument(
+        "--width", type=int, default=8192, help="each MatMul weight is width x width"
+    )
     parser.add_argument("--workdir", default="/tmp/onnxcomp-large")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     parser.add_argument(
