@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from onnxcomp.errors import OnnxcompError
 from onnxcomp import layerwise
+from onnxcomp.errors import OnnxcompError
 from onnxcomp.prune import numerics as pn
 
 

@@ -357,7 +357,6 @@ def test_default_needs_opset_21_and_says_so():
 
 def test_quantize_weight_only_writes_standard_onnx_and_contrib_on_request(tmp_path):
     from models.build_graphs import bert
-
     from onnxcomp.quantize.api import QuantizeOptions, quantize
 
     model = ir.from_proto(bert(vocab_size=500, hidden=64, layers=1, heads=4, intermediate=256))
