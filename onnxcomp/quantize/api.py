@@ -178,6 +178,11 @@ def prepare(
 
 
 OPTIMIZE_SLOWDOWN = 1.05
+# The clean-up before quantizing is checked at this relative error, not optimize's own 1e-4:
+# int8 then moves the outputs by 1e-3 to 1e-2, and the quantized result is judged end to end.
+# On the PP-OCRv4 recogniser three rewrite instances at 1.5e-4 to 2.8e-4 (fp32 noise of its
+# float32-only Convs) each set off a fault search, 13 minutes on a loaded 2-core machine.
+CLEANUP_TOLERANCE = 1e-3
 
 
 def static_opset(model: ir.Model) -> ir.Model:
@@ -209,7 +214,7 @@ def _optimize(
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Run the ``optimize`` clean-up (all default rules, or only ``rules``), checked on ``data``."""
     spec = get_pass("optimize")
-    values: dict[str, Any] = {"shapes": dict(options.shapes)}
+    values: dict[str, Any] = {"shapes": dict(options.shapes), "tolerance": CLEANUP_TOLERANCE}
     if rules is not None:
         values["rules"] = rules
     pass_ = spec.build(
