@@ -392,11 +392,11 @@ def build_plan(
             else:
                 produce(node, rule.kernel or "", "weight and input quantized")
         elif any(out in near_output for out in node.outputs) and rule.role != "activation":
+            reached = next(near_output[out] for out in node.outputs if out in near_output)
             decisions[id(node)] = NodeDecision(
                 node,
                 None,
-                f"its output reaches model output {near_output[node.outputs[0]]!r} through "
-                "shape ops only: kept float",
+                f"its output reaches model output {reached!r} through shape ops only: kept float",
             )
         elif rule.role in ("elementwise", "concat", "unary"):
             data = (

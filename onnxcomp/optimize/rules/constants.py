@@ -91,9 +91,10 @@ class ConstantFoldRule(Rule):
                 continue
             if out.dtype is not None:
                 array = array.astype(out.dtype.numpy(), copy=False)
-            value = add_initializer(
-                graph, f"{out.name or node.name}_folded", np.ascontiguousarray(array)
-            )
+            # np.ascontiguousarray would turn a scalar into shape (1,): a folded Cast of a
+            # scalar then fed Unsqueeze a rank-1 tensor (ViT-S: Concat of ranks 2 and 1).
+            array = np.require(array, requirements="C").reshape(array.shape)
+            value = add_initializer(graph, f"{out.name or node.name}_folded", array)
             replace_uses(out, value)
         graph.remove(node, safe=True)
 
