@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 MIN_ROUNDS = 4  # rounds of timing before the order may be called settled
 MAX_ROUNDS = 10  # ... and at most (10 runs each: the 100 runs the measurement took before)
+# A round runs each model for about this long (at least MIN_BLOCK timed runs, at most
+# bench.BLOCK_RUNS): a 40 ms model gets 4 runs a round, not 10, and twice the rounds for the time.
+ROUND_MS = 150.0
+MIN_BLOCK = 3
 MARGIN_ROUNDS = 6  # at most this many more rounds of the two best when within noise (pooled)
 Z95 = 1.96
 
@@ -146,12 +151,25 @@ class Timer:
 
         session = runtime.create_session(model, threads=self.threads, label=name)
         runtime.run(session, self.feeds, label=name)
+        started = time.perf_counter()
         bench.warm_up([session], self.feeds, self.warmup)
+        if name == "float":  # the block size from the baseline's warm runs
+            each_ms = (time.perf_counter() - started) * 1e3 / max(1, self.warmup)
+            self.block = max(MIN_BLOCK, min(bench.BLOCK_RUNS, round(ROUND_MS / max(each_ms, 1e-3))))
+            # slow models need one run to have their weights back in the caches, fast ones more
+            self.warm = 1 if self.block < bench.BLOCK_RUNS else bench.BLOCK_WARM
         if name in self.sessions:
             for r in self.rounds:
                 r.pop(name, None)
         self.sessions[name] = session
         self.models[name] = model
+
+    def remove(self, name: str) -> None:
+        """Time ``name`` no more (a candidate given up); its rounds are dropped."""
+        self.sessions.pop(name, None)
+        self.models.pop(name, None)
+        for r in self.rounds:
+            r.pop(name, None)
 
     def rounds_of(self, name: str) -> int:
         return sum(1 for r in self.rounds if name in r)
@@ -169,7 +187,9 @@ class Timer:
         gc.disable()  # a collection in the middle of a timed run would land on one model only
         try:
             for _ in range(rounds):
-                times = bench.timing_round(sessions, self.feeds, len(self.rounds))
+                times = bench.timing_round(
+                    sessions, self.feeds, len(self.rounds), block=self.block, warm=self.warm
+                )
                 self.rounds.append(dict(zip(timed, times, strict=True)))
         finally:
             if enabled:
@@ -278,7 +298,7 @@ def time_candidates(
             break
         logger.info(
             "timing round %d: still in doubt %s",
-            max(timer.rounds_of(n) for n in active) + 1,
+            len(timer.rounds) + 1,
             ", ".join(f"{a}/{b}" for a, b in doubt[:3]),
         )
         timer.run(1, active)

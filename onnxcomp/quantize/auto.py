@@ -208,12 +208,14 @@ def quantize_auto(
     original: ir.Model,
     builders: Builders,
     judge_data: DataSource,
+    timer: search.Timer | None = None,
 ) -> Built:
     """Try static and dynamic, measure drop and latency against fp32, keep the best (or float).
 
     model/reference: the prepared graph (``model`` consumed by the last build, ``reference``
     kept as the fp32 reference); original: the user's model, the baseline for latency and drop
-    and what "float" returns; judge_data: where the drop is measured.
+    and what "float" returns; judge_data: where the drop is measured; timer: timing sessions
+    to go on with (float = ``original``; the clean-up's check may have timed "optimized").
     """
     budget = options.max_drop
     judge = make_judge(original, judge_data, options, budget)
@@ -261,22 +263,25 @@ def quantize_auto(
         budget = default_budget(metric)
 
     timings: dict[str, search.Timing] = {}
-    timer: search.Timer | None = None
     over = [n for n, v in verdicts.items() if not v.passed]
     # over the budget: only the static candidate can still be rescued by its fallback
     ignore = [n for n in over if n != "static"]
     if built:
         logger.info("auto: timing %s against float in onnxruntime", ", ".join(built))
-        timer = search.Timer(
-            original,
-            {n: b.model for n, b in built.items()},
-            data=timing_data,
-            shapes=options.shapes or None,
-            threads=options.threads,
-        )
+        if timer is None:
+            timer = search.Timer(
+                original,
+                {},
+                data=timing_data,
+                shapes=options.shapes or None,
+                threads=options.threads,
+            )
+        for name in timer.names:
+            if name != "float" and name not in built:  # timed before, but no candidate now
+                timer.remove(name)
         timings = search.time_candidates(
             original,
-            {},
+            {n: b.model for n, b in built.items()},
             threshold=FASTER,
             ignore=ignore,
             bar_only=[n for n in over if n == "static"],
