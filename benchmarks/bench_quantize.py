@@ -493,7 +493,13 @@ def print_summary(rows: list[dict]) -> None:
                 return r[key]
         return None
 
-    print("model         onnxcomp default        onnxruntime better preset      verdict")
+    def cost(r: dict) -> str:
+        return f"[{_fmt(r.get('seconds'), '{:.0f}')} s, {_fmt(r.get('peak_mb'), '{:.0f}')} MB]"
+
+    print(
+        "model         onnxcomp default [tool wall, peak]        "
+        "onnxruntime better preset [tool wall, peak]   verdict"
+    )
     for model, tools in by_model.items():
         ours = tools.get("onnxcomp-auto")
         theirs = [tools[t] for t in ("ort-static", "ort-dynamic") if t in tools and "ratio" in tools[t]]
@@ -505,8 +511,8 @@ def print_summary(rows: list[dict]) -> None:
         faster = ours["ratio"] <= better["ratio"] * 1.05  # within timing noise
         accurate = (score(ours) or 0.0) >= (score(better) or 0.0) - 0.001
         print(
-            f"{model:13} {ours['ratio']:.2f}x {_fmt(score(ours))} ({ours.get('note', '')})"
-            f"{'':4}{better['tool']} {better['ratio']:.2f}x {_fmt(score(better))}"
+            f"{model:13} {ours['ratio']:.2f}x {_fmt(score(ours))} ({ours.get('note', '')}) {cost(ours)}"
+            f"{'':4}{better['tool']} {better['ratio']:.2f}x {_fmt(score(better))} {cost(better)}"
             f"{'':6}{'ok' if faster and accurate else 'MISSED: ' + ('slower ' if not faster else '') + ('less accurate' if not accurate else '')}"
         )
 
