@@ -1545,6 +1545,8 @@ def _prune_text(report: dict[str, Any]) -> str:
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Where the trial log and models go (default: OUTPUT's name + .tune/).")
 @click.option("--limit", type=int, default=1000, show_default=True, help="Evaluation samples per trial.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads for the latency measurements.")
+@click.option("--batch", type=int, default=4, show_default=True, help="Trials proposed together (fixed, so results do not depend on --workers).")
+@click.option("--transfer-fit", is_flag=True, help="MODEL is a backbone: every trial fits a head on --data (labelled) first; the search also chooses the cut and the head.")
 @click.option("--recipe-out", type=click.Path(dir_okay=False), help="Also copy the chosen recipe here (one is always written beside OUTPUT).")
 @report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every trial).")
@@ -1552,10 +1554,11 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
     """Search compression recipes (prune, quantize, layers left float) for the fastest (or
     smallest) model within --max-drop, each trial built and measured in onnxruntime.
 
-    Builds and the metric run in parallel (--workers, --ray); latency is measured serially in
-    this process after each build, so parallel trials do not disturb each other's timing.
-    Sensitivity first (the drop when only one layer is quantized, cached in the run folder),
-    a greedy seed, then optuna's TPE when installed (else a seeded random search).
+    Builds and the metric run in parallel on long-lived workers (--workers, --ray); latency
+    is measured in this process between batches of builds, while the workers are idle, so
+    parallel trials do not disturb the timing. Sensitivity first (the drop when only one
+    layer is quantized or one channel group pruned, cached in the run folder), greedy seeds,
+    then optuna's TPE when installed (else a seeded random search).
 
     Exit codes: 0 best model written; 1 no trial met --max-drop (the closest written as
     OUTPUT.closest.onnx); 2 bad input; 130 interrupted (the best so far written).

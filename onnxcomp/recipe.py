@@ -38,7 +38,7 @@ from onnxcomp.passes import Context, StepReport, get_pass, parse_options, run_pa
 logger = logging.getLogger(__name__)
 
 TOP_LEVEL_KEYS = {"version", "input", "output", "data", "shape", "steps", "validate", "threads"}
-VALIDATE_KEYS = {"data", "max_drop", "metric", "limit", "samples"}
+VALIDATE_KEYS = {"data", "max_drop", "metric", "limit", "samples", "reference"}
 # Numeric options of any step checked for range (threads >= 1, max_drop in [0, 1], ...).
 NUMBER_KEYS = {
     "threads",
@@ -78,7 +78,7 @@ class Recipe:
                 if field.name.endswith("data") and isinstance(value, (str, Path)):
                     paths.append(value)
         if self.validate is not None:
-            paths.append(self.validate.get("data"))
+            paths += [self.validate.get("data"), self.validate.get("reference")]
         return [Path(p) for p in paths if p is not None]
 
 
@@ -258,6 +258,8 @@ def parse_recipe(raw: Any, base_dir: str | Path = ".", source: str = "recipe") -
             )
         validate = dict(validate)
         validate["data"] = resolve(validate.get("data"), "validate: data")
+        if validate.get("reference"):
+            validate["reference"] = resolve(validate["reference"], "validate: reference")
         check_metric(validate.get("metric", "auto"), f"{source}: validate: metric")
         validate["metric"] = metric_path(validate.get("metric", "auto"), base_dir)
         if isinstance(validate.get("max_drop"), str):
@@ -372,7 +374,7 @@ def run_recipe(
         )
         measure = load_metric(check.get("metric", "auto"))
         comparison = compare(
-            str(recipe.input),
+            str(check.get("reference") or recipe.input),  # a reference other than the input: tune's transfer fit
             model,
             source,
             limit=check.get("limit"),

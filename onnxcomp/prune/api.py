@@ -46,6 +46,7 @@ class PruneOptions:
     reconstruct: bool | None = None  # default: on when data is given
     data: str | None = None
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
+    group_ratios: dict[str, float] = dataclasses.field(default_factory=dict)  # structured: group -> its own ratio
     min_size: int = 512  # weights with fewer elements are left alone
     max_drop: float | None = None
     eval_data: str | None = None

@@ -377,11 +377,19 @@ def _n_removed(channels: int, wanted: int) -> int:
     return max(0, channels - keep)
 
 
-def choose(groups: list[DependencyGroup], scores: dict[int, np.ndarray], ratio: float, scope: str) -> None:
-    """Set ``removed`` of each live group: the lowest-scored ``ratio`` of its channels (layer), or
-    the lowest overall after normalising each group's scores by its mean (global); kept counts
-    rounded to a multiple of ``ROUND_TO``."""
+def choose(
+    groups: list[DependencyGroup], scores: dict[int, np.ndarray], ratio: float, scope: str,
+    group_ratios: dict[str, float] | None = None,
+) -> None:
+    """Set ``removed`` of each live group: the lowest-scored ``ratio`` of its channels (layer; a
+    group named in ``group_ratios`` takes its own ratio), or the lowest overall after normalising
+    each group's scores by its mean (global); kept counts rounded to a multiple of ``ROUND_TO``."""
     live = [grp for grp in groups if not grp.declined]
+    unknown = sorted(set(group_ratios or {}) - {grp.name for grp in live})
+    if unknown:
+        raise OnnxcompError(f"group_ratios: {unknown[0]!r} is not a prunable group (see the report's groups)")
+    if scope == "global" and group_ratios:
+        raise OnnxcompError("group_ratios: a ratio per group needs scope layer")
     if scope == "global" and live:
         flat = np.concatenate([_normalised(scores[id(grp)]) for grp in live])
         k = int(np.floor(len(flat) * ratio))
@@ -393,7 +401,8 @@ def choose(groups: list[DependencyGroup], scores: dict[int, np.ndarray], ratio: 
             grp.removed = np.sort(order[:n])
         return
     for grp in live:
-        n = _n_removed(grp.channels, int(np.floor(grp.channels * ratio)))
+        r = (group_ratios or {}).get(grp.name, ratio)
+        n = _n_removed(grp.channels, int(np.floor(grp.channels * r)))
         grp.removed = np.sort(np.argsort(scores[id(grp)], kind="stable")[:n])
 
 
@@ -525,7 +534,7 @@ def prune_structured(
             model, reference, groups, data if reconstruct else None, options, judge
         )
     else:
-        choose(groups, scores, options.sparsity, options.scope)
+        choose(groups, scores, options.sparsity, options.scope, options.group_ratios)
         cut_report = apply_cuts(model, groups, hessians if reconstruct else None, options.damp)
         _forget_shapes(model)
     report: dict[str, Any] = {
@@ -562,7 +571,7 @@ def _within_budget(model, reference, groups, data, options, judge_data):
         live = [grp for grp in cand_groups if not grp.declined]
         cand_h = consumer_hessians(candidate, cand_groups, data, options) if data is not None else None
         cand_scores = {id(grp): importance(grp, how, cand_h) for grp in live}
-        choose(cand_groups, cand_scores, options.sparsity, options.scope)
+        choose(cand_groups, cand_scores, options.sparsity, options.scope, options.group_ratios)
         cut_report = apply_cuts(candidate, cand_groups, cand_h, options.damp)
         _forget_shapes(candidate)
         return search.Built(candidate, {"consumers": cut_report}, (cand_groups, live))
