@@ -1,6 +1,6 @@
 """Quantization coverage on the graphs exporters write: a shape computation folded ahead of time keeps
-its ranks (the ViT-S focus model's class-token Concat), and the third-party models quantize into
-graphs onnxruntime loads, with the fidelity they had on real inputs."""
+its ranks (the ViT-S focus model's class-token Concat, which made every quantized ViT-S fail to load
+in onnxruntime), and a detection head's Split with one output near a model output is planned."""
 
 from __future__ import annotations
 

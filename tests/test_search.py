@@ -146,7 +146,7 @@ def test_option_defaults_come_from_the_dataclasses():
                 assert not declared, f"{command} {param.opts} re-declares its default"
         help_text = main.commands[command].get_help(click.Context(main.commands[command]))
         if cls is QuantizeOptions:
-            assert "[default: 32]" in help_text and "[default: minmax]" in help_text
+            assert "[default: 32]" in help_text and "[default: mse]" in help_text
 
 
 def test_dynamic_and_weight_only_are_recipe_steps(models_dir):

@@ -151,7 +151,8 @@ def test_magika_static_runs_every_matmul_and_conv_as_an_integer_kernel(cli, tmp_
     # One DequantizeLinear is left: the Conv's int8 output read by the float GELU after it.
     assert graph["islands"] <= 1
     check = json.loads(result.stdout)["check"]["comparison"]
-    assert check["outputs"][0]["top1_agreement"] >= 0.99
+    # mse calibration (the default): 250 of 250 held-out files keep fp32's class (minmax: 248)
+    assert check["outputs"][0]["top1_agreement"] >= 0.996
 
 
 def test_minilm_l3_dynamic_default_is_standard_onnx_on_real_sentences(cli, tmp_path):

@@ -43,7 +43,10 @@ class QuantizeOptions:
     """Options of ``onnxcomp quantize`` and of the recipe step ``quantize`` (keys = flag names)."""
 
     mode: Mode = "auto"
-    calibration: Method = "minmax"
+    # mse: the clip range with the least expected squared error (ACIQ), minmax where nothing is
+    # worth clipping. Measured against minmax on real data (AVX2): magika top-1 agreement with fp32
+    # 0.992 -> 1.000 on 250 files, YOLOv8n box F1 0.78 -> 0.87 on 37 photos, digits CNN unchanged.
+    calibration: Method = "mse"
     per_channel: bool = True
     bits: int | None = None  # default: 8, or 4 with --mode weight-only
     activation_type: Literal["uint8", "int8"] = "uint8"
