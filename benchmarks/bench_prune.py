@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import build_graphs  # noqa: E402
-from onnxcomp import bench, runtime  # noqa: E402
+from onnxcomp import bench, evaluate, runtime  # noqa: E402
 from onnxcomp import model as model_io  # noqa: E402
 from onnxcomp.prune.api import PruneOptions, clean_up, model_stats, prune  # noqa: E402
 
 MODELS = ROOT / "models"
-THIRDPARTY = ("minilm_l3", "orientation", "yolov8n")  # real data from models/realdata.py
+THIRDPARTY = ("minilm_l3", "minilm", "orientation", "yolov8n")  # real data from models/realdata.py
 
 
 def _digits():
@@ -48,7 +48,11 @@ def _digits():
 def _thirdparty(name: str):
     from models import realdata, thirdparty
 
-    calib, test = realdata.build(name)
+    if name == "minilm":  # all-MiniLM-L6-v2, python models/build_minilm.py --out-dir models/build
+        calib, test = realdata.build("minilm_docs")
+        return model_io.load(MODELS / "build" / "minilm.onnx"), calib, test
+    # MiniLM: ~680 calibration sentences (reconstruction needs more tokens than a 1536-wide layer has inputs)
+    calib, test = realdata.build("minilm_l3_docs" if name == "minilm_l3" else name)
     return model_io.load(thirdparty.fetch(name)), calib, test
 
 
@@ -66,8 +70,9 @@ def _outputs(model, data_path: Path) -> np.ndarray:
     """The model's first float output of rank 2 (logits, or a sentence embedding)."""
     data = np.load(data_path)
     feed = {k: data[k] for k in data.files if k != "labels"}
-    outs = runtime.create_session(model).run(None, feed)
-    return next(o for o in outs if o.dtype.kind == "f" and o.ndim == 2).astype(np.float64)
+    outs = [o for o in runtime.create_session(model).run(None, feed) if o.dtype.kind == "f"]
+    out = next((o for o in outs if o.ndim == 2), outs[0])  # else a hidden state, flattened per sample
+    return out.reshape(len(out), -1).astype(np.float64)
 
 
 def _quality(model, dense_out: np.ndarray, data_path: Path) -> dict:
@@ -85,47 +90,15 @@ def _quality(model, dense_out: np.ndarray, data_path: Path) -> dict:
 
 
 
-def _detections(out: np.ndarray, conf: float = 0.25, nms_iou: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
-    """YOLOv8 output for one image, [4 + classes, N] (cx, cy, w, h, class scores) -> boxes
-    [K, 4] (x1, y1, x2, y2) and classes [K] above ``conf``, after per-class NMS."""
-    scores = out[4:].T
-    cls, score = scores.argmax(1), scores.max(1)
-    keep = score >= conf
-    cx, cy, w, h = out[:4, keep]
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-    cls, score = cls[keep], score[keep]
-    chosen: list[int] = []
-    for i in np.argsort(-score):
-        same = [j for j in chosen if cls[j] == cls[i]]
-        if not same or _iou(boxes[i : i + 1], boxes[same]).max() < nms_iou:
-            chosen.append(int(i))
-    return boxes[chosen], cls[chosen]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x1y1x2y2 boxes."""
-    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def box_iou(model, dense, data_path: Path, conf: float = 0.25) -> dict:
-    """Mean IoU of the boxes of ``model`` to those of ``dense``: each box matched to the best box
-    of the same class in the other model's result (0 when there is none), both ways, averaged."""
+    """`evaluate.box_agreement` of ``model``'s boxes with ``dense``'s on the photos."""
     data = np.load(data_path)
     feed = {k: data[k] for k in data.files if k != "labels"}
     got = runtime.create_session(model).run(None, feed)[0]
     want = runtime.create_session(dense).run(None, feed)[0]
-    ious, boxes = [], 0
-    for g, w in zip(got, want):
-        (gb, gc), (wb, wc) = _detections(g, conf), _detections(w, conf)
-        boxes += len(wb)
-        for xb, xc, yb, yc in ((wb, wc, gb, gc), (gb, gc, wb, wc)):
-            for box, c in zip(xb, xc):
-                other = yb[yc == c]
-                ious.append(float(_iou(box[None], other).max()) if len(other) else 0.0)
-    return {"box_iou": float(np.mean(ious)) if ious else None, "dense_boxes": boxes}
+    row = evaluate.box_agreement(got, want, conf)
+    return {"box_iou": row["box_iou"], "dense_boxes": row["reference_boxes"]}
+
 
 def _zip(model: ir.Model) -> int:
     raw = b"".join(
@@ -135,20 +108,29 @@ def _zip(model: ir.Model) -> int:
 
 
 def _calibration_list(data_path: Path, n: int = 64) -> list[dict]:
+    """The first ``n`` samples, one dict each, cut to their real tokens when there is a mask."""
     data = np.load(data_path)
     names = [k for k in data.files if k != "labels"]
-    return [{k: data[k][i : i + 1] for k in names} for i in range(min(n, len(data[names[0]])))]
+    rows = []
+    for i in range(min(n, len(data[names[0]]))):
+        row = {k: data[k][i : i + 1] for k in names}
+        if "attention_mask" in row:
+            length = int(row["attention_mask"].sum())
+            row = {k: v[:, :length] for k, v in row.items()}
+        rows.append(row)
+    return rows
 
 
 def _onnxsim_rows(
-    dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False, name: str = ""
+    dense_proto: onnx.ModelProto, calib: Path, structured_only: bool = False, name: str = "", samples: int = 64
 ) -> list[tuple[str, object]]:
-    """onnxsim's four pruning functions on the cleaned dense model (or why not)."""
+    """onnxsim's four pruning functions on the cleaned dense model (or why not); Wanda and SparseGPT
+    get the same calibration samples as onnxcomp's reconstruction (at most ``samples``)."""
     try:
         from onnxsim import pruning
     except Exception as err:  # not installed, or no pruning API at this version
         return [("onnxsim pruning", f"unavailable: {type(err).__name__}: {err}")]
-    cal = _calibration_list(calib)
+    cal = _calibration_list(calib, samples if name.startswith("minilm") else 64)
     rows: list[tuple[str, object]] = []
     jobs = [
         ("onnxsim magnitude 50%", lambda: pruning.apply_magnitude_pruning(dense_proto, sparsity=0.5)),
@@ -159,7 +141,7 @@ def _onnxsim_rows(
     ]  # fmt: skip
     if structured_only or name == "orientation":
         jobs = jobs[-1:]
-    elif name == "minilm_l3":
+    elif name.startswith("minilm"):
         jobs = jobs[:3]
     for label, job in jobs:
         try:
@@ -179,6 +161,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
     from onnxcomp.data import open_data
 
     dense, _ = clean_up(model_io.copy_model(model), PruneOptions(), open_data(test, model_io.input_specs(model)))
+    calib_samples = len(np.load(calib)[model_io.input_specs(model)[0].name])
     detector = name == "yolov8n"  # [1, 4 + classes, N] boxes: judged by box IoU to the dense model
     dense_out = None if detector else _outputs(dense, test)
     shapes = {"images": [1, 3, 320, 320]} if detector else None
@@ -204,18 +187,24 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
         ours("onnxcomp 2:4 + reconstruction", sparsity=0.5, pattern="2:4")
         structured = ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2)
         ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
-    elif name == "minilm_l3":
+    elif name.startswith("minilm"):
         structured = None
         ours("onnxcomp magnitude 50%", sparsity=0.5, method="magnitude", reconstruct=False)
         ours("onnxcomp Wanda 50%", sparsity=0.5, method="wanda", reconstruct=False, samples=48)
-        ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5, samples=48)
+        ours("onnxcomp SparseGPT+LS 50%, 48 sentences", sparsity=0.5, samples=48)
+        ours(f"onnxcomp SparseGPT+LS 50%, {calib_samples} sentences", sparsity=0.5, samples=calib_samples)
+        ours("onnxcomp structured 10% heads+FFN", structured=True, sparsity=0.1, importance="activation")
+        ours("onnxcomp structured 25% heads+FFN", structured=True, sparsity=0.25, importance="activation")
     elif name == "orientation":
         ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2, samples=32)
         structured = ours("onnxcomp structured 30% ch", structured=True, sparsity=0.3, samples=32)
     elif detector:
         structured_only = True
-        ours("onnxcomp structured 10% ch", structured=True, sparsity=0.1)
-        structured = ours("onnxcomp structured 25% ch", structured=True, sparsity=0.25)
+        ours("onnxcomp structured 12% ch", structured=True, sparsity=0.12, importance="activation", samples=16)
+        structured = ours(
+            "onnxcomp structured 25% MACs", structured=True, sparsity=0.25, sparsity_of="macs",
+            importance="activation", samples=16,
+        )  # fmt: skip
     else:
         if not structured_only:
             ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
@@ -230,7 +219,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
             candidates.append((label + " + int8", q))
         except Exception as err:
             candidates.append(("structured + int8", f"failed: {err}"))
-    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name)
+    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name, calib_samples)
 
     live = [(label, m) for label, m in candidates if not isinstance(m, str)]
     timing = bench.benchmark([m for _, m in live], runs=runs, warmup=20, memory=False, graph=False, data=test)

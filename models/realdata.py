@@ -22,6 +22,8 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
   mean/std for the ViT-S focus model.
 - ``ocr_cls``: English text lines rendered with Pillow at 48 x 192 (rapidocr's direction classifier input),
   each upright (label 0) and turned 180 degrees (label 1).
+- ``minilm_l3_docs`` / ``minilm_docs``: the same evaluation sentences, and 679 calibration sentences: the
+  48 above plus prose sentences of the Python reference documentation (`python_doc_sentences`).
 - ``ocr_rec``: English text lines rendered with Pillow, 48 x 320 as PP-OCR's recogniser reads them (32 calibration,
   64 evaluation lines; judged per position against fp32: no character dictionary is needed).
 - ``minilm_l3``: English sentences (models/build_minilm.py's and benchmarks' calibration ones) tokenized with the
@@ -63,7 +65,7 @@ def cache_dir() -> pathlib.Path:
 # Sources: photos, fonts, files, sentences
 
 
-def photos() -> dict[str, "PIL.Image.Image"]:  # noqa: F821
+def photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
     """scikit-image's bundled colour and grey photos, by name, as RGB Pillow images."""
     from PIL import Image
 
@@ -368,6 +370,38 @@ def _minilm_l3() -> tuple[dict, dict]:
     return feed(CALIBRATION), feed(SENTENCES)
 
 
+def python_doc_sentences(limit: int | None = None) -> list[str]:
+    """Real English sentences of 6-30 words from the Python reference documentation that every
+    CPython ships (``pydoc_data.topics``, ~460 k characters): about 630 of them, prose only (no
+    code, no markup), in a fixed order. A calibration corpus that needs no download."""
+    import pydoc_data.topics
+    import re
+
+    text = " ".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    found = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        sentence = " ".join(sentence.split())
+        if 6 <= len(sentence.split()) <= 30 and sentence[0].isupper() and not re.search(r'[=(){}\[\]_*`>|\\:"]', sentence):
+            found.append(sentence)
+    return found[:limit]
+
+
+def _minilm_docs(keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """MiniLM calibration on many sentences: the benchmarks' 48 plus the Python documentation's
+    (679 in all, 13.3 k real tokens); evaluation on build_minilm.py's 64, as ``minilm_l3``."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_minilm import CALIBRATION
+
+    from models.build_minilm import SENTENCES, package_dir, tokenize
+
+    def feed(sentences: list[str]) -> dict:
+        tok = tokenize(sentences, package_dir(), seq_len=48)
+        length = int(tok["attention_mask"].sum(axis=1).max())
+        return {k: tok[k][:, :length] for k in keys}
+
+    return feed(list(CALIBRATION) + python_doc_sentences()), feed(SENTENCES)
+
+
 def _text_line(rng: np.random.Generator, index: int) -> np.ndarray:
     """One rendered text line as PP-OCR's recogniser reads it: height 48, width up to 320 (padded with 0 after
     normalisation), ``(x / 255 - 0.5) / 0.5``, CHW."""
@@ -426,6 +460,10 @@ BUILDERS = {
     "yolov8n": _yolov8n,
     "vit_focus": _vit_focus,
     "minilm_l3": _minilm_l3,
+    # many calibration sentences (for layer-wise reconstruction), for paraphrase-MiniLM-L3 and for
+    # models/build/minilm.onnx (all-MiniLM-L6-v2, which also reads token_type_ids)
+    "minilm_l3_docs": lambda: _minilm_docs(("input_ids", "attention_mask")),
+    "minilm_docs": lambda: _minilm_docs(("input_ids", "attention_mask", "token_type_ids")),
 }
 
 

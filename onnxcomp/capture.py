@@ -221,6 +221,53 @@ def stream(
         )
 
 
+def stream_pairs(
+    model: ir.Model,
+    reference: ir.Model,
+    tensors: Sequence[TensorRef],
+    data: DataSource,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    budget_bytes: int | None = None,
+    threads: int = 1,
+) -> Iterator[tuple[Batch, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """`stream` over two models that name the same tensors (a model and the reference it was
+    compressed from), in lockstep: ``(batch, {name: model's}, {name: reference's})``, both arrays
+    computed on the same samples. Each model gets half the budget."""
+    names = list(dict.fromkeys(tensor_name(t) for t in tensors))
+    if not names:
+        return
+    budget = (CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes) // 2
+    session = runtime.capture_session(model, names, threads=threads)
+    ref_session = runtime.capture_session(reference, names, threads=threads)
+    plan = plan_runs(session, model, names, data, batch_size=batch_size, budget_bytes=budget)
+    for run_names in plan.runs:
+        for batch, arrays in runtime.iter_outputs(
+            session, data, batch_size=plan.batch_size, limit=limit, output_names=run_names, label="capture"
+        ):
+            yield batch, arrays, runtime.run(ref_session, batch.inputs, run_names, "capture (reference)")
+
+
+def token_positions(batch: Batch) -> np.ndarray | None:
+    """The real (not padded) token positions of a batch, (batch, seq) bool, from an integer input
+    of rank 2 named ``attention_mask`` (or ``*mask*``); None when the batch has no such input."""
+    named = sorted(batch.inputs, key=lambda n: (n != "attention_mask", n))
+    for name in named:
+        array = np.asarray(batch.inputs[name])
+        if "mask" in name.lower() and array.ndim == 2 and array.dtype.kind in "iub":
+            return array != 0
+    return None
+
+
+def _at_positions(array: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    """``array[positions]``: (kept positions, features) for a (batch, seq, features) tensor whose
+    first two axes are the mask's; any other tensor as it is."""
+    if positions is None or array.ndim != 3 or array.shape[:2] != positions.shape:
+        return array
+    return array[positions]
+
+
 def accumulate(
     model: ir.Model,
     accumulators: Mapping[TensorRef, Accumulator | Sequence[Accumulator]],
@@ -229,24 +276,40 @@ def accumulate(
     batch_size: int = 32,
     limit: int | None = None,
     budget_bytes: int | None = None,
+    positions: Callable[[Batch], np.ndarray | None] | None = None,
+    reference: ir.Model | None = None,
 ) -> int:
     """Stream the keyed tensors over ``data`` into their accumulators; returns the samples seen.
 
-    Several accumulators may watch one tensor (give a list). Raises OnnxcompError when the data
-    has no sample.
+    Several accumulators may watch one tensor (give a list). ``positions`` (e.g.
+    `token_positions`) picks the rows that count: a (batch, seq, features) tensor is then handed
+    over as (real positions, features), so padded tokens weigh nothing in a statistic and every
+    real token weighs the same. With ``reference`` (a model naming the same tensors), each
+    accumulator gets ``update(array, reference_array)``: the same tensor of both models on the same
+    samples (`stream_pairs`). Raises OnnxcompError when the data has no sample.
     """
     by_name: dict[str, list[Accumulator]] = {}
     for tensor, accs in accumulators.items():
         group = [accs] if isinstance(accs, Accumulator) else list(accs)
         by_name.setdefault(tensor_name(tensor), []).extend(group)
     seen: dict[str, int] = dict.fromkeys(by_name, 0)
-    for batch, arrays in stream(
-        model, list(by_name), data, batch_size=batch_size, limit=limit, budget_bytes=budget_bytes
-    ):
+    options = {"batch_size": batch_size, "limit": limit, "budget_bytes": budget_bytes}
+    if reference is None:
+        batches = ((b, a, None) for b, a in stream(model, list(by_name), data, **options))
+    else:
+        batches = stream_pairs(model, reference, list(by_name), data, **options)
+    for batch, arrays, ref_arrays in batches:
+        mask = positions(batch) if positions is not None else None
         for name, array in arrays.items():
             seen[name] += len(batch)
-            for acc in by_name[name]:
-                acc.update(array)
+            array = _at_positions(array, mask)
+            if ref_arrays is None:
+                for acc in by_name[name]:
+                    acc.update(array)
+            else:
+                ref = _at_positions(ref_arrays[name], mask)
+                for acc in by_name[name]:
+                    acc.update(array, ref)
     samples = max(seen.values(), default=0)
     if by_name and samples == 0:
         raise OnnxcompError(f"{getattr(data, 'name', 'data')}: no samples to capture")

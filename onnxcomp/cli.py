@@ -1427,6 +1427,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--threshold", type=float, help="--method threshold: zero the weights with |w| <= this.")
 @click.option("--structured", is_flag=True, help="Remove whole channels (dependency groups): smaller, faster tensors.")
 @click.option("--importance", default="l2", show_default=True, metavar="l1|l2|bn|activation", help="--structured: how channels are ranked.")
+@click.option("--sparsity-of", default="channels", show_default=True, metavar="channels|macs", help="--structured: what --sparsity counts (macs: cut the channels with the lowest score per MAC, model-wide).")
 @click.option("--reconstruct/--no-reconstruct", default=None, help="Solve the kept weights layer by layer on --data (default: on with --data).")
 @click.option("--data", type=click.Path(), help="Calibration samples (.npz or folder) for Wanda, reconstruction and activation importance.")
 @click.option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes left dense (repeatable).")
@@ -1441,8 +1442,8 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @report_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(
-    model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, reconstruct, data,
-    exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
+    model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, sparsity_of, reconstruct,
+    data, exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
 ):
     """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
 
@@ -1463,7 +1464,7 @@ def prune(
 
     values = dict(
         sparsity=sparsity, method=method, scope=scope, pattern=pattern, threshold=threshold,
-        structured=structured, importance=importance, reconstruct=reconstruct,
+        structured=structured, importance=importance, sparsity_of=sparsity_of, reconstruct=reconstruct,
         exclude_nodes=_split_names(exclude_nodes), min_size=min_size, max_drop=max_drop, metric=metric,
         samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
     )  # fmt: skip

@@ -10,6 +10,9 @@
 - :class:`Verdict`: the metric held against a budget (``--max-drop``), its value and drop,
   passed or not and why: the CLI's ``validate``, recipes, the quantize self-check and auto's
   choice all build it with :meth:`Comparison.verdict`.
+- :func:`box_agreement`: a detector's boxes against the reference's (YOLOv8-style outputs
+  ``[batch, 4 + classes, anchors]``): mean IoU of every box to its best match of the same class
+  in the other model's boxes, both ways (0 for a box the other model lost or added).
 - :class:`ReferenceOutputs`: the reference model's outputs per batch (teacher outputs for
   distillation), kept in memory up to a budget so several candidates are judged against one
   run of the reference.
@@ -727,3 +730,52 @@ def _predict(array: np.ndarray) -> np.ndarray:
     if array.ndim == 1:
         return array.astype(np.int64)
     return array.argmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+
+
+def detections(out: np.ndarray, conf: float = 0.25, nms_iou: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+    """One image of a YOLOv8-style output, ``[4 + classes, anchors]`` (cx, cy, w, h, class
+    scores) -> boxes ``[K, 4]`` (x1, y1, x2, y2) and classes ``[K]`` scoring at least ``conf``,
+    after per-class non-maximum suppression at ``nms_iou``."""
+    scores = out[4:].T
+    cls, score = scores.argmax(1), scores.max(1)
+    keep = score >= conf
+    cx, cy, w, h = out[:4, keep]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    cls, score = cls[keep], score[keep]
+    chosen: list[int] = []
+    for i in np.argsort(-score):
+        same = [j for j in chosen if cls[j] == cls[i]]
+        if not same or box_iou(boxes[i : i + 1], boxes[same]).max() < nms_iou:
+            chosen.append(int(i))
+    return boxes[chosen], cls[chosen]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix ``[len(a), len(b)]`` of x1y1x2y2 boxes."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def box_agreement(got: np.ndarray, want: np.ndarray, conf: float = 0.25) -> dict[str, Any]:
+    """How well a candidate detector's boxes (``got``, a batch of YOLOv8-style outputs) agree
+    with the reference's (``want``): ``box_iou``, the mean over every box of either model of its
+    IoU with the best box of the same class in the other's result (0 when there is none), and
+    the box counts."""
+    ious: list[float] = []
+    counts = [0, 0]
+    for g, w in zip(got, want):
+        (gb, gc), (wb, wc) = detections(g, conf), detections(w, conf)
+        counts[0] += len(wb)
+        counts[1] += len(gb)
+        for xb, xc, yb, yc in ((wb, wc, gb, gc), (gb, gc, wb, wc)):
+            for box, c in zip(xb, xc):
+                other = yb[yc == c]
+                ious.append(float(box_iou(box[None], other).max()) if len(other) else 0.0)
+    return {"box_iou": float(np.mean(ious)) if ious else None, "reference_boxes": counts[0], "boxes": counts[1]}

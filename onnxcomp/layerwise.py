@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # Hessians held at once; more layers than this take more runs over the data.
 HESSIAN_BUDGET_BYTES = 2 << 30
+# `corrected_target` regresses the reference's outputs on the compressed model's inputs: with
+# fewer input rows than this many times the layer's inputs it overfits the calibration data
+# (paraphrase-MiniLM-L3 at 50 %: 48 sentences, cosine 0.936 -> 0.924 with it; 679 sentences, 0.945 ->
+# 0.958), so such layers are solved on their own outputs.
+TARGET_MIN_ROWS_PER_INPUT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,9 +60,14 @@ class HessianAccumulator:
         self.dropped_rows = 0
         self._h: np.ndarray | None = None  # (in, in) float64
         self._sum: np.ndarray | None = None  # (in,) float64
+        self._cross: np.ndarray | None = None  # (in, in) float64: 2 X^T X_ref / n
 
-    def update(self, x: np.ndarray) -> None:
-        """Add inputs ``x: (..., in_features)``; leading axes are samples (batch, tokens, ...)."""
+    def update(self, x: np.ndarray, x_ref: np.ndarray | None = None) -> None:
+        """Add inputs ``x: (..., in_features)``; leading axes are samples (batch, tokens, ...).
+
+        ``x_ref``: the same rows as the uncompressed model computes them; then ``cross`` is kept
+        too (`corrected_target`).
+        """
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 0:
             raise OnnxcompError(
@@ -68,20 +78,29 @@ class HessianAccumulator:
         if x.shape[-1] != self.in_features:
             raise OnnxcompError(f"inputs have {x.shape[-1]} features, expected {self.in_features}")
         x = x.reshape(-1, self.in_features)  # (samples, in)
+        ref = None if x_ref is None else np.asarray(x_ref, dtype=np.float64).reshape(x.shape)
         ok = np.all(np.isfinite(x), axis=1)
+        if ref is not None:
+            ok &= np.all(np.isfinite(ref), axis=1)
         if not np.all(ok):
             self.dropped_rows += int(np.count_nonzero(~ok))
             x = x[ok]
+            ref = None if ref is None else ref[ok]
         m = x.shape[0]
         if m == 0:
             return
         if self._h is None:
             self._h = np.zeros((self.in_features, self.in_features), dtype=np.float64)
             self._sum = np.zeros(self.in_features, dtype=np.float64)
+            if ref is not None:
+                self._cross = np.zeros_like(self._h)
         total = self.n_samples + m
         # Running average keeps H at the scale of one sample whatever the count.
         self._h *= self.n_samples / total
         self._h += (2.0 / total) * (x.T @ x)
+        if self._cross is not None and ref is not None:
+            self._cross *= self.n_samples / total
+            self._cross += (2.0 / total) * (x.T @ ref)
         self._sum += x.sum(axis=0)
         self.n_samples = total
 
@@ -95,6 +114,11 @@ class HessianAccumulator:
         if self._h is None:
             raise OnnxcompError("HessianAccumulator: no inputs seen")
         return self._h
+
+    @property
+    def cross(self) -> np.ndarray | None:
+        """``2 X^T X_ref / n`` (in, in) when reference rows were given, else None."""
+        return self._cross
 
     @property
     def mean(self) -> np.ndarray:
@@ -172,6 +196,30 @@ def masked_least_squares(
         rhs = h[np.ix_(keep, drop)] @ w[np.ix_(rows, drop)].T
         out[np.ix_(rows, keep)] += np.linalg.solve(h[np.ix_(keep, keep)], rhs).T
     return out.astype(np.float32)
+
+
+def corrected_target(
+    W: np.ndarray,  # noqa: N803
+    H: np.ndarray,  # noqa: N803
+    cross: np.ndarray,
+    damp: float = 0.01,
+) -> np.ndarray:
+    """The weights that best map the compressed model's inputs to the reference's outputs.
+
+    Layer by layer, a compressed model's inputs ``X`` drift from the reference's ``X_ref``. Solving
+    ``min ||X_ref W^T - X W'^T||^2 + lam ||W' - W||^2`` instead of ``||X W^T - X W'^T||^2`` lets
+    each layer undo the error of the layers before it (asymmetric calibration, as in GPTAQ, Li et
+    al. 2025): ``W' = W (C^T + lam I) (H + lam I)^-1`` with ``H = 2 X^T X / n``, ``C = 2 X^T X_ref
+    / n`` and ``lam = damp * mean(diag H)``. Pruning or rounding ``W'`` on ``H`` then minimises the
+    error to the reference's outputs (the cross term is constant in W').
+
+    Args: W: (out, in); H, cross: (in, in). Returns (out, in) float64.
+    """
+    h = np.asarray(H, np.float64)
+    lam = damp * float(np.mean(np.diag(h))) or 1e-12
+    eye = np.eye(h.shape[0])
+    rhs = np.asarray(W, np.float64) @ (np.asarray(cross, np.float64).T + lam * eye)  # (out, in)
+    return np.linalg.solve(h + lam * eye, rhs.T).T
 
 
 def bias_correction(
@@ -437,17 +485,23 @@ def linear_view(node: ir.Node, weight: np.ndarray | None = None) -> LinearView |
 
 
 class LayerInputs:
-    """Accumulator: the rows a view multiplies its weight with, one Hessian per group."""
+    """Accumulator: the rows a view multiplies its weight with, one Hessian per group (and, given
+    the reference's rows, their cross term)."""
 
     def __init__(self, view: LinearView, rng: np.random.Generator):
         self.view = view
         self.rng = rng
         self.hessians = [HessianAccumulator() for _ in range(view.groups)]
 
-    def update(self, batch: np.ndarray) -> None:
+    def update(self, batch: np.ndarray, reference: np.ndarray | None = None) -> None:
+        state = self.rng.bit_generator.state
         rows = self.view.rows_of(batch, self.rng)  # (rows, groups, in)
+        ref_rows = None
+        if reference is not None:
+            self.rng.bit_generator.state = state  # the same sub-sampled rows of both
+            ref_rows = self.view.rows_of(reference, self.rng)
         for g, acc in enumerate(self.hessians):
-            acc.update(rows[:, g, :])
+            acc.update(rows[:, g, :], None if ref_rows is None else ref_rows[:, g, :])
 
     def compute(self) -> list[HessianAccumulator]:
         return self.hessians
@@ -524,6 +578,9 @@ def reconstruct(
     limit: int | None = None,
     seed: int = 0,
     hessian_budget_bytes: int = HESSIAN_BUDGET_BYTES,
+    positions: Callable[[Any], np.ndarray | None] | None = None,
+    reference: ir.Model | None = None,
+    target_damp: float = 0.01,
 ) -> Reconstruction:
     """Solve each view layer by layer on Hessians of its inputs streamed from ``source``.
 
@@ -533,6 +590,10 @@ def reconstruct(
     set, ``write`` (if given) puts the new weights into the model; when ``source`` is that same
     model, the next set's inputs come from the model compressed so far (GPTQ's and SparseGPT's
     sequential mode), else from the reference. Conv rows are sub-sampled with ``seed``.
+    ``positions`` (`capture.token_positions`) keeps padded tokens out of the Hessians. With
+    ``reference`` (the uncompressed model, same tensor names) each solve gets `corrected_target`'s
+    weights instead of the layer's own: the layer then reproduces the reference's outputs from
+    the inputs the compressed model gives it (``target_damp`` regularises that solve).
 
     Returns every view's `LayerResult` (after ``write``, its solutions and Hessians are dropped).
     """
@@ -552,9 +613,11 @@ def reconstruct(
         by_name: dict[str, list[LayerInputs]] = {}
         for key in chunk:
             by_name.setdefault(first[key].input.name, []).append(inputs[key])
-        capture.accumulate(source, by_name, data, batch_size=batch_size, limit=limit)
+        capture.accumulate(
+            source, by_name, data, batch_size=batch_size, limit=limit, positions=positions, reference=reference
+        )
         for view in [v for v in views if v.key in inputs]:
-            result = _solve_view(view, inputs[view.key].hessians, solve)
+            result = _solve_view(view, inputs[view.key].hessians, solve, target_damp)
             results.append(result)
             if write is not None and result.skipped is None:
                 write(result)
@@ -565,7 +628,9 @@ def reconstruct(
     return Reconstruction(results, len(chunks))
 
 
-def _solve_view(view: LinearView, hessians: list[HessianAccumulator], solve: Solver) -> LayerResult:
+def _solve_view(
+    view: LinearView, hessians: list[HessianAccumulator], solve: Solver, target_damp: float = 0.01
+) -> LayerResult:
     if any(acc.n_samples == 0 for acc in hessians):
         return LayerResult(view, skipped="no finite calibration inputs reached it")
     rows = view.rows  # (groups, out/groups, in)
@@ -573,6 +638,8 @@ def _solve_view(view: LinearView, hessians: list[HessianAccumulator], solve: Sol
     result = LayerResult(view, hessians=hessians, rows=min(acc.n_samples for acc in hessians))
     for g, acc in enumerate(hessians):
         w = rows[g]
+        if acc.cross is not None and acc.n_samples >= TARGET_MIN_ROWS_PER_INPUT * w.shape[1]:
+            w = corrected_target(w, acc.H, acc.cross, target_damp).astype(np.float32)
         channels = slice(g * per_group, (g + 1) * per_group)
         solution = solve(w, acc.H, SolveContext(view, g, channels, acc))
         result.error += reconstruction_error(w, solution.weight, acc.H)

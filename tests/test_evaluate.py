@@ -217,3 +217,21 @@ def test_teacher_outputs_per_batch(models_dir):
     teacher.session = None  # a second pass must not touch the session
     second = [o["logits"] for _, o in teacher]
     assert all(a is b for a, b in zip(first, second))
+
+
+def test_box_agreement_counts_lost_and_added_boxes_as_zero():
+    from onnxcomp.evaluate import box_agreement
+
+    def yolo(*boxes):  # [4 + 2 classes, anchors]: (cx, cy, w, h, score class 0, score class 1)
+        out = np.zeros((6, 4), np.float32)
+        for i, (cx, cy, w, h, cls) in enumerate(boxes):
+            out[:, i] = [cx, cy, w, h, 0.9 if cls == 0 else 0.0, 0.9 if cls == 1 else 0.0]
+        return out
+
+    want = yolo((10, 10, 10, 10, 0), (50, 50, 20, 20, 1))[None]
+    assert box_agreement(want, want)["box_iou"] == 1.0
+    shifted = yolo((11, 10, 10, 10, 0), (50, 50, 20, 20, 1))[None]  # IoU 90/110 for the first box
+    assert abs(box_agreement(shifted, want)["box_iou"] - (2 * 90 / 110 + 2) / 4) < 1e-6
+    lost = yolo((10, 10, 10, 10, 0))[None]  # the class-1 box is gone: it counts 0
+    row = box_agreement(lost, want)
+    assert abs(row["box_iou"] - 2 / 3) < 1e-6 and row["reference_boxes"] == 2 and row["boxes"] == 1

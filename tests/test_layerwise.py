@@ -131,3 +131,32 @@ def test_masked_least_squares_is_the_best_fit_with_the_mask():
         best, *_ = np.linalg.lstsq(x[:, keep], x @ w[row], rcond=None)
         np.testing.assert_allclose(got[row, keep], best, rtol=1e-4, atol=1e-5)
         assert np.all(got[row, ~keep] == 0)
+
+
+def test_corrected_target_maps_drifted_inputs_to_the_reference_outputs():
+    rng = np.random.default_rng(0)
+    x_ref = rng.normal(size=(2000, 16))  # (rows, in): the dense model's inputs
+    x = x_ref @ (np.eye(16) + 0.3 * rng.normal(size=(16, 16)))  # the compressed model's: drifted
+    w = rng.normal(size=(8, 16))
+    acc = layerwise.HessianAccumulator()
+    acc.update(x, x_ref)
+    corrected = layerwise.corrected_target(w, acc.H, acc.cross, damp=1e-6)
+    error = lambda v: float(np.mean((x_ref @ w.T - x @ v.T) ** 2))  # noqa: E731
+    assert error(corrected) < 1e-3 * error(w)
+    # no drift: the layer's own weights
+    same = layerwise.HessianAccumulator()
+    same.update(x_ref, x_ref)
+    np.testing.assert_allclose(layerwise.corrected_target(w, same.H, same.cross, damp=1e-6), w, atol=1e-4)
+
+
+def test_token_positions_keep_padding_out_of_a_hessian():
+    from onnxcomp import capture
+    from onnxcomp.data import Batch
+
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    batch = Batch({"input_ids": np.ones((2, 4), np.int64), "attention_mask": mask})
+    hidden = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)  # (batch, seq, features)
+    kept = capture._at_positions(hidden, capture.token_positions(batch))
+    assert kept.shape == (5, 3)
+    np.testing.assert_array_equal(kept, hidden[mask.astype(bool)])
+    assert capture.token_positions(Batch({"input": np.zeros((2, 3), np.float32)})) is None

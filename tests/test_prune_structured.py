@@ -2,6 +2,8 @@
 digits CNN, residual Add on the ResNet-style graph, depthwise Conv on the MobileNetV2-style one,
 Concat), declined groups with their reasons, and the pruned models run in onnxruntime."""
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -186,3 +188,90 @@ def test_random_inputs_without_data():
     assert report["reconstruct"] is False
     assert source.num_samples == 8
     _check(pruned)
+
+
+def _c2f_model(slice_half: bool = False) -> ir.Model:
+    """A YOLOv8 C2f block as PyTorch exports it: a 1x1 Conv, SiLU as Sigmoid*Mul, Split into two
+    halves (sizes as a shared constant input), a residual bottleneck on the second half, Concat of
+    both halves and the bottleneck, a 1x1 Conv; or (``slice_half``) a Slice taking half of a
+    Conv's channels."""
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    def silu(x, y):
+        return [helper.make_node("Sigmoid", [x], [y + "_s"]), helper.make_node("Mul", [x, y + "_s"], [y])]
+
+    inits = [init("w1", 32, 3, 1, 1), init("b1", 32), init("wm1", 16, 16, 3, 3), init("bm1", 16),
+             init("wm2", 16, 16, 3, 3), init("bm2", 16), init("w2", 32, 48, 1, 1), init("b2", 32), init("wf", 10, 32),
+             numpy_helper.from_array(np.array([16, 16], np.int64), "halves")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]), *silu("c1", "a1")]
+    if slice_half:
+        inits[6] = init("w2", 32, 16, 1, 1)
+        inits += [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s0", 0), ("s1", 16), ("ax", 1))]
+        nodes += [helper.make_node("Slice", ["a1", "s0", "s1", "ax"], ["cat"])]
+    else:
+        nodes += [
+            helper.make_node("Split", ["a1", "halves"], ["h0", "h1"], axis=1),
+            helper.make_node("Conv", ["h1", "wm1", "bm1"], ["m1"], pads=[1, 1, 1, 1]), *silu("m1", "m1a"),
+            helper.make_node("Conv", ["m1a", "wm2", "bm2"], ["m2"], pads=[1, 1, 1, 1]), *silu("m2", "m2a"),
+            helper.make_node("Add", ["h1", "m2a"], ["r"]),
+            helper.make_node("Concat", ["h0", "h1", "r"], ["cat"], axis=1),
+        ]  # fmt: skip
+    nodes += [helper.make_node("Conv", ["cat", "w2", "b2"], ["c2"]), *silu("c2", "a2"),
+              helper.make_node("GlobalAveragePool", ["a2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+              helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1)]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "c2f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])], inits,
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto, full_check=True)
+    model = ir.from_proto(proto)
+    model_io.normalize(model)
+    return model
+
+
+def test_split_groups_cut_each_half_and_resize_the_split(tmp_path):
+    model = _c2f_model()
+    groups = {g.name: g for g in build_groups(model)}
+    # the first Conv's channels part at the Split: one group per half, both live; the second
+    # half's group holds the bottleneck's output Conv (residual) and sits twice in the Concat
+    assert not groups["Conv->c1[0:16]"].declined and not groups["Conv->c1[16:32]"].declined
+    second = groups["Conv->c1[16:32]"]
+    assert {"split", "residual", "concat"} <= second.kinds and len(second.producers) == 2
+    feed = {"x": np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(2).standard_normal((64, 3, 8, 8)).astype(np.float32))
+    dense = _run(model, feed)
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.5), data=tmp_path / "calib.npz")
+    _check(pruned)
+    removed = {g["group"]: g["removed"] for g in report["groups"]}
+    assert removed["Conv->c1[0:16]"] == 8 and removed["Conv->c1[16:32]"] == 8
+    split = next(n for n in pruned.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().tolist() == [8, 8]
+    consumer = next(n for n in pruned.graph if n.op_type == "Conv" and n.outputs[0].name == "c2")
+    assert consumer.inputs[1].const_value.shape[1] == 24  # 8 + 8 + 8 of 48
+    out = _run(pruned, feed)
+    assert out.shape == dense.shape
+    cos = np.sum(out * dense) / np.linalg.norm(out) / np.linalg.norm(dense)
+    assert cos > 0.9
+
+
+def test_a_slice_taking_part_of_a_group_is_declined_with_its_reason():
+    groups = build_groups(_c2f_model(slice_half=True))
+    first = next(g for g in groups if g.name == "Conv->c1")
+    assert "the Slice takes only some of these channels" in first.declined
+
+
+def test_sparsity_of_macs_removes_that_share_of_the_macs(tmp_path):
+    model = _c2f_model()
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(2).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    options = PruneOptions(structured=True, sparsity=0.05, sparsity_of="macs", importance="activation")
+    pruned, report = prune(model, options, data=tmp_path / "calib.npz")
+    _check(pruned)
+    assert report["scope"] == "global" and report["sparsity_of"] == "macs"
+    assert report["after"]["macs"] <= 0.95 * report["before"]["macs"]
+    # asked for more than the 20 % cap per group allows: less is cut, and the report says so
+    _, report = prune(_c2f_model(), dataclasses.replace(options, sparsity=0.5), data=tmp_path / "calib.npz")
+    assert "of the MACs removed, not 50%" in report["notes"][0]

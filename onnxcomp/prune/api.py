@@ -43,6 +43,7 @@ class PruneOptions:
     threshold: float | None = None  # --method threshold: prune |w| <= this
     structured: bool = False
     importance: Literal["l1", "l2", "bn", "activation"] = "l2"  # structured: channel scores
+    sparsity_of: Literal["channels", "macs"] = "channels"  # structured: what --sparsity counts
     reconstruct: bool | None = None  # default: on when data is given
     data: str | None = None
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
@@ -66,6 +67,8 @@ class PruneOptions:
         pn.parse_pattern(self.pattern)
         if self.method == "threshold" and self.threshold is None:
             raise OnnxcompError(f"{where}: --method threshold needs --threshold T")
+        if self.sparsity_of == "macs" and not self.structured:
+            raise OnnxcompError(f"{where}: --sparsity-of macs counts the MACs removed with --structured")
         if self.structured and self.pattern != "unstructured":
             raise OnnxcompError(f"{where}: --structured removes whole channels; drop --pattern {self.pattern}")
         if self.max_drop is not None and not 0 <= self.max_drop <= 1:

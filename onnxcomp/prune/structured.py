@@ -6,8 +6,11 @@ producers' weight rows and biases, what the channels flow through (activations, 
 residual Add and the other branch feeding it, Concat at an offset, depthwise Conv, Flatten into a
 Gemm as blocks of columns) and the consumers' weight columns. Groups are built as data first,
 from the channel-propagation table in ``ops.py``, before anything is cut; a group that cannot be
-cut safely (its channels reach a graph output, a Reshape to a fixed size, a Split, a shared
-initializer, ...) is declined with the reason. Then channels are ranked (L1/L2 of the weights, a
+cut safely (its channels reach a graph output, a Reshape to a fixed size, a shared initializer,
+...) is declined with the reason. A Split on the channel axis (YOLOv8's C2f halves) makes one
+group per part: the parts are cut independently and the Split sizes follow; a Slice on the
+channel axis keeps the group when its channels fall wholly inside or outside the slice, and its
+starts/ends follow. Then channels are ranked (L1/L2 of the weights, a
 BatchNorm scale, or their activation-weighted contribution to the consumers), the lowest ones
 cut in one sweep, and each consumer's remaining columns solved by least squares so it still
 computes what it did on the calibration data.
@@ -27,6 +30,7 @@ from onnxcomp import graph as g
 from onnxcomp import model as model_io
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.prune import heads
 from onnxcomp.prune.budget import fall_back, make_judge
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,9 @@ class DependencyGroup:
     kinds: set[str] = dataclasses.field(default_factory=set)
     declined: str | None = None
     removed: np.ndarray | None = None  # group channels to cut
+    parts: list[np.ndarray] | None = None  # root channels per Split output (then built apart)
+    # Split/Slice nodes along the channel axis: (node, key of the slot on their data input)
+    resized: list[tuple[ir.Node, tuple[int, int]]] = dataclasses.field(default_factory=list)
 
     def params(self) -> list[Slot]:
         """Slots on initializers (the arrays to slice)."""
@@ -81,27 +88,55 @@ class _Decline(Exception):
     pass
 
 
-def _map_edge(index: np.ndarray, edge: ops.ChannelEdge, where: str) -> np.ndarray:
+class _Span(Exception):
+    """The group's channels go to several outputs of a Split: ``parts`` (group channels per
+    output) become groups of their own."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        super().__init__("split")
+        self.parts = parts
+
+
+def _map_edge(index: np.ndarray, edge: ops.ChannelEdge, where: str) -> np.ndarray | None:
+    """Positions ``index`` (channels, block) on the edge's input -> on its output; None when a
+    "range" edge (Split/Slice) takes none of them."""
     if edge.kind == "same":
         return index
     if edge.kind == "offset":
         return index + edge.offset
     if edge.kind == "blocks":
         return (index[:, :, None] * edge.block + np.arange(edge.block)).reshape(len(index), -1)
-    raise _Decline(f"{where} takes a part of the channel axis (Split/Slice)")
+    inside = _in_range(index, edge)
+    if not inside.any():
+        return None
+    if not inside.all():
+        raise _Decline(f"{where} takes only some of these channels")
+    return (index - edge.start) // edge.step
+
+
+def _in_range(index: np.ndarray, edge: ops.ChannelEdge) -> np.ndarray:
+    """Per position: does the "range" edge (start:stop:step) take it."""
+    stop = edge.stop if edge.stop is not None else np.iinfo(np.int64).max
+    return (index >= edge.start) & (index < stop) & ((index - edge.start) % edge.step == 0)
 
 
 def _rank(value: ir.Value) -> int | None:
     return g.rank(value)
 
 
-def build_group(root: ir.Node) -> DependencyGroup:
-    """The dependency group of ``root``'s output channels (declined with a reason when needed)."""
+def build_group(root: ir.Node, positions: np.ndarray | None = None) -> DependencyGroup:
+    """The dependency group of ``root``'s output channels (all, or those at ``positions``),
+    declined with a reason when needed. When the channels part at a Split, ``group.parts`` says
+    how (`build_groups` then builds one group per part)."""
     spec = ops.weighted(root)
     w = root.inputs[spec.weight]
-    channels = spec.out_channels(root, w.shape)
-    group = DependencyGroup(root.name or f"{root.op_type}->{root.outputs[0].name}", channels, producers=[root])
-    start = np.arange(channels, dtype=np.int64)[:, None]
+    if positions is None:
+        positions = np.arange(spec.out_channels(root, w.shape), dtype=np.int64)
+    name = root.name or f"{root.op_type}->{root.outputs[0].name}"
+    if len(positions) != spec.out_channels(root, w.shape):
+        name += _range_label(positions)
+    group = DependencyGroup(name, len(positions), producers=[root])
+    start = np.asarray(positions, dtype=np.int64)[:, None]
     out = root.outputs[0]
     out_rank = _rank(out)
     if out_rank is None:
@@ -114,10 +149,11 @@ def build_group(root: ir.Node) -> DependencyGroup:
             value, axis, index = queue.pop()
             key = (id(value), axis)
             if key in group.slots:
-                if not np.array_equal(group.slots[key].index, index):
-                    raise _Decline(f"{value.name} is reached twice at different channel positions")
-                continue
-            group.slots[key] = Slot(value, axis, index)
+                index = _merge(group.slots[key], index)
+                if index is None:
+                    continue
+            else:
+                group.slots[key] = Slot(value, axis, index)
             if value.is_graph_output():
                 raise _Decline(f"its channels reach the graph output {value.name!r}")
             if value.is_graph_input():
@@ -131,7 +167,36 @@ def build_group(root: ir.Node) -> DependencyGroup:
             raise _Decline("no layer consumes its channels")
     except _Decline as why:
         group.declined = str(why)
+    except _Span as span:
+        group.parts = [start[part, 0] for part in span.parts]
+        group.declined = "its channels part at a Split"
     return group
+
+
+def _merge(slot: Slot, index: np.ndarray) -> np.ndarray | None:
+    """A slot reached again: nothing new (None), or more positions of the same channels (the
+    residual stream of a C2f block sits at several offsets of its Concat, SPPF concatenates
+    x with its poolings), which join the slot's block axis and are followed from here."""
+    old = slot.index
+    if old.shape == index.shape and np.array_equal(old, index):
+        return None
+    taken = set(old.reshape(-1).tolist())
+    fresh = [[p for p in row.tolist() if p not in set(mine.tolist())] for row, mine in zip(index, old)]
+    flat = [p for row in fresh for p in row]
+    if len({len(row) for row in fresh}) != 1 or taken.intersection(flat) or len(set(flat)) != len(flat):
+        raise _Decline(f"{slot.value.name} is reached twice at overlapping channel positions")
+    if not flat:
+        return None
+    more = np.array(fresh, dtype=np.int64)
+    slot.index = np.concatenate([old, more], axis=1)
+    return more
+
+
+def _range_label(positions: np.ndarray) -> str:
+    lo, hi = int(positions[0]), int(positions[-1]) + 1
+    if hi - lo == len(positions) and np.all(np.diff(positions) == 1):
+        return f"[{lo}:{hi}]"
+    return f"[{len(positions)} channels]"
 
 
 def _backward(group: DependencyGroup, value: ir.Value, axis: int, index: np.ndarray, queue) -> None:
@@ -154,6 +219,12 @@ def _backward(group: DependencyGroup, value: ir.Value, axis: int, index: np.ndar
                 continue
             for edge in flow.edges:
                 if edge.output != o or edge.axis != axis:
+                    continue
+                if edge.kind == "range":  # a Split/Slice output: the positions it took
+                    found = True
+                    queue.append((inp, b, edge.start + index * edge.step))
+                    group.resized.append((node, (id(inp), b)))
+                    group.kinds.add(node.op_type.lower())
                     continue
                 if edge.kind != "same":
                     if _came_from(group, inp, b, edge, index, node):
@@ -209,6 +280,11 @@ def _forward(group: DependencyGroup, value: ir.Value, axis: int, index: np.ndarr
         if spec is not None and i == spec.data and spec.groups(node) > 1 and node not in group.depthwise:
             group.depthwise.append(node)
             group.kinds.add("depthwise")
+        ranges = [edge for edge in flow.edges if edge.kind == "range"]
+        if ranges:
+            _check_span(node, ranges, index)
+            group.resized.append((node, (id(value), axis)))
+            group.kinds.add(node.op_type.lower())
         for edge in flow.edges:
             target = node.outputs[edge.output]
             if node.op_type == "Concat":
@@ -217,7 +293,27 @@ def _forward(group: DependencyGroup, value: ir.Value, axis: int, index: np.ndarr
                 group.kinds.add(f"{node.op_type.lower()} into {_reader(target)}")
             if node.op_type == "Reshape":
                 _check_reshape(node, target, edge)
-            queue.append((target, edge.axis, _map_edge(index, edge, g.label(node))))
+            mapped = _map_edge(index, edge, g.label(node))
+            if mapped is not None:
+                queue.append((target, edge.axis, mapped))
+
+
+def _check_span(node: ir.Node, ranges: list[ops.ChannelEdge], index: np.ndarray) -> None:
+    """Channels entering a Split/Slice must each go wholly to one output; when they go to
+    several outputs of a Split, the group parts there (`_Span`)."""
+    if any(edge.step != 1 for edge in ranges):
+        raise _Decline(f"{g.label(node)}: {node.op_type} with a step along the channel axis")
+    if index.shape[1] != 1:
+        raise _Decline(f"{g.label(node)}: {node.op_type} of channel blocks")
+    taken = [_in_range(index[:, 0], edge) for edge in ranges]
+    if node.op_type == "Slice":
+        if taken[0].any() and not taken[0].all():
+            raise _Decline(f"{g.label(node)}: the Slice takes only some of these channels")
+        return
+    if sum(t.any() for t in taken) > 1:
+        if not np.all(np.sum(taken, axis=0) == 1):
+            raise _Decline(f"{g.label(node)}: the Split sizes do not cover these channels")
+        raise _Span([np.flatnonzero(t) for t in taken if t.any()])
 
 
 def _reader(value: ir.Value) -> str:
@@ -239,7 +335,7 @@ def _tie(group: DependencyGroup, node: ir.Node, flow: ops.ChannelFlow, index: np
         other = node.inputs[j]
         if other is None:
             continue
-        if node.op_type in ("Add", "Sub", "Mul", "Div") and other.const_value is None:
+        if node.op_type in ("Add", "Sub") and other.const_value is None:
             group.kinds.add("residual")
         queue.append((other, k, index))
 
@@ -275,14 +371,19 @@ def build_groups(model: ir.Model, exclude_nodes: list[str] = ()) -> list[Depende
             continue
         if node.op_type == "MatMul" and len(w.shape) != 2:
             continue
-        group = build_group(node)
-        for producer in group.producers:
-            taken.add(id(producer))
-        if not group.declined:
-            excluded = [g.label(n) for n in group.producers if n.name in exclude_nodes]
-            if excluded:
-                group.declined = f"excluded by --exclude-nodes ({excluded[0]})"
-        groups.append(group)
+        todo = [None]  # root positions to build a group for (None: all)
+        while todo:
+            group = build_group(node, todo.pop(0))
+            if group.parts is not None:
+                todo += group.parts  # a Split: one group per part, cut independently
+                continue
+            for producer in group.producers:
+                taken.add(id(producer))
+            if not group.declined:
+                excluded = [g.label(n) for n in group.producers if n.name in exclude_nodes]
+                if excluded:
+                    group.declined = f"excluded by --exclude-nodes ({excluded[0]})"
+            groups.append(group)
     _check_overlaps(groups)
     return groups
 
@@ -321,7 +422,7 @@ def importance(group: DependencyGroup, how: str, hessians: dict[int, list[np.nda
         weights.add(id(node.inputs[spec.weight]))
     if how == "activation" and hessians:
         for node in group.consumers:
-            total += _normalised(_activation_score(group, node, hessians.get(id(node))))
+            total += _activation_score(group, node, hessians.get(id(node)))
         return total
     for slot in group.params():
         if id(slot.value) not in weights:
@@ -336,17 +437,26 @@ def _normalised(e: np.ndarray) -> np.ndarray:
     return e / mean if mean > 0 else e
 
 
-def _activation_score(group, node, h) -> np.ndarray:
-    """Output energy the consumer draws from each channel: sum over its columns of
-    ``||W[:, col]||^2 H[col, col]`` (Wanda's score summed over a channel)."""
+def _activation_score(group, node, h, damp: float = 0.01) -> np.ndarray:
+    """What the consumer loses per channel, relative to its output: the error left when that
+    channel alone goes and the other inputs compensate by least squares, ``w_P (H^-1_PP)^-1
+    w_P^T`` over its columns P (the structured OBS loss: Hassibi & Stork 1993; Kurtic et al.,
+    ZipLM, 2023, Sec. 3), divided by its output energy ``tr(W H W^T)``. Without a Hessian:
+    Wanda's ``||W[:, col]||^2`` summed over the channel."""
     spec = ops.weighted(node)
     w = node.inputs[spec.weight]
-    rows = spec.to_matrix(node, w.const_value.numpy())[0]  # (out, in)
+    rows = spec.to_matrix(node, w.const_value.numpy())[0].astype(np.float64)  # (out, in)
     slot = group.slots[(id(w), spec.in_axis(node) % len(w.shape))]
-    cols = _columns(node, slot.index)
-    diag = np.diag(h[0]) if h else np.ones(rows.shape[1])
-    per_col = (rows.astype(np.float64) ** 2).sum(axis=0) * diag
-    return per_col[cols].sum(axis=1)
+    cols = _columns(node, slot.index)  # (channels, columns per channel)
+    if not h:
+        return (rows**2).sum(axis=0)[cols].sum(axis=1)
+    hd = np.array(h[0], dtype=np.float64)
+    hd[np.diag_indices_from(hd)] += damp * max(float(np.mean(np.diag(hd))), 1e-12)
+    hinv = np.linalg.inv(hd)
+    blocks = hinv[cols[:, :, None], cols[:, None, :]]  # (channels, b, b)
+    wc = np.moveaxis(rows[:, cols], 0, 1)  # (channels, out, b)
+    loss = np.einsum("cob,cbd,cod->c", wc, np.linalg.inv(blocks), wc)
+    return loss / max(float(np.sum((rows @ h[0]) * rows)), 1e-30)
 
 
 def _columns(node: ir.Node, index: np.ndarray) -> np.ndarray:
@@ -404,6 +514,95 @@ def choose(
         r = (group_ratios or {}).get(grp.name, ratio)
         n = _n_removed(grp.channels, int(np.floor(grp.channels * r)))
         grp.removed = np.sort(np.argsort(scores[id(grp)], kind="stable")[:n])
+
+
+class MacCount:
+    """MACs of the weighted ops as a function of how many channels each group loses: a weight
+    of shape ``s`` applied at ``P`` output positions costs ``prod(s) * P`` (Conv: the output
+    pixels; Gemm/MatMul: the rows), and cutting a group shortens the weight axes it holds."""
+
+    def __init__(self, model: ir.Model, groups: list[DependencyGroup], shapes: dict[str, list[int]]):
+        from onnxcomp.summary import summarize
+
+        layers = (summarize(model, shapes=shapes).get("compute") or {}).get("layers") or []
+        counted = {layer["node"]: layer["macs"] for layer in layers if layer.get("macs")}
+        self.weights: dict[int, tuple[tuple[int, ...], float]] = {}
+        for node in model.graph:
+            spec = ops.weighted(node)
+            w = node.inputs[spec.weight] if spec is not None and len(node.inputs) > spec.weight else None
+            if w is None or w.shape is None or not all(isinstance(d, int) for d in w.shape):
+                continue
+            # how many times the weight is applied (Conv: output pixels; Gemm/MatMul: rows);
+            # unknown shapes: MACs fall back to parameters
+            positions = counted.get(node.name or node.outputs[0].name, 0) / max(1, int(np.prod(w.shape))) or 1.0
+            shape, before = self.weights.get(id(w), (tuple(w.shape), 0.0))
+            self.weights[id(w)] = (shape, before + positions)
+        self.total = self.macs({})
+        self.slots = {  # group -> [(weight id, axis, positions per channel)]
+            id(grp): [(id(s.value), s.axis, s.index.shape[1]) for s in grp.params() if id(s.value) in self.weights]
+            for grp in groups
+            if not grp.declined
+        }
+
+    def macs(self, removed: dict[int, int]) -> float:
+        """MACs after ``removed[id(group)]`` channels of each group are cut."""
+        cut: dict[tuple[int, int], int] = {}
+        for key, n in removed.items():
+            for wid, axis, block in self.slots[key]:
+                cut[(wid, axis)] = cut.get((wid, axis), 0) + n * block
+        total = 0.0
+        for wid, (shape, positions) in self.weights.items():
+            kept = [d - cut.get((wid, a), 0) for a, d in enumerate(shape)]
+            total += float(np.prod(kept)) * positions
+        return total
+
+    def per_channel(self, group: DependencyGroup) -> float:
+        """MACs one channel of ``group`` costs (first order: alone, the other groups whole)."""
+        return max(self.total - self.macs({id(group): 1}), 1.0)
+
+
+# --sparsity-of macs: no group loses more than this fraction of its channels. Ranking by score
+# per MAC alone piles the cuts onto a few groups (measured on YOLOv8n at 25 % fewer MACs: 216 of
+# 256 channels from one group, mean box IoU to the dense model 0.36; capped at 0.2: 0.54).
+MAX_GROUP_CUT = 0.2
+
+
+def choose_by_macs(
+    groups: list[DependencyGroup],
+    scores: dict[int, np.ndarray],
+    fraction: float,
+    count: MacCount,
+    cap: float = MAX_GROUP_CUT,
+) -> float:
+    """Set ``removed`` so the MACs drop by ``fraction``, taking the channels with the lowest
+    score per MAC saved first across all groups, at most ``cap`` of each group (kept counts
+    rounded as in `choose`). Returns the fraction of the MACs removed (less than asked when
+    the cap and the rounding leave too little to cut)."""
+    live = [grp for grp in groups if not grp.declined]
+    target = count.total * (1.0 - fraction)
+    cost = {id(grp): count.per_channel(grp) for grp in live}
+    orders = {id(grp): np.argsort(scores[id(grp)], kind="stable") for grp in live}
+    ratios = {id(grp): np.sort(scores[id(grp)]) / cost[id(grp)] for grp in live}
+    flat = np.sort(np.concatenate(list(ratios.values())))
+
+    def plan(k: int) -> dict[int, int]:
+        t = flat[k - 1] if k else -np.inf
+        return {
+            key: _n_removed(len(r), min(int(np.count_nonzero(r <= t)), int(cap * len(r))))
+            for key, r in ratios.items()
+        }
+
+    lo, hi = 0, len(flat)  # the fewest channels (by score per MAC) that reach the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count.macs(plan(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = plan(lo)
+    for grp in live:
+        grp.removed = np.sort(orders[id(grp)][: chosen[id(grp)]])
+    return 1.0 - count.macs(chosen) / count.total
 
 
 def apply_cuts(
@@ -465,7 +664,63 @@ def apply_cuts(
             spec = ops.weighted(node)
             new_groups = int(node.inputs[spec.weight].const_value.shape[0])
             node.attributes["group"] = ir.AttrInt64("group", new_groups)
+    _resize_splits(model, groups)
     return report
+
+
+def _resize_splits(model: ir.Model, groups: list[DependencyGroup]) -> None:
+    """Split sizes and Slice starts/ends after their input lost channels (computed from the
+    sizes before the cut, for every group cutting through the node at once)."""
+    removed: dict[int, tuple[ir.Node, int, set[int]]] = {}
+    for grp in groups:
+        if grp.declined or grp.removed is None or not len(grp.removed):
+            continue
+        for node, key in grp.resized:
+            slot = grp.slots[key]
+            entry = removed.setdefault(id(node), (node, slot.axis, set()))
+            entry[2].update(slot.index[grp.removed].reshape(-1).tolist())
+    names = g.NameSource(model)
+    for node, axis, positions in removed.values():
+        cut = np.array(sorted(positions), dtype=np.int64)
+        flow = ops.channel_flow(node, 0, axis)  # the sizes as they were
+        if node.op_type == "Split":
+            sizes = [e.stop - e.start - int(np.count_nonzero(_in_range(cut, e))) for e in flow.edges]
+            _set_split_sizes(model, node, sizes, names)
+        else:
+            edge = flow.edges[0]
+            start = edge.start - int(np.count_nonzero(cut < edge.start))
+            stop = edge.stop - int(np.count_nonzero(cut < edge.stop))
+            _set_slice_bounds(model, node, axis, start, stop, names)
+
+
+def _set_split_sizes(model: ir.Model, node: ir.Node, sizes: list[int], names: g.NameSource) -> None:
+    opset = model.opset_imports.get("", 13)
+    if opset < 13:
+        node.attributes["split"] = ir.AttrInt64s("split", sizes)
+        return
+    value = g.add_initializer(model.graph, f"{node.name or 'split'}_sizes", np.array(sizes, np.int64), names)
+    if len(node.inputs) > 1:
+        node.replace_input_with(1, value)  # the old sizes may be shared with other Splits
+    else:
+        node.resize_inputs(2)
+        node.replace_input_with(1, value)
+    node.attributes.pop("num_outputs", None)
+
+
+def _set_slice_bounds(
+    model: ir.Model, node: ir.Node, axis: int, start: int, stop: int, names: g.NameSource
+) -> None:
+    r = g.rank(node.inputs[0])
+    axes_value = node.inputs[3] if len(node.inputs) > 3 else None
+    starts = g.const(node.inputs[1]).reshape(-1).copy()
+    ends = g.const(node.inputs[2]).reshape(-1).copy()
+    axes = g.const(axes_value).reshape(-1) % r if axes_value is not None else np.arange(len(starts))
+    k = int(np.flatnonzero(axes == axis)[0])
+    starts[k], ends[k] = start, stop
+    for i, array in ((1, starts), (2, ends)):
+        value = g.add_initializer(model.graph, f"{node.name or 'slice'}_{'starts' if i == 1 else 'ends'}",
+                                  array.astype(np.int64), names)  # fmt: skip
+        node.replace_input_with(i, value)
 
 
 def _set(value: ir.Value, array: np.ndarray) -> None:
@@ -498,7 +753,9 @@ def consumer_hessians(
         by_name.setdefault(view.input.name, []).append(inputs[id(node)])
     if not by_name:
         return {}
-    capture.accumulate(model, by_name, data, batch_size=options.batch_size, limit=options.samples)
+    capture.accumulate(
+        model, by_name, data, batch_size=options.batch_size, limit=options.samples, positions=capture.token_positions
+    )
     return {key: [acc.H for acc in acc_in.hessians] for key, acc_in in inputs.items()}
 
 
@@ -512,7 +769,14 @@ def prune_structured(
     if reconstruct and data is None:
         raise OnnxcompError("--reconstruct needs --data")
     groups = build_groups(model, options.exclude_nodes)
-    if not any(not grp.declined for grp in groups):
+    attention = heads.build_head_groups(model, options.exclude_nodes)
+    not_yet = ("--max-drop: attention heads are not in the fallback search yet" if options.max_drop is not None
+               else "--sparsity-of macs: heads are cut by --sparsity-of channels only" if options.sparsity_of == "macs"
+               else None)  # fmt: skip
+    for grp in attention if not_yet else []:
+        grp.declined = grp.declined or not_yet
+    heads.claim_projections(groups, attention)
+    if not any(not grp.declined for grp in groups + attention):
         reasons = "; ".join(f"{grp.name}: {grp.declined}" for grp in groups[:3])
         raise OnnxcompError(f"no channel group can be pruned ({reasons or 'no Conv/Gemm/MatMul with constant weights'})")
     hessians = (
@@ -527,6 +791,11 @@ def prune_structured(
                      "its scale is in the weights, ranked by L2")
         how = "l2"
     scores = {id(grp): importance(grp, how, hessians) for grp in groups if not grp.declined}
+    head_cuts = heads.prune_heads(model, attention, data, options, reconstruct)
+    # group_ratios may name head groups too (prune_heads took theirs); the rest are channel groups
+    options = dataclasses.replace(
+        options, group_ratios={k: v for k, v in options.group_ratios.items() if k not in {a.name for a in attention}}
+    )
     spared: list[str] = []
     check = None
     if options.max_drop is not None:
@@ -534,17 +803,18 @@ def prune_structured(
             model, reference, groups, data if reconstruct else None, options, judge
         )
     else:
-        choose(groups, scores, options.sparsity, options.scope, options.group_ratios)
+        notes += _choose(model, groups, scores, options, data)
         cut_report = apply_cuts(model, groups, hessians if reconstruct else None, options.damp)
         _forget_shapes(model)
     report: dict[str, Any] = {
         "kind": "structured",
         "importance": options.importance,
-        "scope": options.scope,
+        "scope": "global" if options.sparsity_of == "macs" else options.scope,
+        "sparsity_of": options.sparsity_of,
         "reconstruct": reconstruct,
         "requested_ratio": options.sparsity,
-        "groups": [grp.to_json() for grp in groups],
-        "consumers": cut_report,
+        "groups": [grp.to_json() for grp in attention + groups],
+        "consumers": head_cuts + cut_report,
     }
     if spared:
         report["spared"] = spared
@@ -553,6 +823,28 @@ def prune_structured(
     if check is not None:
         report["check"] = check
     return model, report
+
+
+def _choose(model: ir.Model, groups: list[DependencyGroup], scores, options, data: DataSource | None) -> list[str]:
+    """`choose` by channels, or `choose_by_macs` with ``--sparsity-of macs``; returns notes."""
+    if options.sparsity_of != "macs":
+        choose(groups, scores, options.sparsity, options.scope, options.group_ratios)
+        return []
+    if options.group_ratios:
+        raise OnnxcompError("group_ratios: a ratio per group needs --sparsity-of channels")
+    count = MacCount(model, groups, _shapes(model, options, data))
+    done = choose_by_macs(groups, scores, options.sparsity, count)
+    if done < options.sparsity - 0.005:
+        return [f"--sparsity-of macs: {done:.1%} of the MACs removed, not {options.sparsity:.0%}: no group loses "
+                f"more than {MAX_GROUP_CUT:.0%} of its channels, kept counts stay multiples of {ROUND_TO}"]
+    return []
+
+
+def _shapes(model: ir.Model, options, data: DataSource | None) -> dict[str, list[int]]:
+    """Input shapes to count MACs at: ``--shape``, else one sample of the data."""
+    if options.shapes or data is None:
+        return dict(options.shapes)
+    return {name: [1, *shape[1:]] for name, (_, shape) in data.sample_signature().items()}
 
 
 def _within_budget(model, reference, groups, data, options, judge_data):
@@ -571,7 +863,7 @@ def _within_budget(model, reference, groups, data, options, judge_data):
         live = [grp for grp in cand_groups if not grp.declined]
         cand_h = consumer_hessians(candidate, cand_groups, data, options) if data is not None else None
         cand_scores = {id(grp): importance(grp, how, cand_h) for grp in live}
-        choose(cand_groups, cand_scores, options.sparsity, options.scope, options.group_ratios)
+        _choose(candidate, cand_groups, cand_scores, options, data)
         cut_report = apply_cuts(candidate, cand_groups, cand_h, options.damp)
         _forget_shapes(candidate)
         return search.Built(candidate, {"consumers": cut_report}, (cand_groups, live))

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import layerwise, ops
+from onnxcomp import capture, layerwise, ops
+from onnxcomp import model as model_io
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.prune import numerics as pn
@@ -107,6 +108,8 @@ class UnstructuredConfig:
     blocksize: int = 128
     batch_size: int = 32
     samples: int | None = 256
+    # Solve each layer against the dense model's outputs (`layerwise.corrected_target`), not its own.
+    dense_targets: bool = True
 
 
 def prune_weights(
@@ -145,10 +148,13 @@ def prune_weights(
         rows_by_node[id(t.node)] = _row(t, [s.info for s in result.solutions])
 
     if needs_data:
-        # Layer by layer in graph order, each on its inputs in the model pruned so far.
+        # Layer by layer in graph order, each on its inputs in the model pruned so far, aiming at
+        # the dense model's outputs when reconstructing.
+        dense = model_io.copy_model(model) if cfg.reconstruct and cfg.dense_targets else None
         done = layerwise.reconstruct(
             model, [t.view for t in targets], data, solve, write=write, sequential=True,
-            batch_size=cfg.batch_size, limit=cfg.samples, seed=cfg.seed,
+            batch_size=cfg.batch_size, limit=cfg.samples, seed=cfg.seed, positions=capture.token_positions,
+            reference=dense, target_damp=cfg.damp,
         )  # fmt: skip
         for result in done.layers:
             if result.skipped:
@@ -235,7 +241,7 @@ def _global_masks(model, targets, cfg, data) -> dict[int, np.ndarray]:
 
         layerwise.reconstruct(
             model, [t.view for t in targets], data, record, batch_size=cfg.batch_size, limit=cfg.samples,
-            seed=cfg.seed,
+            seed=cfg.seed, positions=capture.token_positions,
         )  # fmt: skip
     scores = {}
     for t in targets:

