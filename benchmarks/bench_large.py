@@ -1,6 +1,7 @@
 """Models over 2 GB: load, normalise and save with onnxcomp versus plain onnx, peak memory side by side.
 
-    python benchmarks/bench_large.py [--gb 2.2] [--workdir /tmp/onnxcomp-large]
+    python benchmarks/bench_large.py [--gb 2.2] [--width 8192] [--commands [inspect,optimize,...]]
+                                      [--no-load-save] [--workdir /tmp/onnxcomp-large]
 
 Builds a MatMul stack whose weights (float32, external data) exceed the size asked, then, each in
 a fresh child process so peak memory (VmHWM) belongs to one tool alone:
@@ -51,6 +52,9 @@ def build(path: Path, gigabytes: float, width: int = 8192) -> int:
             offset += w.nbytes
             inits.append(tensor)
             src = "x" if i == 0 else f"h{i - 1}"
+            if i == 1:  # one node for optimize to remove, so its self-check runs
+                nodes.append(helper.make_node("Identity", [src], ["h0_copy"]))
+                src = "h0_copy"
             nodes.append(helper.make_node("MatMul", [src, f"w{i}"], [f"m{i}"]))
             nodes.append(helper.make_node("Relu", [f"m{i}"], [f"h{i}" if i < layers - 1 else "y"]))
     graph = helper.make_graph(
@@ -106,68 +110,111 @@ def _child(target, src: Path, dst: Path) -> tuple[float, float, float]:
 
 
 def _command(args: list[str]) -> tuple[float, float, int]:
-    """Run ``onnxcomp ARGS`` in a child: (wall seconds, peak RSS MB of that child, exit code)."""
-    import os
+    """Run ``onnxcomp ARGS`` in a child: (wall seconds, peak RSS MB of that child, exit code).
+
+    The child reports its own VmHWM at exit: the rusage of a forked child would start from this
+    process's peak (ru_maxrss carries over exec).
+    """
     import subprocess
     import sys
+    import tempfile
 
-    start = time.perf_counter()
-    code = "import sys; from onnxcomp.cli import main; sys.argv[0] = 'onnxcomp'; main()"
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak_file:
+        code = (
+            "import atexit, sys\n"
+            "def peak():\n"
+            "    for line in open('/proc/self/status'):\n"
+            "        if line.startswith('VmHWM:'):\n"
+            f"            open({peak_file.name!r}, 'w').write(line.split()[1])\n"
+            "atexit.register(peak)\n"
+            "from onnxcomp.cli import main\n"
+            "sys.argv[0] = 'onnxcomp'\n"
+            "main()\n"
+        )
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        text = open(peak_file.name).read().strip()
+    peak = int(text) / 1024 if text else float("nan")
+    return seconds, peak, proc.returncode
 
 
-def commands(src: Path, work: Path, size: int) -> None:
+COMMANDS = ("inspect", "optimize", "weight-only", "dynamic", "prune")
+
+
+def commands(
+    src: Path, work: Path, size: int, width: int, only: tuple[str, ...] = COMMANDS
+) -> list:
     """The commands users run, each in its own process: wall time and peak memory."""
     x = work / "x.npz"
-    np.savez(x, x=np.random.default_rng(2).standard_normal((2, 8192)).astype(np.float32))
-    runs = [
-        ("inspect", ["inspect", str(src)]),
-        (
-            "optimize (self-check on 2 samples)",
-            [
-                "optimize",
-                str(src),
-                "-o",
-                str(work / "opt" / "large.onnx"),
-                "--no-bench",
-                "--data",
-                str(x),
-            ],
+    np.savez(x, x=np.random.default_rng(2).standard_normal((2, width)).astype(np.float32))
+    out = lambda name: str(work / name / "large.onnx")  # noqa: E731
+    runs = {
+        "inspect": ("inspect", ["inspect", str(src)]),
+        "optimize": (
+            "optimize --data x.npz (self-check)",
+            ["optimize", str(src), "-o", out("opt"), "--no-bench", "--data", str(x)],
         ),
-        (
-            "quantize --mode weight-only (int4)",
+        "weight-only": (
+            "quantize --mode weight-only --bits 4",
             [
                 "quantize",
                 str(src),
                 "-o",
-                str(work / "wo" / "large.onnx"),
+                out("wo"),
                 "--mode",
                 "weight-only",
+                "--bits",
+                "4",
                 "--data",
                 str(x),
                 "--eval-data",
                 str(x),
             ],
+        ),  # fmt: skip
+        # without --data: per-channel int8 only (calibrating smoothing and bias correction
+        # holds each layer's candidate weights and runs the model twice per chunk of layers)
+        "dynamic": (
+            "quantize --mode dynamic (no calibration)",
+            ["quantize", str(src), "-o", out("dyn"), "--mode", "dynamic", "--eval-data", str(x)],
         ),
-    ]
+        "prune": (
+            "prune --sparsity 0.5 (magnitude)",
+            ["prune", str(src), "-o", out("prune"), "--sparsity", "0.5", "--eval-data", str(x)],
+        ),
+    }
+    rows = []
     print(f"\n{'command':38} {'wall s':>8} {'peak RSS MB':>12} {'x weights':>10} {'exit':>5}")
-    for name, args in runs:
+    for key in only:
+        name, args = runs[key]
         seconds, peak, code = _command(args)
+        rows.append((name, seconds, peak, code))
         print(
-            f"{name:38} {seconds:8.1f} {peak:12.0f} {peak * 2**20 / size:10.2f} {code:5d}"
+            f"{name:38} {seconds:8.1f} {peak:12.0f} {peak * 2**20 / size:10.2f} {code:5d}",
+            flush=True,
         )
+        if "-o" in args:  # one large output on disk at a time
+            shutil.rmtree(Path(args[args.index("-o") + 1]).parent, ignore_errors=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.2, help="weight size to build (GB)")
+    parser.add_argument(
+        "--width", type=int, default=8192, help="each MatMul weight is width x width"
+    )
     parser.add_argument("--workdir", default="/tmp/onnxcomp-large")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     parser.add_argument(
-        "--commands", action="store_true", help="also time inspect, optimize, weight-only quantize"
+        "--commands",
+        nargs="?",
+        const=",".join(COMMANDS),
+        default=None,
+        help=f"also time the commands users run (comma-separated subset of {','.join(COMMANDS)})",
+    )
+    parser.add_argument(
+        "--no-load-save", action="store_true", help="skip the onnxcomp vs onnx load/save rows"
     )
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -175,9 +222,24 @@ def main() -> None:
     work.mkdir(parents=True)
     src = work / "large.onnx"
     start = time.perf_counter()
-    size = build(src, args.gb)
+    size = build(src, args.gb, args.width)
     print(f"built {src}: {size / 1e9:.2f} GB of weights in {time.perf_counter() - start:.1f} s")
+    try:
+        if not args.no_load_save:
+            load_save(src, work, args.width)
+        if args.commands:
+            only = tuple(c.strip() for c in args.commands.split(",") if c.strip())
+            unknown = [c for c in only if c not in COMMANDS]
+            if unknown:
+                parser.error(f"--commands: unknown {unknown[0]!r} (known: {', '.join(COMMANDS)})")
+            commands(src, work, size, args.width, only)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
+
+def load_save(src: Path, work: Path, width: int) -> None:
+    """onnxcomp's load + normalise + save against plain onnx's, then both models run once."""
     rows = []
     for name, target, dst in (
         ("onnxcomp (onnx-ir, lazy)", _with_onnxcomp, work / "out_onnxcomp" / "large.onnx"),
@@ -185,27 +247,23 @@ def main() -> None:
     ):
         dst.parent.mkdir(exist_ok=True)
         rows.append((name, *_child(target, src, dst)))
+    shutil.rmtree(work / "out_onnx", ignore_errors=True)
 
     # The saved model must still be the same model: run both on one input.
     from onnxcomp import runtime
 
-    x = np.random.default_rng(1).standard_normal((1, 8192)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((1, width)).astype(np.float32)
     a = runtime.run(runtime.create_session(str(src)), {"x": x})["y"]
     b = runtime.run(runtime.create_session(str(work / "out_onnxcomp" / "large.onnx")), {"x": x})[
         "y"
     ]
     same = bool(np.array_equal(a, b))
+    shutil.rmtree(work / "out_onnxcomp", ignore_errors=True)
 
     print(f"\n{'tool':28} {'load+shapes+save s':>18} {'peak RSS MB':>12} {'over imports':>13}")
     for name, seconds, extra, peak in rows:
         print(f"{name:28} {seconds:18.1f} {peak:12.0f} {extra:13.0f}")
-    print(
-        f"\nweights {size / 1e6:.0f} MB; onnxcomp output identical to input in onnxruntime: {same}"
-    )
-    if args.commands:
-        commands(src, work, size)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    print(f"onnxcomp output identical to input in onnxruntime: {same}")
 
 
 if __name__ == "__main__":

@@ -469,8 +469,9 @@ class ReferenceOutputs:
     distillation, and what :func:`compare` judges candidates against.
 
     The first pass runs the model; its batches are kept while they fit in ``max_bytes``, so
-    later passes (the next candidate) do not run the reference again. Past the budget, every
-    pass runs it anew, one batch in memory at a time.
+    later passes (the next candidate) do not run the reference again, and its onnxruntime
+    session (a copy of its weights) is then released. Past the budget, every pass runs it anew,
+    one batch in memory at a time.
     """
 
     def __init__(
@@ -489,17 +490,35 @@ class ReferenceOutputs:
         self.limit = limit
         self.max_bytes = max_bytes
         self.label = label
-        self.session = runtime.create_session(model, threads=threads, label=label)
+        self._model = model
+        self._threads = threads
+        self.session: Any = runtime.create_session(model, threads=threads, label=label)
         self.output_names = [o.name for o in self.session.get_outputs()]
         fixed = runtime.fixed_batch(self.session)
         self.batch_size = fixed if fixed is not None else batch_size
         self._kept: list[tuple[Batch, dict[str, np.ndarray]]] | None = None
+        self._over_budget = max_bytes <= 0
+
+    def collect(self) -> bool:
+        """Run the reference now and keep its outputs if they fit the budget (its session is
+        then released, so a candidate's session is never alive beside it). True when kept."""
+        if self._kept is None and not self._over_budget:
+            for _ in self:
+                if self._over_budget:
+                    break
+        return self._kept is not None
 
     def __iter__(self) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
         if self._kept is not None:
             yield from self._kept
             return
-        kept: list[tuple[Batch, dict[str, np.ndarray]]] | None = []
+        if self.session is None:
+            self.session = runtime.create_session(
+                self._model, threads=self._threads, label=self.label
+            )
+        kept: list[tuple[Batch, dict[str, np.ndarray]]] | None = (
+            None if self._over_budget else []
+        )
         size = 0
         for batch, outputs in runtime.iter_outputs(
             self.session,
@@ -516,9 +535,11 @@ class ReferenceOutputs:
                     kept.append((batch, outputs))
                 else:
                     kept = None
+                    self._over_budget = True
             yield batch, outputs
         if kept is not None:
             self._kept = kept
+            self.session = None  # every later pass reads the kept outputs
 
 
 def reference_outputs(
@@ -534,6 +555,11 @@ def reference_outputs(
     yield from ReferenceOutputs(
         model, data, batch_size=batch_size, limit=limit, threads=threads, max_bytes=0
     )
+
+
+# compare() keeps the reference's outputs up to this size, so it runs the reference first and
+# releases it before the candidate's session is made (two large models never in memory at once).
+COMPARE_KEEP_BYTES = 64 << 20
 
 
 def compare(
@@ -561,9 +587,12 @@ def compare(
         if data is None:
             raise OnnxcompError("compare: no data to compare on")
         teacher = ReferenceOutputs(
-            reference, data, batch_size=batch_size, limit=limit, threads=threads, max_bytes=0
-        )
+            reference, data, batch_size=batch_size, limit=limit, threads=threads,
+            max_bytes=COMPARE_KEEP_BYTES,
+        )  # fmt: skip
     user = load_metric(metric) if is_user_metric(metric) or callable(metric) else None
+    # The reference runs first when its outputs fit the budget: one session alive at a time.
+    teacher.collect()
     cand_session = runtime.create_session(candidate, threads=threads, label="candidate")
     ref_outputs = teacher.output_names
     cand_outputs = [o.name for o in cand_session.get_outputs()]

@@ -417,8 +417,9 @@ def _gemm_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
     spec = ops.WEIGHTED[node.op_type]
     trans_a = node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0))
     view = matmul_view(node, weight, trans_a=trans_a)
+    shape = weight.shape  # not the array: a mapped weight is released once rewritten
     view.to_rows = lambda w: spec.to_matrix(node, w)
-    view.back = lambda q: spec.from_matrix(node, q, weight.shape)
+    view.back = lambda q: spec.from_matrix(node, q, shape)
     return view
 
 
@@ -438,8 +439,10 @@ def _conv_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
         attrs.get_string("auto_pad", "NOTSET"),
     )
 
+    shape = weight.shape  # not the array: a mapped weight is released once rewritten
+
     def rows_of(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        geometry = conv_geometry(node, weight.shape, x.shape[2:])
+        geometry = conv_geometry(node, shape, x.shape[2:])
         return conv_patches(x, geometry, groups=groups, max_rows=MAX_ROWS_PER_BATCH, rng=rng)
 
     # (M, C/g, *kernel) -> (g, M/g, C/g * prod(kernel)): output channels of group i come i-th.
@@ -450,7 +453,7 @@ def _conv_view(node: ir.Node, weight: np.ndarray) -> LinearView | str:
         key,
         rows_of,
         to_rows=lambda w: spec.to_matrix(node, w),
-        back=lambda q: spec.from_matrix(node, q, weight.shape),
+        back=lambda q: spec.from_matrix(node, q, shape),
         input_index=spec.data,
         input_channel_axis=1,
         kernel_size=math.prod(weight.shape[2:]),
@@ -476,7 +479,8 @@ def linear_view(node: ir.Node, weight: np.ndarray | None = None) -> LinearView |
         value = node.inputs[spec.weight] if len(node.inputs) > spec.weight else None
         if value is None or value.const_value is None:
             return "weight is computed at run time (not a constant)"
-        weight = value.const_value.numpy().astype(np.float32)
+        # no copy of a float32 weight: an external one stays memory-mapped until it is read
+        weight = np.asarray(value.const_value.numpy(), dtype=np.float32)
     return make(node, weight)
 
 

@@ -7,18 +7,21 @@ until a pass asks for one, so a model over 2 GB is never read into memory twice.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass, _c_api_utils
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.inputs import check_output, os_error
@@ -26,9 +29,15 @@ from onnxcomp.inputs import external_data_files as external_data_files  # re-exp
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Above this many bytes of weights a model is saved with its weights in a ".data" file beside
 # it: protobuf cannot serialise a message over 2 GB.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+# Above this many bytes of weights, work that needs two models' onnxruntime sessions alive at
+# once (interleaved latency timing) is left out, so a command peaks near one copy of the weights.
+TIMING_LIMIT_BYTES = 1_000_000_000
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -356,6 +365,119 @@ def _inline_external(model: ir.Model) -> list[tuple[ir.Value, object]]:
             replaced.append((value, tensor))
             value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
     return replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewritten weights of models read from external data
+
+
+def set_weight(value: ir.Value, array: np.ndarray) -> None:
+    """Give the initializer ``value`` the new data ``array``.
+
+    When its old tensor was read from external data, the new one is written to a scratch file
+    and kept lazy as well, and the old mapping is released: a pass that rewrites a large model
+    tensor by tensor then holds one tensor in memory, never all of them. Callers drop their own
+    arrays of the old tensor first, or it stays mapped.
+    """
+    old = value.const_value
+    tensor = ir.tensor(array, name=value.name)
+    if isinstance(old, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8:
+        [tensor] = ir.external_data.convert_tensors_to_external(
+            [tensor], _scratch_dir(), _scratch_name()
+        )
+    value.const_value = tensor
+    release(old)
+
+
+def spill(model: ir.Model, min_bytes: int = 1 << 20) -> int:
+    """Move the in-memory initializers of at least ``min_bytes`` to scratch files, lazy from then
+    on (a pass's output of a model read from external data: its new weights then cost no memory
+    while the self-check's sessions run, and ``save`` streams them). Returns the bytes moved."""
+    moved = 0
+    for _, value in iter_tensors(model):
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < min_bytes:
+            continue
+        if tensor.dtype.is_string():
+            continue
+        [value.const_value] = ir.external_data.convert_tensors_to_external(
+            [tensor], _scratch_dir(), _scratch_name()
+        )
+        moved += tensor.nbytes
+    return moved
+
+
+def release(tensor: object) -> None:
+    """Unmap an external tensor's data (read again from disk when next used); while a caller
+    still holds an array of it, drop its resident pages instead (the kernel reads them again
+    if the array is used). No-op for tensors in memory."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return
+    try:
+        tensor.release()
+    except BufferError:
+        raw = getattr(tensor, "raw", None)
+        if raw is not None and hasattr(raw, "madvise"):
+            raw.madvise(mmap.MADV_DONTNEED)
+
+
+_SCRATCH: list[Path] = []
+
+
+def _scratch_dir() -> Path:
+    """A folder for rewritten weights, removed when the process exits."""
+    if not _SCRATCH:
+        import atexit
+
+        folder = Path(tempfile.mkdtemp(prefix="onnxcomp-weights-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _SCRATCH.append(folder)
+    return _SCRATCH[0]
+
+
+def _scratch_name() -> str:
+    return f"w{next(_SCRATCH_COUNTER)}.data"
+
+
+_SCRATCH_COUNTER = itertools.count()
+
+
+def serialized_bytes(model: ir.Model) -> int:
+    """Bytes of the model as ``save`` writes it (graph plus weights, wherever they go), without
+    serializing the weights: a model over 2 GB cannot be one protobuf message."""
+    values = [v for _, v in iter_tensors(model) if v.const_value is not None]
+    kept = [(v, v.const_value) for v in values if v.const_value.nbytes > _SMALL_TENSOR_BYTES]
+    total = 0
+    try:
+        for value, tensor in kept:
+            total += tensor.nbytes
+            # a reference in its place: the proto keeps the name, type and dims, not the data
+            value.const_value = ir.ExternalTensor(
+                "", 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name or ""
+            )
+        total += ir.to_proto(model).ByteSize()
+    finally:
+        for value, tensor in kept:
+            value.const_value = tensor
+    return total
+
+
+_SMALL_TENSOR_BYTES = 1 << 16
+
+
+def without_weights(function: Callable[[onnx.ModelProto], T], model: ir.Model) -> T:
+    """``function(proto)`` on a protobuf of ``model`` whose large weights are graph inputs of
+    their type and shape (onnx's checker and shape inference need no weight data, and a model
+    over 2 GB cannot be one message). The model is left as it was (initializer order, shapes)."""
+    order = list(model.graph.initializers.values())
+    shapes = {value: (value.shape, value.dtype) for value in order}
+    try:
+        return _c_api_utils.call_onnx_api(function, model)
+    finally:
+        model.graph.initializers.clear()
+        for value in order:
+            value.shape, value.dtype = shapes[value]
+            model.graph.initializers.add(value)
 
 
 def opset(model: ir.Model) -> int:

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -23,7 +24,7 @@ import onnxruntime as ort
 
 from onnxcomp.data import Batch, DataSource
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.model import EXTERNAL_DATA_THRESHOLD, weight_bytes
+from onnxcomp.model import EXTERNAL_DATA_THRESHOLD, has_external_data, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +74,15 @@ class _ModelFile:
             return str(model)
         if isinstance(model, bytes):
             return model
-        has_external = any(
-            isinstance(v.const_value, ir.ExternalTensor)
-            for g in model.graphs()
-            for v in g.initializers.values()
-        )
-        if not has_external and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        if not has_external_data(model) and weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             try:
                 return ir.to_proto(model).SerializeToString()
             except Exception as err:  # a name or attribute that protobuf cannot hold
                 raise OnnxcompError(f"cannot serialize the model ({_one_line(err)})") from None
-        # Big or externally stored weights: write a temporary copy with its weights beside it.
+        # Big or externally stored weights: a temporary model file with its weights beside it.
         self.tmpdir = tempfile.mkdtemp(prefix="onnxcomp-session-")
         path = os.path.join(self.tmpdir, "model.onnx")
-        ir.save(model, path, external_data="model.onnx.data")
+        write_for_session(model, path)
         _release_external(model)
         return path
 
@@ -95,16 +91,79 @@ class _ModelFile:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
-def _release_external(model: ir.Model) -> None:
-    """Unmap the external weights that writing a copy read: onnxruntime holds its own, and the
-    pages read would otherwise count twice while the session lives (mapped again when read)."""
+def write_for_session(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` where onnxruntime can open it, without copying weights it need not copy.
+
+    Weights still read from an external data file stay there: the file is hard-linked into the
+    new model's folder (onnxruntime only reads data files inside the model's folder) and the
+    tensors keep their offsets, so nothing is copied or read. Weights in memory, and those in a
+    file that cannot be linked (another filesystem), are streamed to ``<name>.data``.
+    """
+    folder = Path(path).parent
+    linked: dict[Path, str | None] = {}
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    to_write: list[ir.Value] = []
+    for value in _initializers(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            source = Path(tensor.path).resolve()
+            if source not in linked:
+                linked[source] = _link(source, folder, f"weights{len(linked)}.data")
+            local = linked[source]
+            if local is not None:
+                swapped.append((value, tensor))
+                value.const_value = ir.ExternalTensor(
+                    local, tensor.offset, tensor.length, tensor.dtype,
+                    shape=tensor.shape, name=tensor.name, base_dir=folder,
+                )  # fmt: skip
+                continue
+            to_write.append(value)
+        elif tensor is not None and tensor.nbytes > _INLINE_BYTES:
+            to_write.append(value)
+    try:
+        if to_write:
+            written = ir.external_data.convert_tensors_to_external(
+                [v.const_value for v in to_write], folder, Path(path).name + ".data"
+            )
+            for value, tensor in zip(to_write, written, strict=True):
+                swapped.append((value, value.const_value))
+                value.const_value = tensor
+        proto = ir.to_proto(model)
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+        del proto
+    finally:
+        for value, tensor in reversed(swapped):
+            value.const_value = tensor
+
+
+# Tensors up to this size are written inside the session's model file.
+_INLINE_BYTES = 1024
+
+
+def _link(source: Path, folder: Path, name: str) -> str | None:
+    """Hard-link ``source`` into ``folder`` as ``name``; None when the filesystem refuses."""
+    try:
+        os.link(source, folder / name)
+    except OSError:
+        return None
+    return name
+
+
+def _initializers(model: ir.Model) -> Iterator[ir.Value]:
     for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                try:
-                    value.const_value.release()
-                except BufferError:  # a caller still holds an array of it: leave it mapped
-                    pass
+        yield from graph.initializers.values()
+
+
+def _release_external(model: ir.Model) -> None:
+    """Unmap the external weights a pass or a write has read: onnxruntime holds its own, and the
+    pages read would otherwise count twice while the session lives (mapped again when read)."""
+    for value in _initializers(model):
+        if isinstance(value.const_value, ir.ExternalTensor):
+            try:
+                value.const_value.release()
+            except BufferError:  # a caller still holds an array of it: leave it mapped
+                pass
 
 
 def create_session(

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import _c_api_utils
 
 from onnxcomp import model as model_io
 from onnxcomp import ops
@@ -565,18 +564,8 @@ def _inferred_shapes(
 
 
 def _infer_without_weights(infer: Callable[[onnx.ModelProto], onnx.ModelProto], model: ir.Model):
-    """onnx-ir's helper serializes the model with large initializers left out (shape inference
-    needs only their shapes); it re-adds them in a new order and may set shapes, so both are put
-    back as they were."""
-    order = list(model.graph.initializers.values())
-    shapes = {value: (value.shape, value.dtype) for value in order}
-    try:
-        return _c_api_utils.call_onnx_api(infer, model)
-    finally:
-        model.graph.initializers.clear()
-        for value in order:
-            value.shape, value.dtype = shapes[value]
-            model.graph.initializers.add(value)
+    """Shape inference needs only the weights' shapes: see ``model.without_weights``."""
+    return model_io.without_weights(infer, model)
 
 
 def _remember(known: dict[str, Shape], value: ir.Value) -> None:

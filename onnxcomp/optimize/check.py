@@ -190,13 +190,16 @@ class Judge:
         self._outputs: dict[str, Any] = {}
 
     def _compare(self, which: str, candidate: ir.Model):
+        """``candidate`` against the outputs of the input model ("input") or of its float64
+        evaluation ("float64"), each computed once: the session that made them is released
+        before any candidate's is made (a large model is never in memory twice)."""
         from onnxcomp.evaluate import ReferenceOutputs, compare
 
         if which not in self._outputs:
             model = self.reference if which == "input" else self._truth
-            self._outputs[which] = ReferenceOutputs(
-                model, self.source, limit=self.limit, label=f"{which} model"
-            )
+            outputs = ReferenceOutputs(model, self.source, limit=self.limit, label=f"{which} model")
+            outputs.collect()
+            self._outputs[which] = outputs
         return compare(self._outputs[which], candidate)
 
     def truth(self) -> ir.Model | str:

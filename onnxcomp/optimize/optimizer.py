@@ -21,7 +21,7 @@ from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import NameSource, annotated_values, drop_unused, strip_inferred_shapes
 from onnxcomp.graph import label as _node_label
 from onnxcomp.optimize import rules as rules_mod
-from onnxcomp.optimize.check import Fault, Judge, find_fault
+from onnxcomp.optimize.check import Fault, Judge, check_data, find_fault
 from onnxcomp.optimize.rules import NO_UPGRADE, Match, Rule
 from onnxcomp.passes import Result
 
@@ -276,13 +276,20 @@ class OptimizePass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> Result:
         options = self.options
+        if options.self_check:  # inputs that cannot be made are refused before any work
+            check_data(model, self.data, options.samples, options.shapes)
         rules = options.selected_rules()
         annotated = annotated_values(model)
         exclude: dict[InstanceKey, str] = {}
         faults: list[Fault] = []
         work, log, normalized = self._apply(model, rules, exclude, annotated)
         check = None
-        if options.self_check:
+        # Nothing rewritten: the graph computes what the input does, so neither model is run
+        # (a large model's self-check costs a session of its weights and minutes).
+        changed = bool(log.applied) or log.opset_after != log.opset_before
+        if options.self_check and not changed:
+            log.notes.append("self-check skipped: no rewrite applied")
+        elif options.self_check:
             judge = Judge(
                 model,
                 self.data,

@@ -39,6 +39,7 @@ class WeightTarget:
     node: ir.Node
     value: ir.Value
     view: layerwise.LinearView
+    sparsity: float | None = None  # of the written weight
 
     @property
     def name(self) -> str:
@@ -50,7 +51,11 @@ class WeightTarget:
     def write(self, rows: np.ndarray) -> None:
         dtype = self.value.const_value.dtype.numpy()
         array = np.ascontiguousarray(self.view.back(rows).astype(dtype))
-        self.value.const_value = ir.tensor(array, name=self.value.name)
+        self.sparsity = pn.sparsity_of(array)
+        # A weight read from external data goes back to disk and its old mapping is released,
+        # so a large model is pruned with one tensor in memory at a time.
+        self.view.weight = None  # spent: plan again to read the new weight
+        model_io.set_weight(self.value, array)
 
 
 def plan_weights(
@@ -169,19 +174,20 @@ def prune_weights(
                 solution = _solve_group(rows[g], None, mask, cfg, seed=cfg.seed + len(rows_by_node))
                 new.append(solution.weight)
                 infos.append(solution.info)
+            del rows  # the old weight's last array: write() releases its mapping
             t.write(np.stack(new))
+            del new
             rows_by_node[id(t.node)] = _row(t, infos)
     return [rows_by_node[id(t.node)] for t in targets if id(t.node) in rows_by_node] + report
 
 
 def _row(t: WeightTarget, infos: list[dict[str, float]]) -> dict[str, Any]:
-    w = t.value.const_value.numpy()
     row: dict[str, Any] = {
         "node": t.name,
         "op": t.node.op_type,
         "tensor": t.value.name,
-        "shape": [int(d) for d in w.shape],
-        "sparsity": round(pn.sparsity_of(w), 4),
+        "shape": [int(d) for d in t.value.const_value.shape],
+        "sparsity": round(t.sparsity, 4),
     }
     total = {k: sum(i.get(k, 0.0) for i in infos) for k in ("error_masked", "error", "energy")}
     if total["energy"] > 0:

@@ -13,6 +13,7 @@ candidates (`onnxcomp.quantize.auto`). Registered as the recipe step ``quantize`
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -134,7 +135,17 @@ def prepare(
             data = random_source(model, options)
         before = model_io.copy_model(model)
         model, report["optimize"] = _optimize(model, options, data)
-        ratio = _slowdown(before, model, data, options, timer)
+        step = report["optimize"]
+        changed = step["applied"] or step["opset"]["before"] != step["opset"]["after"]
+        # An unchanged graph is not timed, nor a large one: interleaved timing holds both
+        # models' sessions, twice the weights in memory.
+        large = model_io.weight_bytes(model) > model_io.TIMING_LIMIT_BYTES
+        if changed and large:
+            step.setdefault("notes", []).append(
+                "fp32 latency of the clean-up not measured: weights over "
+                f"{model_io.TIMING_LIMIT_BYTES / 1e9:g} GB (two sessions would not fit the memory bound)"
+            )
+        ratio = _slowdown(before, model, data, options, timer) if changed and not large else None
         if ratio is not None and ratio > OPTIMIZE_SLOWDOWN:
             if timer is not None:
                 timer.remove("optimized")
@@ -481,7 +492,17 @@ def quantize_other(
         reference = model_io.copy_model(model)
     pass_ = _other_pass(options, data)
     started = time.perf_counter()
+    mapped = [v.const_value for _, v in model_io.iter_tensors(model)]
     model, step = run_pass(pass_, model, f"quantize ({options.mode})")
+    if reference is not None and model_io.has_external_data(reference):
+        # A large model's new weights wait on disk, and the float weights the pass read are
+        # unmapped: neither costs memory while the self-check's sessions run.
+        model_io.spill(model)
+        del pass_
+        gc.collect()
+        for tensor in mapped:
+            model_io.release(tensor)
+    del mapped
     report = {
         "mode": options.mode,
         **step.report,
@@ -540,8 +561,10 @@ def quantize_built(
         model = static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
     original = model_io.copy_model(model) if options.mode == "auto" else None
     timer = None
-    if original is not None:
-        try:  # one set of timing sessions for the clean-up's check and auto's candidates
+    # one set of timing sessions for the clean-up's check and auto's candidates; not for a large
+    # model, whose fp32 session would be held beside every check's (the memory bound)
+    if original is not None and model_io.weight_bytes(original) <= model_io.TIMING_LIMIT_BYTES:
+        try:
             timer = search.Timer(
                 original,
                 {},

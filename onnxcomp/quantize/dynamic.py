@@ -428,6 +428,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in layers:
             if math.isnan(lay.weight_sqnr_db):
                 lay.weight_sqnr_db = self._weight_sqnr(lay)
+                model_io.release(_weight_of(lay.match.nodes[0]))
         self._choose_float(layers)
         quantized = [lay for lay in layers if not lay.float_reason]
         if quantized:
@@ -512,6 +513,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             match = RULES[node.op_type](node)
             if not isinstance(match, str):
                 match = schemes.nonfinite_reason(match.w) or match
+                model_io.release(_weight_of(node))
             if isinstance(match, str):
                 skipped.append({"node": name, "op": node.op_type, "reason": match})
                 continue
@@ -661,7 +663,10 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for lay in layers:
             groups.setdefault((id(lay.match.x), lay.smooth_alpha), []).append(lay)
         for group in groups.values():
+            weights = [_weight_of(lay.match.nodes[0]) for lay in group]
             self._rewrite_group(graph, group)
+            for tensor in weights:
+                model_io.release(tensor)
 
     def _rewrite_group(self, graph: ir.Graph, group: list[_Layer]) -> None:
         opts = self.options
@@ -825,3 +830,10 @@ def _standard_chain(shared, w_q, w_s, w_zp, b, name: str) -> list[ir.Node]:
     if b is not None:
         nodes.append(ir.node("Add", [out.outputs[0], b], name=f"{name}_bias"))
     return nodes
+
+
+def _weight_of(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor of the node's weight input: released (``model.release``) once a layer has used
+    it, so a large model's weights read from external data are resident one layer at a time."""
+    value = node.inputs[1] if len(node.inputs) > 1 else None
+    return value.const_value if value is not None else None

@@ -453,6 +453,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         old = [match.node] + ([match.bias_add] if match.bias_add is not None else [])
         # GPTQ's codes depend on the reader's inputs: only round-to-nearest codes are shared.
         key = _weight_key(match) if layer is None else None
+        # Only a weight with other readers is remembered: codes kept for every layer would hold
+        # a quarter of a large model's float weights until the pass ends.
+        others = len(match.node.inputs[1].uses()) > 1
         first, weights, q = self._shared.get(key, (None, None, None)) if key else (None,) * 3
         if q is None:
             q = self._quantize_weight(match.w, layer.solutions[0] if layer else None)
@@ -468,7 +471,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             )
             replace_with(graph, old, nodes, match.output)
             written = list(nodes[0].inputs)
-        if key is not None and first is None:
+        if key is not None and first is None and others:
             self._shared[key] = (match.name, written, q)
         deq = schemes.dequantize_blockwise(q)
         entry: dict[str, object] = {
