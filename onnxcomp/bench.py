@@ -481,17 +481,21 @@ def warm_up(sessions, feeds: Mapping[str, np.ndarray], runs: int) -> None:
 
 
 def timing_round(
-    sessions, feeds: Mapping[str, np.ndarray], round_index: int, block: int = BLOCK_RUNS
+    sessions,
+    feeds: Mapping[str, np.ndarray],
+    round_index: int,
+    block: int = BLOCK_RUNS,
+    warm: int = BLOCK_WARM,
 ) -> list[list[float]]:
-    """One round of :func:`_interleave`: a block of timed runs (ms) of every session, the first
-    session rotating with ``round_index``; returns the times by session."""
+    """One round of :func:`_interleave`: ``warm`` untimed and ``block`` timed runs (ms) of every
+    session, the first session rotating with ``round_index``; returns the times by session."""
     feeds = dict(feeds)
     count = len(sessions)
     times: list[list[float]] = [[] for _ in sessions]
     for offset in range(count):
         index = (round_index + offset) % count
         session = sessions[index]
-        for _ in range(BLOCK_WARM):
+        for _ in range(warm):
             session.run(None, feeds)
         for _ in range(block):
             start = time.perf_counter_ns()
@@ -568,7 +572,10 @@ def _signals_held():
     import threading
 
     held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if (
+        not hasattr(signal, "pthread_sigmask")
+        or threading.current_thread() is not threading.main_thread()
+    ):
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
@@ -672,7 +679,9 @@ def profile(
     entries = []
     for label, model in zip(labels, models, strict=True):
         source = first if model is models[0] and isinstance(model, ir.Model) else _source(model)
-        raw = runtime.profile_nodes(source, feeds, runs=runs, warmup=warmup, threads=threads, label=label)
+        raw = runtime.profile_nodes(
+            source, feeds, runs=runs, warmup=warmup, threads=threads, label=label
+        )
         nodes = raw["nodes"]
         total = sum(n["ms"] for n in nodes)
         by_op: dict[str, dict[str, Any]] = {}

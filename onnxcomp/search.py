@@ -7,14 +7,17 @@ transfer and tuning candidates tomorrow), optionally with a way to give back par
 
 The work is budgeted:
 - the reference model runs once over the evaluation data (:class:`~onnxcomp.evaluate.ReferenceOutputs`);
-- latency is timed in interleaved rounds only as long as the order of the candidates (and their
-  place against the "faster" threshold) is in doubt: each round gives every candidate a ratio
-  to the baseline taken within the same round, so load that comes and goes cancels out; the
-  ratios' median and a distribution-free confidence interval decide when to stop;
+- latency is timed in interleaved rounds only as long as the order that decides the choice is
+  in doubt: each round gives a candidate a ratio to the baseline taken within the same round, so
+  load that comes and goes cancels out; the ratios' median and a distribution-free confidence
+  interval decide when to stop; after the first few rounds only the candidates that may still
+  be the fastest (or whose place against the "faster" bar is open) are timed;
+- one :class:`Timer` (sessions created and warmed once) serves the first timing, the timing of a
+  rebuilt candidate and the margin, and their rounds pool;
 - fallback bisects over the order (k = 1, 2, 4, ... until the budget is met, then halves the
   bracket) instead of adding a few layers per round;
-- when the two best candidates are still within noise at the end, both are re-measured with
-  more rounds (the margin), and the decision records how close it was.
+- when the two best candidates are still within noise at the end, they are timed again, a round
+  at a time until their order settles (the margin), and the decision records how close it was.
 
 Progress goes to the ``onnxcomp.search`` logger (the CLI shows it on stderr at a terminal).
 """
@@ -25,6 +28,7 @@ import dataclasses
 import gc
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +44,11 @@ logger = logging.getLogger(__name__)
 
 MIN_ROUNDS = 4  # rounds of timing before the order may be called settled
 MAX_ROUNDS = 10  # ... and at most (10 runs each: the 100 runs the measurement took before)
-MARGIN_ROUNDS = 10  # extra rounds for the two best when they are within noise at the end
+# A round runs each model for about this long (at least MIN_BLOCK timed runs, at most
+# bench.BLOCK_RUNS): a 40 ms model gets 4 runs a round, not 10, and twice the rounds for the time.
+ROUND_MS = 150.0
+MIN_BLOCK = 3
+MARGIN_ROUNDS = 6  # at most this many more rounds of the two best when within noise (pooled)
 Z95 = 1.96
 
 
@@ -103,7 +111,12 @@ def median_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 class Timer:
-    """Interleaved timing of a baseline and candidates, round by round, in one process."""
+    """Interleaved timing of a baseline and candidates, round by round, in one process.
+
+    Each round times the baseline and the candidates asked for (by default all of them); a
+    candidate's ratio is taken over the rounds it was timed in, each against the baseline's
+    time in the same round. Sessions are created once: the initial timing, the timing of a
+    rebuilt candidate (:meth:`add`) and the margin share them, and their rounds pool."""
 
     def __init__(
         self,
@@ -117,38 +130,81 @@ class Timer:
     ):
         from onnxcomp import bench
 
-        self.names = ["float", *models]
         feeds, self.feeds_from = bench.make_feeds(baseline, data=data, shapes=shapes)
         self.feeds = feeds
-        self.sessions = []
-        for name, model in zip(self.names, [baseline, *models.values()]):
-            session = runtime.create_session(model, threads=threads, label=name)
-            runtime.run(session, feeds, label=name)
-            self.sessions.append(session)
-        bench.warm_up(self.sessions, feeds, warmup)
-        self.rounds: list[list[list[float]]] = []  # round -> model -> times
+        self.threads = threads
+        self.warmup = warmup
+        self.sessions: dict[str, Any] = {}
+        self.models: dict[str, runtime.ModelLike] = {}
+        self.rounds: list[dict[str, list[float]]] = []  # round -> name -> times
+        self.add("float", baseline)
+        for name, model in models.items():
+            self.add(name, model)
 
-    def run(self, rounds: int) -> None:
+    @property
+    def names(self) -> list[str]:
+        return list(self.sessions)
+
+    def add(self, name: str, model: runtime.ModelLike) -> None:
+        """A candidate (or a new build under an old name, whose earlier rounds are dropped)."""
         from onnxcomp import bench
 
+        session = runtime.create_session(model, threads=self.threads, label=name)
+        runtime.run(session, self.feeds, label=name)
+        started = time.perf_counter()
+        bench.warm_up([session], self.feeds, self.warmup)
+        if name == "float":  # the block size from the baseline's warm runs
+            each_ms = (time.perf_counter() - started) * 1e3 / max(1, self.warmup)
+            self.block = max(MIN_BLOCK, min(bench.BLOCK_RUNS, round(ROUND_MS / max(each_ms, 1e-3))))
+            # slow models need one run to have their weights back in the caches, fast ones more
+            self.warm = 1 if self.block < bench.BLOCK_RUNS else bench.BLOCK_WARM
+        if name in self.sessions:
+            for r in self.rounds:
+                r.pop(name, None)
+        self.sessions[name] = session
+        self.models[name] = model
+
+    def remove(self, name: str) -> None:
+        """Time ``name`` no more (a candidate given up); its rounds are dropped."""
+        self.sessions.pop(name, None)
+        self.models.pop(name, None)
+        for r in self.rounds:
+            r.pop(name, None)
+
+    def rounds_of(self, name: str) -> int:
+        return sum(1 for r in self.rounds if name in r)
+
+    def run(self, rounds: int, names: Sequence[str] | None = None) -> None:
+        """``rounds`` rounds of the baseline and ``names`` (default: every candidate)."""
+        from onnxcomp import bench
+
+        timed = [
+            "float",
+            *[n for n in (names if names is not None else self.names) if n != "float"],
+        ]
+        sessions = [self.sessions[n] for n in timed]
         enabled = gc.isenabled()
         gc.disable()  # a collection in the middle of a timed run would land on one model only
         try:
             for _ in range(rounds):
-                self.rounds.append(bench.timing_round(self.sessions, self.feeds, len(self.rounds)))
+                times = bench.timing_round(
+                    sessions, self.feeds, len(self.rounds), block=self.block, warm=self.warm
+                )
+                self.rounds.append(dict(zip(timed, times, strict=True)))
         finally:
             if enabled:
                 gc.enable()
 
     def timings(self) -> dict[str, Timing]:
         out = {}
-        base_all = [t for r in self.rounds for t in r[0]]
-        for index, name in enumerate(self.names):
-            ratios = [float(np.median(r[index]) / np.median(r[0])) for r in self.rounds]
+        base_all = [t for r in self.rounds for t in r["float"]]
+        for name in self.names:
+            mine = [r for r in self.rounds if name in r]
+            ratios = [float(np.median(r[name]) / np.median(r["float"])) for r in mine]
             ratio, low, high = median_interval(ratios)
-            if index == 0:
+            if name == "float":
                 ratio = low = high = 1.0
-            times = [t for r in self.rounds for t in r[index]]
+            times = [t for r in mine for t in r[name]]
             out[name] = Timing(float(np.median(times or base_all)), ratio, low, high, len(ratios))
         return out
 
@@ -177,6 +233,31 @@ def in_doubt(
     return pairs
 
 
+def deciding(
+    timings: Mapping[str, Timing],
+    threshold: float | None,
+    ignore: Sequence[str] = (),
+    bar_only: Sequence[str] = (),
+) -> list[tuple[str, str]]:
+    """The pairs of :func:`in_doubt` whose order decides the choice: only candidates that may
+    still be the fastest (their interval reaches below the lowest upper bound of the others)
+    count, so a candidate surely slower than another is timed no more. A ``bar_only``
+    candidate (a fallback may rescue it, but only makes it slower) is in doubt while its
+    interval holds the bar it must beat: the threshold or the best fitting candidate's ratio,
+    whichever is lower ("target")."""
+    eligible = [n for n in timings if n != "float" and n not in ignore and n not in bar_only]
+    best_high = min((timings[n].high for n in eligible), default=math.inf)
+    contenders = [n for n in eligible if timings[n].low <= best_high]
+    pairs = in_doubt({n: timings[n] for n in contenders}, threshold)
+    bars = [timings[n].ratio for n in eligible]
+    target = min([*([threshold] if threshold is not None else []), *bars], default=None)
+    for name in bar_only:
+        t = timings.get(name)
+        if t is not None and target is not None and t.low <= target <= t.high:
+            pairs.append((name, "target"))
+    return pairs
+
+
 def time_candidates(
     baseline: runtime.ModelLike,
     models: Mapping[str, runtime.ModelLike],
@@ -189,27 +270,46 @@ def time_candidates(
     bar_only: Sequence[str] = (),
     min_rounds: int = MIN_ROUNDS,
     max_rounds: int = MAX_ROUNDS,
+    timer: Timer | None = None,
 ) -> dict[str, Timing]:
-    """Time ``models`` against ``baseline`` (named "float") in interleaved rounds until their
-    order is settled (see :func:`in_doubt`) or ``max_rounds`` is reached."""
-    timer = Timer(baseline, models, data=data, shapes=shapes, threads=threads)
-    timer.run(min_rounds)
+    """Time ``models`` against ``baseline`` (named "float") in interleaved rounds until the
+    order that decides the choice is settled (see :func:`deciding`) or a candidate in doubt
+    has ``max_rounds`` rounds. After ``min_rounds`` rounds of all, only the candidates in doubt
+    are timed. ``timer``: an existing :class:`Timer` to go on with: ``models`` not in it (or
+    given again under an old name, a rebuild) are added, and its earlier candidates take part
+    in the order (and are timed again if it is in doubt). Returns every candidate's timing."""
+    if timer is None:
+        timer = Timer(baseline, models, data=data, shapes=shapes, threads=threads)
+    else:
+        for name, model in models.items():
+            if timer.models.get(name) is not model:
+                timer.add(name, model)
+    names = [n for n in timer.names if n != "float"]
+    short = [n for n in names if timer.rounds_of(n) < min_rounds]
+    while short:
+        timer.run(1, short)
+        short = [n for n in names if timer.rounds_of(n) < min_rounds]
     timings = timer.timings()
-    while len(timer.rounds) < max_rounds:
-        doubt = in_doubt(timings, threshold, ignore, bar_only)
-        if not doubt:
+    while True:
+        doubt = deciding(timings, threshold, ignore, bar_only)
+        active = [n for n in dict.fromkeys(x for pair in doubt for x in pair) if n in names]
+        active = [n for n in active if timer.rounds_of(n) < max_rounds]
+        if not active:
             break
         logger.info(
             "timing round %d: still in doubt %s",
             len(timer.rounds) + 1,
             ", ".join(f"{a}/{b}" for a, b in doubt[:3]),
         )
-        timer.run(1)
+        timer.run(1, active)
         timings = timer.timings()
     logger.info(
-        "timed %d rounds: %s",
-        len(timer.rounds),
-        ", ".join(f"{n} {t.ratio:.2f}x [{t.low:.2f}, {t.high:.2f}]" for n, t in timings.items()),
+        "timed %s",
+        ", ".join(
+            f"{n} {t.ratio:.2f}x [{t.low:.2f}, {t.high:.2f}] ({t.rounds} rounds)"
+            for n, t in timings.items()
+            if n != "float"
+        ),
     )
     return timings
 
@@ -308,6 +408,7 @@ def bisect_fallback(
         logger.info("fallback: %d of %d left alone (float, unpruned)", k, len(names))
         result = fallback.build(chosen)
         v, c = judge(result.model)
+        logger.info("fallback: %d left alone: %s %.4f (budget %s)", k, v.metric, v.drop, v.budget)
         tried[k] = (result, v, c)
         history.append({"float_layers": chosen, "drop": v.drop})
         if v.passed and (not best.verdict.passed or k < len(best.left_alone)):
@@ -368,10 +469,13 @@ def remeasure_if_close(
     shapes: Mapping[str, Sequence[int]] | None = None,
     threads: int = 1,
     rounds: int = MARGIN_ROUNDS,
+    timer: Timer | None = None,
 ) -> Decision:
-    """``rank(timings)``: the eligible names, best first ("float" last, as the fallback). When
-    the best and the runner-up (or the best and the threshold) are within noise, time both
-    again for ``rounds`` rounds and rank anew; returns the decision with its margin."""
+    """``rank(timings)``: the eligible names, best first ("float" last, as the fallback). While
+    the best and the runner-up (or the best and the threshold) are within noise, time them
+    again, one round at a time, for at most ``rounds`` more rounds; returns the decision with
+    its margin. With ``timer`` (the one ``timings`` came from) the new rounds pool with the
+    earlier ones; without, the two are measured afresh (at least ``MIN_ROUNDS`` rounds)."""
 
     def close(ranked: list[str]) -> list[str]:
         """The names whose order is in doubt (not "float")."""
@@ -393,19 +497,35 @@ def remeasure_if_close(
     remeasured = False
     if doubt:
         logger.info("margin: %s within noise, timing again", " and ".join(doubt))
-        again = time_candidates(
-            baseline,
-            {n: models[n] for n in doubt},
-            data=data,
-            shapes=shapes,
-            threads=threads,
-            min_rounds=rounds,
-            max_rounds=rounds,
-        )
-        for name in doubt:
-            timings[name] = again[name]
+        fresh = timer is None
+        if timer is None:
+            timer = Timer(
+                baseline,
+                {n: models[n] for n in doubt},
+                data=data,
+                shapes=shapes,
+                threads=threads,
+            )
+        extra = 0
+        while extra < rounds and (doubt or (fresh and extra < MIN_ROUNDS)):
+            timed = doubt or [n for n in timer.names if n != "float"]
+            timer.run(1, timed)
+            extra += 1
+            if fresh and extra < MIN_ROUNDS:
+                continue
+            again = timer.timings()
+            for name in timer.names:
+                if name != "float" and name in timings:
+                    timings[name] = again[name]
+            ranked = rank(timings) or ["float"]
+            doubt = close(ranked)
         remeasured = True
-        ranked = rank(timings) or ["float"]
+        logger.info(
+            "margin: %d more rounds: %s",
+            extra,
+            ", ".join(f"{n} {timings[n].ratio:.2f}x [{timings[n].low:.2f}, "
+                      f"{timings[n].high:.2f}]" for n in ranked if n != "float"),
+        )  # fmt: skip
     best = ranked[0]
     runner = ranked[1] if len(ranked) > 1 else None
     margin = None

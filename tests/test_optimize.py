@@ -166,6 +166,27 @@ def test_as_float64_keeps_the_feeds_and_output_types():
     np.testing.assert_allclose(_run(wide, feeds)[0], exact, rtol=1e-6, atol=1e-6)
 
 
+def test_as_float64_runs_float32_only_ops_back_to_back():
+    """A pool feeding a Conv (squeeze-excite in the PP-OCR recogniser): both stay float32, the
+    Conv reading the pool's float32 output, not the float64 Cast after it."""
+    from onnxcomp.optimize.check import as_float64
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4, 8, 8] x) => (float[1, 4, 1, 1] y) {
+        w = Constant<value = float[4, 4, 1, 1] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}>()
+        p = GlobalAveragePool(x)
+        c = Conv(p, w)
+        y = Mul(c, p)
+    }
+    """
+    wide = as_float64(_model(text))
+    assert not isinstance(wide, str)
+    x = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    mean = x.astype(np.float64).mean((2, 3), keepdims=True)
+    np.testing.assert_allclose(_run(wide, {"x": x})[0], mean * mean, rtol=1e-6)
+
+
 def test_unknown_rule_is_named():
     from onnxcomp.passes import parse_options
 

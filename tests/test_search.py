@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 
 import click
 import pytest
@@ -37,6 +38,59 @@ def test_order_in_doubt_only_where_intervals_overlap():
     assert search.in_doubt(timings, 0.97, ignore=["dynamic", "optimized"]) == []
     doubt = search.in_doubt(timings, 0.97, bar_only=["optimized", "dynamic"])
     assert doubt == [("dynamic", "threshold")]
+
+
+def test_only_candidates_that_may_still_win_are_timed_on():
+    timings = {
+        "float": Timing(1.0, 1.0, 1.0, 1.0, 4),
+        "static": Timing(0.6, 0.60, 0.55, 0.66, 4),
+        "dynamic": Timing(0.9, 0.90, 0.85, 0.99, 4),  # straddles the bar, surely slower than static
+        "optimized": Timing(0.88, 0.88, 0.84, 0.93, 4),  # overlaps dynamic: both out of the race
+    }
+    assert ("dynamic", "optimized") in search.in_doubt(timings, 0.97)
+    assert search.deciding(timings, 0.97) == []
+    # static over budget (a fallback may rescue it): timed on only while it straddles the bar it
+    # must beat, the best fitting candidate's ratio (0.88) here
+    # (surely under it: settled; dynamic and optimized are in the race again, being the fitting ones)
+    doubt = search.deciding(timings, 0.97, bar_only=["static"])
+    assert ("static", "target") not in doubt and ("dynamic", "optimized") in doubt
+    timings["static"] = Timing(0.85, 0.85, 0.80, 0.95, 4)
+    assert ("static", "target") in search.deciding(timings, 0.97, bar_only=["static"])
+
+
+def test_auto_puts_layers_back_only_when_static_is_surely_fastest(monkeypatch):
+    """The fallback costs a build and a check per bisection step, and only makes static slower:
+    it runs when the all-int8 model's whole timing interval is under every fitting candidate."""
+    from onnxcomp import model as model_io
+    from onnxcomp.quantize.api import QuantizeOptions, quantize
+
+    def fake_timings(interval):
+        def time_candidates(baseline, models, *, timer=None, **kwargs):
+            names = [n for n in timer.names if n != "float"] if timer else list(models)
+            names += [n for n in models if n not in names]
+            out = {"float": Timing(1.0, 1.0, 1.0, 1.0, 4)}
+            for name in names:
+                low, high = interval if name == "static" else (0.85, 0.95)
+                out[name] = Timing(1.0, (low + high) / 2, low, high, 4)
+            return out
+
+        return time_candidates
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "models"
+    options = QuantizeOptions(metric="cosine", max_drop=1e-9)  # static misses it, always
+    for interval, fallback in (((0.5, 0.92), False), ((0.5, 0.6), True)):
+        monkeypatch.setattr(search, "time_candidates", fake_timings(interval))
+        _, report = quantize(
+            model_io.load(root / "digits_cnn.onnx"),
+            options,
+            data=root / "digits_calib.npz",
+            eval_data=root / "digits_test.npz",
+        )
+        row = next(r for r in report["auto"]["candidates"] if r["mode"] == "static")
+        assert not row["within_budget"]
+        assert ("float_layers" in row) is fallback, row
+        if not fallback:
+            assert "not surely under" in row["note"]
 
 
 def _fake(n_layers: int, needed: int):
@@ -86,7 +140,9 @@ def test_option_defaults_come_from_the_dataclasses():
                 if isinstance(param, FromOptions):
                     assert param.field_name == param.name
                 # no default of its own: the dataclass fills in what the user did not give
-                declared = param.default not in (None, (), []) and "UNSET" not in repr(param.default)
+                declared = param.default not in (None, (), []) and "UNSET" not in repr(
+                    param.default
+                )
                 assert not declared, f"{command} {param.opts} re-declares its default"
         help_text = main.commands[command].get_help(click.Context(main.commands[command]))
         if cls is QuantizeOptions:

@@ -70,12 +70,16 @@ def as_float64(model: ir.Model) -> ir.Model | str:
     widen |= {id(v) for v in graph.initializers.values() if v.dtype == float32}
     widen |= {id(v) for n in graph for v in n.outputs if v.dtype == float32}
     kept: set[int] = set()  # the Casts written here
-    for node in list(graph):
+    narrow: dict[int, ir.Value] = {}  # an up-Cast's float64 output -> the float32 value it widens
+    for index, node in enumerate(list(graph)):
         if node.op_type not in FLOAT32_ONLY or node.domain not in ("", "ai.onnx"):
             continue
+        where = node.name or f"{node.op_type}_{index}"  # the Casts' names must be unique
         for i, value in enumerate(node.inputs):
-            if value is not None and id(value) in widen:
-                down = ir.node("Cast", [value], {"to": float32}, name=f"{node.name}__in{i}_float32")
+            if value is not None and id(value) in narrow:  # float32-only op after another one
+                node.replace_input_with(i, narrow[id(value)])
+            elif value is not None and id(value) in widen:
+                down = ir.node("Cast", [value], {"to": float32}, name=f"{where}__in{i}_float32")
                 down.outputs[0].type = ir.TensorType(float32)
                 graph.insert_before(node, down)
                 node.replace_input_with(i, down.outputs[0])
@@ -84,7 +88,7 @@ def as_float64(model: ir.Model) -> ir.Model | str:
             if id(value) not in widen:
                 continue
             widen.discard(id(value))
-            up = ir.node("Cast", [value], {"to": float64}, name=f"{node.name}__out_float64")
+            up = ir.node("Cast", [value], {"to": float64}, name=f"{where}__out_float64")
             graph.insert_after(node, up)
             kept.add(id(up))
             name = value.name
@@ -93,6 +97,7 @@ def as_float64(model: ir.Model) -> ir.Model | str:
             value.name, up.outputs[0].name = f"{name}__float32", name
             up.outputs[0].type = ir.TensorType(float64)
             up.outputs[0].shape = value.shape
+            narrow[id(up.outputs[0])] = value
     for value in list(graph.initializers.values()):
         if id(value) in widen and value.const_value is not None:
             value.const_value = ir.tensor(
@@ -180,39 +185,36 @@ class Judge:
         self.limit = None if data is None else 64
         self._truth: ir.Model | str | None = None
         self._reference_error: float | None = None
-        self._outputs = None  # the input model's outputs, run once (see _reference_outputs)
+        # the outputs of the input model and of its float64 evaluation, each run once: the
+        # fault search judges many candidates against them
+        self._outputs: dict[str, Any] = {}
 
-    def _compare(self, a, b):
-        from onnxcomp.validate import compare
+    def _compare(self, which: str, candidate: ir.Model):
+        """``candidate`` against the outputs of the input model ("input") or of its float64
+        evaluation ("float64"), each computed once: the session that made them is released
+        before any candidate's is made (a large model is never in memory twice)."""
+        from onnxcomp.evaluate import ReferenceOutputs, compare
 
-        return compare(a, b, self.source, limit=self.limit)
-
-    def _reference_outputs(self):
-        """The input model's outputs on the check data, computed once: its onnxruntime session
-        is released before any candidate's is made (a large model is never in memory twice)."""
-        from onnxcomp.evaluate import ReferenceOutputs
-
-        if self._outputs is None:
-            self._outputs = ReferenceOutputs(self.reference, self.source, limit=self.limit)
-            self._outputs.collect()
-        return self._outputs
+        if which not in self._outputs:
+            model = self.reference if which == "input" else self._truth
+            outputs = ReferenceOutputs(model, self.source, limit=self.limit, label=f"{which} model")
+            outputs.collect()
+            self._outputs[which] = outputs
+        return compare(self._outputs[which], candidate)
 
     def truth(self) -> ir.Model | str:
         """The float64 evaluation of the input model (built once), or why there is none."""
         if self._truth is None:
-            truth = as_float64(self.reference)
+            truth = self._truth = as_float64(self.reference)
             if not isinstance(truth, str):
                 try:
-                    self._reference_error = worst_error(self._compare(truth, self.reference))[0]
+                    self._reference_error = worst_error(self._compare("float64", self.reference))[0]
                 except OnnxcompError as err:
-                    truth = f"onnxruntime cannot run it in float64 ({err})"
-            self._truth = truth
+                    self._truth = f"onnxruntime cannot run it in float64 ({err})"
         return self._truth
 
     def __call__(self, candidate: ir.Model) -> Verdict:
-        from onnxcomp.validate import compare
-
-        comparison = compare(self._reference_outputs(), candidate)
+        comparison = self._compare("input", candidate)
         worst, where = worst_error(comparison)
         report: dict[str, Any] = {
             "samples": comparison.samples,
@@ -228,7 +230,7 @@ class Judge:
         if isinstance(truth, str):
             report["float64"] = {"unavailable": truth}
             return Verdict(False, report)
-        candidate_error = worst_error(self._compare(truth, candidate))[0]
+        candidate_error = worst_error(self._compare("float64", candidate))[0]
         allowance = max(self.tolerance, NOISE_FACTOR * self._reference_error)
         report["float64"] = {
             "input_error": self._reference_error,  # fp32 input model vs its float64 evaluation
@@ -275,27 +277,49 @@ class Fault:
 Apply = Callable[..., tuple[ir.Model, list[tuple[str, str, tuple[str, str, str]]]]]
 
 
-def find_fault(rule_names: Sequence[str], apply: Apply, judge: Judge, exclude: set) -> Fault | None:
-    """Re-apply the rules one more at a time to find the rule, then bisect its instances to find
-    the first one that fails the check: that instance, or None when no single one does."""
-    for i, name in enumerate(rule_names):
-        candidate, applied = apply(rule_names[: i + 1], exclude, None)
-        mine = [(label, key) for rule, label, key in applied if rule == name]
-        if not mine:
-            continue
+def find_fault(
+    rule_names: Sequence[str],
+    apply: Apply,
+    judge: Judge,
+    exclude: set,
+    failing: tuple[Verdict, list] | None = None,
+) -> Fault | None:
+    """Bisect the rules (in order) for the first whose prefix fails the check, then bisect its
+    instances for the first one that fails: that instance, or None when no single one does.
+    About log2(rules) + log2(instances) checks, where one more rule at a time took one per rule.
+    ``failing``: the verdict and applied instances of all the rules, when already judged."""
+    tried: dict[int, tuple[Any, list]] = {}  # prefix length -> (verdict, its applied instances)
+    if failing is not None:
+        tried[len(rule_names)] = failing
+
+    def verdict_of(k: int) -> Any:
+        if k not in tried:
+            candidate, applied = apply(rule_names[:k], exclude, None)
+            tried[k] = (judge(candidate), applied)
+        return tried[k][0]
+
+    lo, hi = 0, len(rule_names)  # the prefix of lo rules passes (none applied), hi fails
+    if verdict_of(hi).passed:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if verdict_of(mid).passed:
+            lo = mid
+        else:
+            hi = mid
+    name = rule_names[hi - 1]
+    failing = tried[hi][0]
+    mine = [(label, key) for rule, label, key in tried[hi][1] if rule == name]
+    if not mine:
+        return None
+    first, last = 1, len(mine)  # the smallest n whose first n instances fail
+    while first < last:
+        mid = (first + last) // 2
+        candidate, _ = apply(rule_names[:hi], exclude, (name, mid))
         verdict = judge(candidate)
         if verdict.passed:
-            continue
-        lo, hi = 1, len(mine)  # the smallest n whose first n instances fail
-        failing = verdict
-        while lo < hi:
-            mid = (lo + hi) // 2
-            candidate, _ = apply(rule_names[: i + 1], exclude, (name, mid))
-            verdict = judge(candidate)
-            if verdict.passed:
-                lo = mid + 1
-            else:
-                hi, failing = mid, verdict
-        label, key = mine[lo - 1]
-        return Fault(name, label, key, failing.report)
-    return None
+            first = mid + 1
+        else:
+            last, failing = mid, verdict
+    label, key = mine[first - 1]
+    return Fault(name, label, key, failing.report)

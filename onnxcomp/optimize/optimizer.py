@@ -301,8 +301,13 @@ class OptimizePass(ir.passes.FunctionalPass):
             while not verdict.passed:
                 fault = None
                 if len(faults) < MAX_LEFT_OUT:
+                    applied = [(r, lb, k) for (r, lb), k in zip(log.applied, log.keys, strict=True)]
                     fault = find_fault(
-                        [r.name for r in rules], self._applier(model, rules), judge, exclude
+                        [r.name for r in rules],
+                        self._applier(model, rules),
+                        judge,
+                        exclude,
+                        failing=(verdict, applied),
                     )
                     if (
                         fault is not None and fault.key in exclude

@@ -5,9 +5,10 @@ quantization (when the model has MatMul/Gemm weights) and the cleaned-up fp32 gr
 clean-up rewrote ops). Each is judged on the evaluation data against fp32 (the drop: a user
 metric, else accuracy drop with labels, else 1 - top-1 agreement, per position for sequence
 scores, else 1 - cosine) and timed interleaved with fp32 at one thread, only as long as their
-order is in doubt (`onnxcomp.search`). A static candidate over the drop budget that would still
-be the fastest gets its most sensitive layers (lowest SQNR of weight, input or output against
-fp32) put back to float, the number found by bisection. The fastest candidate within budget that
+order is in doubt (`onnxcomp.search`, one set of sessions for all the timing). A static candidate
+over the drop budget that is surely the fastest (its whole timing interval under the others')
+gets its most sensitive layers (lowest SQNR of weight, input or output against fp32) put back to
+float, the number found by bisection. The fastest candidate within budget that
 is faster than fp32 wins; when the best two are within noise they are timed again, and the
 decision records the margin. When none is faster, the model stays float and the report says why.
 
@@ -207,12 +208,14 @@ def quantize_auto(
     original: ir.Model,
     builders: Builders,
     judge_data: DataSource,
+    timer: search.Timer | None = None,
 ) -> Built:
     """Try static and dynamic, measure drop and latency against fp32, keep the best (or float).
 
     model/reference: the prepared graph (``model`` consumed by the last build, ``reference``
     kept as the fp32 reference); original: the user's model, the baseline for latency and drop
-    and what "float" returns; judge_data: where the drop is measured.
+    and what "float" returns; judge_data: where the drop is measured; timer: timing sessions
+    to go on with (float = ``original``; the clean-up's check may have timed "optimized").
     """
     budget = options.max_drop
     judge = make_judge(original, judge_data, options, budget)
@@ -260,18 +263,29 @@ def quantize_auto(
         budget = default_budget(metric)
 
     timings: dict[str, search.Timing] = {}
+    over = [n for n, v in verdicts.items() if not v.passed]
+    # over the budget: only the static candidate can still be rescued by its fallback
+    ignore = [n for n in over if n != "static"]
     if built:
         logger.info("auto: timing %s against float in onnxruntime", ", ".join(built))
+        if timer is None:
+            timer = search.Timer(
+                original,
+                {},
+                data=timing_data,
+                shapes=options.shapes or None,
+                threads=options.threads,
+            )
+        for name in timer.names:
+            if name != "float" and name not in built:  # timed before, but no candidate now
+                timer.remove(name)
         timings = search.time_candidates(
             original,
             {n: b.model for n, b in built.items()},
-            data=timing_data,
-            shapes=options.shapes or None,
-            threads=options.threads,
             threshold=FASTER,
-            # over the budget: only the static candidate can still be rescued by its fallback
-            ignore=[n for n, v in verdicts.items() if not v.passed and n != "static"],
-            bar_only=[n for n, v in verdicts.items() if not v.passed and n == "static"],
+            ignore=ignore,
+            bar_only=[n for n in over if n == "static"],
+            timer=timer,
         )
     notes: dict[str, str] = {}
     float_layers: dict[str, int] = {}
@@ -279,27 +293,27 @@ def quantize_auto(
     if static is not None and not static.passed:
         fits = [timings[n].ratio for n, v in verdicts.items() if v.passed]
         target = min([FASTER, *fits])
-        ratio = timings["static"].ratio
-        if ratio < target:
+        ratio, slowest = timings["static"].ratio, timings["static"].high
+        if slowest < target:
             # All layers int8 first: putting layers back to float only makes it slower, so the
-            # fallback runs only if the all-int8 model is faster than every candidate that fits.
+            # fallback (a build and a check per step) runs only if the all-int8 model is surely
+            # faster than every candidate that fits: its whole interval below theirs.
+            logger.info(
+                "auto: static all-int8 at %.2fx fp32 beats %.2fx but misses the budget: "
+                "putting its most sensitive layers back to float",
+                ratio,
+                target,
+            )
             result, verdicts["static"] = within_budget(
                 by_name["static"], judge, first=(built["static"], static, comparisons["static"])
             )
             built["static"] = result
             float_layers["static"] = len(result.report["budget"]["fallback_to_float"])
             if verdicts["static"].passed:  # still over budget: no use timing it again
-                timings.update(
-                    search.time_candidates(
-                        original,
-                        {"static": result.model},
-                        data=timing_data,
-                        shapes=options.shapes or None,
-                        threads=options.threads,
-                        threshold=FASTER,
-                    )
+                assert timer is not None
+                timings = search.time_candidates(
+                    original, {"static": result.model}, threshold=FASTER, ignore=ignore, timer=timer
                 )
-                timings.pop("float", None)
             else:
                 notes["static"] = (
                     f"still over budget with {float_layers['static']} layers in float; "
@@ -307,8 +321,8 @@ def quantize_auto(
                 )
         else:
             notes["static"] = (
-                f"layers not put back to float: even all-int8 it takes {ratio:.2f}x fp32, "
-                f"not under {target:.2f}x"
+                f"layers not put back to float: even all-int8 it takes {ratio:.2f}x fp32 "
+                f"(up to {slowest:.2f}x within timing noise), not surely under {target:.2f}x"
             )
 
     def rank(t) -> list[str]:
@@ -323,9 +337,7 @@ def quantize_auto(
             timings,
             rank,
             threshold=FASTER,
-            data=timing_data,
-            shapes=options.shapes or None,
-            threads=options.threads,
+            timer=timer,
         )
     table = [
         {
