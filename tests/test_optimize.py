@@ -61,6 +61,35 @@ def test_broken_rewrite_is_left_out_and_named(monkeypatch):
     assert report["check"]["max_rel_error"] == 0.0
 
 
+def test_a_rewrite_onnxruntime_cannot_load_is_left_out(monkeypatch):
+    """A rewrite that makes a graph onnxruntime refuses is a fault like a wrong one: that instance
+    is left out with onnxruntime's reason, the other rewrites stay, nothing aborts."""
+
+    def unloadable(self, match, names):  # HardSigmoid with an attribute it does not have
+        rules_mod.replace_chain(match, "HardSigmoid", [match.data["x"]], match.data["out"], names,
+                                {"alpha": 0.2, "beta": 0.5, "gamma": 1.0})  # fmt: skip
+
+    monkeypatch.setattr(rules_mod.HardSigmoidRule, "rewrite", unloadable)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 8] x) => (float[1, 8] y) {
+        three = Constant<value = float {3.0}>()
+        zero = Constant<value = float {0.0}>()
+        six = Constant<value = float {6.0}>()
+        i = Identity(x)
+        a = Add(i, three)
+        c = Clip(a, zero, six)
+        y = Div(c, six)
+    }
+    """
+    result, report = optimize(_model(text))
+    [left_out] = report["left_out"]
+    assert left_out["rule"] == "hard-sigmoid"
+    note = next(n for n in report["notes"] if n.startswith("left out hard-sigmoid at"))
+    assert "gamma" in note or "onnxruntime" in note
+    assert op_histogram(result) == {"Add": 1, "Clip": 1, "Div": 1}  # Identity still removed
+
+
 # LayerNorm written out, twice (over x and z), as exporters decompose it.
 LAYER_NORMS = """
 <ir_version: 8, opset_import: ["" : 17]>

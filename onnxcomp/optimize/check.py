@@ -189,18 +189,23 @@ class Judge:
         # fault search judges many candidates against them
         self._outputs: dict[str, Any] = {}
 
-    def _compare(self, which: str, candidate: ir.Model):
-        """``candidate`` against the outputs of the input model ("input") or of its float64
-        evaluation ("float64"), each computed once: the session that made them is released
-        before any candidate's is made (a large model is never in memory twice)."""
-        from onnxcomp.evaluate import ReferenceOutputs, compare
+    def _reference(self, which: str):
+        """The outputs of the input model ("input") or of its float64 evaluation ("float64"),
+        each computed once: the session that made them is released before any candidate's is
+        made (a large model is never in memory twice)."""
+        from onnxcomp.evaluate import ReferenceOutputs
 
         if which not in self._outputs:
             model = self.reference if which == "input" else self._truth
             outputs = ReferenceOutputs(model, self.source, limit=self.limit, label=f"{which} model")
             outputs.collect()
             self._outputs[which] = outputs
-        return compare(self._outputs[which], candidate)
+        return self._outputs[which]
+
+    def _compare(self, which: str, candidate: ir.Model):
+        from onnxcomp.evaluate import compare
+
+        return compare(self._reference(which), candidate)
 
     def truth(self) -> ir.Model | str:
         """The float64 evaluation of the input model (built once), or why there is none."""
@@ -214,7 +219,15 @@ class Judge:
         return self._truth
 
     def __call__(self, candidate: ir.Model) -> Verdict:
-        comparison = self._compare("input", candidate)
+        self._reference("input")  # an input model that cannot run is the user's error
+        try:
+            comparison = self._compare("input", candidate)
+        except OnnxcompError as err:  # a rewrite made a graph onnxruntime refuses: a fault too
+            return Verdict(False, {
+                "samples": 0, "data": self.source.name, "max_rel_error": float("inf"),
+                "worst_output": None, "tolerance": self.tolerance, "max_abs_error": float("inf"),
+                "unrunnable": str(err).splitlines()[0][:300],
+            })  # fmt: skip
         worst, where = worst_error(comparison)
         report: dict[str, Any] = {
             "samples": comparison.samples,
@@ -268,6 +281,8 @@ class Fault:
                 f", {f64['candidate_error']:.3g} from the float64 result where fp32 noise "
                 f"explains {f64['input_error']:.3g}"
             )
+        elif "unrunnable" in self.check:
+            text = f"left out {self.rule} at {self.node!r}: {self.check['unrunnable']}"
         elif "unavailable" in f64:
             text += f" (no float64 evaluation: {f64['unavailable']})"
         return text
