@@ -263,41 +263,18 @@ def thirdparty_spec(name: str, entry: dict, workdir: Path) -> dict:
         )
         batches = list(source.batches())
         target = workdir / f"{name}_{split}.npz"
-        np.savez(target, **{k: np.concatenate([b.inputs[k] for b in batches]) for k in batches[0].inputs})
+        np.savez(
+            target, **{k: np.concatenate([b.inputs[k] for b in batches]) for k in batches[0].inputs}
+        )
         spec[split] = target
     return spec
 
 
-def _boxes(out: np.ndarray, conf: float = 0.25, iou: float = 0.45) -> list[tuple]:
-    """YOLOv8 output [4 + classes, anchors] -> [(class, score, x1, y1, x2, y2)] after per-class NMS."""
-    scores = out[4:]  # (classes, anchors)
-    cls, best = scores.argmax(0), scores.max(0)
-    keep = best >= conf
-    cx, cy, w, h = out[:4, keep]
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-    found = []
-    for c in np.unique(cls[keep]):
-        idx = np.where(cls[keep] == c)[0]
-        idx = idx[np.argsort(-best[keep][idx])]
-        while len(idx):
-            i, idx = idx[0], idx[1:]
-            found.append((int(c), float(best[keep][i]), *boxes[i]))
-            if len(idx):
-                idx = idx[_iou(boxes[i], boxes[idx]) < iou]
-    return found
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(a[0], b[:, 0]), np.maximum(a[1], b[:, 1])
-    x2, y2 = np.minimum(a[2], b[:, 2]), np.minimum(a[3], b[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda r: (r[..., 2] - r[..., 0]) * (r[..., 3] - r[..., 1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter + 1e-9)
-
-
 def box_agreement(reference: Path, candidate: Path, evals: Path) -> dict:
-    """F1 of the candidate's detections against fp32's (IoU >= 0.5, same class), and their mean IoU."""
+    """F1 of the candidate's detections against fp32's (IoU >= 0.5, same class), and their mean
+    IoU; detections and IoU come from onnxcomp.evaluate (the one detection metric)."""
     from onnxcomp import runtime
+    from onnxcomp.evaluate import box_iou, detections
 
     data = np.load(evals)
     key = data.files[0]
@@ -306,21 +283,20 @@ def box_agreement(reference: Path, candidate: Path, evals: Path) -> dict:
     ious = []
     for i in range(len(data[key])):
         feed = {key: data[key][i : i + 1]}
-        ref, cand = (_boxes(next(iter(runtime.run(s, feed).values()))[0]) for s in sessions)
-        total += len(ref) + len(cand)
-        free = list(cand)
-        for r in ref:
-            best = max(
-                (f for f in free if f[0] == r[0]),
-                key=lambda f: _iou(np.array(r[2:]), np.array([f[2:]]))[0],
-                default=None,
+        (rb, rc), (cb, cc) = (
+            detections(next(iter(runtime.run(s, feed).values()))[0]) for s in sessions
+        )
+        total += len(rb) + len(cb)
+        free = np.ones(len(cb), dtype=bool)
+        for box, c in zip(rb, rc):
+            overlap = np.where(
+                free & (cc == c), box_iou(box[None], cb)[0] if len(cb) else 0.0, -1.0
             )
-            if best is not None:
-                overlap = float(_iou(np.array(r[2:]), np.array([best[2:]]))[0])
-                if overlap >= 0.5:
-                    matched += 2
-                    ious.append(overlap)
-                    free.remove(best)
+            j = int(np.argmax(overlap)) if len(cb) else -1
+            if j >= 0 and overlap[j] >= 0.5:
+                matched += 2
+                ious.append(float(overlap[j]))
+                free[j] = False
     return {
         "agree": matched / total if total else 1.0,
         "box_iou": float(np.mean(ious)) if ious else None,
@@ -504,7 +480,9 @@ def print_summary(rows: list[dict]) -> None:
     )
     for model, tools in by_model.items():
         ours = tools.get("onnxcomp-auto")
-        theirs = [tools[t] for t in ("ort-static", "ort-dynamic") if t in tools and "ratio" in tools[t]]
+        theirs = [
+            tools[t] for t in ("ort-static", "ort-dynamic") if t in tools and "ratio" in tools[t]
+        ]
         if ours is None or "ratio" not in ours or not theirs:
             continue
         best_score = max(score(t) or 0.0 for t in theirs)
