@@ -231,7 +231,8 @@ THIRD_PARTY = {
     "orientation": {"metric": "auto"},  # Paddle CNN with HardSwish; labels = the text's turn
     "ocr_cls": {"metric": "auto"},  # PP-OCR direction classifier; text lines, upright or 180
     "layout": {"metric": "cosine"},  # Paddle2ONNX detector, Constant weights, hard-swish decomposed
-    "yolov8n": {"metric": "cosine", "boxes": True},  # PyTorch YOLOv8n, judged on boxes
+    # PyTorch YOLOv8n, judged on boxes (auto too: the built-in box metric, not the raw cosine)
+    "yolov8n": {"metric": "onnxcomp.evaluate:yolo_boxes", "boxes": True},
     "minilm_l3": {"metric": "cosine", "output": "461"},  # sentence embedding [batch, 384]
     "vit_focus": {"metric": "cosine"},  # ViT-S + conv decoder, decomposed LayerNorm
     # PP-OCRv4 recogniser (CTC, [batch, time, classes]: judged per position), ~40 ms a line;

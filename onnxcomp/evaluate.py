@@ -383,9 +383,7 @@ class Comparison:
         return "cosine"
 
     def _class_scores(self) -> OutputStats | None:
-        return next(
-            (s for s in self.outputs if s.top1_total and not _names_features(s.name)), None
-        )
+        return next((s for s in self.outputs if s.top1_total and not _names_features(s.name)), None)
 
     def drop(self, metric: Any = None) -> float:
         """The figure ``--max-drop`` is held against: the user metric's drop, the accuracy
@@ -516,9 +514,7 @@ class ReferenceOutputs:
             self.session = runtime.create_session(
                 self._model, threads=self._threads, label=self.label
             )
-        kept: list[tuple[Batch, dict[str, np.ndarray]]] | None = (
-            None if self._over_budget else []
-        )
+        kept: list[tuple[Batch, dict[str, np.ndarray]]] | None = None if self._over_budget else []
         size = 0
         for batch, outputs in runtime.iter_outputs(
             self.session,
@@ -653,8 +649,7 @@ def _check_echoes(
     for name in missing:
         out = ref[name]
         if not any(
-            np.shape(x) == out.shape and np.array_equal(np.asarray(x), out)
-            for x in inputs.values()
+            np.shape(x) == out.shape and np.array_equal(np.asarray(x), out) for x in inputs.values()
         ):
             raise OnnxcompError(
                 f"candidate lacks output {name!r} of the reference "
@@ -765,7 +760,9 @@ def _predict(array: np.ndarray) -> np.ndarray:
 # Detection
 
 
-def detections(out: np.ndarray, conf: float = 0.25, nms_iou: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+def detections(
+    out: np.ndarray, conf: float = 0.25, nms_iou: float = 0.45
+) -> tuple[np.ndarray, np.ndarray]:
     """One image of a YOLOv8-style output, ``[4 + classes, anchors]`` (cx, cy, w, h, class
     scores) -> boxes ``[K, 4]`` (x1, y1, x2, y2) and classes ``[K]`` scoring at least ``conf``,
     after per-class non-maximum suppression at ``nms_iou``."""
@@ -807,4 +804,22 @@ def box_agreement(got: np.ndarray, want: np.ndarray, conf: float = 0.25) -> dict
             for box, c in zip(xb, xc):
                 other = yb[yc == c]
                 ious.append(float(box_iou(box[None], other).max()) if len(other) else 0.0)
-    return {"box_iou": float(np.mean(ious)) if ious else None, "reference_boxes": counts[0], "boxes": counts[1]}
+    return {
+        "box_iou": float(np.mean(ious)) if ious else None,
+        "reference_boxes": counts[0],
+        "boxes": counts[1],
+    }
+
+
+def yolo_boxes(outputs: dict[str, np.ndarray], target: Any) -> np.ndarray:
+    """A ready-made user metric for YOLOv8-style detectors (``--metric
+    onnxcomp.evaluate:yolo_boxes``): per image, the boxes' mean IoU with the reference model's
+    (:func:`box_agreement`; 1 when neither finds a box), so auto and ``--max-drop`` judge the
+    boxes rather than the raw output's cosine. Reads the first output; needs no labels."""
+    if not isinstance(target, dict):
+        raise OnnxcompError(
+            "yolo_boxes compares with the reference model's boxes: give data without labels"
+        )
+    got, want = next(iter(outputs.values())), next(iter(target.values()))
+    scores = [box_agreement(g[None], w[None])["box_iou"] for g, w in zip(got, want)]
+    return np.array([1.0 if s is None else s for s in scores])

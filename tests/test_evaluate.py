@@ -107,7 +107,9 @@ def test_evaluate_one_model(models_dir):
     assert result.metric == "accuracy" and result.value > 0.95
     assert result.samples == len(np.load(models_dir / "digits_test.npz")["labels"])
     with pytest.raises(OnnxcompError, match="needs labels"):
-        evaluate(str(models_dir / "digits_cnn.onnx"), NpzData(models_dir / "digits_test.npz"), "top1")
+        evaluate(
+            str(models_dir / "digits_cnn.onnx"), NpzData(models_dir / "digits_test.npz"), "top1"
+        )
 
 
 METRIC_FILE = '''
@@ -141,7 +143,9 @@ def test_user_metric_from_a_file(tmp_path, models_dir):
     assert verdict.drop == pytest.approx(1.0 - comparison.user_candidate)
     # (sum, count) per batch, against labels, on one model
     correct = load_metric(f"{tmp_path / 'mymetrics.py'}:correct")
-    one = evaluate(str(models_dir / "digits_cnn.onnx"), NpzData(models_dir / "digits_test.npz"), correct)
+    one = evaluate(
+        str(models_dir / "digits_cnn.onnx"), NpzData(models_dir / "digits_test.npz"), correct
+    )
     plain = evaluate(str(models_dir / "digits_cnn.onnx"), NpzData(models_dir / "digits_test.npz"))
     assert one.metric == "correct" and one.value == pytest.approx(plain.value)
 
@@ -235,3 +239,14 @@ def test_box_agreement_counts_lost_and_added_boxes_as_zero():
     lost = yolo((10, 10, 10, 10, 0))[None]  # the class-1 box is gone: it counts 0
     row = box_agreement(lost, want)
     assert abs(row["box_iou"] - 2 / 3) < 1e-6 and row["reference_boxes"] == 2 and row["boxes"] == 1
+
+    # the same, as a metric auto and --max-drop can judge by: one score per image
+    from onnxcomp.evaluate import load_metric
+
+    metric = load_metric("onnxcomp.evaluate:yolo_boxes")
+    empty = np.zeros((6, 4), np.float32)[None]  # no box in either: they agree
+    got = np.concatenate([want, lost, empty])
+    total, count = metric.score(
+        {"output0": got}, {"output0": np.concatenate([want, want, empty])}, 3
+    )
+    assert count == 3 and abs(total - (1.0 + 2 / 3 + 1.0)) < 1e-6
