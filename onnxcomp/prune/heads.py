@@ -71,12 +71,18 @@ class HeadGroup:
             "producers": [g.label(n) for n, _ in self.projections],
             "consumers": [g.label(self.out_proj)] if self.out_proj is not None else [],
         }
-        if self.declined:
-            row["skipped"] = self.declined
-            row["removed"] = 0
-        else:
-            row["removed"] = int(len(self.removed)) if self.removed is not None else 0
-        return row
+        return outcome(row, self.declined, self.removed)
+
+
+def outcome(row: dict[str, Any], declined: str | None, removed: np.ndarray | None) -> dict[str, Any]:
+    """A group's report row completed with what became of it: skipped with its reason, or the
+    number of heads or channels removed (channel groups share it)."""
+    if declined:
+        row["skipped"] = declined
+        row["removed"] = 0
+    else:
+        row["removed"] = int(len(removed)) if removed is not None else 0
+    return row
 
 
 class _Miss(Exception):

@@ -76,12 +76,7 @@ class DependencyGroup:
             "producers": [g.label(n) for n in self.producers],
             "consumers": [g.label(n) for n in self.consumers],
         }
-        if self.declined:
-            row["skipped"] = self.declined
-            row["removed"] = 0
-        else:
-            row["removed"] = int(len(self.removed)) if self.removed is not None else 0
-        return row
+        return heads.outcome(row, self.declined, self.removed)
 
 
 class _Decline(Exception):
