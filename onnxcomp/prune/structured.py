@@ -765,9 +765,7 @@ def prune_structured(
         raise OnnxcompError("--reconstruct needs --data")
     groups = build_groups(model, options.exclude_nodes)
     attention = heads.build_head_groups(model, options.exclude_nodes)
-    not_yet = ("--max-drop: attention heads are not in the fallback search yet" if options.max_drop is not None
-               else "--sparsity-of macs: heads are cut by --sparsity-of channels only" if options.sparsity_of == "macs"
-               else None)  # fmt: skip
+    not_yet = "--sparsity-of macs: heads are cut by --sparsity-of channels only" if options.sparsity_of == "macs" else None
     for grp in attention if not_yet else []:
         grp.declined = grp.declined or not_yet
     heads.claim_projections(groups, attention)
@@ -786,8 +784,10 @@ def prune_structured(
                      "its scale is in the weights, ranked by L2")
         how = "l2"
     scores = {id(grp): importance(grp, how, hessians) for grp in groups if not grp.declined}
-    head_cuts = heads.prune_heads(model, attention, data, options, reconstruct)
+    # with --max-drop, every candidate of the search cuts its own heads (`_within_budget`)
+    head_cuts = heads.prune_heads(model, attention, data, options, reconstruct) if options.max_drop is None else []
     # group_ratios may name head groups too (prune_heads took theirs); the rest are channel groups
+    head_options = options
     options = dataclasses.replace(
         options, group_ratios={k: v for k, v in options.group_ratios.items() if k not in {a.name for a in attention}}
     )
@@ -795,7 +795,7 @@ def prune_structured(
     check = None
     if options.max_drop is not None:
         model, cut_report, spared, check = _within_budget(
-            model, reference, groups, data if reconstruct else None, options, judge
+            model, reference, (groups, attention), data, reconstruct, (options, head_options), judge
         )
     else:
         notes += _choose(model, groups, scores, options, data)
@@ -842,31 +842,36 @@ def _shapes(model: ir.Model, options, data: DataSource | None) -> dict[str, list
     return {name: [1, *shape[1:]] for name, (_, shape) in data.sample_signature().items()}
 
 
-def _within_budget(model, reference, groups, data, options, judge_data):
-    """Cut all groups; when the drop exceeds ``max_drop``, spare the groups whose consumers lose
-    most (relative least-squares error), as few as bisection finds."""
+def _within_budget(model, reference, groups, data, reconstruct, options, judge_data):
+    """Cut all groups (``groups``: the channel and the attention-head groups); when the drop
+    exceeds ``max_drop``, spare the groups whose consumers lose most (relative least-squares
+    error), heads and channels in one order, as few as bisection finds."""
     from onnxcomp import search
 
+    options, head_options = options  # the heads' options keep their group_ratios
     how = options.importance if options.importance != "bn" else "l2"
+    solve_data = data if reconstruct else None
 
     def build(spared: list[str]) -> search.Built:
         candidate = model_io.copy_model(model)
         cand_groups = build_groups(candidate, options.exclude_nodes)
+        cand_heads, head_cuts = heads.cut_sparing(candidate, cand_groups, spared, data, head_options, reconstruct)
         by_name = {grp.name: grp for grp in cand_groups}
-        for name in spared:
+        for name in set(spared) & set(by_name):
             by_name[name].declined = f"spared to keep the drop within --max-drop {options.max_drop}"
         live = [grp for grp in cand_groups if not grp.declined]
-        cand_h = consumer_hessians(candidate, cand_groups, data, options) if data is not None else None
+        cand_h = consumer_hessians(candidate, cand_groups, solve_data, options) if solve_data is not None else None
         cand_scores = {id(grp): importance(grp, how, cand_h) for grp in live}
-        _choose(candidate, cand_groups, cand_scores, options, data)
-        cut_report = apply_cuts(candidate, cand_groups, cand_h, options.damp)
+        _choose(candidate, cand_groups, cand_scores, options, solve_data)
+        cut_report = head_cuts + apply_cuts(candidate, cand_groups, cand_h, options.damp)
         _forget_shapes(candidate)
-        return search.Built(candidate, {"consumers": cut_report}, (cand_groups, live))
+        live += [grp for grp in cand_heads if not grp.declined]
+        return search.Built(candidate, {"consumers": cut_report}, (cand_groups, live, cand_heads))
 
     first = build([])
     order = _sensitivity_order(first.plan[1], first.report["consumers"])
     result, check = fall_back(first, order, build, make_judge(reference, judge_data, options), options, "groups")
-    groups[:] = result.built.plan[0]
+    groups[0][:], groups[1][:] = result.built.plan[0], result.built.plan[2]
     return result.built.model, result.built.report["consumers"], list(result.left_alone), check
 
 
