@@ -37,7 +37,6 @@ from onnxcomp.prune.api import PruneOptions, clean_up, model_stats, prune  # noq
 
 MODELS = ROOT / "models"
 THIRDPARTY = ("minilm_l3", "minilm", "orientation", "yolov8n")  # real data from models/realdata.py
-ONNXSIM_SENTENCES = 64
 
 
 def _digits():
@@ -221,9 +220,9 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False) ->
             candidates.append((label + " + int8", q))
         except Exception as err:
             candidates.append(("structured + int8", f"failed: {err}"))
-    # onnxsim's SparseGPT on MiniLM with all 679 sentences did not finish in an hour on a loaded
-    # machine (64 sentences did): it gets the first ONNXSIM_SENTENCES calibration sentences
-    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name, min(calib_samples, ONNXSIM_SENTENCES))
+    # the same sentences as onnxcomp's (MiniLM: onnxsim's SparseGPT on all 679 took 79 minutes on
+    # a loaded machine, load 10-13 on 2 cores)
+    candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name, calib_samples)
 
     live = [(label, m) for label, m in candidates if not isinstance(m, str)]
     timing = bench.benchmark([m for _, m in live], runs=runs, warmup=20, memory=False, graph=False, data=test)
