@@ -360,7 +360,8 @@ def fidelity(reference: Path, candidate: Path, evals: Path, output: str | None) 
     from onnxcomp.data import open_data
     from onnxcomp.validate import compare
 
-    data = open_data(evals, model_io.input_specs(model_io.load(reference)))  # checked: feeds, scalars
+    # opened and checked against the model: scalar inputs, one-feed-per-sample states
+    data = open_data(evals, model_io.input_specs(model_io.load(reference)))
     comparison = compare(str(reference), str(candidate), data)
     stats = comparison.to_json()
     float_outputs = [o for o in stats["outputs"] if o.get("cosine_mean") is not None]

@@ -85,7 +85,12 @@ def flat_model(path: Path) -> None:
         n("Transpose", [x], ["seq"], perm=[2, 0, 1]),
         n("Gather", ["state", "l0"], ["h_init"]),
         n("Gather", ["state", "l1"], ["c_init"]),
-        n("LSTM", ["seq", "W", "R", "B", "", "h_init", "c_init"], ["Y", "Yh", "Yc"], hidden_size=128),
+        n(
+            "LSTM",
+            ["seq", "W", "R", "B", "", "h_init", "c_init"],
+            ["Y", "Yh", "Yc"],
+            hidden_size=128,
+        ),
         n("Concat", ["Yh", "Yc"], ["stateN"], axis=0),
         n("Reshape", ["Yh", "shape_d"], ["hd"]),
         n("Relu", ["hd"], ["hr"]),
@@ -115,8 +120,13 @@ def main() -> None:
 
     logging.basicConfig(level=logging.ERROR)
     from bench_quantize import _Reader
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     from models import realdata, thirdparty
     from onnxcomp import model as model_io
@@ -155,7 +165,9 @@ def main() -> None:
         return {**f, "sr": data["sr"]} if name == "real fp32" else f
 
     probs = {
-        k: np.array([runtime.run(s, feed(k, i))["output"].item() for i in range(len(data["input"]))])
+        k: np.array(
+            [runtime.run(s, feed(k, i))["output"].item() for i in range(len(data["input"]))]
+        )
         for k, s in sessions.items()
     }
     times = {k: [] for k in sessions}
@@ -169,9 +181,13 @@ def main() -> None:
     base = np.median(times["flat fp32"])
     print(f"{'model':28} {'p50 ms':>8} {'x flat':>7} {'agree':>6}  (decision p > 0.5 vs flat fp32)")
     for k in sessions:
-        agree = np.mean((probs[k] > 0.5) == (probs["flat fp32"] > 0.5)) if k != "real fp32" else None
+        agree = (
+            np.mean((probs[k] > 0.5) == (probs["flat fp32"] > 0.5)) if k != "real fp32" else None
+        )
         p50 = np.median(times[k])
-        print(f"{k:28} {p50 * 1e3:8.4f} {p50 / base:7.2f} {'-' if agree is None else f'{agree:.3f}':>6}")
+        print(
+            f"{k:28} {p50 * 1e3:8.4f} {p50 / base:7.2f} {'-' if agree is None else f'{agree:.3f}':>6}"
+        )
 
 
 if __name__ == "__main__":

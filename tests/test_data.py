@@ -90,7 +90,6 @@ def test_scalar_inputs_go_with_every_batch(tmp_path):
     assert all(b.inputs["sr"].shape == () and int(b.inputs["sr"]) == 16000 for b in batches)
 
 
-
 # A recurrent cell as streaming models export it: the state's batch axis is its second; the
 # sample rate is a scalar.
 STATEFUL = """

@@ -268,7 +268,9 @@ def test_one_probability_per_sample_is_judged_by_its_decision(tmp_path):
         onnx.save(onnx.parser.parse_model(text), path)
         return str(path)
 
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32))
+    np.savez(
+        tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    )
     comparison = compare(model(tmp_path / "a.onnx", 0.0), model(tmp_path / "b.onnx", 0.5),
                          NpzData(tmp_path / "d.npz"))  # fmt: skip
     out = comparison.to_json()["outputs"][0]
