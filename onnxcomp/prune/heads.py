@@ -29,6 +29,9 @@ from onnxcomp import layerwise
 
 logger = logging.getLogger(__name__)
 
+# Why head groups stay whole under --sparsity-of macs (MACs are counted for channel groups only).
+NOT_BY_MACS = "--sparsity-of macs: heads are cut by --sparsity-of channels only"
+
 # Ops that pass a [B, H, ...] attention tensor through with a scalar constant (the 1/sqrt(D) scale).
 _SCALE_OPS = ("Mul", "Div")
 
@@ -497,4 +500,6 @@ def cut_sparing(
     for grp in groups:
         if grp.name in spared and not grp.declined:
             grp.declined = f"spared to keep the drop within --max-drop {options.max_drop}"
+        elif options.sparsity_of == "macs":
+            grp.declined = grp.declined or NOT_BY_MACS
     return groups, prune_heads(model, groups, data, options, reconstruct)

@@ -765,7 +765,7 @@ def prune_structured(
         raise OnnxcompError("--reconstruct needs --data")
     groups = build_groups(model, options.exclude_nodes)
     attention = heads.build_head_groups(model, options.exclude_nodes)
-    not_yet = "--sparsity-of macs: heads are cut by --sparsity-of channels only" if options.sparsity_of == "macs" else None
+    not_yet = heads.NOT_BY_MACS if options.sparsity_of == "macs" else None
     for grp in attention if not_yet else []:
         grp.declined = grp.declined or not_yet
     heads.claim_projections(groups, attention)
