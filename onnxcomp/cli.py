@@ -944,6 +944,12 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 )
 @quantize_option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @quantize_option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
+@quantize_option(
+    "--op-types",
+    multiple=True,
+    metavar="OP[,OP]",
+    help="Dynamic and weight-only: op types to quantize (default: MatMul,Gemm; weight-only also Gather). Conv,MatMul,Gemm writes ConvInteger.",
+)
 @quantize_option("--max-drop", type=float, help="Largest accepted drop on --eval-data (see --metric).")
 @quantize_option("--eval-data", type=click.Path(), help="Samples the drop and self-check are measured on.")
 @quantize_option("--metric", metavar="NAME|module:function", help=METRIC_HELP)
@@ -993,7 +999,7 @@ def quantize(model_path, output, shapes, recipe_out, force, report_path, as_json
     # Only the flags given: the dataclass holds every default. Parsed like a recipe step, so a
     # bad value gets the same one-line error naming the flag.
     values = {k: v for k, v in flags.items() if v is not None}
-    for key in ("exclude_nodes", "exclude_ops"):
+    for key in ("exclude_nodes", "exclude_ops", "op_types"):
         values[key] = _split_names(values.get(key, ()))
     if shapes:
         values["shapes"] = parse_shapes(shapes)
