@@ -83,6 +83,10 @@ UNFOLDED_SMOOTH_MIN_GAIN_DB = 3.0
 # sentence's, a random 64 of an image's 197 patches. The candidates' matmuls over every token took
 # most of the 4 minutes dynamic quantization of ViT-S took on 38 photos.
 MAX_ERROR_TOKENS = 64
+# Samples whose activation ranges set the smoothing factors (the errors, which choose among them,
+# are measured on all the calibration samples): each is a run of the model with every quantized
+# layer's input captured, the larger part of the pass's time on ViT-S.
+RANGE_SAMPLES = 16
 
 
 @dataclasses.dataclass
@@ -626,7 +630,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         )
         for names in chunks:
             ranges = {name: capture.Each(groups[name].observe_range) for name in names}
-            capture.accumulate(model, ranges, data, limit=limit)
+            capture.accumulate(model, ranges, data, limit=min(limit, RANGE_SAMPLES))
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
             errors = {name: capture.Each(groups[name].observe_error) for name in names}
