@@ -285,7 +285,8 @@ def test_smoothing_after_a_layer_norm_is_folded_into_its_scale_and_bias(tmp_path
     gamma[[3, 17, 40]] = 60.0
     text = f"""
         <ir_version: 8, opset_import: ["" : 17]>
-        block (float[batch, seq, {k}] x) => (float[batch, seq, {k}] q, float[batch, seq, {k}] kk, float[batch, seq, {k}] v) {{
+        block (float[batch, seq, {k}] x)
+            => (float[batch, seq, {k}] q, float[batch, seq, {k}] kk, float[batch, seq, {k}] v) {{
             n = LayerNormalization <axis = -1> (x, gamma, beta)
             q = MatMul(n, wq)
             kk = MatMul(n, wk)
@@ -299,9 +300,8 @@ def test_smoothing_after_a_layer_norm_is_folded_into_its_scale_and_bias(tmp_path
     refs = run(model, {"x": test})
     options = dict(bias_correction=False, blockwise=False)
 
-    plain = DynamicQuantizePass(DynamicQuantizeOptions(smooth=False, **options), npz(tmp_path, x=calib))(
-        copy_of(model)
-    )
+    plain_options = DynamicQuantizeOptions(smooth=False, **options)
+    plain = DynamicQuantizePass(plain_options, npz(tmp_path, x=calib))(copy_of(model))
     smoothed = DynamicQuantizePass(DynamicQuantizeOptions(**options), npz(tmp_path, x=calib))(
         copy_of(model)
     )
