@@ -165,12 +165,19 @@ class TuneResult:
 
 
 class Runner:
-    """Builds, judges and times trials on long-lived workers: the parent itself (1 worker), a
-    local process pool, or Ray actors. Each worker is set up once (model, data, reference
-    outputs, the reference's timing session) and reused. Jobs are submitted ahead
-    (:meth:`submit`) so a worker that finishes takes the next job at once, and collected in
-    the order they were submitted (:meth:`collect`), whichever worker finishes first, so a
-    seeded search sees the same sequence whatever the number of workers."""
+    """Builds, judges and times trials on long-lived workers. This process is worker 0 (set up
+    at once: its modules are loaded); ``workers - 1`` more run in a local process pool or as Ray
+    actors, started in the background, so their start-up (a new Python process importing onnx
+    and onnxruntime, then loading the model and data and running the reference) overlaps the
+    trials this process builds meanwhile. Each worker is set up once and reused.
+
+    Jobs are queued (:meth:`submit`); each other worker holds up to 2 (the second starts the
+    moment the first ends, even while this process is busy), and this process runs the next
+    queued job itself while it waits. Results are collected in the order the jobs were
+    submitted (:meth:`collect`), whichever worker ran them, so a seeded search sees the same
+    sequence whatever the number of workers."""
+
+    AHEAD = 2  # jobs held by each other worker
 
     def __init__(self, workers: int, ray_address: str | None, setup: dict[str, Any]):
         from onnxcomp.tune import worker as worker_mod
@@ -178,14 +185,18 @@ class Runner:
         self.kind = "inline"
         self.workers = workers
         self.pool = None
-        self.actors: Any = None
-        self.inline = None
-        self._next = 0
-        self._jobs: dict[int, Any] = {}  # index -> a future, a Ray job, or (inline) the job itself
+        self._remotes: list[Any] = []  # the other workers: pool slots or Ray actor handles
+        self._outstanding: dict[int, int] = {}  # remote -> jobs held
+        self._running: dict[Any, tuple[int, int]] = {}  # future or Ray ref -> (job index, remote)
+        self._jobs: dict[int, dict[str, Any]] = {}
+        self._queue: list[int] = []
         self._results: dict[int, dict[str, Any]] = {}
+        self._pings: list[Any] = []
+        self._next = 0
         started = time.perf_counter()
         setup = {**setup, "workers": workers}
-        if ray_address:
+        others = workers - 1
+        if others and ray_address:
             try:
                 import ray
             except ImportError:
@@ -198,98 +209,128 @@ class Runner:
                     ray.init(address=ray_address, log_to_driver=False)
             actor = worker_mod.ray_actor_class()
             # a local Ray: each actor pinned to a core of its own (a cluster's nodes are not ours to pin)
-            handles = [actor.remote({**setup, "pin": local}, i) for i in range(workers)]
-            self.info = ray.get([h.ping.remote() for h in handles])
-            self._handles = handles
-            self._outstanding = {id(h): 0 for h in handles}
-            self._queue: list[int] = []
-            self._running: dict[Any, tuple[int, Any]] = {}
+            self._remotes = [actor.remote({**setup, "pin": local}, i) for i in range(1, workers)]
+            self._pings = [h.ping.remote() for h in self._remotes]
             self.kind = "ray"
-        elif workers > 1:
+        elif others:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             context = multiprocessing.get_context("spawn")
             slots = context.Queue()
-            for i in range(workers):
+            for i in range(1, workers):
                 slots.put(i)
             self.pool = ProcessPoolExecutor(
-                max_workers=workers,
+                max_workers=others,
                 mp_context=context,
                 initializer=worker_mod.start_process,
                 initargs=(setup, slots),
             )
-            # (one process set up first may answer both: the other is then still setting up)
-            self.info = [f.result() for f in [self.pool.submit(worker_mod.ping) for _ in range(workers)]]
+            self._remotes = list(range(others))  # slots: the pool gives a job to whichever process is free
+            self._pings = [self.pool.submit(worker_mod.ping) for _ in range(others)]  # starts them now
             self.kind = "pool"
-        else:
-            self.inline = worker_mod.Worker(setup)
-            self.inline.core = worker_mod.core_for(0, 1)  # pinned only while it times
-            self.info = [{"pid": self.inline.pid, "setup_seconds": self.inline.setup_seconds, "core": self.inline.core}]
+        self._outstanding = {i: 0 for i in range(len(self._remotes))}
+        self.inline = worker_mod.Worker(setup)
+        self.inline.core = worker_mod.core_for(0, workers)  # pinned only while it times
+        self.info = [{"pid": self.inline.pid, "setup_seconds": self.inline.setup_seconds, "core": self.inline.core}]
         self.start_seconds = time.perf_counter() - started
-        logger.info("%d %s worker(s) ready in %.1f s", workers, self.kind, self.start_seconds)
+        logger.info("this process ready in %.1f s; %d more %s worker(s) starting", self.start_seconds, others, self.kind)
 
     def submit(self, jobs: list[dict[str, Any]]) -> list[int]:
         """Queue ``jobs``; returns their indices for :meth:`collect`."""
-        from onnxcomp.tune.worker import build_in_process
-
         out = []
         for job in jobs:
             index, self._next = self._next, self._next + 1
-            if self.kind == "pool":
-                self._jobs[index] = self.pool.submit(build_in_process, job)
-            else:
-                self._jobs[index] = job
-                if self.kind == "ray":
-                    self._queue.append(index)
+            self._jobs[index] = job
+            self._queue.append(index)
             out.append(index)
-        if self.kind == "ray":
-            self._dispatch()
+        self._dispatch()
         return out
 
     def _dispatch(self) -> None:
-        # Up to 2 jobs per actor (an actor runs its calls in order): the second starts the moment
-        # the first ends, even while this process is busy elsewhere.
-        while self._queue:
-            handle = min(self._handles, key=lambda h: self._outstanding[id(h)])  # the least busy, first on a tie
-            if self._outstanding[id(handle)] >= 2:
+        from onnxcomp.tune.worker import build_in_process
+
+        while self._queue and self._remotes:
+            remote = min(self._outstanding, key=lambda r: (self._outstanding[r], r))  # the least busy
+            if self._outstanding[remote] >= self.AHEAD:
                 break
             index = self._queue.pop(0)
-            self._running[handle.build.remote(self._jobs[index])] = (index, handle)
-            self._outstanding[id(handle)] += 1
+            job = self._jobs[index]
+            if self.kind == "pool":
+                handle = self.pool.submit(build_in_process, job)
+            else:
+                handle = self._remotes[remote].build.remote(job)
+            self._running[handle] = (index, remote)
+            self._outstanding[remote] += 1
+
+    def _poll(self, block: bool) -> None:
+        """Take what the other workers finished (waiting for one when ``block``)."""
+        if not self._running:
+            return
+        if self.kind == "pool":
+            from concurrent.futures import FIRST_COMPLETED, wait
+
+            done, _ = wait(list(self._running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            results = [(h, h.result()) for h in done]
+        else:
+            import ray
+
+            done, _ = ray.wait(list(self._running), num_returns=1, timeout=None if block else 0)
+            results = [(h, ray.get(h)) for h in done]
+        for handle, result in results:
+            index, remote = self._running.pop(handle)
+            self._results[index] = result
+            self._outstanding[remote] -= 1
+            self._jobs.pop(index, None)
 
     def collect(self, indices: list[int]) -> list[dict[str, Any]]:
-        """The results of submitted jobs, in the order asked."""
+        """The results of submitted jobs, in the order asked; this process runs queued jobs
+        while it waits for the others."""
         out = []
         for index in indices:
-            if self.kind == "pool":
-                out.append(self._jobs.pop(index).result())
-            elif self.kind == "inline":
-                out.append(self.inline.build(self._jobs.pop(index)))
-            else:
-                import ray
+            while index not in self._results:
+                self._poll(block=False)
+                self._dispatch()
+                if index in self._results:
+                    break
+                if index in self._queue:  # not taken by another worker: run it here
+                    mine = index
+                elif self._queue:  # running elsewhere: meanwhile run the next queued job here
+                    mine = self._queue[0]
+                else:
+                    self._poll(block=True)
+                    continue
+                from onnxcomp.tune.worker import one_blas_thread
 
-                while index not in self._results:
-                    ready, _ = ray.wait(list(self._running), num_returns=1)
-                    for ref in ready:
-                        i, handle = self._running.pop(ref)
-                        self._results[i] = ray.get(ref)
-                        self._outstanding[id(handle)] -= 1
-                    self._dispatch()
-                self._jobs.pop(index, None)
-                out.append(self._results.pop(index))
+                self._queue.remove(mine)
+                with one_blas_thread():
+                    self._results[mine] = self.inline.build(self._jobs.pop(mine))
+            out.append(self._results.pop(index))
         return out
 
     def map(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.collect(self.submit(jobs))
 
     def close(self, cancel: bool = False) -> None:
+        """Stop the other workers (their start-up records joined to ``info`` when they got that far)."""
+        for ping in self._pings:
+            try:
+                if self.kind == "pool":
+                    if ping.done():
+                        self.info.append(ping.result())
+                else:
+                    import ray
+
+                    if ray.wait([ping], timeout=0)[0]:
+                        self.info.append(ray.get(ping))
+            except Exception as err:  # a worker that died: its jobs raised already
+                logger.debug("worker start-up: %s", err)
         if self.pool is not None:
             self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
         if self.kind == "ray":
             import ray
 
-            for handle in self._handles:
+            for handle in self._remotes:
                 ray.kill(handle)
 
 
@@ -616,7 +657,9 @@ class Tuner:
             results = self.runner.map(jobs) if jobs else []
 
             def order(names, rows, what):
-                out = [{what: n, "drop_alone": r.get("drop"), "error": r.get("error"), "cpu_seconds": r.get("cpu_seconds")}
+                out = [{what: n, "drop_alone": r.get("drop"), "error": r.get("error"), "cpu_seconds": r.get("cpu_seconds"),
+                        "seconds": r.get("seconds"), "worker": r.get("worker"), "started_at": r.get("started_at"),
+                        "ended_at": r.get("ended_at")}
                        for n, r in zip(names, rows)]
                 out.sort(key=lambda s: -(s["drop_alone"] if s["drop_alone"] is not None else math.inf))
                 return out

@@ -64,7 +64,7 @@ class Worker:
         from onnxcomp.recipe import parse_recipe, run_recipe
 
         start, cpu = time.perf_counter(), time.process_time()
-        out: dict[str, Any] = {"trial": job["trial"], "worker": self.pid}
+        out: dict[str, Any] = {"trial": job["trial"], "worker": self.pid, "started_at": time.time()}
         try:
             recipe = parse_recipe(job["recipe"], source=f"trial {job['trial']}")
             result = run_recipe(recipe)
@@ -96,6 +96,7 @@ class Worker:
             logger.debug("%s", traceback.format_exc())
         out["seconds"] = round(time.perf_counter() - start, 3)
         out["cpu_seconds"] = round(time.process_time() - cpu, 3)
+        out["ended_at"] = time.time()
         return out
 
 
@@ -231,6 +232,19 @@ def one_thread() -> None:
     except ImportError:
         return
     threadpool_limits(1)
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """1 BLAS thread for the block (this process as worker 0 builds beside the others), when
+    threadpoolctl is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(1):
+        yield
 
 
 def start_process(setup: dict[str, Any], slots: Any = None) -> None:
