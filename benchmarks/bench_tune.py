@@ -126,6 +126,33 @@ def row(what, name, timing, record, trials, seconds):
             f"(drop {record['drop']:.4f}) | {trials} | {seconds:.0f} s |")
 
 
+def _burn(seconds, queue):
+    start, end = time.process_time(), time.time() + seconds
+    while time.time() < end:
+        pass
+    queue.put(time.process_time() - start)
+
+
+def obtainable_cores(seconds=3.0):
+    """CPU seconds per wall second this session gets with 1 and with 2 busy processes: on a
+    shared machine that groups processes by session (sched_autogroup) two processes may get no
+    more than one, and no number of workers can then be faster."""
+    import multiprocessing
+
+    out = {}
+    context = multiprocessing.get_context("spawn")
+    for n in (1, 2):
+        queue = context.Queue()
+        procs = [context.Process(target=_burn, args=(seconds, queue)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        got = sum(queue.get() for _ in procs)
+        for p in procs:
+            p.join()
+        out[n] = round(got / seconds, 2)
+    return out
+
+
 def busy_share(result, workers):
     """The share of the time after start-up the workers spent on builds (trials and probes)."""
     spans = [(t["started_at"], t["ended_at"]) for t in result.trials if t.get("started_at")]
@@ -151,10 +178,14 @@ def throughput(args, tmp):
     except ImportError:
         ray = None
     lines = ["| runner | repeat | load (1/5/15 min) | trials + probes | wall | start-up | trials/min incl. start-up "
-             "| builds/min after start-up | workers busy | worker CPU s per trial | main-process CPU s | sequence | chosen |",
+             "| builds/min after start-up | workers busy | worker CPU s per trial | main-process CPU s besides builds | sequence | chosen |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     per, outcome, last = {}, {}, None
+    workers = {label: kw["workers"] for label, kw in runs}
+    cores = []
     for rep in range(args.repeats):
+        cores.append(obtainable_cores())
+        print(f"repeat {rep + 1}: cores this session obtains with 1 / 2 busy processes: {cores[-1][1]} / {cores[-1][2]}", flush=True)
         for label, kw in runs:
             before = load()
             start = time.perf_counter()
@@ -164,7 +195,9 @@ def throughput(args, tmp):
             probes = result.group_sensitivity + result.sensitivity
             builds = len(result.trials) + len(probes)
             cpu = sum(t.get("cpu_seconds") or 0 for t in result.trials)
-            serial = result.main_cpu_seconds - (cpu + sum(p.get("cpu_seconds") or 0 for p in probes) if kw["workers"] == 1 else 0)
+            here = os.getpid()  # this process is worker 0: its own builds are not the serial part
+            serial = result.main_cpu_seconds - sum(t.get("cpu_seconds") or 0 for t in result.trials + probes
+                                                   if t.get("worker") == here)
             whole = 60 * len(result.trials) / wall
             steady = 60 * builds / max(1e-9, wall - result.startup_seconds)
             busy = busy_share(result, kw["workers"])
@@ -185,8 +218,14 @@ def throughput(args, tmp):
                        "builds_per_min_after_startup": round(float(np.median([v[1] for v in vals])), 1),
                        "workers_busy": round(float(np.median([v[2] for v in vals])), 2)}
                for label, vals in per.items()}
+    summary["cores obtained with 1 / 2 busy processes"] = cores
     one = summary["1 worker"]
     for label, row in summary.items():
+        if label not in per:
+            continue
+        # the after-start-up speed-up 2 free cores would give: workers x busy share (the work
+        # per build does not grow with the workers: see the CPU s per trial column)
+        row["projected_on_free_cores"] = round(workers[label] * row["workers_busy"] / one["workers_busy"], 2)
         row["speedup_incl_startup"] = round(row["trials_per_min_incl_startup"] / one["trials_per_min_incl_startup"], 2)
         row["speedup_after_startup"] = round(row["builds_per_min_after_startup"] / one["builds_per_min_after_startup"], 2)
     same = len({o for outs in outcome.values() for o in outs}) == 1
@@ -256,7 +295,7 @@ def main() -> None:
     parser.add_argument("--throughput-trials", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--models", default=",".join(CASES))
-    parser.add_argument("--timing-rounds", type=int, default=12)
+    parser.add_argument("--timing-rounds", type=int, default=40)
     parser.add_argument("--skip", default="", help="comma-separated: presets, throughput, timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -150,11 +150,11 @@ def test_same_seed_same_result_with_1_and_2_workers_under_the_latency_objective(
     # timing; the final choice is among each kernel class's best by MACs. So timing noise --
     # and this machine is loaded -- cannot make the two runs part.
     runs = [
-        tune(CNN, tmp_path / f"w{n}" / "out.onnx", options(trials=10, levers=["prune"], workers=n))
+        tune(CNN, tmp_path / f"w{n}" / "out.onnx", options(trials=8, levers=["prune"], workers=n))
         for n in (1, 2)
     ]
     same_result(*runs)
-    assert len(runs[0].trials) == 10
+    assert len(runs[0].trials) == 8
     # The passing trials were timed (on their worker) unless one known before dominated them.
     assert any("latency_ratio" in t for t in runs[1].trials)
     # Two long-lived workers, each set up once, each pinned to a core of its own when the
@@ -168,7 +168,7 @@ def test_same_seed_same_result_with_1_and_2_workers_under_the_latency_objective(
 
 def test_same_seed_same_trials_with_the_size_objective(tmp_path):
     runs = [
-        tune(CNN, tmp_path / f"w{n}" / "out.onnx", options(trials=6, levers=["prune"], objective="size", workers=n))
+        tune(CNN, tmp_path / f"w{n}" / "out.onnx", options(trials=5, levers=["prune"], objective="size", workers=n))
         for n in (1, 2)
     ]
     same_result(*runs)
@@ -241,13 +241,13 @@ def test_ray_runs_trials_on_a_local_ray_with_the_same_result_as_one_worker(tmp_p
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'onnxcomp[ray]'")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        result = tune(CNN, tmp_path / "r" / "out.onnx", options(trials=8, levers=["prune"], workers=2, ray="auto"))
+        result = tune(CNN, tmp_path / "r" / "out.onnx", options(trials=6, levers=["prune"], workers=2, ray="auto"))
     finally:
         ray.shutdown()
-    assert len(result.trials) == 8 and result.passed
+    assert len(result.trials) == 6 and result.passed
     assert len({t["worker"] for t in result.trials}) == 2  # two actors, each set up once
     # The same seed without Ray, one worker: the same trials, choice, recipe and model.
-    inline = tune(CNN, tmp_path / "i" / "out.onnx", options(trials=8, levers=["prune"]))
+    inline = tune(CNN, tmp_path / "i" / "out.onnx", options(trials=6, levers=["prune"]))
     same_result(result, inline)
 
 

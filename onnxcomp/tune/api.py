@@ -1,9 +1,11 @@
 """``onnxcomp tune``: search whole-model compression recipes for the fastest (or smallest)
 model within a metric budget, measured for real in onnxruntime.
 
-1. Long-lived workers (the parent with ``--workers 1``, else a local process pool or Ray
-   actors), created once per search: each loads the model and the evaluation data and runs the
-   reference once, then builds and judges trial after trial with 1 onnxruntime thread.
+1. Long-lived workers, created once per search: this process is worker 0, and ``--workers``
+   - 1 more run in a local process pool or as Ray actors, started in the background while this
+   one already builds. Each loads the model and the evaluation data and runs the reference once,
+   then builds, judges and (latency objective) times trial after trial with 1 onnxruntime
+   thread, each on a core of its own while it times (``worker``).
 2. A first batch tries each lever alone (every quantize mode, the cleaned-up graph, the
    smallest structured ratio). Sensitivity then: per quantized layer (static, only that layer)
    and per structured dependency group (only that group pruned, at the largest ratio), the drop
@@ -12,14 +14,17 @@ model within a metric budget, measured for real in onnxruntime.
    (``keep_float``) and give the most sensitive groups their own ratio (``group0``...).
 3. Greedy seeds (which depend only on which trials passed), then optuna's TPE (constant liar)
    when optuna is installed, else a seeded random search. Trials are asked in batches of fixed
-   size (``--batch``, not ``--workers``) and told in trial-number order, so the proposals do not
-   depend on how many workers ran them or which finished first.
-4. After each batch of builds, while every worker is idle, this process times the trials that
-   pass the budget and are not dominated (a timed passing trial with the same kernels has no
-   more MACs and no larger file), side by side against the reference in interleaved rounds,
-   only until each one's place against the best so far is settled
-   (``onnxcomp.search.time_candidates``). At the end the best few are timed again; trials still
-   within noise of the best are a tie, broken by fewer MACs, smaller file, lower trial number.
+   size (``--batch``, not ``--workers``), ``DEPTH`` batches in flight (the next proposed when
+   the oldest is told, so the workers never wait for the optimiser), and told in trial-number
+   order; what the optimiser is told is deterministic -- the drop, and for a passing trial its
+   MAC ratio (latency) or size ratio (size) -- never a timing. So the same seed proposes the
+   same trials whatever the number of workers, the load, or which worker finished first.
+4. Each passing trial not dominated by one already logged (same kernels, no more MACs, no
+   larger file) is timed on its worker against the reference in interleaved rounds, for the
+   Pareto table. The final choice: the best of each kernel class (quantize mode, layers left
+   float, head) by MACs, then size, then trial -- a deterministic set -- timed again side by
+   side in this process once the workers are done; a candidate within ``TIE_MARGIN`` or within
+   noise of the fastest is a tie, broken by fewer MACs, smaller file, lower trial number.
 5. It always ends with a result: the best passing trial, or -- when none passes -- the closest
    one (lowest drop) saved as ``OUT.closest.onnx`` and :class:`NoSolution` raised. Every trial
    is a line of ``trials.jsonl`` in the run folder; ``resume`` continues from it. Ctrl-C keeps
@@ -192,6 +197,7 @@ class Runner:
         self._queue: list[int] = []
         self._results: dict[int, dict[str, Any]] = {}
         self._pings: list[Any] = []
+        self._ready: set[int] = set()
         self._next = 0
         started = time.perf_counter()
         setup = {**setup, "workers": workers}
@@ -250,8 +256,9 @@ class Runner:
     def _dispatch(self) -> None:
         from onnxcomp.tune.worker import build_in_process
 
-        while self._queue and self._remotes:
-            remote = min(self._outstanding, key=lambda r: (self._outstanding[r], r))  # the least busy
+        ready = [r for r in self._outstanding if self._is_ready(r)]
+        while self._queue and ready:
+            remote = min(ready, key=lambda r: (self._outstanding[r], r))  # the least busy
             if self._outstanding[remote] >= self.AHEAD:
                 break
             index = self._queue.pop(0)
@@ -262,6 +269,22 @@ class Runner:
                 handle = self._remotes[remote].build.remote(job)
             self._running[handle] = (index, remote)
             self._outstanding[remote] += 1
+
+    def _is_ready(self, remote: int) -> bool:
+        """Set up (its start-up ping answered): a job given to a worker still starting would wait
+        while this process could run it."""
+        if remote in self._ready:
+            return True
+        if self.kind == "pool":
+            up = sum(1 for p in self._pings if p.done())  # pool processes are interchangeable
+            ok = remote < up
+        else:
+            import ray
+
+            ok = bool(ray.wait([self._pings[remote]], timeout=0)[0])
+        if ok:
+            self._ready.add(remote)
+        return ok
 
     def _poll(self, block: bool) -> None:
         """Take what the other workers finished (waiting for one when ``block``)."""
