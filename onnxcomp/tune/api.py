@@ -514,9 +514,7 @@ class Tuner:
             self.space.cuts = ["auto", *self._cuts()]
             self.reference = self._default_fit()
         self.base_size = Path(self.reference).stat().st_size
-        from onnxcomp.tune.worker import count_macs
-
-        self.base_macs = count_macs(self.reference)
+        self._base_macs: int | None | bool = False  # counted once the workers are starting (imports onnx)
         self.sensitivity: list[dict[str, Any]] = []
         self.group_sensitivity: list[dict[str, Any]] = []
         self.deadline = None
@@ -633,6 +631,14 @@ class Tuner:
                 else record.get("error") or record.get("timing", "untimed"),
             )
         return batch
+
+    @property
+    def base_macs(self) -> int | None:
+        if self._base_macs is False:
+            from onnxcomp.tune.worker import count_macs
+
+            self._base_macs = count_macs(self.reference)
+        return self._base_macs
 
     def _estimate(self, record: dict[str, Any]) -> None:
         """The deterministic ratios the optimiser is told: size and MACs against the reference."""
