@@ -286,6 +286,16 @@ class Runner:
             self._ready.add(remote)
         return ok
 
+    def wait_ready(self, timeout: float = 600.0) -> bool:
+        """Block until every other worker is set up (a search never waits: it builds here
+        meanwhile); False on timeout."""
+        deadline = time.perf_counter() + timeout
+        while not all(self._is_ready(r) for r in self._outstanding):
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def _poll(self, block: bool) -> None:
         """Take what the other workers finished (waiting for one when ``block``)."""
         if not self._running:
