@@ -56,7 +56,7 @@ PENALTY = 10.0  # what a failing trial scores for the optimiser (plus its drop)
 FINAL_MIN_ROUNDS, FINAL_MAX_ROUNDS = 6, 12
 BATCH = 4  # trials proposed together (fixed: the sequence must not depend on --workers)
 DEPTH = 2  # batches in flight: the next is proposed when the one before the last is told
-TIE_MARGIN = 0.05  # final choice: within 5 % of the fastest (and within noise) is a tie
+TIE_MARGIN = 0.05  # final choice: within 5 % of the fastest (or within its noise) is a tie
 MAX_ASKS = 50  # proposals per batch before the space counts as exhausted
 
 

@@ -19,9 +19,9 @@ boundary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import contextlib
 import signal
 import time
 import traceback
