@@ -1545,8 +1545,8 @@ def _prune_text(report: dict[str, Any]) -> str:
 @click.option("--space", "levers", default="prune,quantize", show_default=True, help="Levers searched: prune, quantize (comma-separated).")
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials in all (a resumed run counts its old ones).")
 @click.option("--time-budget", metavar="20m", help="Stop starting trials after this long (90s, 20m, 1.5h); running ones finish.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Trials built and evaluated in parallel (local process pool).")
-@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run trials as Ray tasks: auto starts a local Ray with --workers CPUs; an address joins a cluster.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Trials built, evaluated and timed in parallel: this process and N-1 more (a local process pool, or Ray actors with --ray).")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="The other workers as Ray actors: auto starts a local Ray with --workers CPUs; an address joins a cluster.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", type=click.Path(file_okay=False), help="A run folder (with trials.jsonl) to continue.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Where the trial log and models go (default: OUTPUT's name + .tune/).")
@@ -1561,9 +1561,10 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
     """Search compression recipes (prune, quantize, layers left float) for the fastest (or
     smallest) model within --max-drop, each trial built and measured in onnxruntime.
 
-    Builds and the metric run in parallel on long-lived workers (--workers, --ray); latency
-    is measured in this process between batches of builds, while the workers are idle, so
-    parallel trials do not disturb the timing. Sensitivity first (the drop when only one
+    Builds, the metric and latency run in parallel on long-lived workers (--workers, --ray),
+    each pinned to a core of its own while it times; the optimiser is told MAC (or size)
+    ratios, never timings, so the same seed gives the same result whatever the number of
+    workers; the final choice times each kernel class's best. Sensitivity first (the drop when only one
     layer is quantized or one channel group pruned, cached in the run folder), greedy seeds,
     then optuna's TPE when installed (else a seeded random search).
 
