@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
+from onnxcomp import runtime
 from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
@@ -203,20 +204,8 @@ def prune(
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     method, reconstruct = resolve_method(options, data is not None)
-    with _blas_threads(options.threads):
+    with runtime.blas_threads(options.threads):
         return _prune(model, options, method, reconstruct, data, eval_data)
-
-
-def _blas_threads(threads: int):
-    """Limit numpy's BLAS to ``threads`` while solving: on a busy machine OpenBLAS's own threads
-    make the many small solves 15x slower (measured: a 288 x 288 solve 0.13 s vs 0.008 s)."""
-    import contextlib
-
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=max(1, threads), user_api="blas")
 
 
 def _prune(model, options, method, reconstruct, data, eval_data):

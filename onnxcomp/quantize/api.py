@@ -558,22 +558,8 @@ def quantize_built(
     model and report."""
     options = dataclasses.replace(options) if options is not None else QuantizeOptions()
     options.check()
-    with _blas_threads(options.threads):
+    with runtime.blas_threads(options.threads):
         return _quantize_built(model, options, data, eval_data)
-
-
-def _blas_threads(threads: int):
-    """Limit numpy's BLAS to ``threads`` (the onnxruntime sessions' count) while quantizing: on
-    a busy machine OpenBLAS's own threads wait on each other, and the calibration's matmuls
-    (dynamic mode's candidates on every layer) ran 3-8x slower with 2 threads than with 1
-    (a 320 x 384 x 384 product: 40-88 ms vs 12 ms at load 10 on 2 cores)."""
-    import contextlib
-
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=max(1, threads), user_api="blas")
 
 
 def _quantize_built(model, options, data, eval_data) -> Built:

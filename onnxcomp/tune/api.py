@@ -333,10 +333,10 @@ class Runner:
                 else:
                     self._poll(block=True)
                     continue
-                from onnxcomp.tune.worker import one_blas_thread
+                from onnxcomp.runtime import blas_threads
 
                 self._queue.remove(mine)
-                with one_blas_thread():
+                with blas_threads(1):  # this process builds beside the other workers
                     self._results[mine] = self.inline.build(self._jobs.pop(mine))
             out.append(self._results.pop(index))
         return out

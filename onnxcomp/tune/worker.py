@@ -234,19 +234,6 @@ def one_thread() -> None:
     threadpool_limits(1)
 
 
-@contextlib.contextmanager
-def one_blas_thread():
-    """1 BLAS thread for the block (this process as worker 0 builds beside the others), when
-    threadpoolctl is installed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 def start_process(setup: dict[str, Any], slots: Any = None) -> None:
     """A pool process's initializer: ignore Ctrl-C (the parent decides what to keep), one
     thread, pinned to a core of its own for its whole life (its index from ``slots``, a queue),
