@@ -611,7 +611,7 @@ def choose_by_macs(
 # squares) and the model's outputs compared with the dense ones; between them the loss is
 # interpolated linearly (0 at no cut), and no group loses more than the last one.
 SENSITIVITY_RATIOS = (0.25, 0.5)
-SENSITIVITY_SAMPLES = 16  # calibration samples the outputs are compared on
+SENSITIVITY_SAMPLES = 64  # calibration samples the outputs are compared on (at most --samples)
 
 
 def output_distortion(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
@@ -729,7 +729,8 @@ def choose_by_sensitivity(
     """Set ``removed`` so the MACs drop by ``fraction`` at the least summed loss: repeatedly the
     group and cut (from its current one to any larger allowed count up to its last measured
     point) with the least added loss per MAC saved (the loss of a cut between measured points
-    interpolated). Within a group the lowest-scored channels go. Returns the fraction removed."""
+    interpolated); once one step can reach the budget, the step reaching it with the least added
+    loss. Within a group the lowest-scored channels go. Returns the fraction removed."""
     live = [grp for grp in groups if not grp.declined and len(curves.get(id(grp), [])) > 1]
     target = count.total * (1.0 - fraction)
     options: dict[int, list[tuple[int, float, float]]] = {}  # group -> [(cut, loss, MACs saved alone)]
@@ -741,18 +742,22 @@ def choose_by_sensitivity(
     chosen = {id(grp): 0 for grp in live}
     at = {id(grp): (0.0, 0.0) for grp in live}  # (loss, saved) at the current cut
     while count.macs(chosen) > target:
-        best = None
+        best = finish = None
         for key, steps in options.items():
             loss0, saved0 = at[key]
             for k, loss, saved in steps:
                 if k <= chosen[key] or saved <= saved0:
                     continue
-                rate = max(loss - loss0, 0.0) / (saved - saved0)
+                added = max(loss - loss0, 0.0)
+                rate = added / (saved - saved0)
                 if best is None or rate < best[0]:
                     best = (rate, key, k, loss, saved)
+                if (finish is None or added < finish[0]) and count.macs({**chosen, key: k}) <= target:
+                    finish = (added, key, k, loss, saved)
         if best is None:
             break
-        _, key, k, loss, saved = best
+        # the last step: the cheapest one that reaches the budget, not the best rate overshooting it
+        _, key, k, loss, saved = finish if finish is not None else best
         chosen[key] = k
         at[key] = (loss, saved)
     for grp in live:
