@@ -611,7 +611,7 @@ def choose_by_macs(
 # squares) and the model's outputs compared with the dense ones; between them the loss is
 # interpolated linearly (0 at no cut), and no group loses more than the last one.
 SENSITIVITY_RATIOS = (0.25, 0.5)
-SENSITIVITY_SAMPLES = 64  # calibration samples the outputs are compared on (at most --samples)
+SENSITIVITY_SAMPLES = 16  # calibration samples the outputs are compared on (at most --samples)
 
 
 def output_distortion(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
