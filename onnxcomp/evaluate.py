@@ -5,7 +5,8 @@
   (running sums, so any number of samples fits in memory), per output: max/mean absolute error,
   cosine (mean and min over samples), SNR in dB, top-1 agreement for class scores ([batch,
   classes]) and per position for scores over classes at every position ([batch, time, classes]:
-  CTC, token classification), accuracy of each model where the data has labels, and a user
+  CTC, token classification), decision agreement at 0.5 for one probability per sample ([batch,
+  1] in [0, 1]: a voice-activity or binary classifier), accuracy of each model where the data has labels, and a user
   metric when one is given. Outputs that only echo an input may be missing from the candidate.
 - :class:`Verdict`: the metric held against a budget (``--max-drop``), its value and drop,
   passed or not and why: the CLI's ``validate``, recipes, the quantize self-check and auto's
@@ -88,6 +89,16 @@ def is_sequence_scores(array: np.ndarray, name: str = "") -> bool:
     return bool(np.all(np.abs(sums - 1.0) < 1e-3))
 
 
+def is_probability_column(array: np.ndarray, name: str = "") -> bool:
+    """One probability per sample, [batch, 1] in [0, 1] (a sigmoid: speech or not, a binary
+    class), not named like features: judged by the decision at 0.5, as top-1 agreement."""
+    if array.ndim != 2 or array.shape[-1] != 1 or not np.issubdtype(array.dtype, np.floating):
+        return False
+    if _names_features(name) or array.size == 0:
+        return False
+    return bool(np.nanmin(array) >= 0 and np.nanmax(array) <= 1)
+
+
 @dataclasses.dataclass
 class OutputStats:
     """Running error statistics for one output."""
@@ -107,6 +118,7 @@ class OutputStats:
     exact: bool = True
     ref_scale: float = 0.0
     per_position: bool | None = None  # decided on the first batch: [batch, time, classes] scores
+    binary: bool | None = None  # decided on the first batch: one probability per sample [batch, 1]
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.shape != cand.shape:
@@ -146,10 +158,16 @@ class OutputStats:
         self.samples += len(rows_a)
         if self.per_position is None and ref.ndim == 3:
             self.per_position = is_sequence_scores(ref, self.name)
+        if self.binary is None and ref.ndim == 2:
+            self.binary = is_probability_column(ref, self.name)
         if is_classifier_output(ref) or (ref.ndim == 3 and self.per_position):
             # rank 3: one vote per position (time step, token), as a CTC decoder reads it
             self.top1_same += int(np.sum(ref.argmax(-1) == cand.argmax(-1)))
             self.top1_total += int(np.prod(ref.shape[:-1]))
+        elif self.binary:
+            # one probability per sample: its cosine is only its sign; the decision at 0.5 counts
+            self.top1_same += int(np.sum((ref > 0.5) == (cand > 0.5)))
+            self.top1_total += ref.size
 
     @property
     def top1_agreement(self) -> float | None:

@@ -291,6 +291,11 @@ def drop_unused(model: ir.Model) -> None:
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     RemoveUnusedNodesPass()(model)
+    # onnx-ir's pass drops unused initializers of the main graph only; those of If/Loop branches
+    # (a folded LSTM weight's original, say) would otherwise be saved, unread.
+    for graph in model.graphs():
+        if graph is not model.graph:
+            drop_unused_initializers(graph, list(graph.initializers.values()))
 
 
 def annotated_values(model: ir.Model) -> set[str]:

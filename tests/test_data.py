@@ -88,3 +88,47 @@ def test_scalar_inputs_go_with_every_batch(tmp_path):
     batches = list(source.batches(2))
     assert [len(b) for b in batches] == [2, 2, 1]
     assert all(b.inputs["sr"].shape == () and int(b.inputs["sr"]) == 16000 for b in batches)
+
+
+# A recurrent cell as streaming models export it: the state's batch axis is its second; the
+# sample rate is a scalar.
+STATEFUL = """
+<ir_version: 8, opset_import: ["" : 17]>
+cell (float[N, 4] x, float[2, N, 4] state, int64 sr) => (float[N, 1] prob, float[2, N, 4] state_out)
+<int64 first = {0}, int64[1] axes = {1}> {
+    h = Gather<axis = 0>(state, first)
+    mixed = Add(h, x)
+    gate = ReduceSum<keepdims = 1>(mixed, axes)
+    prob = Sigmoid(gate)
+    state_out = Tanh(state)
+}
+"""
+
+
+def test_a_state_whose_batch_axis_is_second_is_fed_one_whole_feed_per_sample(tmp_path):
+    import onnx
+
+    from onnxcomp import model as model_io
+    from onnxcomp.validate import compare
+
+    path = tmp_path / "cell.onnx"
+    onnx.save(onnx.parser.parse_model(STATEFUL), path)
+    specs = model_io.input_specs(model_io.load(path))
+    rng = np.random.default_rng(0)
+    # state stored [samples, 2, 1, 4]: one axis more than its input; sr a 0-d array
+    np.savez(
+        tmp_path / "d.npz",
+        x=rng.normal(size=(5, 4)).astype(np.float32),
+        state=rng.normal(size=(5, 2, 1, 4)).astype(np.float32),
+        sr=np.array(16000, np.int64),
+    )
+    source = open_data(tmp_path / "d.npz", specs)
+    batches = list(source.batches(32))
+    assert len(batches) == 5
+    assert batches[0].inputs["state"].shape == (2, 1, 4) and batches[0].inputs["x"].shape == (1, 4)
+    assert batches[0].inputs["sr"].shape == ()
+    result = compare(str(path), str(path), source)
+    assert result.samples == 5
+    # one probability per sample is judged by the decision at 0.5, as top-1 agreement
+    assert result.to_json()["outputs"][0]["top1_agreement"] == 1.0
+    assert result.metric() == "top1"

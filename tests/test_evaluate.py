@@ -250,3 +250,30 @@ def test_box_agreement_counts_lost_and_added_boxes_as_zero():
         {"output0": got}, {"output0": np.concatenate([want, want, empty])}, 3
     )
     assert count == 3 and abs(total - (1.0 + 2 / 3 + 1.0)) < 1e-6
+
+
+def test_one_probability_per_sample_is_judged_by_its_decision(tmp_path):
+    # A sigmoid [batch, 1] (speech or not): each row's cosine is only its sign, always 1 here;
+    # the decision at 0.5 is what a user reads.
+    def model(path, bias):
+        text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        detector (float[N, 4] x) => (float[N, 1] prob)
+        <int64[1] axes = {{1}}, float bias = {{{bias}}}> {{
+            total = ReduceSum<keepdims = 1>(x, axes)
+            shifted = Add(total, bias)
+            prob = Sigmoid(shifted)
+        }}
+        """
+        onnx.save(onnx.parser.parse_model(text), path)
+        return str(path)
+
+    np.savez(
+        tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(200, 4)).astype(np.float32)
+    )
+    comparison = compare(model(tmp_path / "a.onnx", 0.0), model(tmp_path / "b.onnx", 0.5),
+                         NpzData(tmp_path / "d.npz"))  # fmt: skip
+    out = comparison.to_json()["outputs"][0]
+    assert out["cosine_mean"] == pytest.approx(1.0)
+    assert comparison.metric() == "top1"
+    assert 0.02 < comparison.drop() < 0.5  # the frames whose sum lies in (-0.5, 0) flip
