@@ -1440,7 +1440,8 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--min-size", type=int, default=512, show_default=True, help="Weights with fewer elements are left alone.")
 @click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data; the most sensitive layers/groups are spared until it holds.")
 @click.option("--eval-data", type=click.Path(), help="Samples the drop and the self-check are measured on.")
-@click.option("--metric", default="auto", show_default=True, metavar="auto|accuracy|top1|cosine", help="What --max-drop measures.")
+@click.option("--metric", default="auto", show_default=True, metavar="NAME|module:function", help="What --max-drop measures (onnxcomp.evaluate:yolo_boxes: detectors' boxes; --allocate sensitivity then ranks groups by its smooth loss).")
+@click.option("--allocate", default="scores", show_default=True, metavar="scores|sensitivity", help="--sparsity-of macs: scores: lowest channel score per MAC, at most 20%% of a group; sensitivity: each group cut alone on --data, the MACs taken where the outputs change least.")
 @click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples used.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before pruning.")
 @shape_option
@@ -1449,7 +1450,8 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(
     model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, sparsity_of, reconstruct,
-    data, exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
+    data, exclude_nodes, min_size, max_drop, eval_data, metric, allocate, samples, no_optimize, shapes, threads,
+    report_path, as_json,
 ):
     """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
 
@@ -1472,7 +1474,7 @@ def prune(
         sparsity=sparsity, method=method, scope=scope, pattern=pattern, threshold=threshold,
         structured=structured, importance=importance, sparsity_of=sparsity_of, reconstruct=reconstruct,
         exclude_nodes=_split_names(exclude_nodes), min_size=min_size, max_drop=max_drop, metric=metric,
-        samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
+        allocate=allocate, samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
     )  # fmt: skip
     options = parse_options(PruneOptions, {k: v for k, v in values.items() if v is not None}, "prune")
     model = model_io.load(model_path)
