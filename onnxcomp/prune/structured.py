@@ -679,9 +679,7 @@ def group_sensitivity(
     group cut alone (its lowest-scored channels, consumers solved on ``hessians``), the model run
     on ``data`` and compared with ``model`` by `output_distortion`."""
     from onnxcomp import runtime
-    from onnxcomp.evaluate import ReferenceOutputs
-
-    from onnxcomp.evaluate import is_user_metric, load_metric
+    from onnxcomp.evaluate import ReferenceOutputs, is_user_metric, load_metric
 
     loss_of = output_distortion
     if is_user_metric(options.metric):  # a metric may bring its own smooth loss (evaluate.yolo_boxes)
