@@ -944,6 +944,12 @@ def _split_names(values: tuple[str, ...]) -> list[str]:
 )
 @quantize_option("--exclude-nodes", multiple=True, metavar="NAME[,NAME]", help="Nodes to keep float (repeatable).")
 @quantize_option("--exclude-ops", multiple=True, metavar="OP[,OP]", help="Op types to keep float (repeatable).")
+@quantize_option(
+    "--op-types",
+    multiple=True,
+    metavar="OP[,OP]",
+    help="Dynamic and weight-only: op types to quantize (default: MatMul,Gemm; weight-only also Gather). Conv,MatMul,Gemm writes ConvInteger.",
+)
 @quantize_option("--max-drop", type=float, help="Largest accepted drop on --eval-data (see --metric).")
 @quantize_option("--eval-data", type=click.Path(), help="Samples the drop and self-check are measured on.")
 @quantize_option("--metric", metavar="NAME|module:function", help=METRIC_HELP)
@@ -993,7 +999,7 @@ def quantize(model_path, output, shapes, recipe_out, force, report_path, as_json
     # Only the flags given: the dataclass holds every default. Parsed like a recipe step, so a
     # bad value gets the same one-line error naming the flag.
     values = {k: v for k, v in flags.items() if v is not None}
-    for key in ("exclude_nodes", "exclude_ops"):
+    for key in ("exclude_nodes", "exclude_ops", "op_types"):
         values[key] = _split_names(values.get(key, ()))
     if shapes:
         values["shapes"] = parse_shapes(shapes)
@@ -1434,7 +1440,8 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--min-size", type=int, default=512, show_default=True, help="Weights with fewer elements are left alone.")
 @click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data; the most sensitive layers/groups are spared until it holds.")
 @click.option("--eval-data", type=click.Path(), help="Samples the drop and the self-check are measured on.")
-@click.option("--metric", default="auto", show_default=True, metavar="auto|accuracy|top1|cosine", help="What --max-drop measures.")
+@click.option("--metric", default="auto", show_default=True, metavar="NAME|module:function", help="What --max-drop measures (onnxcomp.evaluate:yolo_boxes: detectors' boxes; --allocate sensitivity then ranks groups by its smooth loss).")
+@click.option("--allocate", default="scores", show_default=True, metavar="scores|sensitivity", help="--sparsity-of macs: scores: lowest channel score per MAC, at most 20%% of a group; sensitivity: each group cut alone on --data, the MACs taken where the outputs change least.")
 @click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples used.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before pruning.")
 @shape_option
@@ -1443,7 +1450,8 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def prune(
     model_path, output, sparsity, method, scope, pattern, threshold, structured, importance, sparsity_of, reconstruct,
-    data, exclude_nodes, min_size, max_drop, eval_data, metric, samples, no_optimize, shapes, threads, report_path, as_json,
+    data, exclude_nodes, min_size, max_drop, eval_data, metric, allocate, samples, no_optimize, shapes, threads,
+    report_path, as_json,
 ):
     """Prune MODEL and write it to OUTPUT, with a per-tensor (or per-group) report.
 
@@ -1466,7 +1474,7 @@ def prune(
         sparsity=sparsity, method=method, scope=scope, pattern=pattern, threshold=threshold,
         structured=structured, importance=importance, sparsity_of=sparsity_of, reconstruct=reconstruct,
         exclude_nodes=_split_names(exclude_nodes), min_size=min_size, max_drop=max_drop, metric=metric,
-        samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
+        allocate=allocate, samples=samples, optimize=not no_optimize, threads=threads, shapes=parse_shapes(shapes),
     )  # fmt: skip
     options = parse_options(PruneOptions, {k: v for k, v in values.items() if v is not None}, "prune")
     model = model_io.load(model_path)
@@ -1539,8 +1547,8 @@ def _prune_text(report: dict[str, Any]) -> str:
 @click.option("--space", "levers", default="prune,quantize", show_default=True, help="Levers searched: prune, quantize (comma-separated).")
 @click.option("--trials", type=int, default=20, show_default=True, help="Trials in all (a resumed run counts its old ones).")
 @click.option("--time-budget", metavar="20m", help="Stop starting trials after this long (90s, 20m, 1.5h); running ones finish.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Trials built and evaluated in parallel (local process pool).")
-@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="Run trials as Ray tasks: auto starts a local Ray with --workers CPUs; an address joins a cluster.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Trials built, evaluated and timed in parallel: this process and N-1 more (a local process pool, or Ray actors with --ray).")
+@click.option("--ray", "ray_address", metavar="auto|ADDRESS", help="The other workers as Ray actors: auto starts a local Ray with --workers CPUs; an address joins a cluster.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", type=click.Path(file_okay=False), help="A run folder (with trials.jsonl) to continue.")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Where the trial log and models go (default: OUTPUT's name + .tune/).")
@@ -1555,9 +1563,10 @@ def tune(model_path, output, time_budget, levers, recipe_out, report_path, as_js
     """Search compression recipes (prune, quantize, layers left float) for the fastest (or
     smallest) model within --max-drop, each trial built and measured in onnxruntime.
 
-    Builds and the metric run in parallel on long-lived workers (--workers, --ray); latency
-    is measured in this process between batches of builds, while the workers are idle, so
-    parallel trials do not disturb the timing. Sensitivity first (the drop when only one
+    Builds, the metric and latency run in parallel on long-lived workers (--workers, --ray),
+    each pinned to a core of its own while it times; the optimiser is told MAC (or size)
+    ratios, never timings, so the same seed gives the same result whatever the number of
+    workers; the final choice times each kernel class's best. Sensitivity first (the drop when only one
     layer is quantized or one channel group pruned, cached in the run folder), greedy seeds,
     then optuna's TPE when installed (else a seeded random search).
 

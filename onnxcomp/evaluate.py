@@ -829,6 +829,34 @@ def box_agreement(got: np.ndarray, want: np.ndarray, conf: float = 0.25) -> dict
     }
 
 
+def yolo_distortion(want: dict[str, np.ndarray], got: dict[str, np.ndarray], floor: float = 0.1) -> float:
+    """A smooth stand-in for :func:`yolo_boxes` (what ``prune --allocate sensitivity`` ranks
+    groups by): over the anchors where the reference scores a class at least ``floor``, weighted
+    by that score, the candidate's relative change of the score plus ``1 - IoU`` of the two
+    boxes. 0 when the outputs agree; it grows before boxes flip across the threshold."""
+    ref = np.asarray(next(iter(want.values())), np.float64)
+    out = np.asarray(got[next(iter(want))], np.float64)
+    cls = ref[:, 4:].argmax(1)  # (N, anchors)
+    s_ref = np.take_along_axis(ref[:, 4:], cls[:, None], 1)[:, 0]
+    s_out = np.take_along_axis(out[:, 4:], cls[:, None], 1)[:, 0]
+    keep = s_ref >= floor
+    if not keep.any():
+        return 0.0
+
+    def corners(o):
+        cx, cy, w, h = (o[:, i][keep] for i in range(4))
+        return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+    a, b = corners(ref), corners(out)
+    lo, hi = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), 1)
+    union = np.prod(a[:, 2:] - a[:, :2], 1) + np.prod(b[:, 2:] - b[:, :2], 1) - inter
+    iou = inter / np.maximum(union, 1e-9)
+    weight = s_ref[keep]
+    loss = np.abs(s_out[keep] - weight) / weight + (1.0 - iou)
+    return float(np.sum(weight * loss) / np.sum(weight))
+
+
 def yolo_boxes(outputs: dict[str, np.ndarray], target: Any) -> np.ndarray:
     """A ready-made user metric for YOLOv8-style detectors (``--metric
     onnxcomp.evaluate:yolo_boxes``): per image, the boxes' mean IoU with the reference model's
@@ -841,3 +869,6 @@ def yolo_boxes(outputs: dict[str, np.ndarray], target: Any) -> np.ndarray:
     got, want = next(iter(outputs.values())), next(iter(target.values()))
     scores = [box_agreement(g[None], w[None])["box_iou"] for g, w in zip(got, want)]
     return np.array([1.0 if s is None else s for s in scores])
+
+
+yolo_boxes.distortion = yolo_distortion  # what --allocate sensitivity measures with this metric

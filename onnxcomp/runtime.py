@@ -417,3 +417,15 @@ def qdq_problem(opset: int) -> str | None:
     except OnnxcompError as err:
         return str(err)
     return None
+
+
+def blas_threads(threads: int):
+    """Limit numpy's BLAS to ``threads`` for a block (quantize's calibration products, prune's and
+    GPTQ's solves, a tune worker's builds), when threadpoolctl is installed. On a busy machine
+    OpenBLAS's own threads wait on each other: measured at load 10 on 2 cores, a 320 x 384 x 384
+    product took 40-88 ms with 2 threads against 12 ms with 1, a 288 x 288 solve 0.13 s vs 0.008 s."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=max(1, threads), user_api="blas")

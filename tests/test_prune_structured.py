@@ -275,3 +275,33 @@ def test_sparsity_of_macs_removes_that_share_of_the_macs(tmp_path):
     # asked for more than the 20 % cap per group allows: less is cut, and the report says so
     _, report = prune(_c2f_model(), dataclasses.replace(options, sparsity=0.5), data=tmp_path / "calib.npz")
     assert "of the MACs removed, not 50%" in report["notes"][0]
+
+
+def test_allocate_by_sensitivity_spends_the_macs_where_the_outputs_change_least(models_dir):
+    """--allocate sensitivity: each group is cut alone on the calibration data, its output loss
+    measured (in the report), and the MAC budget shared so that the summed loss is least."""
+    options = PruneOptions(structured=True, sparsity=0.3, sparsity_of="macs", allocate="sensitivity", samples=64)
+    model, report = prune(
+        model_io.load(models_dir / "digits_cnn.onnx"), options,
+        data=models_dir / "digits_calib.npz", eval_data=models_dir / "digits_test.npz",
+    )  # fmt: skip
+    _check(model)
+    assert report["after"]["macs"] <= 0.71 * report["before"]["macs"]
+    assert report["check"]["drop"] <= 0.01
+    live = [g for g in report["groups"] if not g.get("skipped")]
+    for g in live:
+        cuts = [n for n, _ in g["sensitivity"]]
+        assert g["sensitivity"][0] == [0, 0.0] and cuts == sorted(cuts)
+        assert g["removed"] <= cuts[-1]  # never past the largest cut measured
+    # the budget is not shared evenly: the groups lose different fractions of their channels
+    assert len({round(g["removed"] / g["channels"], 2) for g in live}) > 1
+
+
+def test_allocate_sensitivity_needs_a_mac_budget_and_data(models_dir):
+    from onnxcomp.errors import OnnxcompError
+
+    with pytest.raises(OnnxcompError, match="--sparsity-of macs"):
+        PruneOptions(structured=True, allocate="sensitivity").check()
+    with pytest.raises(OnnxcompError, match="needs --data"):
+        prune(model_io.load(models_dir / "digits_cnn.onnx"),
+              PruneOptions(structured=True, sparsity=0.2, sparsity_of="macs", allocate="sensitivity"))  # fmt: skip

@@ -214,6 +214,22 @@ def test_dynamic_and_weight_only_modes_dispatch(cli, tmp_path):
     assert result.exit_code == 2 and "--bits 4 works only with --mode weight-only" in result.stderr
 
 
+def test_op_types_adds_conv_to_dynamic_as_conv_integer(cli, tmp_path):
+    out = tmp_path / "dynamic.onnx"
+    result = cli(
+        "quantize", CNN, "-o", out, "--mode", "dynamic", "--op-types", "Conv,MatMul,Gemm",
+        "--data", CALIB, "--eval-data", TEST, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ops = [node.op_type for node in onnx.load(out).graph.node]
+    assert ops.count("ConvInteger") >= 1 and "Conv" not in ops
+    assert compare(str(CNN), model_io.load(out), NpzData(TEST)).accuracy_drop <= 0.01
+
+    result = cli("quantize", CNN, "-o", tmp_path / "s.onnx", "--mode", "static",
+                 "--op-types", "Conv", "--data", CALIB)  # fmt: skip
+    assert result.exit_code == 2 and "--op-types applies to" in result.stderr
+
+
 @pytest.mark.thirdparty
 def test_auto_keeps_the_cleaned_graph_when_only_the_clean_up_pays(tmp_path, cli):
     """Paddle's OCR direction classifier, hard-swish decomposed: no calibration data, so no static;

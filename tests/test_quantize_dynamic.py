@@ -276,6 +276,61 @@ def test_smoothing_moves_activation_outliers_into_weights(tmp_path):
         assert sqnr_db(ref, b) > sqnr_db(ref, a) + 6
 
 
+def test_smoothing_after_a_layer_norm_is_folded_into_its_scale_and_bias(tmp_path):
+    # Pre-norm transformer blocks: the query/key/value projections read a LayerNormalization whose
+    # scale has a few huge channels. x / s goes into the norm's scale and bias: no Mul at run time.
+    rng = np.random.default_rng(5)
+    k = 64
+    gamma = np.ones(k, np.float32)
+    gamma[[3, 17, 40]] = 60.0
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        block (float[batch, seq, {k}] x)
+            => (float[batch, seq, {k}] q, float[batch, seq, {k}] kk, float[batch, seq, {k}] v) {{
+            n = LayerNormalization <axis = -1> (x, gamma, beta)
+            q = MatMul(n, wq)
+            kk = MatMul(n, wk)
+            v = MatMul(n, wv)
+        }}
+    """
+    weights = {name: rng.standard_normal((k, k)) / np.sqrt(k) for name in ("wq", "wk", "wv")}
+    model = from_text(text, gamma=gamma, beta=rng.standard_normal(k) * 0.1, **weights)
+    calib = rng.standard_normal((16, 11, k)).astype(np.float32)
+    test = rng.standard_normal((4, 11, k)).astype(np.float32)
+    refs = run(model, {"x": test})
+    options = dict(bias_correction=False, blockwise=False)
+
+    plain_options = DynamicQuantizeOptions(smooth=False, **options)
+    plain = DynamicQuantizePass(plain_options, npz(tmp_path, x=calib))(copy_of(model))
+    smoothed = DynamicQuantizePass(DynamicQuantizeOptions(**options), npz(tmp_path, x=calib))(
+        copy_of(model)
+    )
+
+    layer = smoothed.report["layers"][0]
+    assert layer["smooth_alpha"] > 0 and layer["smooth"] == "folded into the producer"
+    ops = collections.Counter(n.op_type for n in smoothed.model.graph)
+    # each MatMulInteger's two scale Muls, and no x / s
+    assert ops["MatMulInteger"] == 3 and ops["Mul"] == 6
+    assert ops["DynamicQuantizeLinear"] == 1
+    smooth_out = run(smoothed.model, {"x": test})
+    for ref, a, b in zip(refs, run(plain.model, {"x": test}), smooth_out):
+        assert sqnr_db(ref, b) > sqnr_db(ref, a) + 6
+
+
+def test_small_smoothing_gain_is_not_worth_a_mul(tmp_path):
+    # Inputs without outlier channels and no layer norm to fold into: smoothing would gain little,
+    # and its Mul over the whole activation would cost more than it saves.
+    rng = np.random.default_rng(6)
+    model = attention_projections(rng)
+    calib = rng.standard_normal((16, 11, 64)).astype(np.float32)
+
+    result = DynamicQuantizePass(DynamicQuantizeOptions(), npz(tmp_path, x=calib))(model)
+
+    assert result.report["smoothed_groups"] == 0
+    assert all("smooth_alpha" not in layer for layer in result.report["layers"])
+    assert not any(n.name.endswith("_smooth") for n in result.model.graph)
+
+
 def test_outlier_tokens_get_blockwise_kernel(tmp_path):
     # Inputs whose first token is huge (as the first token of transformer layers often is): one per-tensor scale
     # loses all the other tokens and no per-channel smoothing can help, so the layers run as MatMulNBits with

@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp import model as model_io
+from onnxcomp import runtime
 from onnxcomp.data import DataSource, open_data, open_given_pair
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.passes import Context, Result, get_pass, parse_options, register, run_pass
@@ -44,6 +45,7 @@ class PruneOptions:
     structured: bool = False
     importance: Literal["l1", "l2", "bn", "activation"] = "l2"  # structured: channel scores
     sparsity_of: Literal["channels", "macs"] = "channels"  # structured: what --sparsity counts
+    allocate: Literal["scores", "sensitivity"] = "scores"  # --sparsity-of macs: how the cut is shared by groups
     reconstruct: bool | None = None  # default: on when data is given
     data: str | None = None
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
@@ -51,7 +53,7 @@ class PruneOptions:
     min_size: int = 512  # weights with fewer elements are left alone
     max_drop: float | None = None
     eval_data: str | None = None
-    metric: Literal["auto", "accuracy", "top1", "cosine"] = "auto"
+    metric: str = "auto"  # auto|accuracy|top1|cosine or module:function (e.g. onnxcomp.evaluate:yolo_boxes)
     optimize: bool = True
     samples: int = 256  # calibration samples for Hessians and activation scores
     batch_size: int = 32
@@ -69,10 +71,15 @@ class PruneOptions:
             raise OnnxcompError(f"{where}: --method threshold needs --threshold T")
         if self.sparsity_of == "macs" and not self.structured:
             raise OnnxcompError(f"{where}: --sparsity-of macs counts the MACs removed with --structured")
+        if self.allocate == "sensitivity" and self.sparsity_of != "macs":
+            raise OnnxcompError(f"{where}: --allocate sensitivity shares a MAC budget: add --sparsity-of macs")
         if self.structured and self.pattern != "unstructured":
             raise OnnxcompError(f"{where}: --structured removes whole channels; drop --pattern {self.pattern}")
         if self.max_drop is not None and not 0 <= self.max_drop <= 1:
             raise OnnxcompError(f"{where}: --max-drop {self.max_drop}: expected a fraction in [0, 1]")
+        from onnxcomp.evaluate import check_metric
+
+        check_metric(self.metric, f"{where}: --metric")
         if self.samples < 1 or self.batch_size < 1:
             raise OnnxcompError(f"{where}: --samples and --batch-size must be at least 1")
 
@@ -159,7 +166,7 @@ def measure(reference: ir.Model, candidate: ir.Model, data: DataSource, options:
 
     comparison = compare(
         reference, candidate, data, batch_size=options.batch_size, limit=options.check_samples,
-        threads=options.threads,
+        threads=options.threads, metric=options.metric,
     )  # fmt: skip
     drop, metric = comparison.drop(options.metric), comparison.drop_metric(options.metric)
     payload = comparison.to_json()
@@ -203,20 +210,8 @@ def prune(
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     method, reconstruct = resolve_method(options, data is not None)
-    with _blas_threads(options.threads):
+    with runtime.blas_threads(options.threads):
         return _prune(model, options, method, reconstruct, data, eval_data)
-
-
-def _blas_threads(threads: int):
-    """Limit numpy's BLAS to ``threads`` while solving: on a busy machine OpenBLAS's own threads
-    make the many small solves 15x slower (measured: a 288 x 288 solve 0.13 s vs 0.008 s)."""
-    import contextlib
-
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=max(1, threads), user_api="blas")
 
 
 def _prune(model, options, method, reconstruct, data, eval_data):

@@ -63,6 +63,7 @@ class DependencyGroup:
     parts: list[np.ndarray] | None = None  # root channels per Split output (then built apart)
     # Split/Slice nodes along the channel axis: (node, key of the slot on their data input)
     resized: list[tuple[ir.Node, tuple[int, int]]] = dataclasses.field(default_factory=list)
+    sensitivity: list[tuple[int, float]] | None = None  # --allocate sensitivity: (cut, output loss)
 
     def params(self) -> list[Slot]:
         """Slots on initializers (the arrays to slice)."""
@@ -76,6 +77,8 @@ class DependencyGroup:
             "producers": [g.label(n) for n in self.producers],
             "consumers": [g.label(n) for n in self.consumers],
         }
+        if self.sensitivity is not None:
+            row["sensitivity"] = [[n, round(loss, 6)] for n, loss in self.sensitivity]
         return heads.outcome(row, self.declined, self.removed)
 
 
@@ -600,6 +603,167 @@ def choose_by_macs(
     return 1.0 - count.macs(chosen) / count.total
 
 
+# ---------------------------------------------------------------------------------------------
+# --allocate sensitivity: how much of the output each group costs, and the MACs spent where it
+# costs least
+
+# Each group is cut alone at these fractions of its channels (its consumers solved by least
+# squares) and the model's outputs compared with the dense ones; between them the loss is
+# interpolated linearly (0 at no cut), and no group loses more than the last one.
+SENSITIVITY_RATIOS = (0.25, 0.5)
+SENSITIVITY_SAMPLES = 16  # calibration samples the outputs are compared on (at most --samples)
+
+
+def output_distortion(want: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """Mean over the float outputs and their channels (axis 1; a vector: its features) of the
+    squared error relative to the reference's variance of that channel: every channel weighs
+    the same, whatever its scale (YOLOv8's 4 box coordinates in pixels beside 80 class
+    probabilities; logits beside a pooled embedding)."""
+    losses = []
+    for name, ref in want.items():
+        ref = np.asarray(ref)
+        if ref.dtype.kind != "f" or ref.size == 0:
+            continue
+        out = np.asarray(got[name], np.float64)
+        ref = ref.astype(np.float64)
+        if ref.ndim >= 2:
+            ref, out = np.moveaxis(ref, 1, 0), np.moveaxis(out, 1, 0)
+            ref, out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+        else:
+            ref, out = ref.reshape(1, -1), out.reshape(1, -1)
+        err = np.mean((out - ref) ** 2, axis=1)
+        var = np.var(ref, axis=1)
+        scale = np.where(var > 0, var, np.maximum(np.mean(ref**2, axis=1), 1e-12))
+        losses.append(float(np.mean(err / scale)))
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def _translate(group: DependencyGroup, values: dict[str, ir.Value]) -> DependencyGroup:
+    """``group`` on a copy of its model (values and nodes found by name)."""
+
+    def node_of(node: ir.Node) -> ir.Node:
+        return values[node.outputs[0].name].producer()
+
+    slots = {}
+    for (_, axis), slot in group.slots.items():
+        value = values[slot.value.name]
+        slots[(id(value), axis)] = Slot(value, axis, slot.index)
+    old_keys = {key: (group.slots[key].value.name, key[1]) for key in group.slots}
+    return dataclasses.replace(
+        group,
+        slots=slots,
+        producers=[node_of(n) for n in group.producers],
+        consumers=[node_of(n) for n in group.consumers],
+        depthwise=[node_of(n) for n in group.depthwise],
+        nodes={},
+        resized=[(node_of(n), (id(values[old_keys[key][0]]), key[1])) for n, key in group.resized],
+    )
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    found = {v.name: v for v in model.graph.initializers.values()}
+    for node in model.graph:
+        found.update((v.name, v) for v in node.outputs)
+    return found
+
+
+def group_sensitivity(
+    model: ir.Model,
+    groups: list[DependencyGroup],
+    scores: dict[int, np.ndarray],
+    hessians: dict[int, list[np.ndarray]] | None,
+    data: DataSource,
+    options,
+) -> dict[int, list[tuple[int, float]]]:
+    """``{id(group): [(channels cut, output distortion), ...]}``, starting at (0, 0): each live
+    group cut alone (its lowest-scored channels, consumers solved on ``hessians``), the model run
+    on ``data`` and compared with ``model`` by `output_distortion`."""
+    from onnxcomp import runtime
+    from onnxcomp.evaluate import ReferenceOutputs, is_user_metric, load_metric
+
+    loss_of = output_distortion
+    if is_user_metric(options.metric):  # a metric may bring its own smooth loss (evaluate.yolo_boxes)
+        loss_of = getattr(load_metric(options.metric).function, "distortion", output_distortion)
+    limit = min(options.samples, SENSITIVITY_SAMPLES)
+    reference = ReferenceOutputs(model, data, batch_size=options.batch_size, limit=limit, threads=options.threads)
+    reference.collect()
+    want = list(reference)
+    curves: dict[int, list[tuple[int, float]]] = {}
+    for grp in groups:
+        if grp.declined:
+            continue
+        curve = [(0, 0.0)]
+        order = np.argsort(scores[id(grp)], kind="stable")
+        for ratio in SENSITIVITY_RATIOS:
+            n = _n_removed(grp.channels, int(np.floor(grp.channels * ratio)))
+            if n <= curve[-1][0]:
+                continue
+            candidate = model_io.copy_model(model)
+            values = _values_by_name(candidate)
+            one = _translate(grp, values)
+            one.removed = np.sort(order[:n])
+            h = None
+            if hessians:
+                h = {id(values[c.outputs[0].name].producer()): hessians[id(c)] for c in grp.consumers
+                     if id(c) in hessians}  # fmt: skip
+            apply_cuts(candidate, [one], h, options.damp)
+            _forget_shapes(candidate)
+            session = runtime.create_session(candidate, threads=options.threads, label="sensitivity")
+            loss = [loss_of(outs, runtime.run(session, batch.inputs, list(outs), "sensitivity"))
+                    for batch, outs in want]  # fmt: skip
+            curve.append((n, float(np.mean(loss))))
+            logger.info("sensitivity: %s cut by %d of %d: %.4g", grp.name, n, grp.channels, curve[-1][1])
+        curves[id(grp)] = curve
+    return curves
+
+
+def choose_by_sensitivity(
+    groups: list[DependencyGroup],
+    scores: dict[int, np.ndarray],
+    curves: dict[int, list[tuple[int, float]]],
+    fraction: float,
+    count: MacCount,
+) -> float:
+    """Set ``removed`` so the MACs drop by ``fraction`` at the least summed loss: repeatedly the
+    group and cut (from its current one to any larger allowed count up to its last measured
+    point) with the least added loss per MAC saved (the loss of a cut between measured points
+    interpolated); once one step can reach the budget, the step reaching it with the least added
+    loss. Within a group the lowest-scored channels go. Returns the fraction removed."""
+    live = [grp for grp in groups if not grp.declined and len(curves.get(id(grp), [])) > 1]
+    target = count.total * (1.0 - fraction)
+    options: dict[int, list[tuple[int, float, float]]] = {}  # group -> [(cut, loss, MACs saved alone)]
+    for grp in live:
+        xs, ys = zip(*curves[id(grp)])
+        steps = sorted({_n_removed(grp.channels, k) for k in range(1, xs[-1] + 1)} - {0})
+        steps = [k for k in steps if k <= xs[-1]]
+        options[id(grp)] = [(k, float(np.interp(k, xs, ys)), count.total - count.macs({id(grp): k})) for k in steps]
+    chosen = {id(grp): 0 for grp in live}
+    at = {id(grp): (0.0, 0.0) for grp in live}  # (loss, saved) at the current cut
+    while count.macs(chosen) > target:
+        best = finish = None
+        for key, steps in options.items():
+            loss0, saved0 = at[key]
+            for k, loss, saved in steps:
+                if k <= chosen[key] or saved <= saved0:
+                    continue
+                added = max(loss - loss0, 0.0)
+                rate = added / (saved - saved0)
+                if best is None or rate < best[0]:
+                    best = (rate, key, k, loss, saved)
+                if (finish is None or added < finish[0]) and count.macs({**chosen, key: k}) <= target:
+                    finish = (added, key, k, loss, saved)
+        if best is None:
+            break
+        # the last step: the cheapest one that reaches the budget, not the best rate overshooting it
+        _, key, k, loss, saved = finish if finish is not None else best
+        chosen[key] = k
+        at[key] = (loss, saved)
+    for grp in live:
+        order = np.argsort(scores[id(grp)], kind="stable")
+        grp.removed = np.sort(order[: chosen[id(grp)]])
+    return 1.0 - count.macs(chosen) / count.total
+
+
 def apply_cuts(
     model: ir.Model, groups: list[DependencyGroup], hessians: dict[int, list[np.ndarray]] | None, damp: float
 ) -> list[dict[str, Any]]:
@@ -733,6 +897,13 @@ def _forget_shapes(model: ir.Model) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# Samples per capture batch for the consumers' Hessians: each batch adds at most
+# layerwise.MAX_ROWS_PER_BATCH (4096) sampled positions per Conv, so small batches use more of the
+# positions (YOLOv8n, 38 photos at 320x320: a 40x40 map has 60 800 positions, 4096 of them used at
+# batch 32, 38 000 at batch 4).
+HESSIAN_BATCH = 4
+
+
 def consumer_hessians(
     model: ir.Model, groups: list[DependencyGroup], data: DataSource, options
 ) -> dict[int, list[np.ndarray]]:
@@ -749,7 +920,8 @@ def consumer_hessians(
     if not by_name:
         return {}
     capture.accumulate(
-        model, by_name, data, batch_size=options.batch_size, limit=options.samples, positions=capture.token_positions
+        model, by_name, data, batch_size=min(options.batch_size, HESSIAN_BATCH), limit=options.samples,
+        positions=capture.token_positions,
     )
     return {key: [acc.H for acc in acc_in.hessians] for key, acc_in in inputs.items()}
 
@@ -760,6 +932,8 @@ def prune_structured(
     """Build the groups, rank channels, cut, reconstruct; returns the model and the report."""
     if options.importance == "activation" and data is None:
         raise OnnxcompError("--importance activation needs --data")
+    if options.allocate == "sensitivity" and data is None:
+        raise OnnxcompError("--allocate sensitivity cuts each group and compares the outputs: it needs --data")
     reconstruct = options.reconstruct if options.reconstruct is not None else data is not None
     if reconstruct and data is None:
         raise OnnxcompError("--reconstruct needs --data")
@@ -798,7 +972,7 @@ def prune_structured(
             model, reference, (groups, attention), data, reconstruct, (options, head_options), judge
         )
     else:
-        notes += _choose(model, groups, scores, options, data)
+        notes += _choose(model, groups, scores, options, data, hessians if reconstruct else None)
         cut_report = apply_cuts(model, groups, hessians if reconstruct else None, options.damp)
         _forget_shapes(model)
     report: dict[str, Any] = {
@@ -820,14 +994,27 @@ def prune_structured(
     return model, report
 
 
-def _choose(model: ir.Model, groups: list[DependencyGroup], scores, options, data: DataSource | None) -> list[str]:
-    """`choose` by channels, or `choose_by_macs` with ``--sparsity-of macs``; returns notes."""
+def _choose(
+    model: ir.Model, groups: list[DependencyGroup], scores, options, data: DataSource | None, hessians=None
+) -> list[str]:
+    """`choose` by channels, or `choose_by_macs` (`choose_by_sensitivity` with ``--allocate
+    sensitivity``) with ``--sparsity-of macs``; returns notes."""
     if options.sparsity_of != "macs":
         choose(groups, scores, options.sparsity, options.scope, options.group_ratios)
         return []
     if options.group_ratios:
         raise OnnxcompError("group_ratios: a ratio per group needs --sparsity-of channels")
     count = MacCount(model, groups, _shapes(model, options, data))
+    if options.allocate == "sensitivity":
+        curves = group_sensitivity(model, groups, scores, hessians, data, options)
+        for grp in groups:
+            if id(grp) in curves:
+                grp.sensitivity = curves[id(grp)]
+        done = choose_by_sensitivity(groups, scores, curves, options.sparsity, count)
+        if done < options.sparsity - 0.005:
+            return [f"--allocate sensitivity: {done:.1%} of the MACs removed, not {options.sparsity:.0%}: no group "
+                    f"loses more than {SENSITIVITY_RATIOS[-1]:.0%} of its channels"]
+        return []
     done = choose_by_macs(groups, scores, options.sparsity, count)
     if done < options.sparsity - 0.005:
         return [f"--sparsity-of macs: {done:.1%} of the MACs removed, not {options.sparsity:.0%}: no group loses "
@@ -862,7 +1049,7 @@ def _within_budget(model, reference, groups, data, reconstruct, options, judge_d
         live = [grp for grp in cand_groups if not grp.declined]
         cand_h = consumer_hessians(candidate, cand_groups, solve_data, options) if solve_data is not None else None
         cand_scores = {id(grp): importance(grp, how, cand_h) for grp in live}
-        _choose(candidate, cand_groups, cand_scores, options, solve_data)
+        _choose(candidate, cand_groups, cand_scores, options, solve_data, cand_h)
         cut_report = head_cuts + apply_cuts(candidate, cand_groups, cand_h, options.damp)
         _forget_shapes(candidate)
         live += [grp for grp in cand_heads if not grp.declined]

@@ -44,15 +44,23 @@ def dynamic_quantize_activation(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, np.float32)
     flat = x.reshape(1, -1) if x.ndim < 3 else x.reshape(x.shape[0], -1)  # (samples, elements)
-    rmin = np.minimum(flat.min(axis=1), 0.0).astype(np.float64)
-    rmax = np.maximum(flat.max(axis=1), 0.0).astype(np.float64)
+    return dequantize_in_range(flat, flat.min(axis=1), flat.max(axis=1)).reshape(x.shape)
+
+
+def dequantize_in_range(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``rows: (n, ...)`` through uint8 DynamicQuantizeLinear whose range is ``lo[i], hi[i]`` for
+    row i (the range of the whole tensor it came from), dequantized."""
+    rows = np.asarray(rows, np.float32)
+    flat = rows.reshape(rows.shape[0], -1)
+    rmin = np.minimum(np.asarray(lo), 0.0).astype(np.float64)
+    rmax = np.maximum(np.asarray(hi), 0.0).astype(np.float64)
     scale = (rmax - rmin) / 255.0
     scale = np.where(scale < np.finfo(np.float32).tiny, 1.0, scale)
     zp = np.clip(np.round(-rmin / scale), 0, 255)
     scale32 = scale.astype(np.float32)[:, None]
     zp32 = zp.astype(np.float32)[:, None]
     q = np.clip(np.rint(flat / scale32) + zp32, 0, 255)
-    return ((q - zp32) * scale32).reshape(x.shape)
+    return ((q - zp32) * scale32).reshape(rows.shape)
 
 
 def blockwise_quantize_activation(x: np.ndarray, block_size: int) -> np.ndarray:

@@ -1,9 +1,11 @@
 """``onnxcomp tune``: search whole-model compression recipes for the fastest (or smallest)
 model within a metric budget, measured for real in onnxruntime.
 
-1. Long-lived workers (the parent with ``--workers 1``, else a local process pool or Ray
-   actors), created once per search: each loads the model and the evaluation data and runs the
-   reference once, then builds and judges trial after trial with 1 onnxruntime thread.
+1. Long-lived workers, created once per search: this process is worker 0, and ``--workers``
+   - 1 more run in a local process pool or as Ray actors, started in the background while this
+   one already builds. Each loads the model and the evaluation data and runs the reference once,
+   then builds, judges and (latency objective) times trial after trial with 1 onnxruntime
+   thread, each on a core of its own while it times (``worker``).
 2. A first batch tries each lever alone (every quantize mode, the cleaned-up graph, the
    smallest structured ratio). Sensitivity then: per quantized layer (static, only that layer)
    and per structured dependency group (only that group pruned, at the largest ratio), the drop
@@ -12,14 +14,17 @@ model within a metric budget, measured for real in onnxruntime.
    (``keep_float``) and give the most sensitive groups their own ratio (``group0``...).
 3. Greedy seeds (which depend only on which trials passed), then optuna's TPE (constant liar)
    when optuna is installed, else a seeded random search. Trials are asked in batches of fixed
-   size (``--batch``, not ``--workers``) and told in trial-number order, so the proposals do not
-   depend on how many workers ran them or which finished first.
-4. After each batch of builds, while every worker is idle, this process times the trials that
-   pass the budget and are not dominated (a timed passing trial with the same kernels has no
-   more MACs and no larger file), side by side against the reference in interleaved rounds,
-   only until each one's place against the best so far is settled
-   (``onnxcomp.search.time_candidates``). At the end the best few are timed again; trials still
-   within noise of the best are a tie, broken by fewer MACs, smaller file, lower trial number.
+   size (``--batch``, not ``--workers``), ``DEPTH`` batches in flight (the next proposed when
+   the oldest is told, so the workers never wait for the optimiser), and told in trial-number
+   order; what the optimiser is told is deterministic -- the drop, and for a passing trial its
+   MAC ratio (latency) or size ratio (size) -- never a timing. So the same seed proposes the
+   same trials whatever the number of workers, the load, or which worker finished first.
+4. Each passing trial not dominated by one already logged (same kernels, no more MACs, no
+   larger file) is timed on its worker against the reference in interleaved rounds, for the
+   Pareto table. The final choice: the best of each kernel class (quantize mode, layers left
+   float, head) by MACs, then size, then trial -- a deterministic set -- timed again side by
+   side in this process once the workers are done; a candidate within ``TIE_MARGIN`` or within
+   noise of the fastest is a tie, broken by fewer MACs, smaller file, lower trial number.
 5. It always ends with a result: the best passing trial, or -- when none passes -- the closest
    one (lowest drop) saved as ``OUT.closest.onnx`` and :class:`NoSolution` raised. Every trial
    is a line of ``trials.jsonl`` in the run folder; ``resume`` continues from it. Ctrl-C keeps
@@ -48,12 +53,10 @@ from onnxcomp.tune import space as space_mod
 logger = logging.getLogger(__name__)
 
 PENALTY = 10.0  # what a failing trial scores for the optimiser (plus its drop)
-FINAL_TOP = 3  # trials timed again side by side before the choice
 FINAL_MIN_ROUNDS, FINAL_MAX_ROUNDS = 6, 12
-TIMING_MIN_ROUNDS, TIMING_MAX_ROUNDS = 3, 8  # per batch: until each one's place vs the best is settled
-LATENCY_STEP = 0.05  # latency ratios told to the optimiser are rounded to this
 BATCH = 4  # trials proposed together (fixed: the sequence must not depend on --workers)
-TIE_MARGIN = 0.05  # final choice: within 5 % of the fastest (and within noise) is a tie
+DEPTH = 2  # batches in flight: the next is proposed when the one before the last is told
+TIE_MARGIN = 0.05  # final choice: within 5 % of the fastest (or within its noise) is a tie
 MAX_ASKS = 50  # proposals per batch before the space counts as exhausted
 
 
@@ -167,10 +170,19 @@ class TuneResult:
 
 
 class Runner:
-    """Builds and judges trials on long-lived workers: the parent itself (1 worker), a local
-    process pool, or Ray actors. Each worker is set up once (model, data, reference outputs)
-    and reused; ``map`` returns results in the order of its jobs, whichever worker finishes
-    first, so a seeded search sees the same sequence whatever the number of workers."""
+    """Builds, judges and times trials on long-lived workers. This process is worker 0 (set up
+    at once: its modules are loaded); ``workers - 1`` more run in a local process pool or as Ray
+    actors, started in the background, so their start-up (a new Python process importing onnx
+    and onnxruntime, then loading the model and data and running the reference) overlaps the
+    trials this process builds meanwhile. Each worker is set up once and reused.
+
+    Jobs are queued (:meth:`submit`); each other worker holds up to 2 (the second starts the
+    moment the first ends, even while this process is busy), and this process runs the next
+    queued job itself while it waits. Results are collected in the order the jobs were
+    submitted (:meth:`collect`), whichever worker ran them, so a seeded search sees the same
+    sequence whatever the number of workers."""
+
+    AHEAD = 2  # jobs held by each other worker
 
     def __init__(self, workers: int, ray_address: str | None, setup: dict[str, Any]):
         from onnxcomp.tune import worker as worker_mod
@@ -178,60 +190,180 @@ class Runner:
         self.kind = "inline"
         self.workers = workers
         self.pool = None
-        self.actors: Any = None
-        self.inline = None
+        self._remotes: list[Any] = []  # the other workers: pool slots or Ray actor handles
+        self._outstanding: dict[int, int] = {}  # remote -> jobs held
+        self._running: dict[Any, tuple[int, int]] = {}  # future or Ray ref -> (job index, remote)
+        self._jobs: dict[int, dict[str, Any]] = {}
+        self._queue: list[int] = []
+        self._results: dict[int, dict[str, Any]] = {}
+        self._pings: list[Any] = []
+        self._ready: set[int] = set()
+        self._next = 0
         started = time.perf_counter()
-        if ray_address:
+        setup = {**setup, "workers": workers}
+        others = workers - 1
+        if others and ray_address:
             try:
                 import ray
-                from ray.util import ActorPool
             except ImportError:
                 raise OnnxcompError("--ray needs Ray: pip install 'onnxcomp[ray]'") from None
+            local = ray_address == "auto"
             if not ray.is_initialized():
-                if ray_address == "auto":
+                if local:
                     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
                 else:
                     ray.init(address=ray_address, log_to_driver=False)
             actor = worker_mod.ray_actor_class()
-            handles = [actor.remote(setup) for _ in range(workers)]
-            self.info = ray.get([h.ping.remote() for h in handles])
-            self.actors = ActorPool(handles)
-            self._handles = handles
+            # a local Ray: each actor pinned to a core of its own (a cluster's nodes are not ours to pin)
+            self._remotes = [actor.remote({**setup, "pin": local}, i) for i in range(1, workers)]
+            self._pings = [h.ping.remote() for h in self._remotes]
             self.kind = "ray"
-        elif workers > 1:
+        elif others:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            context = multiprocessing.get_context("spawn")
+            slots = context.Queue()
+            for i in range(1, workers):
+                slots.put(i)
             self.pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                max_workers=others,
+                mp_context=context,
                 initializer=worker_mod.start_process,
-                initargs=(setup,),
+                initargs=(setup, slots),
             )
-            self.info = list(self.pool.map(worker_mod.ping, range(workers)))
+            self._remotes = list(range(others))  # slots: the pool gives a job to whichever process is free
+            self._pings = [self.pool.submit(worker_mod.ping) for _ in range(others)]  # starts them now
             self.kind = "pool"
-        else:
-            self.inline = worker_mod.Worker(setup)
-            self.info = [{"pid": self.inline.pid, "setup_seconds": self.inline.setup_seconds}]
+        self._outstanding = {i: 0 for i in range(len(self._remotes))}
+        self.inline = worker_mod.Worker(setup)
+        self.inline.core = worker_mod.core_for(0, workers)  # pinned only while it times
+        self.info = [{"pid": self.inline.pid, "setup_seconds": self.inline.setup_seconds, "core": self.inline.core}]
         self.start_seconds = time.perf_counter() - started
-        logger.info("%d %s worker(s) ready in %.1f s", workers, self.kind, self.start_seconds)
+        logger.info("this process ready in %.1f s; %d more %s worker(s) starting", self.start_seconds, others, self.kind)
 
-    def map(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.kind == "ray":
-            return list(self.actors.map(lambda actor, job: actor.build.remote(job), jobs))
+    def submit(self, jobs: list[dict[str, Any]]) -> list[int]:
+        """Queue ``jobs``; returns their indices for :meth:`collect`."""
+        out = []
+        for job in jobs:
+            index, self._next = self._next, self._next + 1
+            self._jobs[index] = job
+            self._queue.append(index)
+            out.append(index)
+        self._dispatch()
+        return out
+
+    def _dispatch(self) -> None:
+        from onnxcomp.tune.worker import build_in_process
+
+        ready = [r for r in self._outstanding if self._is_ready(r)]
+        while self._queue and ready:
+            remote = min(ready, key=lambda r: (self._outstanding[r], r))  # the least busy
+            if self._outstanding[remote] >= self.AHEAD:
+                break
+            index = self._queue.pop(0)
+            job = self._jobs[index]
+            if self.kind == "pool":
+                handle = self.pool.submit(build_in_process, job)
+            else:
+                handle = self._remotes[remote].build.remote(job)
+            self._running[handle] = (index, remote)
+            self._outstanding[remote] += 1
+
+    def _is_ready(self, remote: int) -> bool:
+        """Set up (its start-up ping answered): a job given to a worker still starting would wait
+        while this process could run it."""
+        if remote in self._ready:
+            return True
         if self.kind == "pool":
-            from onnxcomp.tune.worker import build_in_process
-
-            return list(self.pool.map(build_in_process, jobs))
-        return [self.inline.build(job) for job in jobs]
-
-    def close(self, cancel: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
-        if self.actors is not None:
+            up = sum(1 for p in self._pings if p.done())  # pool processes are interchangeable
+            ok = remote < up
+        else:
             import ray
 
-            for handle in self._handles:
+            ok = bool(ray.wait([self._pings[remote]], timeout=0)[0])
+        if ok:
+            self._ready.add(remote)
+        return ok
+
+    def wait_ready(self, timeout: float = 600.0) -> bool:
+        """Block until every other worker is set up (a search never waits: it builds here
+        meanwhile); False on timeout."""
+        deadline = time.perf_counter() + timeout
+        while not all(self._is_ready(r) for r in self._outstanding):
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _poll(self, block: bool) -> None:
+        """Take what the other workers finished (waiting for one when ``block``)."""
+        if not self._running:
+            return
+        if self.kind == "pool":
+            from concurrent.futures import FIRST_COMPLETED, wait
+
+            done, _ = wait(list(self._running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            results = [(h, h.result()) for h in done]
+        else:
+            import ray
+
+            done, _ = ray.wait(list(self._running), num_returns=1, timeout=None if block else 0)
+            results = [(h, ray.get(h)) for h in done]
+        for handle, result in results:
+            index, remote = self._running.pop(handle)
+            self._results[index] = result
+            self._outstanding[remote] -= 1
+            self._jobs.pop(index, None)
+
+    def collect(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The results of submitted jobs, in the order asked; this process runs queued jobs
+        while it waits for the others."""
+        out = []
+        for index in indices:
+            while index not in self._results:
+                self._poll(block=False)
+                self._dispatch()
+                if index in self._results:
+                    break
+                if index in self._queue:  # not taken by another worker: run it here
+                    mine = index
+                elif self._queue:  # running elsewhere: meanwhile run the next queued job here
+                    mine = self._queue[0]
+                else:
+                    self._poll(block=True)
+                    continue
+                from onnxcomp.runtime import blas_threads
+
+                self._queue.remove(mine)
+                with blas_threads(1):  # this process builds beside the other workers
+                    self._results[mine] = self.inline.build(self._jobs.pop(mine))
+            out.append(self._results.pop(index))
+        return out
+
+    def map(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.collect(self.submit(jobs))
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the other workers (their start-up records joined to ``info`` when they got that far)."""
+        for ping in self._pings:
+            try:
+                if self.kind == "pool":
+                    if ping.done():
+                        self.info.append(ping.result())
+                else:
+                    import ray
+
+                    if ray.wait([ping], timeout=0)[0]:
+                        self.info.append(ray.get(ping))
+            except Exception as err:  # a worker that died: its jobs raised already
+                logger.debug("worker start-up: %s", err)
+        if self.pool is not None:
+            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        if self.kind == "ray":
+            import ray
+
+            for handle in self._remotes:
                 ray.kill(handle)
 
 
@@ -284,38 +416,52 @@ class Sampler:
 
 
 def _score(record: dict[str, Any], objective: str) -> float:
-    """What the optimiser minimises: the objective ratio (latency rounded to 0.05 so timing noise
-    rarely steers a seeded search), or a penalty plus the drop for a trial over the budget. A
-    passing trial left untimed (dominated) scores as the trial that dominates it."""
+    """What the optimiser minimises: for a passing trial a deterministic estimate of the
+    objective -- the size ratio, or for latency the MAC ratio to the reference (the same
+    numbers on every run; timing noise never reaches the optimiser) -- and for a trial over the
+    budget a penalty plus its drop."""
     if not record.get("passed"):
         drop = record.get("drop")
         return PENALTY + (min(float(drop), 1.0) if drop is not None and math.isfinite(drop) else 1.0)
     if objective == "size":
         value = record.get("size_ratio")
-        return round(float(value), 3) if value is not None else PENALTY
-    value = record.get("latency_ratio", record.get("latency_bound"))
-    return round(float(value) / LATENCY_STEP) * LATENCY_STEP if value is not None else PENALTY
+        return round(float(value), 4) if value is not None else PENALTY
+    value = record.get("macs_ratio", record.get("size_ratio"))
+    return round(float(value), 4) if value is not None else PENALTY
 
 
-def _kernels(config: dict[str, Any]) -> tuple:
-    """What decides which kernels run (a trial's MACs compare only within the same kernels)."""
-    return (config.get("quantize"), int(config.get("keep_float") or 0), config.get("head"), config.get("hidden"))
+_kernels = space_mod.kernels
+dominated = space_mod.dominated
 
 
-def dominated(record: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """A passing trial with the same kernels, no more MACs and no larger file (the earlier one
-    on a tie): ``record`` cannot be faster, so it needs no timing."""
-    if record.get("macs") is None:
-        return None
-    for o in others:
-        if o is record or not o.get("passed") or o.get("macs") is None or "error" in o:
-            continue
-        if _kernels(o["config"]) != _kernels(record["config"]):
-            continue
-        if o["macs"] <= record["macs"] and o["size_bytes"] <= record["size_bytes"]:
-            if o["macs"] < record["macs"] or o["size_bytes"] < record["size_bytes"] or o["trial"] < record["trial"]:
-                return o
-    return None
+def stable_key(record: dict[str, Any]) -> tuple:
+    """The deterministic order among equals: fewer MACs, then the smaller file, then the lower
+    trial number."""
+    macs = record.get("macs")
+    return (macs if macs is not None else math.inf, record.get("size_bytes") or math.inf, record["trial"])
+
+
+def class_bests(passing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per kernel class (quantize mode, layers left float, head), its passing trial with the
+    fewest MACs, then the smallest file, then the lowest trial number: within a class that one
+    is at least as fast as the others, so only these candidates are timed for the final choice.
+    Which trials they are depends on the seed and on deterministic values only."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in sorted(passing, key=stable_key):
+        best.setdefault(_kernels(r["config"]), r)
+    return sorted(best.values(), key=stable_key)
+
+
+def noise_aware_choice(timings: dict[str, Any], keys: dict[str, tuple], margin: float) -> tuple[str, list[str]]:
+    """The choice among timed candidates (name -> Timing with ratio, low, high): the fastest by
+    the median ratio, and every candidate whose ratio is within ``margin`` of it or whose
+    interval overlaps its interval is a tie -- timing cannot tell them apart -- broken by
+    ``keys`` (deterministic). Returns (chosen, ties)."""
+    fastest = min(timings, key=lambda n: (timings[n].ratio, keys[n]))
+    f = timings[fastest]
+    ties = [n for n in timings if timings[n].ratio <= f.ratio * (1 + margin)
+            or (timings[n].low <= f.high and f.low <= timings[n].high)]
+    return min(ties, key=lambda n: keys[n]), sorted(ties, key=lambda n: keys[n])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +524,7 @@ class Tuner:
             self.space.cuts = ["auto", *self._cuts()]
             self.reference = self._default_fit()
         self.base_size = Path(self.reference).stat().st_size
+        self._base_macs: int | None | bool = False  # counted once the workers are starting (imports onnx)
         self.sensitivity: list[dict[str, Any]] = []
         self.group_sensitivity: list[dict[str, Any]] = []
         self.deadline = None
@@ -415,12 +562,14 @@ class Tuner:
             "metric": self.options.metric,
             "max_drop": self.options.max_drop,
             "limit": self.options.limit,
+            "threads": self.options.threads,
         }
 
     def _job(self, number: int | str, config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
         name = name or f"t{number:03d}"
         return {
             "trial": number,
+            "config": config,
             "recipe": self.recipe(config, self.run_dir / "trials" / f"{name}.onnx", validate=False),
         }
 
@@ -451,73 +600,35 @@ class Tuner:
             self._timing_data = open_data(self.eval_data, input_specs(load(self.reference)))
         return self._timing_data
 
-    def time_batch(self, batch: list[dict[str, Any]]) -> None:
-        """Latency against the reference, in this process, after the batch's builds, while every
-        worker is idle: the trials that pass the budget and are not dominated (same kernels as
-        another passing trial with no more MACs and no larger file), all side by side in
-        interleaved rounds, only until each one's place against the best so far is settled."""
-        if self.options.objective != "latency":
-            return
-        timed = [r for r in self.records if r.get("latency_ratio") is not None]
-        passing = [r for r in batch if r.get("passed") and "error" not in r]
-        todo = []
-        for record in passing:
-            better = dominated(record, timed + passing)
-            if better is None:
-                todo.append(record)
-            else:
-                record["timing"] = f"skipped: dominated by trial {better['trial']} ({better['name']})"
-                record["dominated_by"] = better["trial"]
-        if todo:
-            best = min((r["latency_ratio"] for r in timed if r.get("passed")), default=None)
-            self._time(todo, threshold=best)
+    def submit_batch(self, configs: list[dict[str, Any]], start: int | None = None) -> dict[str, Any]:
+        """Queue ``configs`` on the workers (trial numbers from ``start``). With the latency
+        objective each passing trial is timed on its worker, unless a passing trial already
+        logged dominates it (``known``)."""
+        start = len(self.records) if start is None else start
+        timed = self.options.objective == "latency"
+        known = [{k: r.get(k) for k in ("trial", "name", "config", "macs", "size_bytes", "passed")}
+                 for r in self.records if r.get("passed") and "error" not in r] if timed else []
+        jobs = []
+        for i, config in enumerate(configs):
+            job = self._job(start + i, config)
+            job.update(time=timed, known=known)
+            jobs.append(job)
+        return {"configs": configs, "indices": self.runner.submit(jobs), "start": start}
+
+    def finish_batch(self, pending: dict[str, Any]) -> list[dict[str, Any]]:
+        """The batch's results, in trial order, logged."""
+        results = self.runner.collect(pending["indices"])
+        batch = [{"name": space_mod.label(c), "config": c, **r} for c, r in zip(pending["configs"], results)]
+        for record in batch:
+            self._estimate(record)
         by_trial = {r["trial"]: r for r in self.records + batch}
-        for record in passing:
+        for record in batch:
             better = record
             while better is not None and better.get("latency_ratio") is None and "dominated_by" in better:
                 better = by_trial.get(better["dominated_by"])
             if better is not record and better is not None and better.get("latency_ratio") is not None:
                 record["latency_bound"] = better["latency_ratio"]  # it cannot be faster than this
-
-    def _time(self, records: list[dict[str, Any]], threshold: float | None) -> None:
-        from onnxcomp.search import time_candidates
-
-        names = {f"t{r['trial']}": r for r in records}
-        try:
-            timings = time_candidates(
-                self.reference,
-                {n: r["path"] for n, r in names.items()},
-                data=self.timing_data(),
-                threads=self.options.threads,
-                threshold=threshold,
-                bar_only=list(names),  # each against the best so far, not against each other
-                min_rounds=TIMING_MIN_ROUNDS,
-                max_rounds=TIMING_MAX_ROUNDS,
-            )
-        except OnnxcompError as err:
-            for r in records:
-                r["timing_error"] = str(err)
-            return
-        for n, r in names.items():
-            t = timings[n]
-            r.update(
-                latency_ms=t.latency_ms, latency_ratio=t.ratio, latency_interval=[t.low, t.high],
-                timing_rounds=t.rounds, fp32_latency_ms=timings["float"].latency_ms,
-            )
-
-    def run_batch(self, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Build and judge ``configs`` on the workers, time what may win, log in trial order."""
-        start = len(self.records)
-        jobs = [self._job(start + i, c) for i, c in enumerate(configs)]
-        results = self.runner.map(jobs)
-        batch = [{"name": space_mod.label(c), "config": c, **r} for c, r in zip(configs, results)]
-        for record in batch:
-            if record.get("size_bytes"):
-                record["size_ratio"] = record["size_bytes"] / self.base_size
-        started, cpu = time.perf_counter(), time.process_time()
-        self.time_batch(batch)
-        self.timing_seconds += time.perf_counter() - started
-        self.timing_cpu_seconds += time.process_time() - cpu
+            self.timing_seconds += record.get("timing_seconds") or 0.0
         for record in batch:
             self.records.append(record)
             with self.log_path.open("a", encoding="utf-8") as f:
@@ -530,6 +641,25 @@ class Tuner:
                 else record.get("error") or record.get("timing", "untimed"),
             )
         return batch
+
+    @property
+    def base_macs(self) -> int | None:
+        if self._base_macs is False:
+            from onnxcomp.tune.worker import count_macs
+
+            self._base_macs = count_macs(self.reference)
+        return self._base_macs
+
+    def _estimate(self, record: dict[str, Any]) -> None:
+        """The deterministic ratios the optimiser is told: size and MACs against the reference."""
+        if record.get("size_bytes"):
+            record["size_ratio"] = record["size_bytes"] / self.base_size
+        if record.get("macs") is not None and self.base_macs:
+            record["macs_ratio"] = record["macs"] / self.base_macs
+
+    def run_batch(self, configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Build, judge (and time) ``configs`` on the workers, log in trial order."""
+        return self.finish_batch(self.submit_batch(configs))
 
     # -- sensitivity ------------------------------------------------------------------------
 
@@ -566,7 +696,9 @@ class Tuner:
             results = self.runner.map(jobs) if jobs else []
 
             def order(names, rows, what):
-                out = [{what: n, "drop_alone": r.get("drop"), "error": r.get("error"), "cpu_seconds": r.get("cpu_seconds")}
+                out = [{what: n, "drop_alone": r.get("drop"), "error": r.get("error"), "cpu_seconds": r.get("cpu_seconds"),
+                        "seconds": r.get("seconds"), "worker": r.get("worker"), "started_at": r.get("started_at"),
+                        "ended_at": r.get("ended_at")}
                        for n, r in zip(names, rows)]
                 out.sort(key=lambda s: -(s["drop_alone"] if s["drop_alone"] is not None else math.inf))
                 return out
@@ -588,6 +720,10 @@ class Tuner:
         return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def search(self) -> TuneResult:
+        """The first batch and the sensitivity probes, then batches proposed ahead: ``DEPTH``
+        batches are in flight, and the next one is proposed when the oldest is told (in trial
+        order), so the workers never wait for the optimiser. When and from what each batch is
+        proposed depends on the batch count alone, never on the number of workers."""
         opts = self.options
         started, self._cpu_start = time.perf_counter(), time.process_time()
         self.deadline = started + opts.time_budget if opts.time_budget else None
@@ -603,43 +739,40 @@ class Tuner:
                 self.measure_sensitivity()  # probes only for a search that goes on
             sampler = Sampler(self.space.choices(), opts.seed)
             for r in self.records:  # told in trial order
+                self._estimate(r)
                 sampler.add(self.space.canonical(r["config"]), _score(r, opts.objective))
-            while len(self.records) < opts.trials:
-                if self._past_deadline():
-                    stopped = "time budget"
+            inflight: list[dict[str, Any]] = []
+            twins: list[tuple[Any, str]] = []  # proposals equal to a pending trial: told when it is done
+            proposing = True
+            while True:
+                while proposing and len(inflight) < DEPTH:
+                    if self._past_deadline():
+                        stopped, proposing = "time budget", False
+                        break
+                    queued = sum(len(b["configs"]) for b in inflight)
+                    want = min(opts.batch, opts.trials - len(self.records) - queued)
+                    if want <= 0:
+                        break
+                    batch = self.propose(sampler, want, inflight, twins)
+                    if not batch["configs"]:
+                        if not inflight:
+                            stopped, proposing = "space exhausted", False
+                        break  # (a batch in flight may open the space again)
+                    inflight.append({**self.submit_batch(batch["configs"], len(self.records) + queued),
+                                     "handles": batch["handles"]})
+                if not inflight:
                     break
-                want = min(opts.batch, opts.trials - len(self.records))
-                tried = self.tried()
-                batch = self.space.greedy(tried)[:want]
-                handles: list[Any] = [None] * len(batch)
-                twins: list[tuple[Any, str]] = []  # proposals equal to one in this batch
-                attempts = 0
-                while len(batch) < want and attempts < MAX_ASKS:
-                    attempts += 1
-                    params, handle = sampler.ask()
-                    config = self.space.canonical(params)
-                    known = tried.get(space_mod.key(config))
-                    if known is not None:  # a duplicate: the optimiser learns its known score
-                        sampler.tell(handle, _score(known, opts.objective))
-                    elif config in batch:
-                        twins.append((handle, space_mod.key(config)))
-                    else:
-                        batch.append(config)
-                        handles.append(handle)
-                if not batch:
-                    stopped = "space exhausted"
-                    break
-                records = self.run_batch(batch)
-                scores = {}
-                for config, handle, record in zip(batch, handles, records):  # trial order
-                    score = _score(record, opts.objective)
-                    scores[space_mod.key(config)] = score
+                done = inflight.pop(0)
+                records = self.finish_batch(done)
+                for config, handle, record in zip(done["configs"], done["handles"], records):  # trial order
                     if handle is None:
-                        sampler.add(config, score)
+                        sampler.add(config, _score(record, opts.objective))
                     else:
-                        sampler.tell(handle, score)
-                for handle, twin in twins:
-                    sampler.tell(handle, scores[twin])
+                        sampler.tell(handle, _score(record, opts.objective))
+                tried = self.tried()
+                for handle, twin in [t for t in twins if t[1] in tried]:
+                    sampler.tell(handle, _score(tried[twin], opts.objective))
+                twins = [t for t in twins if t[1] not in tried]
         except KeyboardInterrupt:
             stopped = "interrupted"
             logger.warning("interrupted: keeping the best trial so far")
@@ -647,6 +780,31 @@ class Tuner:
             if self.runner is not None:
                 self.runner.close(cancel=stopped == "interrupted")
         return self.finish(stopped, sampler.kind if sampler else "none", time.perf_counter() - started)
+
+    def propose(self, sampler: Sampler, want: int, inflight: list[dict[str, Any]],
+                twins: list[tuple[Any, str]]) -> dict[str, Any]:
+        """Up to ``want`` new configurations: greedy seeds first, then the optimiser's, none of
+        them tried or pending. A proposal that was tried is told its known score at once; one
+        that is pending is told when that trial is done."""
+        tried = self.tried()
+        pending = {space_mod.key(self.space.canonical(c)) for b in inflight for c in b["configs"]}
+        configs = self.space.greedy(tried, pending)[:want]
+        handles: list[Any] = [None] * len(configs)
+        attempts = 0
+        while len(configs) < want and attempts < MAX_ASKS:
+            attempts += 1
+            params, handle = sampler.ask()
+            config = self.space.canonical(params)
+            k = space_mod.key(config)
+            known = tried.get(k)
+            if known is not None:  # a duplicate: the optimiser learns its known score
+                sampler.tell(handle, _score(known, self.options.objective))
+            elif k in pending or config in configs:
+                twins.append((handle, k))
+            else:
+                configs.append(config)
+                handles.append(handle)
+        return {"configs": configs, "handles": handles}
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -660,16 +818,16 @@ class Tuner:
                 raise KeyboardInterrupt  # nothing to keep yet
             raise OnnxcompError(f"tune: no trial could be built (see {self.log_path})")
         key = "latency_ratio" if self.options.objective == "latency" else "size_ratio"
-        passing = [r for r in built if r.get("passed") and r.get(key) is not None]
+        passing = [r for r in built if r.get("passed")]
         decision = None
         if passing and self.options.objective == "latency" and stopped != "interrupted":
             started, cpu = time.perf_counter(), time.process_time()
             decision = self._final_choice(passing)
             self.timing_seconds += time.perf_counter() - started
             self.timing_cpu_seconds += time.process_time() - cpu
-        passing.sort(key=lambda r: (r[key], r.get("macs") or 0, r["size_bytes"], r["trial"]))
-        if decision is not None:
             passing.sort(key=lambda r: r["trial"] != decision["chosen"])
+        else:  # size, or interrupted: the best measured so far
+            passing.sort(key=lambda r: (r.get(key) if r.get(key) is not None else math.inf, *stable_key(r)))
         for r in self.records:
             r["chosen"] = False
         _mark_pareto(built, key)
@@ -711,43 +869,38 @@ class Tuner:
             decision=decision,
         )
 
-    def _final_choice(self, passing: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """The best few timed again side by side (ratios from separate batches drift with load);
-        when the best two are within noise they are re-measured (``search.remeasure_if_close``),
-        and a trial still within noise of the best and within ``TIE_MARGIN`` of its ratio is a
-        tie, broken by fewer MACs, then the smaller file, then the lower trial number -- so timing
-        noise alone does not pick among equals."""
-        from onnxcomp.search import remeasure_if_close, time_candidates
+    def _final_choice(self, passing: list[dict[str, Any]]) -> dict[str, Any]:
+        """The candidates are the best of each kernel class (:func:`class_bests`: fewest MACs,
+        then smallest, then first) -- a set that depends on the seed and on deterministic values
+        only. One candidate is the choice, untimed. Several are timed again side by side in
+        interleaved rounds in this process (the workers are done), until the order of those that
+        may be the fastest is settled; every candidate within ``TIE_MARGIN`` of the fastest or
+        within its noise (overlapping intervals) is a tie, broken by fewer MACs, then the smaller
+        file, then the lower trial number -- so timing noise alone does not pick among equals."""
+        from onnxcomp.search import time_candidates
+        from onnxcomp.tune.worker import core_for, pinned
 
-        top = sorted(passing, key=lambda r: (r["latency_ratio"], r["trial"]))[:FINAL_TOP]
-        if len(top) < 2:
-            return None
-        by_name = {f"t{r['trial']}": r for r in top}
-        models = {n: r["path"] for n, r in by_name.items()}
-        timings = time_candidates(
-            self.reference, models, data=self.timing_data(), threads=self.options.threads,
-            min_rounds=FINAL_MIN_ROUNDS, max_rounds=FINAL_MAX_ROUNDS,
-        )
-
-        def rank(ts):
-            return sorted(by_name, key=lambda n: (ts[n].ratio, by_name[n]["trial"]))
-
-        decision = remeasure_if_close(
-            self.reference, models, timings, rank, threshold=None, data=self.timing_data(),
-            threads=self.options.threads,
-        )
+        candidates = class_bests(passing)
+        if len(candidates) == 1:
+            only = candidates[0]
+            return {"chosen": only["trial"], "candidates": [only["trial"]], "ties": [only["trial"]],
+                    "why": "one kernel class: the passing trial with the fewest MACs, then smallest, then first"}
+        by_name = {f"t{r['trial']}": r for r in candidates}
+        with pinned(core_for(0, 1)):
+            timings = time_candidates(
+                self.reference, {n: r["path"] for n, r in by_name.items()}, data=self.timing_data(),
+                threads=self.options.threads, min_rounds=FINAL_MIN_ROUNDS, max_rounds=FINAL_MAX_ROUNDS,
+            )
         for n, r in by_name.items():
             t = timings[n]
             r.update(latency_ms=t.latency_ms, latency_ratio=t.ratio, latency_interval=[t.low, t.high], final_timing=True)
-        fastest = timings[decision.chosen]
-        ties = [n for n in by_name if timings[n].ratio <= fastest.ratio * (1 + TIE_MARGIN)
-                and timings[n].low <= fastest.high and fastest.low <= timings[n].high]
-        chosen = min(ties, key=lambda n: (by_name[n].get("macs") or 0, by_name[n]["size_bytes"], by_name[n]["trial"]))
-        why = (f"fastest in the final timing: t{by_name[decision.chosen]['trial']}"
+        chosen, ties = noise_aware_choice({n: timings[n] for n in by_name},
+                                          {n: stable_key(r) for n, r in by_name.items()}, TIE_MARGIN)
+        why = (f"fastest of the kernel classes' best in the final timing: {chosen}"
                if len(ties) == 1 else
-               f"{', '.join(ties)} within noise of each other: fewest MACs, then smallest, then first")
-        return {"chosen": by_name[chosen]["trial"], "ties": [by_name[n]["trial"] for n in ties], "why": why,
-                "remeasured": decision.remeasured}
+               f"{', '.join(ties)} within {TIE_MARGIN:.0%} or within noise of the fastest: fewest MACs, then smallest, then first")
+        return {"chosen": by_name[chosen]["trial"], "candidates": [r["trial"] for r in candidates],
+                "ties": [by_name[n]["trial"] for n in ties], "why": why}
 
 
 def _mark_pareto(records: list[dict[str, Any]], key: str) -> None:

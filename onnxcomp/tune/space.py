@@ -110,10 +110,11 @@ class Space:
                 out[self.groups[i]] = round(min(MAX_GROUP_RATIO, config["ratio"] * scale), 4)
         return out
 
-    def greedy(self, tried: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def greedy(self, tried: dict[str, dict[str, Any]], queued: set[str] | frozenset = frozenset()) -> list[dict[str, Any]]:
         """Every greedy seed that can be proposed now, given the trials so far (``tried``:
-        canonical key -> record). It depends on which trials passed the budget and on nothing
-        timed, so the same seed proposes the same trials whatever the number of workers:
+        canonical key -> record; ``queued``: keys of trials proposed but not done yet, never
+        proposed again). It depends on which trials passed the budget and on nothing timed, so
+        the same seed proposes the same trials whatever the number of workers:
 
         1. each lever alone: every quantize mode, the cleaned-up graph (or, when pruning is
            applied in every trial, unstructured at the largest ratio), the smallest structured
@@ -131,7 +132,8 @@ class Space:
 
         def want(config):
             c = self.canonical(config)
-            if c["prune"] in self.prune and c["quantize"] in self.quantize and rec(c) is None and c not in out:
+            if (c["prune"] in self.prune and c["quantize"] in self.quantize and rec(c) is None
+                    and key(c) not in queued and c not in out):
                 out.append(c)
 
         base = self.base()
@@ -179,6 +181,28 @@ class Space:
             elif best_ratio is not None:
                 want({**structured, "ratio": best_ratio, self.group_keys[-1]: 1.5})
         return out
+
+
+def kernels(config: dict[str, Any]) -> tuple:
+    """What decides which kernels run: quantize mode, layers left float, head. A trial's MACs
+    and size compare only within the same kernels (its "kernel class")."""
+    return (config.get("quantize"), int(config.get("keep_float") or 0), config.get("head"), config.get("hidden"))
+
+
+def dominated(record: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A passing trial with the same kernels, no more MACs and no larger file (the earlier one
+    on a tie): ``record`` cannot be faster, so it needs no timing."""
+    if record.get("macs") is None:
+        return None
+    for o in others:
+        if o is record or o.get("trial") == record.get("trial") or not o.get("passed") or o.get("macs") is None or "error" in o:
+            continue
+        if kernels(o["config"]) != kernels(record["config"]):
+            continue
+        if o["macs"] <= record["macs"] and o["size_bytes"] <= record["size_bytes"]:
+            if o["macs"] < record["macs"] or o["size_bytes"] < record["size_bytes"] or o["trial"] < record["trial"]:
+                return o
+    return None
 
 
 def steps(config: dict[str, Any], space: Space, seed: int = 0) -> list[dict[str, Any]]:

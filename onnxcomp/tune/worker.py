@@ -6,12 +6,20 @@ judge keeps its outputs); each trial then builds its recipe with the recipe runn
 MACs of the result and measures the metric, with 1 onnxruntime intra-op thread (and 1 BLAS
 thread), so two workers on two cores do not fight over them.
 
-Only plain dicts cross the process boundary. Latency is NOT measured here: the parent times
-the built models between batches, while every worker is idle (see ``api.Tuner.time_batch``).
+Latency (``job["time"]``) is measured here too, right after the build, against the reference
+in interleaved rounds in this process: a worker of a pool or a local Ray is pinned to a core of
+its own for its whole life (``os.sched_setaffinity``; the parent, as the only worker, only while
+it times), and every session has 1 intra-op thread, so a timed model never shares its core with
+another worker of the search, and load from outside moves the reference and the trial alike
+(their ratio is taken round by round). A trial dominated by a passing trial known when it was
+submitted (same kernels, no more MACs, no larger file) is not timed. These timings fill the
+Pareto table; they do not steer the search (see ``api``). Only plain dicts cross the process
+boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+TIMING_ROUNDS = 3  # per timed trial (informative: the final choice times the candidates again)
 
 
 class Worker:
@@ -44,6 +53,9 @@ class Worker:
             setup["reference"], source, metric=setup["metric"], max_drop=setup["max_drop"],
             limit=setup["limit"], threads=1,
         )
+        self.timing_source = open_data(setup["eval_data"], specs)
+        self.timer = None  # the reference's session, made at the first timing and kept
+        self.core: int | None = None  # pinned to it while timing (None: not pinned)
         self.setup_seconds = round(time.perf_counter() - start, 3)
         self.pid = os.getpid()
 
@@ -52,7 +64,7 @@ class Worker:
         from onnxcomp.recipe import parse_recipe, run_recipe
 
         start, cpu = time.perf_counter(), time.process_time()
-        out: dict[str, Any] = {"trial": job["trial"], "worker": self.pid}
+        out: dict[str, Any] = {"trial": job["trial"], "worker": self.pid, "started_at": time.time()}
         try:
             recipe = parse_recipe(job["recipe"], source=f"trial {job['trial']}")
             result = run_recipe(recipe)
@@ -75,13 +87,97 @@ class Worker:
                 passed=bool(verdict.passed),
                 reason=verdict.reason,
             )
+            out["build_seconds_with_metric"] = round(time.perf_counter() - start, 3)
+            if job.get("time") and out["passed"]:
+                self.time_trial(job, out)
         except Exception as err:  # a trial that fails is a data point, not the end of the search
             logger.info("trial %s failed: %s", job["trial"], err)
             out.update(error=f"{type(err).__name__}: {err}", passed=False, drop=float("inf"))
             logger.debug("%s", traceback.format_exc())
         out["seconds"] = round(time.perf_counter() - start, 3)
         out["cpu_seconds"] = round(time.process_time() - cpu, 3)
+        out["ended_at"] = time.time()
         return out
+
+
+    def time_trial(self, job: dict[str, Any], out: dict[str, Any]) -> None:
+        """The trial's latency against the reference, unless a passing trial known when it was
+        submitted (``job["known"]``) dominates it."""
+        from onnxcomp.errors import OnnxcompError
+        from onnxcomp.search import Timer, time_candidates
+        from onnxcomp.tune.space import dominated
+
+        record = {**out, "config": job["config"]}
+        better = dominated(record, job.get("known") or [])
+        if better is not None:
+            out["timing"] = f"skipped: dominated by trial {better['trial']} ({better.get('name')})"
+            out["dominated_by"] = better["trial"]
+            return
+        name = f"t{job['trial']}"
+        started = time.perf_counter()
+        try:
+            with pinned(self.core):
+                if self.timer is None:
+                    self.timer = Timer(self.setup["reference"], {}, data=self.timing_source,
+                                       threads=self.setup.get("threads", 1))
+                timings = time_candidates(self.setup["reference"], {name: out["path"]}, timer=self.timer,
+                                          min_rounds=TIMING_ROUNDS, max_rounds=TIMING_ROUNDS)
+                self.timer.remove(name)
+        except OnnxcompError as err:
+            out["timing_error"] = str(err)
+            return
+        t = timings[name]
+        out.update(
+            latency_ms=t.latency_ms, latency_ratio=t.ratio, latency_interval=[t.low, t.high],
+            timing_rounds=t.rounds, fp32_latency_ms=timings["float"].latency_ms,
+            timing_seconds=round(time.perf_counter() - started, 3), timed_on_core=self.core,
+        )
+
+
+def cores() -> list[int]:
+    """The cores this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def pin(core: int | None) -> None:
+    """Run this thread (and the threads it starts) on ``core`` only."""
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, {core})
+    except OSError as err:  # a container that forbids it: timed unpinned
+        logger.info("could not pin to core %s: %s", core, err)
+
+
+@contextlib.contextmanager
+def pinned(core: int | None):
+    """Pinned to ``core`` for the block, the old affinity back after it (the parent as the
+    only worker: pinned while it times, free while it builds)."""
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    if before == {core}:
+        yield
+        return
+    pin(core)
+    try:
+        yield
+    finally:
+        try:
+            os.sched_setaffinity(0, before)
+        except OSError:
+            pass
+
+
+def core_for(index: int, workers: int) -> int | None:
+    """Worker ``index``'s core: its own when there are at least as many cores as workers, else
+    none (several workers would share cores; timing then stays unpinned)."""
+    allowed = cores()
+    return allowed[index] if workers <= len(allowed) else None
 
 
 def count_macs(path: str) -> int | None:
@@ -138,13 +234,19 @@ def one_thread() -> None:
     threadpool_limits(1)
 
 
-def start_process(setup: dict[str, Any]) -> None:
+def start_process(setup: dict[str, Any], slots: Any = None) -> None:
     """A pool process's initializer: ignore Ctrl-C (the parent decides what to keep), one
-    thread, and the worker set up once, before the first trial."""
+    thread, pinned to a core of its own for its whole life (its index from ``slots``, a queue),
+    and the worker set up once, before the first trial."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     one_thread()
+    core = None
+    if slots is not None:
+        core = core_for(slots.get(), setup["workers"])
+        pin(core)
     global _WORKER
     _WORKER = Worker(setup)
+    _WORKER.core = core
 
 
 def build_in_process(job: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +258,24 @@ def build_in_process(job: dict[str, Any]) -> dict[str, Any]:
 def ping(_: int = 0) -> dict[str, Any]:
     """A pool task that returns once the process's worker is set up (start-up is paid here)."""
     assert _WORKER is not None, "start_process did not run"
-    return {"pid": _WORKER.pid, "setup_seconds": _WORKER.setup_seconds}
+    return {"pid": _WORKER.pid, "setup_seconds": _WORKER.setup_seconds, "core": _WORKER.core}
+
+
+def time_models(task: dict[str, Any]) -> dict[str, Any]:
+    """A pool task (the benchmark's check of concurrent pinned timing): ``task["models"]``
+    (name -> path) timed against the reference in ``task["rounds"]`` interleaved rounds on this
+    process's core, starting at ``task["at"]`` (wall clock) so that two processes time at once."""
+    assert _WORKER is not None, "start_process did not run"
+    from onnxcomp.search import Timer
+
+    with pinned(_WORKER.core):
+        timer = Timer(_WORKER.setup["reference"], task["models"], data=_WORKER.timing_source, threads=1)
+        time.sleep(max(0.0, task.get("at", 0) - time.time()))
+        started = time.time()
+        timer.run(task["rounds"])
+        timings = timer.timings()
+    return {"pid": _WORKER.pid, "core": _WORKER.core, "started": started, "ended": time.time(),
+            "ratios": {n: [t.ratio, t.low, t.high] for n, t in timings.items() if n != "float"}}
 
 
 def ray_actor_class():
@@ -165,12 +284,15 @@ def ray_actor_class():
 
     @ray.remote(num_cpus=1)
     class TrialActor:
-        def __init__(self, setup: dict[str, Any]):
+        def __init__(self, setup: dict[str, Any], index: int):
             one_thread()
+            core = core_for(index, setup["workers"]) if setup.get("pin") else None
+            pin(core)
             self.worker = Worker(setup)
+            self.worker.core = core
 
         def ping(self) -> dict[str, Any]:
-            return {"pid": self.worker.pid, "setup_seconds": self.worker.setup_seconds}
+            return {"pid": self.worker.pid, "setup_seconds": self.worker.setup_seconds, "core": self.worker.core}
 
         def build(self, job: dict[str, Any]) -> dict[str, Any]:
             return self.worker.build(job)
