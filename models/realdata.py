@@ -24,6 +24,9 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
   each upright (label 0) and turned 180 degrees (label 1).
 - ``minilm_l3_docs`` / ``minilm_docs``: the same evaluation sentences, and 679 calibration sentences: the
   48 above plus prose sentences of the Python reference documentation (`python_doc_sentences`).
+- ``minilm_l3_text``: the same evaluation sentences; calibration on everyday English (`everyday_sentences`:
+  news stories, conversation lines and movie reviews from the gensim and chatterbot-corpus wheels, plus the 48),
+  2,930 sentences, none of them an evaluation sentence.
 - ``ocr_rec``: English text lines rendered with Pillow, 48 x 320 as PP-OCR's recogniser reads them (32 calibration,
   64 evaluation lines; judged per position against fp32: no character dictionary is needed).
 - ``minilm_l3``: English sentences (models/build_minilm.py's and benchmarks' calibration ones) tokenized with the
@@ -77,19 +80,26 @@ def cache_dir() -> pathlib.Path:
 # Sources: photos, fonts, files, sentences
 
 
+def _wheel(spec: str) -> pathlib.Path:
+    """The wheel of ``spec`` ("name==version"), fetched with pip once into the cache (not installed)."""
+    name, version = spec.split("==")
+    wheel_dir = cache_dir() / "wheels"
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    wheels = sorted(wheel_dir.glob(pattern))
+    if not wheels:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec, "-d", str(wheel_dir)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        wheels = sorted(wheel_dir.glob(pattern))
+    return wheels[0]
+
+
 def photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
     """scikit-image's bundled colour and grey photos, by name, as RGB Pillow images."""
     from PIL import Image
 
-    wheel_dir = cache_dir() / "wheels"
-    wheels = sorted(wheel_dir.glob("scikit_image-*.whl"))
-    if not wheels:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SKIMAGE, "-d", str(wheel_dir)]
-        subprocess.run(cmd, check=True, capture_output=True)
-        wheels = sorted(wheel_dir.glob("scikit_image-*.whl"))
     out = {}
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    with zipfile.ZipFile(_wheel(SKIMAGE)) as wheel:
         for name in sorted(wheel.namelist()):
             if not name.startswith("skimage/data/") or not name.endswith((".png", ".jpg")):
                 continue
@@ -382,20 +392,68 @@ def _minilm_l3() -> tuple[dict, dict]:
     return feed(CALIBRATION), feed(SENTENCES)
 
 
+PROSE_ONLY = r'[=(){}\[\]_*`>|\\:"@#<]'  # no code, markup or quotes
+
+
+def _sentences(text: str, words: tuple[int, int] = (6, 30)) -> list[str]:
+    """The sentences of ``text`` with ``words`` words that start with a capital and are prose."""
+    import re
+
+    found = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        sentence = " ".join(sentence.split())
+        if words[0] <= len(sentence.split()) <= words[1] and sentence[0].isupper() and not re.search(PROSE_ONLY, sentence):
+            found.append(sentence)
+    return found
+
+
 def python_doc_sentences(limit: int | None = None) -> list[str]:
     """Real English sentences of 6-30 words from the Python reference documentation that every
     CPython ships (``pydoc_data.topics``, ~460 k characters): about 630 of them, prose only (no
     code, no markup), in a fixed order. A calibration corpus that needs no download."""
     import pydoc_data.topics
-    import re
 
     text = " ".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-    found = []
-    for sentence in re.split(r"(?<=[.!?])\s+", text):
-        sentence = " ".join(sentence.split())
-        if 6 <= len(sentence.split()) <= 30 and sentence[0].isupper() and not re.search(r'[=(){}\[\]_*`>|\\:"]', sentence):
-            found.append(sentence)
-    return found[:limit]
+    return _sentences(text)[:limit]
+
+
+GENSIM = "gensim==4.4.0"  # its test data: the Lee news corpus, movie-review snippets
+CHATTERBOT = "chatterbot-corpus==1.3.3"  # English dialogues
+
+
+def everyday_sentences() -> dict[str, list[str]]:
+    """Real English sentences of everyday kinds, from two wheels (fetched once, never installed),
+    each list in a fixed order without repeats:
+
+    - ``news``: the Lee corpus of 300 Australian news stories that gensim ships for its tests
+      (``gensim/test/test_data/lee_background.cor``): ~1680 sentences of 5-30 words.
+    - ``dialogue``: the lines of chatterbot-corpus's English conversations (greetings, food,
+      sports, trivia, tech support, ...; not its code snippets) of 3 words or more: ~1050.
+    - ``reviews``: one-line movie reviews (``pang_lee_polarity.cor``, lower case and spaced
+      punctuation, which the uncased WordPiece tokenizer reads as usual): 156.
+    """
+    import yaml
+
+    out: dict[str, list[str]] = {}
+    with zipfile.ZipFile(_wheel(GENSIM)) as wheel:
+        data = "gensim/test/test_data/"
+        out["news"] = _sentences(wheel.read(data + "lee_background.cor").decode("utf-8"), (5, 30))
+        lines = wheel.read(data + "pang_lee_polarity.cor").decode("latin-1").splitlines()
+        out["reviews"] = [r for line in lines if 5 <= len((r := line.split(" ", 1)[-1].strip()).split()) <= 30]
+    import re
+
+    dialogue: dict[str, None] = {}
+    with zipfile.ZipFile(_wheel(CHATTERBOT)) as wheel:
+        for name in sorted(wheel.namelist()):
+            if not name.startswith("chatterbot_corpus/data/english/") or name.endswith("coding.yml"):
+                continue
+            for conversation in yaml.safe_load(wheel.read(name)).get("conversations", []):
+                for line in conversation:
+                    line = " ".join(str(line).split())
+                    if len(line.split()) >= 3 and line[0].isupper() and not re.search(PROSE_ONLY, line):
+                        dialogue[line] = None
+    out["dialogue"] = list(dialogue)
+    return out
 
 
 def _minilm_docs(keys: tuple[str, ...]) -> tuple[dict, dict]:
@@ -412,6 +470,25 @@ def _minilm_docs(keys: tuple[str, ...]) -> tuple[dict, dict]:
         return {k: tok[k][:, :length] for k in keys}
 
     return feed(list(CALIBRATION) + python_doc_sentences()), feed(SENTENCES)
+
+
+def _minilm_text() -> tuple[dict, dict]:
+    """MiniLM calibration on everyday English: the benchmarks' 48 sentences, `everyday_sentences`'
+    news, dialogue and reviews (2,930 sentences, 60 k real tokens), none of them an evaluation
+    sentence; evaluation on build_minilm.py's 64, as ``minilm_l3``."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_minilm import CALIBRATION
+
+    from models.build_minilm import SENTENCES, tokenize
+
+    def feed(sentences: list[str]) -> dict:
+        tok = tokenize(sentences, seq_len=48)
+        length = int(tok["attention_mask"].sum(axis=1).max())
+        return {k: tok[k][:, :length] for k in ("input_ids", "attention_mask")}
+
+    held_out = {s.lower() for s in SENTENCES}
+    corpus = [*CALIBRATION, *(s for part in everyday_sentences().values() for s in part)]
+    return feed([s for s in dict.fromkeys(corpus) if s.lower() not in held_out]), feed(SENTENCES)
 
 
 def _text_line(rng: np.random.Generator, index: int) -> np.ndarray:
@@ -594,6 +671,8 @@ BUILDERS = {
     # models/build/minilm.onnx (all-MiniLM-L6-v2, which also reads token_type_ids)
     "minilm_l3_docs": lambda: _minilm_docs(("input_ids", "attention_mask")),
     "minilm_docs": lambda: _minilm_docs(("input_ids", "attention_mask", "token_type_ids")),
+    # everyday English for paraphrase-MiniLM-L3's unstructured reconstruction (news, dialogue, reviews)
+    "minilm_l3_text": _minilm_text,
 }
 
 
