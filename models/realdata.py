@@ -423,7 +423,7 @@ CHATTERBOT = "chatterbot-corpus==1.3.3"  # English dialogues
 
 def everyday_sentences() -> dict[str, list[str]]:
     """Real English sentences of everyday kinds, from two wheels (fetched once, never installed),
-    each list in a fixed order without repeats:
+    each list in a fixed order:
 
     - ``news``: the Lee corpus of 300 Australian news stories that gensim ships for its tests
       (``gensim/test/test_data/lee_background.cor``): ~1680 sentences of 5-30 words.
