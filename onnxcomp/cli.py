@@ -1441,7 +1441,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
 @click.option("--max-drop", type=float, help="Largest accepted drop on --eval-data; the most sensitive layers/groups are spared until it holds.")
 @click.option("--eval-data", type=click.Path(), help="Samples the drop and the self-check are measured on.")
 @click.option("--metric", default="auto", show_default=True, metavar="NAME|module:function", help="What --max-drop measures (onnxcomp.evaluate:yolo_boxes: detectors' boxes; --allocate sensitivity then ranks groups by its smooth loss).")
-@click.option("--allocate", default="scores", show_default=True, metavar="scores|sensitivity", help="--sparsity-of macs: scores: lowest channel score per MAC, at most 20%% of a group; sensitivity: each group cut alone on --data, the MACs taken where the outputs change least.")
+@click.option("--allocate", default="scores", show_default=True, metavar="scores|sensitivity|error", help="--sparsity-of macs: scores: lowest channel score per MAC, at most 20%% of a group; sensitivity: each group cut alone on --data, the MACs taken where the outputs change least. Unstructured: error: each weight pruned alone at --sparsity +-10%% on --data, the zeros placed where its output error grows least.")
 @click.option("--samples", type=int, default=256, show_default=True, help="Calibration samples used.")
 @click.option("--no-optimize", is_flag=True, help="Skip the graph clean-up before pruning.")
 @shape_option

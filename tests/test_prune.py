@@ -113,6 +113,8 @@ def test_bad_options_are_named(models_dir):
         _prune(models_dir, method="wanda", data=None)
     with pytest.raises(OnnxcompError, match="no node named"):
         _prune(models_dir, exclude_nodes=["nope"])
+    with pytest.raises(OnnxcompError, match="--allocate error"):
+        _prune(models_dir, allocate="error", pattern="2:4")
 
 
 def test_cli_prune_json(tmp_path, models_dir, cli):

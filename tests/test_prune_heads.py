@@ -105,6 +105,18 @@ def test_paraphrase_minilm_heads_and_ffn_units_on_real_sentences():
     assert np.mean(_cosine(got, want)) > 0.9
 
 
+def test_allocate_error_shares_half_of_the_weights_unequally(bert):
+    model, calib, evals = bert
+    pruned, report = prune(model, PruneOptions(sparsity=0.5, allocate="error"), data=calib, eval_data=evals)
+    _check(pruned)
+    rows = [r for r in report["tensors"] if "sparsity" in r]
+    sizes = np.array([np.prod(r["shape"]) for r in rows])
+    sparsity = np.array([r["sparsity"] for r in rows])
+    assert np.sum(sizes * sparsity) / np.sum(sizes) == pytest.approx(0.5, abs=1e-3)
+    assert sparsity.min() >= 0.399 and sparsity.max() <= 0.601 and np.ptp(sparsity) > 0.1
+    assert report["check"]["drop"] < 0.1
+
+
 @pytest.mark.thirdparty
 def test_paraphrase_minilm_half_of_its_matmul_weights_with_reconstruction():
     """Calibrated on everyday English (news, dialogue, reviews), judged on other everyday sentences."""

@@ -102,3 +102,13 @@ def test_bad_sparsity_is_named():
         pn.layer_mask(np.ones(4), 1.5)
     with pytest.raises(OnnxcompError, match="--pattern"):
         pn.parse_pattern("4:2")
+
+
+def test_allocate_by_error_puts_the_zeros_where_the_error_grows_least():
+    levels = np.array([0.4, 0.45, 0.5, 0.55, 0.6])
+    curves = {"steep": (1000, 10 * levels**2), "flat": (2000, 0.01 * levels), "mid": (1000, levels**2)}
+    got = pn.allocate_by_error(curves, levels, 0.52)
+    assert got == pytest.approx({"steep": 0.4, "flat": 0.6, "mid": 0.48})
+    assert sum(curves[k][0] * s for k, s in got.items()) == pytest.approx(0.52 * 4000)
+    with pytest.raises(OnnxcompError, match="outside the levels"):
+        pn.allocate_by_error(curves, levels, 0.7)

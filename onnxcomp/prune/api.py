@@ -45,7 +45,9 @@ class PruneOptions:
     structured: bool = False
     importance: Literal["l1", "l2", "bn", "activation"] = "l2"  # structured: channel scores
     sparsity_of: Literal["channels", "macs"] = "channels"  # structured: what --sparsity counts
-    allocate: Literal["scores", "sensitivity"] = "scores"  # --sparsity-of macs: how the cut is shared by groups
+    # structured --sparsity-of macs: how the cut is shared by groups (scores|sensitivity); unstructured:
+    # "error" shares the zeros by each weight's measured layer-wise error curve
+    allocate: Literal["scores", "sensitivity", "error"] = "scores"
     reconstruct: bool | None = None  # default: on when data is given
     data: str | None = None
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)
@@ -73,6 +75,8 @@ class PruneOptions:
             raise OnnxcompError(f"{where}: --sparsity-of macs counts the MACs removed with --structured")
         if self.allocate == "sensitivity" and self.sparsity_of != "macs":
             raise OnnxcompError(f"{where}: --allocate sensitivity shares a MAC budget: add --sparsity-of macs")
+        if self.allocate == "error" and (self.structured or self.pattern != "unstructured" or self.scope != "layer"):
+            raise OnnxcompError(f"{where}: --allocate error shares unstructured zeros per layer: drop --structured, --pattern, --scope")
         if self.structured and self.pattern != "unstructured":
             raise OnnxcompError(f"{where}: --structured removes whole channels; drop --pattern {self.pattern}")
         if self.max_drop is not None and not 0 <= self.max_drop <= 1:
@@ -257,6 +261,7 @@ def _unstructured(model, reference, options, method, reconstruct, data, judge):
         damp=options.damp,
         batch_size=options.batch_size,
         samples=options.samples,
+        allocate=options.allocate == "error",
     )
     targets, skipped = un.plan_weights(model, exclude_nodes=options.exclude_nodes, min_size=options.min_size)
     if not targets:

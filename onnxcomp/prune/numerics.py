@@ -241,3 +241,38 @@ def lstsq_cost(mask: np.ndarray) -> float:
     patterns = np.unique(np.asarray(mask, bool), axis=0)
     k = np.count_nonzero(patterns, axis=1).astype(np.float64)
     return float(np.sum(k**3) / 3)
+
+
+def allocate_by_error(
+    curves: Mapping[str, tuple[int, np.ndarray]], levels: np.ndarray, sparsity: float
+) -> dict[str, float]:
+    """Per-tensor sparsities with ``sparsity`` of all weights zeroed overall, where the layer-wise
+    error grows least (outlier- and sensitivity-aware layer-wise sparsity in the spirit of OWL, Yin
+    et al. 2024, measured instead of scored).
+
+    ``curves``: name -> (weights in the tensor, its relative output error at each of ``levels``,
+    an increasing grid around ``sparsity``). Greedy on the error added per weight zeroed: every
+    tensor starts at the lowest level and the cheapest step is taken until the budget is met; the
+    last step taken is cut back so the total is exact.
+    """
+    levels = np.asarray(levels, dtype=np.float64)
+    if not curves:
+        return {}
+    if not levels[0] <= sparsity <= levels[-1]:
+        raise OnnxcompError(f"sparsity {sparsity} outside the levels {levels[0]}-{levels[-1]}")
+    at = dict.fromkeys(curves, 0)
+    total = sum(size for size, _ in curves.values())
+    zeros = sum(size * levels[0] for size, _ in curves.values())
+    last = next(iter(curves))
+    while zeros < sparsity * total - 1e-9:
+        step = {}
+        for name, i in at.items():
+            if i + 1 < len(levels):
+                size, err = curves[name]
+                step[name] = (err[i + 1] - err[i]) / (size * (levels[i + 1] - levels[i]))
+        last = min(step, key=step.get)
+        zeros += curves[last][0] * (levels[at[last] + 1] - levels[at[last]])
+        at[last] += 1
+    out = {name: float(levels[i]) for name, i in at.items()}
+    out[last] = float(out[last] - (zeros - sparsity * total) / curves[last][0])
+    return out
