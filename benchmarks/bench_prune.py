@@ -198,6 +198,8 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False, on
         ours("onnxcomp Wanda 50%", sparsity=0.5, method="wanda", reconstruct=False, samples=48)
         ours("onnxcomp SparseGPT+LS 50%, 48 sentences", sparsity=0.5, samples=48)
         ours(f"onnxcomp SparseGPT+LS 50%, {calib_samples} sentences", sparsity=0.5, samples=calib_samples)
+        ours(f"onnxcomp SparseGPT+LS 50%, --allocate error, {calib_samples} sentences", sparsity=0.5,
+             samples=calib_samples, allocate="error")
         ours("onnxcomp structured 10% heads+FFN", structured=True, sparsity=0.1, importance="activation")
         ours("onnxcomp structured 25% heads+FFN", structured=True, sparsity=0.25, importance="activation")
     elif name == "orientation":
