@@ -109,6 +109,110 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     return values
 
 
+# ---------------------------------------------------------------------------------------------
+# Values inside If branches
+
+
+def _owners(model: ir.Model) -> dict[int, tuple[ir.Node, str]]:
+    """id(subgraph) -> (the node holding it, the attribute name)."""
+    owners: dict[int, tuple[ir.Node, str]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                owners[id(attr.value)] = (node, attr.name)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for graph in attr.value:
+                    owners[id(graph)] = (node, attr.name)
+    return owners
+
+
+def _subgraph_values(model: ir.Model) -> dict[str, tuple[ir.Value, ir.Graph]]:
+    """Values computed inside subgraphs, by name, with the graph computing them."""
+    found: dict[str, tuple[ir.Value, ir.Graph]] = {}
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        for node in graph:
+            for value in node.outputs:
+                if value.name:
+                    found[value.name] = (value, graph)
+    return found
+
+
+def in_subgraphs(model: ir.Model, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that the main graph does not compute (values inside If branches)."""
+    main = _values_by_name(model)
+    return [name for name in names if name not in main]
+
+
+def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, str]]:
+    """A copy of ``model`` whose graph outputs include the named values computed inside If
+    branches (nested Ifs too); returns it and {name: the graph output carrying it}.
+
+    onnxruntime gives graph outputs only. Each value becomes one more output of its branch and of
+    the If holding it (and of each enclosing If, up to the main graph); the other branch gives an
+    empty float tensor there, so a run that did not take the branch returns an empty array for
+    it (`accumulate` skips those: that sample never reached the value). Values inside Loop or
+    Scan bodies are refused (each iteration would overwrite them).
+    """
+    from onnxcomp import model as model_io
+
+    copy = model_io.copy_model(model)
+    owners = _owners(copy)
+    inside = _subgraph_values(copy)
+    names_used = {v.name for g in copy.graphs() for n in g for v in n.outputs if v.name}
+    names_used |= {v.name for g in copy.graphs() for v in g.inputs if v.name}
+    names_used |= {name for g in copy.graphs() for name in g.initializers}
+
+    def fresh(hint: str) -> str:
+        name, i = hint, 1
+        while name in names_used:
+            name = f"{hint}_{i}"
+            i += 1
+        names_used.add(name)
+        return name
+
+    exposed: dict[str, str] = {}
+    for name in names:
+        if name not in inside:
+            raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
+        value, graph = inside[name]
+        while graph is not copy.graph:
+            node, attr_name = owners[id(graph)]
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                raise OnnxcompError(
+                    f"capture: {name!r} is inside the body of {node.op_type} {node.name!r}; "
+                    "only values inside If branches can be captured"
+                )
+            position = len(node.outputs)
+            for attr in ("then_branch", "else_branch"):
+                branch = node.attributes[attr].value
+                if attr == attr_name:
+                    branch.outputs.append(value)
+                else:
+                    empty = ir.node(
+                        "Constant",
+                        [],
+                        attributes={"value": ir.tensor(np.zeros([0] * max(_rank(value), 1), np.float32))},
+                        name=fresh(f"{name}__not_taken"),
+                    )
+                    empty.outputs[0].name = fresh(f"{name}__not_taken")
+                    branch.append(empty)
+                    branch.outputs.append(empty.outputs[0])
+            node.resize_outputs(position + 1)
+            out = node.outputs[position]
+            out.name = fresh(f"{name}__captured")
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            value, graph = out, node.graph
+        copy.graph.outputs.append(value)
+        exposed[name] = value.name
+    return copy, exposed
+
+
+def _rank(value: ir.Value) -> int:
+    return len(value.shape) if value.shape is not None else 1
+
+
 @dataclasses.dataclass
 class CapturePlan:
     """How a capture runs: ``batch_size`` samples per batch, one run over the data per set of
@@ -208,17 +312,29 @@ def stream(
     if not names:
         return
     budget = CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    session = runtime.capture_session(model, names, threads=threads)
-    plan = plan_runs(session, model, names, data, batch_size=batch_size, budget_bytes=budget)
+    model, exposed = _exposed(model, names)
+    outputs = [exposed.get(name, name) for name in names]
+    back = {out: name for name, out in exposed.items()}
+    session = runtime.capture_session(model, outputs, threads=threads)
+    plan = plan_runs(session, model, outputs, data, batch_size=batch_size, budget_bytes=budget)
     for run_names in plan.runs:
-        yield from runtime.iter_outputs(
+        for batch, arrays in runtime.iter_outputs(
             session,
             data,
             batch_size=plan.batch_size,
             limit=limit,
             output_names=run_names,
             label="capture",
-        )
+        ):
+            yield batch, {back.get(k, k): v for k, v in arrays.items()}
+
+
+def _exposed(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, str]]:
+    """``model`` itself when the main graph computes all of ``names``, else `expose`'s copy."""
+    hidden = in_subgraphs(model, names)
+    if not hidden:
+        return model, {}
+    return expose(model, hidden)
 
 
 def stream_pairs(
@@ -239,14 +355,25 @@ def stream_pairs(
     if not names:
         return
     budget = (CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes) // 2
-    session = runtime.capture_session(model, names, threads=threads)
-    ref_session = runtime.capture_session(reference, names, threads=threads)
-    plan = plan_runs(session, model, names, data, batch_size=batch_size, budget_bytes=budget)
+    model, exposed = _exposed(model, names)
+    reference, ref_exposed = _exposed(reference, names)
+    outputs = [exposed.get(name, name) for name in names]
+    ref_of = {exposed.get(name, name): ref_exposed.get(name, name) for name in names}
+    back = {out: name for name, out in exposed.items()}
+    session = runtime.capture_session(model, outputs, threads=threads)
+    ref_session = runtime.capture_session(reference, list(ref_of.values()), threads=threads)
+    plan = plan_runs(session, model, outputs, data, batch_size=batch_size, budget_bytes=budget)
     for run_names in plan.runs:
         for batch, arrays in runtime.iter_outputs(
             session, data, batch_size=plan.batch_size, limit=limit, output_names=run_names, label="capture"
         ):
-            yield batch, arrays, runtime.run(ref_session, batch.inputs, run_names, "capture (reference)")
+            ref_names = [ref_of[n] for n in run_names]
+            ref = runtime.run(ref_session, batch.inputs, ref_names, "capture (reference)")
+            yield (
+                batch,
+                {back.get(k, k): v for k, v in arrays.items()},
+                {back.get(n, n): ref[r] for n, r in zip(run_names, ref_names)},
+            )
 
 
 def token_positions(batch: Batch) -> np.ndarray | None:
@@ -293,6 +420,7 @@ def accumulate(
         group = [accs] if isinstance(accs, Accumulator) else list(accs)
         by_name.setdefault(tensor_name(tensor), []).extend(group)
     seen: dict[str, int] = dict.fromkeys(by_name, 0)
+    main_names = set(by_name) - set(in_subgraphs(model, list(by_name)))
     options = {"batch_size": batch_size, "limit": limit, "budget_bytes": budget_bytes}
     if reference is None:
         batches = ((b, a, None) for b, a in stream(model, list(by_name), data, **options))
@@ -301,6 +429,8 @@ def accumulate(
     for batch, arrays, ref_arrays in batches:
         mask = positions(batch) if positions is not None else None
         for name, array in arrays.items():
+            if array.size == 0 and name not in main_names:
+                continue  # an If branch this batch did not take (see `expose`)
             seen[name] += len(batch)
             array = _at_positions(array, mask)
             if ref_arrays is None:

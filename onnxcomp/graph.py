@@ -99,6 +99,13 @@ def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     return node
 
 
+def home_graph(value: ir.Value) -> ir.Graph | None:
+    """The graph computing ``value`` (or holding it as an input or initializer); an If branch
+    reading it from an outer scope is not its home."""
+    node = value.producer()
+    return node.graph if node is not None else value.graph
+
+
 def users(value: ir.Value) -> list[ir.Node]:
     """The distinct nodes reading ``value``, in use order."""
     seen: dict[int, ir.Node] = {}

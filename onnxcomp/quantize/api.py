@@ -347,9 +347,11 @@ def quantize_static(
         exclude_ops=options.exclude_ops,
     )
     # Names were checked against the input model; the clean-up may have fused some away.
-    gone = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
+    gone = sorted(set(options.exclude_nodes) - {n.name for g in model.graphs() for n in g})
     groups = plan.groups()
-    if cache is not None and cache.calibration and set(groups) <= set(cache.calibration.ranges):
+    if cache is not None and cache.calibration and set(groups) <= (
+        set(cache.calibration.ranges) | set(cache.calibration.unseen)
+    ):
         calibration = cache.calibration
     else:
         calibration = calib.calibrate(
@@ -363,6 +365,15 @@ def quantize_static(
         )
         if cache is not None:
             cache.calibration = calibration
+    if set(groups) & set(calibration.unseen):  # If branches the data never took stay float
+        plan = qplan.build_plan(
+            model,
+            per_channel=options.per_channel,
+            exclude_nodes=options.exclude_nodes,
+            exclude_ops=options.exclude_ops,
+            skip_graphs=calib.unreached_graphs(plan, calibration),
+        )
+        groups = plan.groups()
     params = calib.activation_params(plan, calibration, options.activation_type)
     keys = {g: (g, float(params[g].scale), int(params[g].zero_point)) for g in groups}
     if cache is not None and all(k in cache.sqnr for k in keys.values()):
