@@ -585,7 +585,7 @@ def _quantize_built(model, options, data, eval_data) -> Built:
             "--mode static needs --data: activation ranges calibrated on random inputs are "
             "meaningless for real inputs (pass --allow-random-calibration to do it anyway)"
         )
-    input_names = {n.name for n in model.graph}
+    input_names = {n.name for g in model.graphs() for n in g}
     original_opset = model_io.opset(model)
     if options.mode == "static":
         model = static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
@@ -606,7 +606,9 @@ def _quantize_built(model, options, data, eval_data) -> Built:
             logger.info("auto: the input model cannot be timed here: %s", err)
     model, prep = prepare(model, options, data or eval_data, timer)
     # Names may be the input's, or the cleaned graph's (a recipe replaying auto's fallback).
-    unknown = sorted(set(options.exclude_nodes) - input_names - {n.name for n in model.graph})
+    unknown = sorted(
+        set(options.exclude_nodes) - input_names - {n.name for g in model.graphs() for n in g}
+    )
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     reference = model_io.copy_model(model)

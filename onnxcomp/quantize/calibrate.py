@@ -136,7 +136,9 @@ def activation_params(
         if clip is not None:
             params = _inside_clip(params, clip)
         by_group[group] = params
-    return {name: by_group[p.group] for name, p in plan.activations.items()}
+    # by plan key, and by group name (a value read from the outer scope by If branches is
+    # keyed per branch; its range is its own)
+    return {**by_group, **{key: by_group[p.group] for key, p in plan.activations.items()}}
 
 
 def _inside_clip(params: schemes.QuantParams, clip: tuple[float, float]) -> schemes.QuantParams:

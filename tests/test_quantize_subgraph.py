@@ -1,0 +1,218 @@
+"""Static quantization inside If branches: planned per branch, calibrated through the branch
+values onnxruntime cannot output directly, written in the branch graphs; Loop bodies and
+branches the data never takes stay float, with the reason in the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from onnxcomp import bench, capture
+from onnxcomp import model as model_io
+from onnxcomp.data import NpzData
+from onnxcomp.quantize.api import QuantizeOptions, quantize
+
+RNG = np.random.default_rng(0)
+
+
+def _conv_head(prefix: str, weight: str, stride: int) -> list[onnx.NodeProto]:
+    """Conv (reading the outer-scope input x) -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
+    n = h.make_node
+    return [
+        n("Conv", ["x", weight, f"{prefix}_b"], [f"{prefix}_c"], pads=[1, 1, 1, 1],
+          strides=[stride, stride], name=f"{prefix}_conv"),
+        n("Relu", [f"{prefix}_c"], [f"{prefix}_r"], name=f"{prefix}_relu"),
+        n("GlobalAveragePool", [f"{prefix}_r"], [f"{prefix}_p"], name=f"{prefix}_pool"),
+        n("Flatten", [f"{prefix}_p"], [f"{prefix}_f"], name=f"{prefix}_flatten"),
+        n("Gemm", [f"{prefix}_f", f"{prefix}_fc", f"{prefix}_fb"], [f"{prefix}_y"], transB=1,
+          name=f"{prefix}_fc"),
+    ]  # fmt: skip
+
+
+def _weights(prefix: str, conv: bool = True) -> list[onnx.TensorProto]:
+    out = [
+        nh.from_array(np.full(16, 0.1, np.float32), f"{prefix}_b"),
+        nh.from_array((RNG.standard_normal((10, 16)) * 0.3).astype(np.float32), f"{prefix}_fc"),
+        nh.from_array((RNG.standard_normal(10) * 0.1).astype(np.float32), f"{prefix}_fb"),
+    ]
+    if conv:
+        out.append(nh.from_array(
+            (RNG.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), f"{prefix}_w"
+        ))  # fmt: skip
+    return out
+
+
+def if_model(path) -> None:
+    """A classifier whose two heads sit in the branches of an If on the sign of the batch's
+    mean: both Convs read the main graph's input x; the then-branch Conv's weight is an
+    initializer of the main graph, the else-branch's its own."""
+    then_g = h.make_graph(
+        _conv_head("then", "then_w", 1), "then", [],
+        [h.make_tensor_value_info("then_y", T.FLOAT, None)], _weights("then", conv=False),
+    )  # fmt: skip
+    else_g = h.make_graph(
+        _conv_head("else", "else_w", 2), "else", [],
+        [h.make_tensor_value_info("else_y", T.FLOAT, None)], _weights("else"),
+    )  # fmt: skip
+    nodes = [
+        h.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+        h.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+        h.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="heads"),
+    ]
+    inits = [
+        nh.from_array(np.array(0, np.float32), "zero"),
+        nh.from_array((RNG.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "then_w"),
+    ]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 16, 16])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 10])], inits,
+    )  # fmt: skip
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+
+
+def samples(path, signs) -> None:
+    """Batches of 8 images around +1 or -1: each batch takes one branch."""
+    x = RNG.standard_normal((8 * len(signs), 3, 16, 16)).astype(np.float32) * 0.5
+    x += np.repeat(np.asarray(signs, np.float32), 8)[:, None, None, None]
+    np.savez(path, x=x)
+
+
+def static(tmp_path, signs, **kw):
+    if_model(tmp_path / "if.onnx")
+    samples(tmp_path / "calib.npz", signs)
+    samples(tmp_path / "eval.npz", [1, -1, 1, -1])
+    options = QuantizeOptions(mode="static", batch_size=8, **kw)
+    return quantize(
+        model_io.load(tmp_path / "if.onnx"), options,
+        data=tmp_path / "calib.npz", eval_data=tmp_path / "eval.npz",
+    )  # fmt: skip
+
+
+def test_convs_inside_if_branches_run_as_integer_kernels(tmp_path):
+    model, report = static(tmp_path, [1, -1, 1, -1, -1, 1])
+    kernels = {d["node"]: d["kernel"] for d in report["plan"]["quantized_nodes"]}
+    assert kernels["then_conv"] == kernels["else_conv"] == "QLinearConv"
+    assert kernels["then_fc"] == kernels["else_fc"] == "QGemm"
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert "If branches are planned on their own" in floats["heads"]
+    # onnxruntime fuses the pairs written inside each branch
+    assert bench.graph_report(model)["integer_kernel_ops"] == {
+        "QLinearConv": 2, "QLinearGlobalAveragePool": 2, "QGemm": 2,
+    }  # fmt: skip
+    # the outer-scope input x gets its own pair in each branch, calibrated once
+    pairs = [t for t in report["tensors"] if t["kind"] == "activation" and t["tensor"].startswith("x@")]
+    assert len(pairs) == 2 and len({(t["scale"], t["zero_point"]) for t in pairs}) == 1
+    path = tmp_path / "q.onnx"
+    model_io.save(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    outputs = report["check"]["comparison"]["outputs"]
+    assert outputs[0]["cosine_mean"] > 0.999
+
+
+def test_a_branch_no_sample_takes_stays_float_with_the_reason(tmp_path):
+    model, report = static(tmp_path, [1, 1, 1])
+    kernels = {d["node"] for d in report["plan"]["quantized_nodes"]}
+    assert {"then_conv", "then_fc"} <= kernels
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert "no calibration sample took" in floats["else_conv"]
+    assert "no calibration sample took" in floats["else_fc"]
+    assert bench.graph_report(model)["integer_kernel_ops"] == {
+        "QLinearConv": 1, "QLinearGlobalAveragePool": 1, "QGemm": 1,
+    }  # fmt: skip
+
+
+def test_capture_streams_values_inside_if_branches(tmp_path):
+    if_model(tmp_path / "if.onnx")
+    samples(tmp_path / "x.npz", [1, -1])
+    model = model_io.load(tmp_path / "if.onnx")
+    seen = {"then_r": [], "else_r": []}
+    for batch, arrays in capture.stream(model, list(seen), NpzData(tmp_path / "x.npz"), batch_size=8):
+        for name, array in arrays.items():
+            seen[name].append(array.shape)
+    # each batch reaches one branch; the other gives an empty array
+    assert seen["then_r"] == [(8, 16, 16, 16), (0,)]
+    assert seen["else_r"] == [(0,), (8, 16, 8, 8)]
+    assert len(model.graph.outputs) == 1  # the model itself is left as it was
+
+
+def test_conv_in_a_loop_body_stays_float_with_the_reason(tmp_path):
+    body = h.make_graph(
+        [
+            h.make_node("Conv", ["v", "w"], ["v_next"], pads=[1, 1, 1, 1], name="loop_conv"),
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("v", T.FLOAT, None),
+        ],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("v_next", T.FLOAT, None)],
+    )
+    graph = h.make_graph(
+        [
+            h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="outer_conv"),
+            h.make_node("Relu", ["c"], ["r"], name="relu"),
+            h.make_node("Loop", ["trips", "yes", "r"], ["y"], body=body, name="loop"),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        [
+            nh.from_array((RNG.standard_normal((4, 4, 3, 3)) * 0.2).astype(np.float32), "w"),
+            nh.from_array(np.array(2, np.int64), "trips"),
+            nh.from_array(np.array(True), "yes"),
+        ],
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "loop.onnx")
+    np.savez(tmp_path / "x.npz", x=RNG.standard_normal((16, 4, 8, 8)).astype(np.float32))
+    options = QuantizeOptions(mode="static")
+    model, report = quantize(
+        model_io.load(tmp_path / "loop.onnx"), options, data=tmp_path / "x.npz"
+    )
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert "inside the body of Loop 'loop'" in floats["loop_conv"]
+    assert "outer_conv" in {d["node"] for d in report["plan"]["quantized_nodes"]}
+
+
+@pytest.mark.thirdparty
+def test_silero_vad_convs_inside_its_if_branches_run_int8(tmp_path):
+    # Silero VAD 5: every Conv and the LSTM sit in the branches of an If on the sample rate;
+    # real speech, one feed per frame with the state fp32 reached.
+    thirdparty = pytest.importorskip("models.thirdparty")
+    realdata = pytest.importorskip("models.realdata")
+    try:
+        path = thirdparty.fetch("silero_vad")
+        calib, evals = realdata.build("silero_vad")
+    except Exception as err:  # no registry access: skip, do not fail
+        pytest.skip(f"cannot fetch silero_vad: {err}")
+    small = tmp_path / "eval.npz"
+    np.savez(small, **{k: v[::4] if v.ndim else v for k, v in np.load(evals).items()})
+    model, report = quantize(
+        model_io.load(path), QuantizeOptions(mode="static"), data=calib, eval_data=small
+    )
+    quantized = {d["node"]: d["kernel"] for d in report["plan"]["quantized_nodes"]}
+    convs = [n for n, k in quantized.items() if k == "QLinearConv"]
+    # the 16 kHz branch: the STFT Conv, 4 encoder Convs and the decoder Conv
+    assert len(convs) == 6 and all(n.startswith("If_0_then_branch") for n in convs)
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    # the 8 kHz branch: no sample at 8 kHz, no range to quantize with
+    assert "no calibration sample took" in floats["If_0_else_branch__Inline_0__/encoder/0/reparam_conv/Conv"]
+    assert floats["If_0_then_branch__Inline_0__/decoder/rnn/LSTM"] == "no integer kernel in onnxruntime's CPU provider"
+    assert bench.graph_report(model)["integer_kernel_ops"].get("QLinearConv") == 6
+    out = tmp_path / "vad.int8.onnx"
+    model_io.save(model, out)
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    speech = next(o for o in report["check"]["comparison"]["outputs"] if o["output"] == "output")
+    assert speech["top1_agreement"] >= 0.98, json.dumps(speech)
