@@ -139,6 +139,35 @@ def _subgraph_values(model: ir.Model) -> dict[str, tuple[ir.Value, ir.Graph]]:
     return found
 
 
+def subgraphs(model: ir.Model) -> list[tuple[ir.Graph, str | None]]:
+    """The main graph and every subgraph, outer first, each with why its values cannot be
+    captured (None: they can): those of If branches (nested in If branches only) can, through
+    `expose`; those of Loop and Scan bodies, and of what they hold, cannot."""
+    found: list[tuple[ir.Graph, str | None]] = []
+
+    def walk(graph: ir.Graph, why: str | None) -> None:
+        found.append((graph, why))
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    inner = [attr.value]
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    inner = list(attr.value)
+                else:
+                    continue
+                reason = why
+                if reason is None and (node.op_type != "If" or node.domain not in ("", "ai.onnx")):
+                    reason = (
+                        f"inside the body of {node.op_type} {node.name!r}: its values cannot be "
+                        "captured for calibration, kept float"
+                    )
+                for g in inner:
+                    walk(g, reason)
+
+    walk(model.graph, None)
+    return found
+
+
 def in_subgraphs(model: ir.Model, names: Sequence[str]) -> list[str]:
     """Those of ``names`` that the main graph does not compute (values inside If branches)."""
     main = _values_by_name(model)

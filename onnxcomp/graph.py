@@ -212,6 +212,27 @@ class NameSource:
         return name
 
 
+def unique_names(model: ir.Model) -> int:
+    """Rename the node outputs whose name another value of the model already has (the main
+    graph's names win, then outer graphs'); returns how many were renamed.
+
+    onnx-ir names the values new nodes write per graph (``val_0``, ...); onnxruntime wants one
+    name per value across a model and its If/Loop branches."""
+    seen: set[str] = set()
+    renamed = 0
+    names = NameSource(model)
+    for graph in model.graphs():
+        for value in [*graph.inputs, *graph.initializers.values()]:
+            seen.add(value.name or "")
+        for node in graph:
+            for value in node.outputs:
+                if value.name and value.name in seen:
+                    value.name = names(value.name)
+                    renamed += 1
+                seen.add(value.name or "")
+    return renamed
+
+
 def add_initializer(
     graph: ir.Graph,
     hint: str,

@@ -109,7 +109,9 @@ def test_convs_inside_if_branches_run_as_integer_kernels(tmp_path):
         "QLinearConv": 2, "QLinearGlobalAveragePool": 2, "QGemm": 2,
     }  # fmt: skip
     # the outer-scope input x gets its own pair in each branch, calibrated once
-    pairs = [t for t in report["tensors"] if t["kind"] == "activation" and t["tensor"].startswith("x@")]
+    pairs = [
+        t for t in report["tensors"] if t["kind"] == "activation" and t["tensor"].startswith("x@")
+    ]
     assert len(pairs) == 2 and len({(t["scale"], t["zero_point"]) for t in pairs}) == 1
     path = tmp_path / "q.onnx"
     model_io.save(model, path)
@@ -135,7 +137,9 @@ def test_capture_streams_values_inside_if_branches(tmp_path):
     samples(tmp_path / "x.npz", [1, -1])
     model = model_io.load(tmp_path / "if.onnx")
     seen = {"then_r": [], "else_r": []}
-    for batch, arrays in capture.stream(model, list(seen), NpzData(tmp_path / "x.npz"), batch_size=8):
+    for _batch, arrays in capture.stream(
+        model, list(seen), NpzData(tmp_path / "x.npz"), batch_size=8
+    ):
         for name, array in arrays.items():
             seen[name].append(array.shape)
     # each batch reaches one branch; the other gives an empty array
@@ -156,7 +160,10 @@ def test_conv_in_a_loop_body_stays_float_with_the_reason(tmp_path):
             h.make_tensor_value_info("cond_in", T.BOOL, []),
             h.make_tensor_value_info("v", T.FLOAT, None),
         ],
-        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("v_next", T.FLOAT, None)],
+        [
+            h.make_tensor_value_info("cond_out", T.BOOL, []),
+            h.make_tensor_value_info("v_next", T.FLOAT, None),
+        ],
     )
     graph = h.make_graph(
         [
@@ -208,11 +215,69 @@ def test_silero_vad_convs_inside_its_if_branches_run_int8(tmp_path):
     assert len(convs) == 6 and all(n.startswith("If_0_then_branch") for n in convs)
     floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
     # the 8 kHz branch: no sample at 8 kHz, no range to quantize with
-    assert "no calibration sample took" in floats["If_0_else_branch__Inline_0__/encoder/0/reparam_conv/Conv"]
-    assert floats["If_0_then_branch__Inline_0__/decoder/rnn/LSTM"] == "no integer kernel in onnxruntime's CPU provider"
+    assert (
+        "no calibration sample took"
+        in floats["If_0_else_branch__Inline_0__/encoder/0/reparam_conv/Conv"]
+    )
+    assert (
+        floats["If_0_then_branch__Inline_0__/decoder/rnn/LSTM"]
+        == "no integer kernel in onnxruntime's CPU provider"
+    )
     assert bench.graph_report(model)["integer_kernel_ops"].get("QLinearConv") == 6
     out = tmp_path / "vad.int8.onnx"
     model_io.save(model, out)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     speech = next(o for o in report["check"]["comparison"]["outputs"] if o["output"] == "output")
     assert speech["top1_agreement"] >= 0.98, json.dumps(speech)
+
+
+def test_dynamic_quantizes_matmuls_inside_if_branches(tmp_path):
+    # A decoder-style If: the branches project the outer-scope hidden state with their own
+    # MatMul + bias; dynamic int8 rewrites each in its branch (no calibration needed).
+    def branch(prefix: str) -> onnx.GraphProto:
+        return h.make_graph(
+            [
+                h.make_node("MatMul", ["hidden", f"{prefix}_w"], [f"{prefix}_m"], name=f"{prefix}_matmul"),
+                h.make_node("Add", [f"{prefix}_m", f"{prefix}_b"], [f"{prefix}_y"], name=f"{prefix}_bias"),
+            ],
+            prefix, [], [h.make_tensor_value_info(f"{prefix}_y", T.FLOAT, None)],
+            [
+                nh.from_array((RNG.standard_normal((64, 32)) * 0.2).astype(np.float32), f"{prefix}_w"),
+                nh.from_array((RNG.standard_normal(32) * 0.1).astype(np.float32), f"{prefix}_b"),
+            ],
+        )  # fmt: skip
+
+    graph = h.make_graph(
+        [
+            h.make_node("MatMul", ["x", "w0"], ["hidden"], name="encoder"),
+            h.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+            h.make_node("Greater", ["m", "zero"], ["cond"], name="positive"),
+            h.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"), name="heads"),
+        ],
+        "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 32])],
+        [
+            nh.from_array((RNG.standard_normal((64, 64)) * 0.2).astype(np.float32), "w0"),
+            nh.from_array(np.array(0, np.float32), "zero"),
+        ],
+    )  # fmt: skip
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "if_mlp.onnx")
+    x = RNG.standard_normal((32, 64)).astype(np.float32)
+    x[:16] += 1
+    x[16:] -= 1
+    np.savez(tmp_path / "x.npz", x=x)
+    model, report = quantize(
+        model_io.load(tmp_path / "if_mlp.onnx"), QuantizeOptions(mode="dynamic", batch_size=16),
+        data=tmp_path / "x.npz",
+    )  # fmt: skip
+    layers = {lay["node"] for lay in report["layers"] if not lay.get("float_reason")}
+    assert {"encoder", "then_matmul", "else_matmul"} <= layers
+    assert report["skipped"] == []
+    ops = bench.graph_report(model)["integer_kernel_ops"]
+    assert ops.get("MatMulIntegerToFloat", 0) + ops.get("DynamicQuantizeMatMul", 0) == 3
+    path = tmp_path / "q.onnx"
+    model_io.save(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999

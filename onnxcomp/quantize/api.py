@@ -349,8 +349,10 @@ def quantize_static(
     # Names were checked against the input model; the clean-up may have fused some away.
     gone = sorted(set(options.exclude_nodes) - {n.name for g in model.graphs() for n in g})
     groups = plan.groups()
-    if cache is not None and cache.calibration and set(groups) <= (
-        set(cache.calibration.ranges) | set(cache.calibration.unseen)
+    if (
+        cache is not None
+        and cache.calibration
+        and set(groups) <= (set(cache.calibration.ranges) | set(cache.calibration.unseen))
     ):
         calibration = cache.calibration
     else:

@@ -118,7 +118,6 @@ def unreached_graphs(plan: QuantPlan, calibration: Calibration) -> dict[int, str
     return skip
 
 
-
 def activation_params(
     plan: QuantPlan, calibration: Calibration, activation_type: str
 ) -> dict[str, schemes.QuantParams]:

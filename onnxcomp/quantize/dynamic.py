@@ -56,6 +56,7 @@ from onnxcomp.graph import (
     drop_shapes_before_skip_layernorm,
     drop_unused_initializers,
     replace_uses,
+    unique_names,
 )
 from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
@@ -213,6 +214,8 @@ def _bias_add(out: ir.Value, n: int) -> tuple[ir.Node, np.ndarray, ir.Value] | N
         return None
     add = uses[0].node
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    if add.graph is not out.producer().graph:  # read inside an If branch: not the same graph
         return None
     other = add.inputs[1 - uses[0].idx]
     bias = _const(other)
@@ -486,6 +489,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         quantized = [lay for lay in layers if not lay.float_reason]
         if quantized:
             self._rewrite(model, quantized)
+            unique_names(model)  # values written in several If branches
         embeddings = []
         if opts.embeddings:
             embeddings = self._quantize_embeddings(model, skipped)
@@ -553,7 +557,17 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     def _plan_matches(self, model: ir.Model) -> tuple[list[_Layer], list[dict[str, str]]]:
         layers, skipped = [], []
         claimed: set[int] = set()
-        for node in model.graph:
+        # The main graph and the If branches: each layer is rewritten in its own graph; a
+        # branch's input from the outer scope is quantized in the branch that reads it.
+        nodes, outside = [], []
+        for graph, why in capture.subgraphs(model):
+            (outside if why else nodes).extend((node, why) for node in graph)
+        for node, why in outside:
+            if node.op_type in self.options.op_types and node.domain in ("", "ai.onnx"):
+                skipped.append(
+                    {"node": node.name or node.op_type, "op": node.op_type, "reason": why}
+                )
+        for node, _ in nodes:
             if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
                 continue
             name = node.name or node.outputs[0].name or node.op_type
@@ -573,15 +587,6 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             match.name = name
             claimed.update(id(n) for n in match.nodes)
             layers.append(_Layer(match))
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.graph is not model.graph and node.op_type in self.options.op_types:
-                skipped.append(
-                    {
-                        "node": node.name or node.op_type,
-                        "op": node.op_type,
-                        "reason": "inside an If/Loop/Scan subgraph (not quantized)",
-                    }
-                )
         return layers, skipped
 
     def _weight_sqnr(self, lay: _Layer) -> float:
@@ -717,14 +722,16 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             self.options.form == "contrib" and any(lay.match.op_type != "Conv" for lay in layers)
         ):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        self._order = {id(node): i for i, node in enumerate(graph)}
+        self._order = {id(node): i for g in model.graphs() for i, node in enumerate(g)}
         self._shared: dict[tuple, tuple] = {}
-        groups: dict[tuple[int, float], list[_Layer]] = {}
+        groups: dict[tuple[int, float, int], list[_Layer]] = {}
         for lay in layers:
-            groups.setdefault((id(lay.match.x), lay.smooth_alpha), []).append(lay)
+            # one group per input and graph: an If branch quantizes what it reads itself
+            graph = lay.match.nodes[0].graph
+            groups.setdefault((id(lay.match.x), lay.smooth_alpha, id(graph)), []).append(lay)
         for group in groups.values():
             weights = [_weight_of(lay.match.nodes[0]) for lay in group]
-            self._rewrite_group(graph, group)
+            self._rewrite_group(group[0].match.nodes[0].graph or graph, group)
             for tensor in weights:
                 model_io.release(tensor)
 
@@ -778,7 +785,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             name = m.name.replace("/", "_").strip("_") or "matmul"
             # A weight read by several MatMuls is quantized once (unless smoothing scaled it for
             # this reader's input): the later readers take the same int8 initializers.
-            key = _weight_key(m) if scale_vec is None else None
+            key = (_weight_key(m), id(graph)) if scale_vec is None else None
             if key in self._shared:
                 lay.shares_weight_with, w_q, w_s, w_zp, lay.weight_sqnr_db = self._shared[key]
             else:

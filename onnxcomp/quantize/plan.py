@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import ops
+from onnxcomp import capture, ops
 from onnxcomp.graph import const as _const
 from onnxcomp.graph import home_graph
 from onnxcomp.quantize.schemes import nonfinite_reason
@@ -347,7 +347,7 @@ def build_plan(
     weights: list[WeightPlan] = []
     quantized: list[NodeDecision] = []
     floats: list[NodeDecision] = []
-    for graph, why_not in subgraphs(model):
+    for graph, why_not in capture.subgraphs(model):
         why_not = why_not or skip_graphs.get(id(graph))
         if why_not:
             floats.extend(
@@ -363,36 +363,6 @@ def build_plan(
         quantized += part.quantized
         floats += part.floats
     return QuantPlan(activations, weights, quantized, floats, per_channel)
-
-
-def subgraphs(model: ir.Model) -> list[tuple[ir.Graph, str | None]]:
-    """The main graph and every subgraph, outer first, each with why its ops cannot be
-    quantized (None: they can): If branches (nested in If branches only) can, Loop and Scan
-    bodies and what they hold cannot."""
-    found: list[tuple[ir.Graph, str | None]] = []
-
-    def walk(graph: ir.Graph, why: str | None) -> None:
-        found.append((graph, why))
-        for node in graph:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    inner = [attr.value]
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    inner = list(attr.value)
-                else:
-                    continue
-                reason = why
-                if reason is None and (node.op_type != "If" or node.domain not in ("", "ai.onnx")):
-                    reason = (
-                        f"inside the body of {node.op_type} {node.name!r}: its values cannot be "
-                        "captured for calibration, kept float"
-                    )
-                for g in inner:
-                    walk(g, reason)
-
-    walk(model.graph, None)
-    return found
-
 
 
 def _plan_graph(
@@ -437,8 +407,10 @@ def _plan_graph(
             for attr in node.attributes.values()
         ):
             decisions[id(node)] = NodeDecision(
-                node, None, f"{node.op_type} with subgraphs: no integer kernel (If branches are "
-                "planned on their own)"
+                node,
+                None,
+                f"{node.op_type} with subgraphs: no integer kernel (If branches are "
+                "planned on their own)",
             )
             continue
         if rule is None:

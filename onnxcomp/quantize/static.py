@@ -30,8 +30,7 @@ import onnx_ir as ir
 from onnxcomp import capture, layerwise
 from onnxcomp.data import DataSource
 from onnxcomp.graph import NameSource as _Names
-from onnxcomp.graph import add_initializer
-from onnxcomp.graph import home_graph
+from onnxcomp.graph import add_initializer, home_graph
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.plan import OP_TABLE, QuantPlan
