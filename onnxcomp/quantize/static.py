@@ -85,7 +85,11 @@ class InsertQdqPass(ir.passes.InPlacePass):
         exact = {
             act.group for act in self.plan.activations.values() if _cast_from_bool(act.value)
         }
-        for name, act in self.plan.activations.items():
+        # Pairs an If branch writes on an outer-scope value go first: they take the branch's
+        # readers; a pair the outer graph then writes on the same (int8-written) value feeds the
+        # branch's QuantizeLinear through its DequantizeLinear.
+        ordered = sorted(self.plan.activations.items(), key=lambda kv: kv[1].graph is None)
+        for name, act in ordered:
             params = self.params[name]
             if act.group in exact:
                 # 0/1 values: scale 1 holds them exactly, whatever range calibration saw.
