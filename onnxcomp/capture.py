@@ -455,7 +455,9 @@ def accumulate(
         batches = ((b, a, None) for b, a in stream(model, list(by_name), data, **options))
     else:
         batches = stream_pairs(model, reference, list(by_name), data, **options)
+    streamed = 0
     for batch, arrays, ref_arrays in batches:
+        streamed += len(batch)
         mask = positions(batch) if positions is not None else None
         for name, array in arrays.items():
             if array.size == 0 and name not in main_names:
@@ -470,7 +472,7 @@ def accumulate(
                 for acc in by_name[name]:
                     acc.update(array, ref)
     samples = max(seen.values(), default=0)
-    if by_name and samples == 0:
+    if by_name and streamed == 0:  # (values in untaken If branches alone see none either)
         raise OnnxcompError(f"{getattr(data, 'name', 'data')}: no samples to capture")
     return samples
 

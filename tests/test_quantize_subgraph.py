@@ -272,7 +272,7 @@ def test_dynamic_quantizes_matmuls_inside_if_branches(tmp_path):
         model_io.load(tmp_path / "if_mlp.onnx"), QuantizeOptions(mode="dynamic", batch_size=16),
         data=tmp_path / "x.npz",
     )  # fmt: skip
-    layers = {lay["node"] for lay in report["layers"] if not lay.get("float_reason")}
+    layers = {lay["node"] for lay in report["layers"] if lay["status"] == "int8"}
     assert {"encoder", "then_matmul", "else_matmul"} <= layers
     assert report["skipped"] == []
     ops = bench.graph_report(model)["integer_kernel_ops"]

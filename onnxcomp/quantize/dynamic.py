@@ -294,6 +294,7 @@ class _Layer:
     shares_weight_with: str | None = None  # the layer whose int8 weight this one reads
     smooth_gain_db: float | None = None  # output SQNR gained by smoothing (all of its group)
     smooth_folded: bool = False  # x / s folded into the producer's constants (no Mul)
+    calibration_note: str | None = None  # why the data measured nothing for it
     new_output: ir.Value | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -322,6 +323,8 @@ class _Layer:
             entry["shares_weight_with"] = self.shares_weight_with
         if self.float_reason or self.blockwise_reason:
             entry["reason"] = self.float_reason or self.blockwise_reason
+        if self.calibration_note:
+            entry["note"] = self.calibration_note
         return entry
 
 
@@ -637,14 +640,24 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for names in chunks:
             ranges = {name: capture.Each(groups[name].observe_range) for name in names}
             capture.accumulate(model, ranges, data, limit=min(limit, RANGE_SAMPLES))
+            # Inputs in If branches no calibration sample took: plain per-channel int8.
+            names = [name for name in names if groups[name].act_absmax is not None]
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
             errors = {name: capture.Each(groups[name].observe_error) for name in names}
-            capture.accumulate(model, errors, data, limit=limit)
+            if errors:
+                capture.accumulate(model, errors, data, limit=limit)
             for name in names:
                 groups[name].release()
         smoothed = blockwise = 0
         for stats in groups.values():
+            if stats.act_absmax is None:
+                for lay in stats.layers:
+                    lay.calibration_note = (
+                        "in an If branch that no calibration sample took: per-channel int8, "
+                        "no smoothing or bias correction"
+                    )
+                continue
             totals = [_sqnr(stats.signal.sum(), stats.noise[a].sum()) for a in range(len(alphas))]
             best = int(np.argmax(totals))
             gain = totals[best] - totals[0]
