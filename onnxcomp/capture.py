@@ -213,6 +213,13 @@ def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, s
                     f"capture: {name!r} is inside the body of {node.op_type} {node.name!r}; "
                     "only values inside If branches can be captured"
                 )
+            if any(out is value for out in graph.outputs):
+                # already a branch output (the If's output there carries the other branch's
+                # value when that one runs): exposed on its own through an Identity
+                copy_node = ir.node("Identity", [value], name=fresh(f"{name}__exposed"))
+                copy_node.outputs[0].name = fresh(f"{name}__exposed")
+                graph.append(copy_node)
+                value = copy_node.outputs[0]
             position = len(node.outputs)
             for attr in ("then_branch", "else_branch"):
                 branch = node.attributes[attr].value

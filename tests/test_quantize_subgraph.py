@@ -357,3 +357,14 @@ def test_capture_reaches_the_lstm_state_two_ifs_deep_in_silero_vad():
         assert len(taken) == 1  # one copy ran, the other gave an empty array
         state = runtime.run(session, batch.inputs)["stateN"]
         np.testing.assert_allclose(taken[0][0], state[0], atol=1e-6)
+
+
+def test_capture_of_a_branch_output_reads_the_if_output(tmp_path):
+    if_model(tmp_path / "if.onnx")
+    samples(tmp_path / "x.npz", [1, -1])
+    model = model_io.load(tmp_path / "if.onnx")
+    arrays = [
+        a for _, a in capture.stream(model, ["then_y"], NpzData(tmp_path / "x.npz"), batch_size=8)
+    ]
+    # the then branch's own value, not the If's output (which the else branch writes too)
+    assert [a["then_y"].shape for a in arrays] == [(8, 10), (0,)]

@@ -356,7 +356,7 @@ def build_plan(
                 if node.op_type in OP_TABLE and OP_TABLE[node.op_type].role == "weighted"
             )
             continue
-        part = _plan_graph(graph, excluded, wanted_ops, per_channel)
+        part = _plan_graph(graph, excluded, wanted_ops, per_channel, graph is model.graph)
         for key, act in part.activations.items():
             activations.setdefault(key, act)
         weights += part.weights
@@ -370,11 +370,14 @@ def _plan_graph(
     excluded: Callable[[ir.Node], str | None],
     wanted_ops: set[str],
     per_channel: bool,
+    main: bool,
 ) -> QuantPlan:
     """`build_plan` for the nodes of one graph (not those of its subgraphs)."""
     nodes = list(graph)
     # names this graph's pairs on outer-scope values (branch names repeat across an export)
     tag = next((n.name for n in nodes if n.name), graph.name or "subgraph")
+    # an If branch's outputs are kept float like the model's (what reads them is not planned here)
+    where = "model" if main else "If-branch"
 
     decisions: dict[int, NodeDecision] = {}  # id(node) -> decision
     # value -> group name of the int8 tensor carrying it (only values an integer op produces)
@@ -436,7 +439,7 @@ def _plan_graph(
                 if point in near_output:
                     how = "is" if point.is_graph_output() else "reaches through shape ops only"
                     problem = (
-                        f"its output {how} model output {near_output[point]!r}: kept float so "
+                        f"its output {how} {where} output {near_output[point]!r}: kept float so "
                         "the output keeps fp32 precision (QLinearConv would write it in 8 bits)"
                     )
             if problem:
@@ -448,7 +451,7 @@ def _plan_graph(
             decisions[id(node)] = NodeDecision(
                 node,
                 None,
-                f"its output reaches model output {reached!r} through shape ops only: kept float",
+                f"its output reaches {where} output {reached!r} through shape ops only: kept float",
             )
         elif rule.role in ("elementwise", "concat", "unary"):
             data = (
