@@ -460,7 +460,7 @@ def _plan_graph(
                 else [node.inputs[i] for i in rule.data_inputs if i < len(node.inputs)]
             )
             missing = [v for v in data if v not in available]
-            if not data or not all(_is_float(v) or v in available for v in data):
+            if not data or not all(_is_float(v) or v in available or v.dtype is None for v in data):
                 decisions[id(node)] = NodeDecision(node, None, "inputs are not float tensors")
             elif missing:
                 what = (
