@@ -79,6 +79,20 @@ def if_model(path) -> None:
     onnx.save(proto, path)
 
 
+def save(graph: onnx.GraphProto, path) -> None:
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, path)
+
+
+def halves(path, shape) -> None:
+    """Samples whose first half sits around +1, the second around -1 (one If branch each)."""
+    x = RNG.standard_normal(shape).astype(np.float32) * 0.5
+    x[: shape[0] // 2] += 1
+    x[shape[0] // 2 :] -= 1
+    np.savez(path, x=x)
+
+
 def samples(path, signs) -> None:
     """Batches of 8 images around +1 or -1: each batch takes one branch."""
     x = RNG.standard_normal((8 * len(signs), 3, 16, 16)).astype(np.float32) * 0.5
@@ -180,9 +194,7 @@ def test_conv_in_a_loop_body_stays_float_with_the_reason(tmp_path):
             nh.from_array(np.array(True), "yes"),
         ],
     )
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.save(proto, tmp_path / "loop.onnx")
+    save(graph, tmp_path / "loop.onnx")
     np.savez(tmp_path / "x.npz", x=RNG.standard_normal((16, 4, 8, 8)).astype(np.float32))
     options = QuantizeOptions(mode="static")
     model, report = quantize(
@@ -193,17 +205,21 @@ def test_conv_in_a_loop_body_stays_float_with_the_reason(tmp_path):
     assert "outer_conv" in {d["node"] for d in report["plan"]["quantized_nodes"]}
 
 
+def silero():
+    """Silero VAD 5 and its real speech frames (calibration, evaluation), or a skip offline."""
+    thirdparty = pytest.importorskip("models.thirdparty")
+    realdata = pytest.importorskip("models.realdata")
+    try:
+        return thirdparty.fetch("silero_vad"), *realdata.build("silero_vad")
+    except Exception as err:  # no registry access: skip, do not fail
+        pytest.skip(f"cannot fetch silero_vad: {err}")
+
+
 @pytest.mark.thirdparty
 def test_silero_vad_convs_inside_its_if_branches_run_int8(tmp_path):
     # Silero VAD 5: every Conv and the LSTM sit in the branches of an If on the sample rate;
     # real speech, one feed per frame with the state fp32 reached.
-    thirdparty = pytest.importorskip("models.thirdparty")
-    realdata = pytest.importorskip("models.realdata")
-    try:
-        path = thirdparty.fetch("silero_vad")
-        calib, evals = realdata.build("silero_vad")
-    except Exception as err:  # no registry access: skip, do not fail
-        pytest.skip(f"cannot fetch silero_vad: {err}")
+    path, calib, evals = silero()
     small = tmp_path / "eval.npz"
     np.savez(small, **{k: v[::4] if v.ndim else v for k, v in np.load(evals).items()})
     model, report = quantize(
@@ -261,13 +277,8 @@ def test_dynamic_quantizes_matmuls_inside_if_branches(tmp_path):
             nh.from_array(np.array(0, np.float32), "zero"),
         ],
     )  # fmt: skip
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.save(proto, tmp_path / "if_mlp.onnx")
-    x = RNG.standard_normal((32, 64)).astype(np.float32)
-    x[:16] += 1
-    x[16:] -= 1
-    np.savez(tmp_path / "x.npz", x=x)
+    save(graph, tmp_path / "if_mlp.onnx")
+    halves(tmp_path / "x.npz", (32, 64))
     model, report = quantize(
         model_io.load(tmp_path / "if_mlp.onnx"), QuantizeOptions(mode="dynamic", batch_size=16),
         data=tmp_path / "x.npz",
@@ -313,13 +324,8 @@ def test_branches_read_an_int8_tensor_of_the_main_graph(tmp_path):
             nh.from_array(np.array(0, np.float32), "zero"),
         ],
     )  # fmt: skip
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.save(proto, tmp_path / "stem_if.onnx")
-    x = RNG.standard_normal((32, 3, 8, 8)).astype(np.float32) * 0.5
-    x[:16] += 1
-    x[16:] -= 1
-    np.savez(tmp_path / "x.npz", x=x)
+    save(graph, tmp_path / "stem_if.onnx")
+    halves(tmp_path / "x.npz", (32, 3, 8, 8))
     model, report = quantize(
         model_io.load(tmp_path / "stem_if.onnx"), QuantizeOptions(mode="static", batch_size=8),
         data=tmp_path / "x.npz",
@@ -335,13 +341,7 @@ def test_branches_read_an_int8_tensor_of_the_main_graph(tmp_path):
 def test_capture_reaches_the_lstm_state_two_ifs_deep_in_silero_vad():
     # The LSTM sits in a branch of an If inside the 16 kHz branch; which of its two copies runs
     # depends on the state's shape. Captured, its last hidden state is the model's stateN[0].
-    thirdparty = pytest.importorskip("models.thirdparty")
-    realdata = pytest.importorskip("models.realdata")
-    try:
-        path = thirdparty.fetch("silero_vad")
-        _, evals = realdata.build("silero_vad")
-    except Exception as err:  # no registry access: skip, do not fail
-        pytest.skip(f"cannot fetch silero_vad: {err}")
+    path, _, evals = silero()
     from onnxcomp import runtime
     from onnxcomp.data import open_data
 
