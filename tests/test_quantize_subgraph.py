@@ -368,3 +368,51 @@ def test_capture_of_a_branch_output_reads_the_if_output(tmp_path):
     ]
     # the then branch's own value, not the If's output (which the else branch writes too)
     assert [a["then_y"].shape for a in arrays] == [(8, 10), (0,)]
+
+
+def test_dynamic_quantizes_a_matmul_inside_a_loop_body(tmp_path):
+    # A recurrent cell unrolled by Loop: h <- tanh(h W); the body's values cannot be captured,
+    # so the MatMul gets plain per-channel int8 (no smoothing), rewritten inside the body.
+    body = h.make_graph(
+        [
+            h.make_node("MatMul", ["h", "w"], ["hw"], name="cell"),
+            h.make_node("Tanh", ["hw"], ["h_next"], name="tanh"),
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("h", T.FLOAT, ["N", 64]),
+        ],
+        [
+            h.make_tensor_value_info("cond_out", T.BOOL, []),
+            h.make_tensor_value_info("h_next", T.FLOAT, ["N", 64]),
+        ],
+    )
+    graph = h.make_graph(
+        [h.make_node("Loop", ["trips", "yes", "x"], ["y"], body=body, name="loop")],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 64])],
+        [
+            nh.from_array((RNG.standard_normal((64, 64)) * 0.15).astype(np.float32), "w"),
+            nh.from_array(np.array(3, np.int64), "trips"),
+            nh.from_array(np.array(True), "yes"),
+        ],
+    )
+    save(graph, tmp_path / "loop.onnx")
+    halves(tmp_path / "x.npz", (32, 64))
+    model, report = quantize(
+        model_io.load(tmp_path / "loop.onnx"),
+        QuantizeOptions(mode="dynamic"),
+        data=tmp_path / "x.npz",
+    )
+    (layer,) = report["layers"]
+    assert layer["status"] == "int8" and "inside the body of Loop 'loop'" in layer["note"]
+    ops = bench.graph_report(model)["integer_kernel_ops"]
+    assert ops.get("MatMulIntegerToFloat", 0) + ops.get("DynamicQuantizeMatMul", 0) == 1
+    path = tmp_path / "q.onnx"
+    model_io.save(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999

@@ -479,7 +479,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             if lay.match.name in opts.keep_float:
                 lay.float_reason = "listed in keep_float"
         calibration: dict[str, object] = {}
-        active = [lay for lay in layers if not lay.float_reason and lay.match.op_type != "Conv"]
+        active = [
+            lay
+            for lay in layers
+            if not lay.float_reason and lay.match.op_type != "Conv" and not lay.calibration_note
+        ]
         if active and (
             opts.smooth or opts.bias_correction or opts.blockwise or opts.min_sqnr_db > 0
         ):
@@ -560,17 +564,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     def _plan_matches(self, model: ir.Model) -> tuple[list[_Layer], list[dict[str, str]]]:
         layers, skipped = [], []
         claimed: set[int] = set()
-        # The main graph and the If branches: each layer is rewritten in its own graph; a
-        # branch's input from the outer scope is quantized in the branch that reads it.
-        nodes, outside = [], []
-        for graph, why in capture.subgraphs(model):
-            (outside if why else nodes).extend((node, why) for node in graph)
-        for node, why in outside:
-            if node.op_type in self.options.op_types and node.domain in ("", "ai.onnx"):
-                skipped.append(
-                    {"node": node.name or node.op_type, "op": node.op_type, "reason": why}
-                )
-        for node, _ in nodes:
+        # The main graph and every subgraph: each layer is rewritten in its own graph (a
+        # branch's input from the outer scope is quantized in the branch that reads it). Inside
+        # Loop and Scan bodies the inputs cannot be captured: plain per-channel int8 there.
+        nodes = [(node, why) for graph, why in capture.subgraphs(model) for node in graph]
+        for node, why in nodes:
             if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
                 continue
             name = node.name or node.outputs[0].name or node.op_type
@@ -590,6 +588,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             match.name = name
             claimed.update(id(n) for n in match.nodes)
             layers.append(_Layer(match))
+            if why:
+                layers[-1].calibration_note = (
+                    f"{why.split(':')[0]}: its input cannot be captured; per-channel int8, "
+                    "no smoothing or bias correction"
+                )
         return layers, skipped
 
     def _weight_sqnr(self, lay: _Layer) -> float:
