@@ -132,6 +132,9 @@ def _subgraph_values(model: ir.Model) -> dict[str, tuple[ir.Value, ir.Graph]]:
     for graph in model.graphs():
         if graph is model.graph:
             continue
+        for value in graph.inputs:  # a Loop body's iteration number, condition and state
+            if value.name:
+                found[value.name] = (value, graph)
         for node in graph:
             for value in node.outputs:
                 if value.name:
@@ -141,30 +144,41 @@ def _subgraph_values(model: ir.Model) -> dict[str, tuple[ir.Value, ir.Graph]]:
 
 def subgraphs(model: ir.Model) -> list[tuple[ir.Graph, str | None]]:
     """The main graph and every subgraph, outer first, each with why its values cannot be
-    captured (None: they can): those of If branches (nested in If branches only) can, through
-    `expose`; those of Loop and Scan bodies, and of what they hold, cannot."""
+    captured (None: they can, through `expose`): those of If branches can, and those of a Loop
+    body (in the main graph or in If branches) as one more scan output stacked over the
+    iterations; those of Scan bodies, of Ifs or Loops inside a Loop body (an iteration that
+    skips a branch would break the stacking) and of custom ops' graphs cannot."""
     found: list[tuple[ir.Graph, str | None]] = []
 
-    def walk(graph: ir.Graph, why: str | None) -> None:
+    def walk(graph: ir.Graph, why: str | None, loop: ir.Node | None) -> None:
         found.append((graph, why))
         for node in graph:
+            inner = []
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.GRAPH:
-                    inner = [attr.value]
+                    inner.append(attr.value)
                 elif attr.type == ir.AttributeType.GRAPHS:
-                    inner = list(attr.value)
-                else:
-                    continue
-                reason = why
-                if reason is None and (node.op_type != "If" or node.domain not in ("", "ai.onnx")):
-                    reason = (
-                        f"inside the body of {node.op_type} {node.name!r}: its values cannot be "
-                        "captured for calibration, kept float"
-                    )
-                for g in inner:
-                    walk(g, reason)
+                    inner.extend(attr.value)
+            if not inner:
+                continue
+            reason, inner_loop = why, loop
+            standard = node.domain in ("", "ai.onnx")
+            if reason is None and loop is not None:
+                reason = (
+                    f"inside {node.op_type} {node.name!r} within the body of Loop {loop.name!r}: "
+                    "its values cannot be captured for calibration, kept float"
+                )
+            elif reason is None and standard and node.op_type == "Loop":
+                inner_loop = node
+            elif reason is None and not (standard and node.op_type == "If"):
+                reason = (
+                    f"inside the body of {node.op_type} {node.name!r}: its values cannot be "
+                    "captured for calibration, kept float"
+                )
+            for g in inner:
+                walk(g, reason, inner_loop)
 
-    walk(model.graph, None)
+    walk(model.graph, None, None)
     return found
 
 
@@ -174,15 +188,19 @@ def in_subgraphs(model: ir.Model, names: Sequence[str]) -> list[str]:
     return [name for name in names if name not in main]
 
 
-def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, str]]:
+def expose(
+    model: ir.Model, names: Sequence[str]
+) -> tuple[ir.Model, dict[str, str], set[str]]:
     """A copy of ``model`` whose graph outputs include the named values computed inside If
-    branches (nested Ifs too); returns it and {name: the graph output carrying it}.
+    branches (nested Ifs too) and Loop bodies; returns it, {name: the graph output carrying it}
+    and the names that come stacked over a Loop's iterations ([iterations, ...]).
 
     onnxruntime gives graph outputs only. Each value becomes one more output of its branch and of
     the If holding it (and of each enclosing If, up to the main graph); the other branch gives an
     empty float tensor there, so a run that did not take the branch returns an empty array for
-    it (`accumulate` skips those: that sample never reached the value). Values inside Loop or
-    Scan bodies are refused (each iteration would overwrite them).
+    it (`accumulate` skips those: that sample never reached the value). A value in a Loop body
+    becomes one more scan output of the body, which the Loop stacks over the iterations. Values
+    `subgraphs` says cannot be captured (Scan bodies, Ifs inside a Loop body) are refused.
     """
     from onnxcomp import model as model_io
 
@@ -202,18 +220,17 @@ def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, s
         return name
 
     exposed: dict[str, str] = {}
+    stacked: set[str] = set()
+    why_not = {id(graph): why for graph, why in subgraphs(copy)}
     for name in names:
         if name not in inside:
             raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
         value, graph = inside[name]
+        if why_not[id(graph)]:
+            raise OnnxcompError(f"capture: {name!r} is {why_not[id(graph)].split(':')[0]}")
         while graph is not copy.graph:
             node, attr_name = owners[id(graph)]
-            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
-                raise OnnxcompError(
-                    f"capture: {name!r} is inside the body of {node.op_type} {node.name!r}; "
-                    "only values inside If branches can be captured"
-                )
-            if any(out is value for out in graph.outputs):
+            if value.is_graph_input() or any(out is value for out in graph.outputs):
                 # already a branch output (the If's output there carries the other branch's
                 # value when that one runs): exposed on its own through an Identity
                 copy_node = ir.node("Identity", [value], name=fresh(f"{name}__exposed"))
@@ -221,7 +238,10 @@ def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, s
                 graph.append(copy_node)
                 value = copy_node.outputs[0]
             position = len(node.outputs)
-            for attr in ("then_branch", "else_branch"):
+            if node.op_type == "Loop":  # one more scan output: the body's values, stacked
+                graph.outputs.append(value)
+                stacked.add(name)
+            for attr in ("then_branch", "else_branch") if node.op_type == "If" else ():
                 branch = node.attributes[attr].value
                 if attr == attr_name:
                     branch.outputs.append(value)
@@ -242,7 +262,7 @@ def expose(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, s
             value, graph = out, node.graph
         copy.graph.outputs.append(value)
         exposed[name] = value.name
-    return copy, exposed
+    return copy, exposed, stacked
 
 
 def _rank(value: ir.Value) -> int:
@@ -348,7 +368,7 @@ def stream(
     if not names:
         return
     budget = CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    model, exposed = _exposed(model, names)
+    model, exposed, stacked = _exposed(model, names)
     outputs = [exposed.get(name, name) for name in names]
     back = {out: name for name, out in exposed.items()}
     session = runtime.capture_session(model, outputs, threads=threads)
@@ -362,15 +382,26 @@ def stream(
             output_names=run_names,
             label="capture",
         ):
-            yield batch, {back.get(k, k): v for k, v in arrays.items()}
+            yield batch, _unstack({back.get(k, k): v for k, v in arrays.items()}, stacked)
 
 
-def _exposed(model: ir.Model, names: Sequence[str]) -> tuple[ir.Model, dict[str, str]]:
+def _exposed(
+    model: ir.Model, names: Sequence[str]
+) -> tuple[ir.Model, dict[str, str], set[str]]:
     """``model`` itself when the main graph computes all of ``names``, else `expose`'s copy."""
     hidden = in_subgraphs(model, names)
     if not hidden:
-        return model, {}
+        return model, {}, set()
     return expose(model, hidden)
+
+
+def _unstack(arrays: dict[str, np.ndarray], stacked: set[str]) -> dict[str, np.ndarray]:
+    """Values a Loop stacked ([iterations, batch, ...]) as one batch of iterations x batch."""
+    for name in stacked & set(arrays):
+        array = arrays[name]
+        if array.ndim >= 2:
+            arrays[name] = array.reshape(-1, *array.shape[2:])
+    return arrays
 
 
 def stream_pairs(
@@ -391,8 +422,8 @@ def stream_pairs(
     if not names:
         return
     budget = (CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes) // 2
-    model, exposed = _exposed(model, names)
-    reference, ref_exposed = _exposed(reference, names)
+    model, exposed, stacked = _exposed(model, names)
+    reference, ref_exposed, _ = _exposed(reference, names)
     outputs = [exposed.get(name, name) for name in names]
     ref_of = {exposed.get(name, name): ref_exposed.get(name, name) for name in names}
     back = {out: name for name, out in exposed.items()}
@@ -407,8 +438,8 @@ def stream_pairs(
             ref = runtime.run(ref_session, batch.inputs, ref_names, "capture (reference)")
             yield (
                 batch,
-                {back.get(k, k): v for k, v in arrays.items()},
-                {back.get(n, n): ref[r] for n, r in zip(run_names, ref_names)},
+                _unstack({back.get(k, k): v for k, v in arrays.items()}, stacked),
+                _unstack({back.get(n, n): ref[r] for n, r in zip(run_names, ref_names)}, stacked),
             )
 
 

@@ -162,32 +162,36 @@ def test_capture_streams_values_inside_if_branches(tmp_path):
     assert len(model.graph.outputs) == 1  # the model itself is left as it was
 
 
-def test_conv_in_a_loop_body_stays_float_with_the_reason(tmp_path):
+def test_conv_in_a_loop_body_runs_as_an_integer_kernel(tmp_path):
+    # Two residual-free refinement steps unrolled by Loop: the body's values are captured as one
+    # more scan output (stacked over the iterations) and its first Conv fuses inside the body.
     body = h.make_graph(
         [
-            h.make_node("Conv", ["v", "w"], ["v_next"], pads=[1, 1, 1, 1], name="loop_conv"),
+            h.make_node("Conv", ["v", "w"], ["c"], pads=[1, 1, 1, 1], name="loop_conv"),
+            h.make_node("Relu", ["c"], ["r"], name="loop_relu"),
+            h.make_node("Conv", ["r", "w"], ["v_next"], pads=[1, 1, 1, 1], name="loop_conv_out"),
             h.make_node("Identity", ["cond_in"], ["cond_out"]),
         ],
         "body",
         [
             h.make_tensor_value_info("i", T.INT64, []),
             h.make_tensor_value_info("cond_in", T.BOOL, []),
-            h.make_tensor_value_info("v", T.FLOAT, None),
+            h.make_tensor_value_info("v", T.FLOAT, ["N", 4, 8, 8]),
         ],
         [
             h.make_tensor_value_info("cond_out", T.BOOL, []),
-            h.make_tensor_value_info("v_next", T.FLOAT, None),
+            h.make_tensor_value_info("v_next", T.FLOAT, ["N", 4, 8, 8]),
         ],
     )
     graph = h.make_graph(
         [
-            h.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="outer_conv"),
-            h.make_node("Relu", ["c"], ["r"], name="relu"),
-            h.make_node("Loop", ["trips", "yes", "r"], ["y"], body=body, name="loop"),
+            h.make_node("Conv", ["x", "w"], ["c0"], pads=[1, 1, 1, 1], name="outer_conv"),
+            h.make_node("Relu", ["c0"], ["r0"], name="relu"),
+            h.make_node("Loop", ["trips", "yes", "r0"], ["y"], body=body, name="loop"),
         ],
         "g",
         [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 8, 8])],
-        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
         [
             nh.from_array((RNG.standard_normal((4, 4, 3, 3)) * 0.2).astype(np.float32), "w"),
             nh.from_array(np.array(2, np.int64), "trips"),
@@ -195,14 +199,21 @@ def test_conv_in_a_loop_body_stays_float_with_the_reason(tmp_path):
         ],
     )
     save(graph, tmp_path / "loop.onnx")
-    np.savez(tmp_path / "x.npz", x=RNG.standard_normal((16, 4, 8, 8)).astype(np.float32))
-    options = QuantizeOptions(mode="static")
+    halves(tmp_path / "x.npz", (16, 4, 8, 8))
     model, report = quantize(
-        model_io.load(tmp_path / "loop.onnx"), options, data=tmp_path / "x.npz"
+        model_io.load(tmp_path / "loop.onnx"),
+        QuantizeOptions(mode="static"),
+        data=tmp_path / "x.npz",
     )
+    kernels = {d["node"]: d["kernel"] for d in report["plan"]["quantized_nodes"]}
+    assert kernels["outer_conv"] == kernels["loop_conv"] == "QLinearConv"
     floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
-    assert "inside the body of Loop 'loop'" in floats["loop_conv"]
-    assert "outer_conv" in {d["node"] for d in report["plan"]["quantized_nodes"]}
+    assert "subgraph output 'v_next'" in floats["loop_conv_out"]
+    assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 2}
+    path = tmp_path / "q.onnx"
+    model_io.save(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
 
 
 def silero():
@@ -371,8 +382,8 @@ def test_capture_of_a_branch_output_reads_the_if_output(tmp_path):
 
 
 def test_dynamic_quantizes_a_matmul_inside_a_loop_body(tmp_path):
-    # A recurrent cell unrolled by Loop: h <- tanh(h W); the body's values cannot be captured,
-    # so the MatMul gets plain per-channel int8 (no smoothing), rewritten inside the body.
+    # A recurrent cell unrolled by Loop: h <- tanh(h W); the MatMul's input (the carried state,
+    # a body input) is captured over every iteration, and the MatMul rewritten inside the body.
     body = h.make_graph(
         [
             h.make_node("MatMul", ["h", "w"], ["hw"], name="cell"),
@@ -409,10 +420,86 @@ def test_dynamic_quantizes_a_matmul_inside_a_loop_body(tmp_path):
         data=tmp_path / "x.npz",
     )
     (layer,) = report["layers"]
-    assert layer["status"] == "int8" and "inside the body of Loop 'loop'" in layer["note"]
+    assert layer["status"] == "int8" and "note" not in layer  # measured on the data
     ops = bench.graph_report(model)["integer_kernel_ops"]
     assert ops.get("MatMulIntegerToFloat", 0) + ops.get("DynamicQuantizeMatMul", 0) == 1
     path = tmp_path / "q.onnx"
     model_io.save(model, path)
     onnx.checker.check_model(onnx.load(path), full_check=True)
     assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
+
+
+def test_a_matmul_in_a_scan_body_static_float_dynamic_plain_int8(tmp_path):
+    # Scan hands its body one slice per step: the body's values cannot be captured. Static
+    # keeps the MatMul float and says why; dynamic needs no ranges and quantizes it anyway.
+    body = h.make_graph(
+        [
+            h.make_node("MatMul", ["x_t", "w"], ["m"], name="step"),
+            h.make_node("Add", ["s", "m"], ["s_next"], name="accumulate"),
+            h.make_node("Relu", ["m"], ["y_t"], name="relu"),
+        ],
+        "body",
+        [
+            h.make_tensor_value_info("s", T.FLOAT, ["N", 32]),
+            h.make_tensor_value_info("x_t", T.FLOAT, ["N", 64]),
+        ],
+        [
+            h.make_tensor_value_info("s_next", T.FLOAT, ["N", 32]),
+            h.make_tensor_value_info("y_t", T.FLOAT, ["N", 32]),
+        ],
+    )
+    graph = h.make_graph(
+        [
+            h.make_node("MatMul", ["x0", "w0"], ["s0"], name="init"),
+            h.make_node(
+                "Scan",
+                ["s0", "x"],
+                ["s_end", "ys"],
+                body=body,
+                num_scan_inputs=1,
+                scan_input_axes=[1],
+                scan_output_axes=[1],
+                name="scan",
+            ),
+        ],
+        "g",
+        [
+            h.make_tensor_value_info("x0", T.FLOAT, ["N", 64]),
+            h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 64]),
+        ],
+        [
+            h.make_tensor_value_info("s_end", T.FLOAT, ["N", 32]),
+            h.make_tensor_value_info("ys", T.FLOAT, ["N", 4, 32]),
+        ],
+        [
+            nh.from_array((RNG.standard_normal((64, 32)) * 0.2).astype(np.float32), "w"),
+            nh.from_array((RNG.standard_normal((64, 32)) * 0.2).astype(np.float32), "w0"),
+        ],
+    )
+    save(graph, tmp_path / "scan.onnx")
+    onnx.checker.check_model(onnx.load(tmp_path / "scan.onnx"), full_check=True)
+    np.savez(
+        tmp_path / "x.npz",
+        x0=RNG.standard_normal((16, 64)).astype(np.float32),
+        x=RNG.standard_normal((16, 4, 64)).astype(np.float32),
+    )
+    _, report = quantize(
+        model_io.load(tmp_path / "scan.onnx"),
+        QuantizeOptions(mode="static"),
+        data=tmp_path / "x.npz",
+    )
+    floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
+    assert floats["step"].startswith(
+        "inside the body of Scan 'scan': its values cannot be captured"
+    )
+    model, report = quantize(
+        model_io.load(tmp_path / "scan.onnx"),
+        QuantizeOptions(mode="dynamic"),
+        data=tmp_path / "x.npz",
+    )
+    layers = {lay["node"]: lay for lay in report["layers"]}
+    assert layers["step"]["status"] == "int8"
+    assert "inside the body of Scan 'scan'" in layers["step"]["note"]
+    path = tmp_path / "q.onnx"
+    model_io.save(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)

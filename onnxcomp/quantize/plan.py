@@ -326,10 +326,11 @@ def build_plan(
     ops: the weighted op types to quantize (default all of `WEIGHTED_OPS`).
     skip_graphs: id(subgraph) -> why its ops stay float (a branch calibration never reached).
 
-    The main graph and every If branch (nested Ifs too) are planned, each on its own: a value
-    computed outside a branch counts as float inside it, and an integer kernel in the branch that
-    reads it gets its own pair in the branch (onnxruntime fuses Q/DQ within one graph only).
-    Loop and Scan bodies stay float: their values cannot be captured for calibration.
+    The main graph, every If branch (nested Ifs too) and Loop bodies are planned, each on its
+    own: a value computed outside a subgraph counts as float inside it, and an integer kernel in
+    the subgraph that reads it gets its own pair there (onnxruntime fuses Q/DQ within one graph
+    only). Graphs whose values `capture.subgraphs` cannot capture (Scan bodies, Ifs or Loops
+    inside a Loop body) stay float, with that reason.
     """
     exclude_nodes = set(exclude_nodes)
     exclude_ops = set(exclude_ops)
@@ -376,8 +377,8 @@ def _plan_graph(
     nodes = list(graph)
     # names this graph's pairs on outer-scope values (branch names repeat across an export)
     tag = next((n.name for n in nodes if n.name), graph.name or "subgraph")
-    # an If branch's outputs are kept float like the model's (what reads them is not planned here)
-    where = "model" if main else "If-branch"
+    # a subgraph's outputs are kept float like the model's (what reads them is planned apart)
+    where = "model" if main else "subgraph"
 
     decisions: dict[int, NodeDecision] = {}  # id(node) -> decision
     # value -> group name of the int8 tensor carrying it (only values an integer op produces)
