@@ -85,6 +85,12 @@ def save(graph: onnx.GraphProto, path) -> None:
     onnx.save(proto, path)
 
 
+def full_check(model, path) -> None:
+    """Save ``model`` and pass it through onnx's full checker."""
+    model_io.save(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+
+
 def halves(path, shape) -> None:
     """Samples whose first half sits around +1, the second around -1 (one If branch each)."""
     x = RNG.standard_normal(shape).astype(np.float32) * 0.5
@@ -127,9 +133,7 @@ def test_convs_inside_if_branches_run_as_integer_kernels(tmp_path):
         t for t in report["tensors"] if t["kind"] == "activation" and t["tensor"].startswith("x@")
     ]
     assert len(pairs) == 2 and len({(t["scale"], t["zero_point"]) for t in pairs}) == 1
-    path = tmp_path / "q.onnx"
-    model_io.save(model, path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    full_check(model, tmp_path / "q.onnx")
     outputs = report["check"]["comparison"]["outputs"]
     assert outputs[0]["cosine_mean"] > 0.999
 
@@ -210,9 +214,7 @@ def test_conv_in_a_loop_body_runs_as_an_integer_kernel(tmp_path):
     floats = {d["node"]: d["reason"] for d in report["plan"]["float_nodes"]}
     assert "subgraph output 'v_next'" in floats["loop_conv_out"]
     assert bench.graph_report(model)["integer_kernel_ops"] == {"QLinearConv": 2}
-    path = tmp_path / "q.onnx"
-    model_io.save(model, path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    full_check(model, tmp_path / "q.onnx")
     assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
 
 
@@ -251,9 +253,7 @@ def test_silero_vad_convs_inside_its_if_branches_run_int8(tmp_path):
         == "no integer kernel in onnxruntime's CPU provider"
     )
     assert bench.graph_report(model)["integer_kernel_ops"].get("QLinearConv") == 6
-    out = tmp_path / "vad.int8.onnx"
-    model_io.save(model, out)
-    onnx.checker.check_model(onnx.load(out), full_check=True)
+    full_check(model, tmp_path / "vad.int8.onnx")
     speech = next(o for o in report["check"]["comparison"]["outputs"] if o["output"] == "output")
     assert speech["top1_agreement"] >= 0.98, json.dumps(speech)
 
@@ -299,9 +299,7 @@ def test_dynamic_quantizes_matmuls_inside_if_branches(tmp_path):
     assert report["skipped"] == []
     ops = bench.graph_report(model)["integer_kernel_ops"]
     assert ops.get("MatMulIntegerToFloat", 0) + ops.get("DynamicQuantizeMatMul", 0) == 3
-    path = tmp_path / "q.onnx"
-    model_io.save(model, path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    full_check(model, tmp_path / "q.onnx")
     assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
 
 
@@ -342,9 +340,7 @@ def test_branches_read_an_int8_tensor_of_the_main_graph(tmp_path):
         data=tmp_path / "x.npz",
     )  # fmt: skip
     assert bench.graph_report(model)["integer_kernel_ops"]["QLinearConv"] == 3
-    path = tmp_path / "q.onnx"
-    model_io.save(model, path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    full_check(model, tmp_path / "q.onnx")
     assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
 
 
@@ -423,9 +419,7 @@ def test_dynamic_quantizes_a_matmul_inside_a_loop_body(tmp_path):
     assert layer["status"] == "int8" and "note" not in layer  # measured on the data
     ops = bench.graph_report(model)["integer_kernel_ops"]
     assert ops.get("MatMulIntegerToFloat", 0) + ops.get("DynamicQuantizeMatMul", 0) == 1
-    path = tmp_path / "q.onnx"
-    model_io.save(model, path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    full_check(model, tmp_path / "q.onnx")
     assert report["check"]["comparison"]["outputs"][0]["cosine_mean"] > 0.999
 
 
@@ -500,6 +494,4 @@ def test_a_matmul_in_a_scan_body_static_float_dynamic_plain_int8(tmp_path):
     layers = {lay["node"]: lay for lay in report["layers"]}
     assert layers["step"]["status"] == "int8"
     assert "inside the body of Scan 'scan'" in layers["step"]["note"]
-    path = tmp_path / "q.onnx"
-    model_io.save(model, path)
-    onnx.checker.check_model(onnx.load(path), full_check=True)
+    full_check(model, tmp_path / "q.onnx")
