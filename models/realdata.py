@@ -88,7 +88,8 @@ def _wheel(spec: str) -> pathlib.Path:
     wheels = sorted(wheel_dir.glob(pattern))
     if not wheels:
         wheel_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec, "-d", str(wheel_dir)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec]
+        cmd += ["-d", str(wheel_dir)]
         subprocess.run(cmd, check=True, capture_output=True)
         wheels = sorted(wheel_dir.glob(pattern))
     return wheels[0]
@@ -402,7 +403,8 @@ def _sentences(text: str, words: tuple[int, int] = (6, 30)) -> list[str]:
     found = []
     for sentence in re.split(r"(?<=[.!?])\s+", text):
         sentence = " ".join(sentence.split())
-        if words[0] <= len(sentence.split()) <= words[1] and sentence[0].isupper() and not re.search(PROSE_ONLY, sentence):
+        prose = sentence[:1].isupper() and not re.search(PROSE_ONLY, sentence)
+        if prose and words[0] <= len(sentence.split()) <= words[1]:
             found.append(sentence)
     return found
 
@@ -439,7 +441,8 @@ def everyday_sentences() -> dict[str, list[str]]:
         data = "gensim/test/test_data/"
         out["news"] = _sentences(wheel.read(data + "lee_background.cor").decode("utf-8"), (5, 30))
         lines = wheel.read(data + "pang_lee_polarity.cor").decode("latin-1").splitlines()
-        out["reviews"] = [r for line in lines if 5 <= len((r := line.split(" ", 1)[-1].strip()).split()) <= 30]
+        reviews = (line.split(" ", 1)[-1].strip() for line in lines)  # after the "__label__neg " tag
+        out["reviews"] = [r for r in reviews if 5 <= len(r.split()) <= 30]
     import re
 
     dialogue: dict[str, None] = {}

@@ -76,7 +76,9 @@ class PruneOptions:
         if self.allocate == "sensitivity" and self.sparsity_of != "macs":
             raise OnnxcompError(f"{where}: --allocate sensitivity shares a MAC budget: add --sparsity-of macs")
         if self.allocate == "error" and (self.structured or self.pattern != "unstructured" or self.scope != "layer"):
-            raise OnnxcompError(f"{where}: --allocate error shares unstructured zeros per layer: drop --structured, --pattern, --scope")
+            raise OnnxcompError(
+                f"{where}: --allocate error shares unstructured zeros per layer: drop --structured, --pattern, --scope"
+            )
         if self.structured and self.pattern != "unstructured":
             raise OnnxcompError(f"{where}: --structured removes whole channels; drop --pattern {self.pattern}")
         if self.max_drop is not None and not 0 <= self.max_drop <= 1:
