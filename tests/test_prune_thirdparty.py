@@ -47,7 +47,7 @@ def test_yolov8n_photos_show_people_and_judge_on_photos_not_calibrated_on():
     session = runtime.create_session(str(thirdparty.fetch("yolov8n")))
     out = np.concatenate([session.run(None, {"images": x_eval[i : i + 10]})[0] for i in range(0, len(x_eval), 10)])
     boxes = [len(evaluate.detections(o)[0]) for o in out]
-    assert sum(boxes) >= 40 and np.count_nonzero(boxes) >= 0.8 * len(boxes)  # measured 53 boxes, 27 of 30 photos
+    assert sum(boxes) >= 40 and np.count_nonzero(boxes) >= 0.8 * len(boxes)  # measured 53 boxes, on 28 of 30
 
 
 def test_yolov8n_25_percent_fewer_macs_through_its_split_groups():
@@ -68,4 +68,5 @@ def test_yolov8n_25_percent_fewer_macs_through_its_split_groups():
     assert all(g.get("skipped") for g in report["groups"] if g["group"].endswith(("cv2.0.2/Conv", "cv3.0.2/Conv")))
     photos = np.load(evals)["images"][:16]
     got, want = (runtime.create_session(m).run(None, {"images": photos})[0] for m in (model, dense))
-    assert evaluate.box_agreement(got, want)["box_iou"] >= 0.35  # measured 0.5-0.54 (16 calibration photos)
+    # measured 0.83 on 37 dense boxes (8 calibration images of people; 0.5-0.54 on scikit-image's photos alone)
+    assert evaluate.box_agreement(got, want)["box_iou"] >= 0.6
