@@ -191,3 +191,11 @@ def test_recipe_out_replays_the_decision_without_timing(cli, models_dir, tmp_pat
         assert run["steps"][0]["report"]["mode"] == chosen
         ops = lambda p: sorted(n.op_type for n in __import__("onnx").load(p).graph.node)  # noqa: E731
         assert ops(replay) == ops(out)
+
+
+def test_fallback_stops_when_even_the_most_allowed_misses():
+    """1 layer, then the most that may be left alone: when that still misses the budget, no
+    count in between is built (each is a build and a check)."""
+    fallback, judge, first, builds = _fake(60, needed=100)
+    result = search.bisect_fallback(fallback, judge, first, max_count=32)
+    assert not result.verdict.passed and builds == [1, 32]
