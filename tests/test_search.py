@@ -199,3 +199,23 @@ def test_fallback_stops_when_even_the_most_allowed_misses():
     fallback, judge, first, builds = _fake(60, needed=100)
     result = search.bisect_fallback(fallback, judge, first, max_count=32)
     assert not result.verdict.passed and builds == [1, 32]
+
+
+def test_narrow_intervals_are_settled_even_where_they_overlap():
+    """Within 2 % of each other (or of the bar) after the intervals have narrowed, more rounds
+    would not change the choice by more: timing stops, and the decision says it was close."""
+    timings = {
+        "float": Timing(1.0, 1.0, 1.0, 1.0, 8),
+        "static": Timing(0.7, 0.70, 0.685, 0.715, 8),
+        "dynamic": Timing(0.7, 0.71, 0.695, 0.725, 8),  # overlaps static; both narrow
+        "optimized": Timing(1.0, 0.97, 0.955, 0.985, 8),  # holds the 0.97 bar; narrow
+    }
+    assert search.in_doubt(timings, 0.97) == []
+    timings["dynamic"] = Timing(0.7, 0.71, 0.64, 0.80, 8)  # wide: still in doubt with static
+    assert search.in_doubt(timings, 0.97) == [("static", "dynamic")]
+    timings["dynamic"] = Timing(0.7, 0.71, 0.695, 0.725, 8)
+    decision = search.remeasure_if_close(
+        None, {}, dict(timings), lambda t: ["static", "dynamic", "float"], threshold=0.97,
+        timer=object(),  # not timed again: nothing in doubt
+    )  # fmt: skip
+    assert decision.chosen == "static" and decision.within_noise and not decision.remeasured

@@ -330,12 +330,15 @@ def quantize_static(
     reference: ir.Model | None = None,
     check: bool = True,
     cache: CalibrationCache | None = None,
+    defer_sqnr: bool = False,
 ) -> Built:
     """Plan, calibrate and rewrite a prepared model (in place); returns it with the report and
     the plan.
 
     ``reference`` is the prepared fp32 model (copied here when not given) for bias correction and
-    the self-check.
+    the self-check. ``defer_sqnr``: the activations' SQNR (a run of ``reference`` per sample with
+    every quantized activation captured) is left to ``Built.finish()``: auto needs it only for
+    the candidate it keeps, or to order a fallback.
     """
     started = time.perf_counter()
     reference = reference if reference is not None else model_io.copy_model(model)
@@ -365,14 +368,18 @@ def quantize_static(
             cache.calibration = calibration
     params = calib.activation_params(plan, calibration, options.activation_type)
     keys = {g: (g, float(params[g].scale), int(params[g].zero_point)) for g in groups}
-    if cache is not None and all(k in cache.sqnr for k in keys.values()):
-        sqnr = {g: cache.sqnr[k] for g, k in keys.items()}
-    else:
+
+    def measure_sqnr(fp32: ir.Model) -> dict[str, float]:
+        if cache is not None and all(k in cache.sqnr for k in keys.values()):
+            return {g: cache.sqnr[k] for g, k in keys.items()}
         sqnr = calib.activation_sqnr(
-            model, plan, params, data, batch_size=options.batch_size, limit=SQNR_SAMPLES
+            fp32, plan, params, data, batch_size=options.batch_size, limit=SQNR_SAMPLES
         )
         if cache is not None:
             cache.sqnr.update({keys[g]: v for g, v in sqnr.items() if g in keys})
+        return sqnr
+
+    sqnr = {} if defer_sqnr else measure_sqnr(model)
     input_names = {id(wp.node): wp.node.inputs[0].name for wp in plan.weights}
     reduce_range = cpu.reduce_range(options.target_cpu)
     codes, gptq_report = {}, None
@@ -433,7 +440,18 @@ def quantize_static(
     report["seconds"] = round(time.perf_counter() - started, 3)
     if check:
         report["check"] = self_check(reference, model, check_data or data, options)
-    return Built(model, report, plan)
+    built = Built(model, report, plan)
+    if defer_sqnr:
+
+        def fill_sqnr() -> None:
+            # the fp32 graph the plan's names come from (``model`` is rewritten by now)
+            measured = measure_sqnr(reference)
+            for row in tensors:
+                if row["kind"] == "activation":
+                    row["sqnr_db"] = measured.get(row["shares_scale_of"] or row["tensor"])
+
+        built.rest = fill_sqnr
+    return built
 
 
 def self_check(
@@ -605,8 +623,9 @@ def _quantize_built(model, options, data, eval_data) -> Built:
 
     def build_static(opts: QuantizeOptions, target: ir.Model) -> Built:
         return quantize_static(
-            target, opts, calib_data, reference=reference, check=False, cache=cache
-        )
+            target, opts, calib_data, reference=reference, check=False, cache=cache,
+            defer_sqnr=True,
+        )  # fmt: skip
 
     def build_other(opts: QuantizeOptions, target: ir.Model) -> Built:
         return quantize_other(target, opts, data, reference=reference, check=False)
@@ -623,6 +642,7 @@ def _quantize_built(model, options, data, eval_data) -> Built:
         judge_ = auto.make_judge(reference, eval_data or calib_data, options, options.max_drop)
         candidate = auto.static_candidate(builders, options, reference)
         built, verdict = auto.within_budget(candidate, judge_, first=None)
+        built.finish()
         if not verdict.passed:
             auto.raise_budget(verdict)
         built.report["check"]["graph"] = _graph_or_reason(built.model, options)

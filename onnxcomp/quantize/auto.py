@@ -91,7 +91,7 @@ def check_report(verdict: Verdict, comparison: Comparison) -> dict[str, Any]:
 def sensitivity(built: Built) -> list[tuple[str, float]]:
     """Quantized weighted nodes, most sensitive first: (node name, lowest SQNR in dB of its weight,
     its input and its output tensors)."""
-    plan, report = built.plan, built.report
+    plan, report = built.plan, built.finish().report
     by_tensor = {t["tensor"]: t.get("sqnr_db") for t in report["tensors"]}
     scores = []
     for wp in plan.weights:
@@ -391,7 +391,7 @@ def quantize_auto(
             f"{chosen}: {best.ratio:.2f}x fp32 latency, {v.metric} "
             f"{v.drop:.4f} within {budget} on {judge_data.name}"
         )
-        result = built[chosen]
+        result = built[chosen].finish()
         try:
             from onnxcomp import bench
 
