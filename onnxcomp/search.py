@@ -349,6 +349,35 @@ def time_candidates(
     return timings
 
 
+def time_until_narrow(
+    timer: Timer,
+    *,
+    width: float,
+    max_seconds: float,
+    min_rounds: int = MIN_ROUNDS,
+    max_rounds: int = 1000,
+) -> dict[str, Timing]:
+    """Rounds of every model in ``timer`` until each ratio's interval is at most ``width`` wide
+    (after at least ``min_rounds``), or ``max_rounds``, or ``max_seconds`` of timing (checked
+    after :data:`MIN_ROUNDS` rounds): figures for a benchmark table, where no choice bounds the
+    work. Returns every model's timing (``rounds`` says how many were taken)."""
+    started = time.perf_counter()
+    while True:
+        done = len(timer.rounds)
+        timings = timer.timings() if done else {}
+        wide = [n for n, t in timings.items() if n != "float" and t.high - t.low > width]
+        if done >= min_rounds and not wide:
+            break
+        if done >= max_rounds:
+            break
+        if done >= MIN_ROUNDS and time.perf_counter() - started > max_seconds:
+            logger.info("timing: %.0f s budget spent with %s still wider than %g", max_seconds,
+                        ", ".join(wide), width)  # fmt: skip
+            break
+        timer.run(1)
+    return timer.timings()
+
+
 # ---------------------------------------------------------------------------------------------
 # Judging the drop
 
