@@ -25,6 +25,7 @@ Progress goes to the ``onnxcomp.search`` logger (the CLI shows it on stderr at a
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import logging
@@ -171,12 +172,7 @@ class Timer:
         session = runtime.create_session(model, threads=self.threads, label=name)
         runtime.run(session, self.feeds, label=name)
         started = time.perf_counter()
-        feeds, runs = dict(self.feeds), 0
-        while runs < self.warmup and (
-            runs < MIN_WARMUP or (time.perf_counter() - started) * 1e3 < WARMUP_MS
-        ):
-            session.run(None, feeds)
-            runs += 1
+        runs = self._warm(session)
         if name == "float":  # the block size from the baseline's warm runs
             each_ms = (time.perf_counter() - started) * 1e3 / max(1, runs)
             self.block = max(MIN_BLOCK, min(bench.BLOCK_RUNS, round(ROUND_MS / max(each_ms, 1e-3))))
@@ -187,6 +183,33 @@ class Timer:
                 r.pop(name, None)
         self.sessions[name] = session
         self.models[name] = model
+
+    def release(self) -> None:
+        """Close the sessions (a copy of each model's weights) until the next round: between
+        timings, while candidates are built and judged, they would sit in memory (two ViT-S
+        sessions: 400 MB). The rounds and the block size stay; sessions are made again, and
+        warmed, when timing resumes."""
+        self.sessions = dict.fromkeys(self.sessions)
+        trim_memory()
+
+    def _session(self, name: str) -> Any:
+        if self.sessions[name] is None:
+            session = runtime.create_session(self.models[name], threads=self.threads, label=name)
+            runtime.run(session, self.feeds, label=name)
+            self._warm(session)
+            self.sessions[name] = session
+        return self.sessions[name]
+
+    def _warm(self, session: Any) -> int:
+        """Untimed runs: at most ``warmup``, at least MIN_WARMUP, no more than WARMUP_MS."""
+        started = time.perf_counter()
+        feeds, runs = dict(self.feeds), 0
+        while runs < self.warmup and (
+            runs < MIN_WARMUP or (time.perf_counter() - started) * 1e3 < WARMUP_MS
+        ):
+            session.run(None, feeds)
+            runs += 1
+        return runs
 
     def remove(self, name: str) -> None:
         """Time ``name`` no more (a candidate given up); its rounds are dropped."""
@@ -206,7 +229,7 @@ class Timer:
             "float",
             *[n for n in (names if names is not None else self.names) if n != "float"],
         ]
-        sessions = [self.sessions[n] for n in timed]
+        sessions = [self._session(n) for n in timed]
         enabled = gc.isenabled()
         gc.disable()  # a collection in the middle of a timed run would land on one model only
         try:
@@ -241,6 +264,25 @@ def settled(t: Timing) -> bool:
 
 def overlap(a: Timing, b: Timing) -> bool:
     return a.low <= b.high and b.low <= a.high
+
+
+_LIBC: Any = None
+
+
+def trim_memory() -> None:
+    """Collect garbage and give freed heap memory back to the system. glibc keeps what freed
+    onnxruntime sessions and large arrays held (measured: 200 MB after two ViT-S sessions were
+    closed), so without this each step of a search starts from the last one's peak."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def in_doubt(
@@ -464,7 +506,7 @@ def bisect_fallback(
     best = FallbackResult(built, verdict, comparison, [], history)
     if verdict.passed or not names:
         return best
-    tried: dict[int, tuple[Built, Verdict, Comparison]] = {0: first}
+    tried: dict[int, bool] = {0: False}  # k -> passed (only the best build is kept in memory)
     builds = 0
 
     def attempt(k: int) -> bool:
@@ -475,12 +517,14 @@ def bisect_fallback(
         result = fallback.build(chosen)
         v, c = judge(result.model)
         logger.info("fallback: %d left alone: %s %.4f (budget %s)", k, v.metric, v.drop, v.budget)
-        tried[k] = (result, v, c)
+        tried[k] = v.passed
         history.append({"float_layers": chosen, "drop": v.drop})
         if v.passed and (not best.verdict.passed or k < len(best.left_alone)):
             best = FallbackResult(result, v, c, chosen, history)
         elif not best.verdict.passed and v.drop < best.verdict.drop:
             best = FallbackResult(result, v, c, chosen, history)
+        del result
+        trim_memory()
         return v.passed
 
     low, high = 0, None  # low fails; high passes
@@ -488,7 +532,7 @@ def bisect_fallback(
     while high is None:
         if max_builds is not None and builds >= max_builds:
             return best
-        passed = tried[k][1].passed if k in tried else attempt(k)
+        passed = tried[k] if k in tried else attempt(k)
         if passed:
             high = k
             break

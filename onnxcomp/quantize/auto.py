@@ -239,6 +239,12 @@ def quantize_auto(
     """
     budget = options.max_drop
     judge = make_judge(original, judge_data, options, budget)
+    # The reference runs now, so its session is closed (outputs kept) before any build, and the
+    # timing sessions are closed until the timing: neither sits in memory beside a calibration.
+    judge.reference.collect()
+    if timer is not None:
+        timer.release()
+    search.trim_memory()
     timing_data = eval_data or data
     candidates: list[search.Candidate] = []
     skipped: dict[str, str] = {}
@@ -278,6 +284,7 @@ def quantize_auto(
         built[cand.name], verdicts[cand.name] = result, verdict
         comparisons[cand.name] = comparison
         logger.info("auto: %s: %s", cand.name, verdict.reason)
+        search.trim_memory()
     metric = next(iter(verdicts.values())).metric if verdicts else None
     if budget is None and metric is not None:
         budget = default_budget(metric)
@@ -324,13 +331,14 @@ def quantize_auto(
                 ratio,
                 target,
             )
+            assert timer is not None
+            timer.release()  # the fallback builds and judges; the timing goes on after it
             result, verdicts["static"] = within_budget(
                 by_name["static"], judge, first=(built["static"], static, comparisons["static"])
             )
             built["static"] = result
             float_layers["static"] = len(result.report["budget"]["fallback_to_float"])
             if verdicts["static"].passed:  # still over budget: no use timing it again
-                assert timer is not None
                 timings = search.time_candidates(
                     original, {"static": result.model}, threshold=FASTER, ignore=ignore, timer=timer
                 )
@@ -358,6 +366,8 @@ def quantize_auto(
             threshold=FASTER,
             timer=timer,
         )
+    if timer is not None:
+        timer.release()
     table = [
         {
             "mode": "float",
