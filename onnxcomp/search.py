@@ -14,9 +14,9 @@ The work is budgeted:
   be the fastest (or whose place against the "faster" bar is open) are timed;
 - one :class:`Timer` (sessions created and warmed once) serves the first timing, the timing of a
   rebuilt candidate and the margin, and their rounds pool;
-- fallback bisects over the order (k = 1, then the most allowed: when even that misses the
-  budget it stops there; else k = 2, 4, ... until the budget is met, then halves the bracket)
-  instead of adding a few layers per round;
+- fallback bisects over the order (k = 1 and the most allowed, that one first when the drop is
+  far over the budget: when even it misses, the fallback stops there; else k = 2, 4, ... until
+  the budget is met, then halves the bracket) instead of adding a few layers per round;
 - when the two best candidates are still within noise at the end, they are timed again, a round
   at a time until their order settles (the margin), and the decision records how close it was.
 
@@ -52,6 +52,9 @@ ROUND_MS = 150.0
 MIN_BLOCK = 3
 MARGIN_ROUNDS = 6  # at most this many more rounds of the two best when within noise (pooled)
 Z95 = 1.96
+# A drop more than this many times the budget: the fallback tries the most layers it may leave
+# alone first (one layer seldom brings such a drop under the budget).
+FAR_OVER_BUDGET = 2.0
 # An interval at most this wide (in x baseline) is measured well enough: where it still holds a
 # bar or another narrow interval, the two are within 2 % of each other and more rounds would
 # not change the choice by more (the tie goes to the more accurate candidate). On the ViT-S
@@ -492,8 +495,9 @@ def bisect_fallback(
     max_count: int | None = None,
 ) -> FallbackResult:
     """The smallest k such that leaving the first k of ``fallback.order`` alone meets the
-    budget: k = 1, then the largest k allowed (when even that misses, no smaller k is tried),
-    then k = 2, 4, ... until it passes, and bisect the bracket (k < n: all left alone is the
+    budget: the largest k allowed first when the drop is more than FAR_OVER_BUDGET times the
+    budget, else second after k = 1 (when it misses, no smaller k is tried), then k = 2, 4, ...
+    until it passes, and bisect the bracket (k < n: all left alone is the
     baseline, not a candidate). ``first`` is the build with nothing left alone. Stops after
     ``max_builds`` builds with the best found (the one with the lowest drop when none passes);
     ``max_count`` bounds k."""
@@ -527,6 +531,14 @@ def bisect_fallback(
         trim_memory()
         return v.passed
 
+    # The most that may be left alone is tried early: when even it misses the budget, no fewer
+    # will (on the PP-OCRv4 recogniser 1 to 32 layers all missed it: 6 builds and checks for
+    # nothing). First when the drop is far over the budget (one layer seldom brings it under),
+    # else second, after one layer.
+    most = len(names)
+    far = verdict.budget is not None and verdict.drop > FAR_OVER_BUDGET * verdict.budget
+    if far and most > 1 and not attempt(most):
+        return best
     low, high = 0, None  # low fails; high passes
     k = 1
     while high is None:
@@ -539,12 +551,8 @@ def bisect_fallback(
         low = k
         if k >= len(names):
             return best
-        if k == 1 and len(names) > 2:
-            # The most that may be left alone, tried second: when even it misses the budget, no
-            # fewer will (on the PP-OCRv4 recogniser 1 to 32 layers all missed it: 4 of the 6
-            # builds saved); when it passes, the doubling below goes on under it.
-            if not attempt(len(names)):
-                return best
+        if k == 1 and most > 2 and most not in tried and not attempt(most):
+            return best
         k = min(2 * k, len(names))
     while high - low > 1:
         if max_builds is not None and builds >= max_builds:

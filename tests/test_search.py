@@ -93,8 +93,9 @@ def test_auto_puts_layers_back_only_when_static_is_surely_fastest(monkeypatch):
             assert "not surely under" in row["note"]
 
 
-def _fake(n_layers: int, needed: int):
-    """A candidate whose drop meets the budget once ``needed`` layers are left alone."""
+def _fake(n_layers: int, needed: int, drop: float = 0.1):
+    """A candidate whose drop (``drop`` until then) meets the 0.01 budget once ``needed`` layers
+    are left alone."""
     builds = []
 
     def build(names):
@@ -102,8 +103,7 @@ def _fake(n_layers: int, needed: int):
         return Built(model=len(names), report={})
 
     def judge(model):
-        drop = 0.0 if model >= needed else 0.1
-        return Verdict.judge("1 - cosine", drop, 0.01), None
+        return Verdict.judge("1 - cosine", 0.0 if model >= needed else drop, 0.01), None
 
     order = [(f"layer{i}", float(i)) for i in range(n_layers)]
     first = (Built(0, {}), judge(0)[0], None)
@@ -193,12 +193,21 @@ def test_recipe_out_replays_the_decision_without_timing(cli, models_dir, tmp_pat
         assert ops(replay) == ops(out)
 
 
-def test_fallback_stops_when_even_the_most_allowed_misses():
-    """1 layer, then the most that may be left alone: when that still misses the budget, no
-    count in between is built (each is a build and a check)."""
-    fallback, judge, first, builds = _fake(60, needed=100)
+@pytest.mark.parametrize("drop, probes", [(0.015, [1, 32]), (0.1, [32])])
+def test_fallback_stops_when_even_the_most_allowed_misses(drop, probes):
+    """The most that may be left alone is tried after 1 layer (first, when the drop is far over
+    the budget): when it still misses the budget, no count in between is built (each is a build
+    and a check)."""
+    fallback, judge, first, builds = _fake(60, needed=100, drop=drop)
     result = search.bisect_fallback(fallback, judge, first, max_count=32)
-    assert not result.verdict.passed and builds == [1, 32]
+    assert not result.verdict.passed and builds == probes
+
+
+@pytest.mark.parametrize("drop", [0.015, 0.1])
+def test_fallback_near_or_far_over_budget_finds_the_same_count(drop):
+    fallback, judge, first, builds = _fake(60, needed=5, drop=drop)
+    result = search.bisect_fallback(fallback, judge, first, max_count=32)
+    assert len(result.left_alone) == 5 and builds[0] == (32 if drop > 0.02 else 1)
 
 
 def test_narrow_intervals_are_settled_even_where_they_overlap():
