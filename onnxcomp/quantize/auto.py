@@ -208,14 +208,20 @@ def _op_counts(model: ir.Model) -> dict[str, int]:
     return counts
 
 
-def _graph_counts(model: ir.Model, name: str) -> dict[str, Any]:
+def _graph_counts(
+    model: ir.Model, name: str, graphs: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Integer kernels and islands of ``model`` in onnxruntime; the whole graph report is kept
+    in ``graphs`` (the chosen candidate's report shows it: one session, not two)."""
     from onnxcomp import bench
 
     try:
         graph = bench.graph_report(model, label=name)
     except OnnxcompError as err:
         logger.info("%s: optimized graph not inspected (%s)", name, err)
-        return {"integer_kernels": None, "islands": None}
+        graph = {"unavailable": str(err)}
+    if graphs is not None:
+        graphs[name] = graph
     return {"integer_kernels": graph.get("integer_kernels"), "islands": graph.get("islands")}
 
 
@@ -368,6 +374,7 @@ def quantize_auto(
         )
     if timer is not None:
         timer.release()
+    graphs: dict[str, dict[str, Any]] = {}
     table = [
         {
             "mode": "float",
@@ -382,7 +389,7 @@ def quantize_auto(
         row = {
             "mode": name,
             **timings[name].to_json(),
-            **_graph_counts(result.model, name),
+            **_graph_counts(result.model, name, graphs),
             "drop": verdicts[name].drop,
             "drop_metric": verdicts[name].metric,
             "within_budget": verdicts[name].passed,
@@ -402,14 +409,7 @@ def quantize_auto(
             f"{v.drop:.4f} within {budget} on {judge_data.name}"
         )
         result = built[chosen].finish()
-        try:
-            from onnxcomp import bench
-
-            result.report.setdefault("check", {})["graph"] = bench.graph_report(
-                result.model, label=chosen
-            )
-        except OnnxcompError as err:
-            result.report.setdefault("check", {})["graph"] = {"unavailable": str(err)}
+        result.report.setdefault("check", {})["graph"] = graphs[chosen]
     else:
         reasons = []
         for name in built:
