@@ -109,6 +109,166 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     return values
 
 
+# ---------------------------------------------------------------------------------------------
+# Values inside If branches
+
+
+def _owners(model: ir.Model) -> dict[int, tuple[ir.Node, str]]:
+    """id(subgraph) -> (the node holding it, the attribute name)."""
+    owners: dict[int, tuple[ir.Node, str]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                owners[id(attr.value)] = (node, attr.name)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for graph in attr.value:
+                    owners[id(graph)] = (node, attr.name)
+    return owners
+
+
+def _subgraph_values(model: ir.Model) -> dict[str, tuple[ir.Value, ir.Graph]]:
+    """Values computed inside subgraphs, by name, with the graph computing them."""
+    found: dict[str, tuple[ir.Value, ir.Graph]] = {}
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        for value in graph.inputs:  # a Loop body's iteration number, condition and state
+            if value.name:
+                found[value.name] = (value, graph)
+        for node in graph:
+            for value in node.outputs:
+                if value.name:
+                    found[value.name] = (value, graph)
+    return found
+
+
+def subgraphs(model: ir.Model) -> list[tuple[ir.Graph, str | None]]:
+    """The main graph and every subgraph, outer first, each with why its values cannot be
+    captured (None: they can, through `expose`): those of If branches can, and those of a Loop
+    body (in the main graph or in If branches) as one more scan output stacked over the
+    iterations; those of Scan bodies, of Ifs or Loops inside a Loop body (an iteration that
+    skips a branch would break the stacking) and of custom ops' graphs cannot."""
+    found: list[tuple[ir.Graph, str | None]] = []
+
+    def walk(graph: ir.Graph, why: str | None, loop: ir.Node | None) -> None:
+        found.append((graph, why))
+        for node in graph:
+            inner = []
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    inner.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    inner.extend(attr.value)
+            if not inner:
+                continue
+            reason, inner_loop = why, loop
+            standard = node.domain in ("", "ai.onnx")
+            if reason is None and loop is not None:
+                reason = (
+                    f"inside {node.op_type} {node.name!r} within the body of Loop {loop.name!r}: "
+                    "its values cannot be captured for calibration, kept float"
+                )
+            elif reason is None and standard and node.op_type == "Loop":
+                inner_loop = node
+            elif reason is None and not (standard and node.op_type == "If"):
+                reason = (
+                    f"inside the body of {node.op_type} {node.name!r}: its values cannot be "
+                    "captured for calibration, kept float"
+                )
+            for g in inner:
+                walk(g, reason, inner_loop)
+
+    walk(model.graph, None, None)
+    return found
+
+
+def in_subgraphs(model: ir.Model, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that the main graph does not compute (values inside If branches)."""
+    main = _values_by_name(model)
+    return [name for name in names if name not in main]
+
+
+def expose(
+    model: ir.Model, names: Sequence[str]
+) -> tuple[ir.Model, dict[str, str], set[str]]:
+    """A copy of ``model`` whose graph outputs include the named values computed inside If
+    branches (nested Ifs too) and Loop bodies; returns it, {name: the graph output carrying it}
+    and the names that come stacked over a Loop's iterations ([iterations, ...]).
+
+    onnxruntime gives graph outputs only. Each value becomes one more output of its branch and of
+    the If holding it (and of each enclosing If, up to the main graph); the other branch gives an
+    empty float tensor there, so a run that did not take the branch returns an empty array for
+    it (`accumulate` skips those: that sample never reached the value). A value in a Loop body
+    becomes one more scan output of the body, which the Loop stacks over the iterations. Values
+    `subgraphs` says cannot be captured (Scan bodies, Ifs inside a Loop body) are refused.
+    """
+    from onnxcomp import model as model_io
+
+    copy = model_io.copy_model(model)
+    owners = _owners(copy)
+    inside = _subgraph_values(copy)
+    names_used = {v.name for g in copy.graphs() for n in g for v in n.outputs if v.name}
+    names_used |= {v.name for g in copy.graphs() for v in g.inputs if v.name}
+    names_used |= {name for g in copy.graphs() for name in g.initializers}
+
+    def fresh(hint: str) -> str:
+        name, i = hint, 1
+        while name in names_used:
+            name = f"{hint}_{i}"
+            i += 1
+        names_used.add(name)
+        return name
+
+    exposed: dict[str, str] = {}
+    stacked: set[str] = set()
+    why_not = {id(graph): why for graph, why in subgraphs(copy)}
+    for name in names:
+        if name not in inside:
+            raise OnnxcompError(f"capture: the model has no tensor named {name!r}")
+        value, graph = inside[name]
+        if why_not[id(graph)]:
+            raise OnnxcompError(f"capture: {name!r} is {why_not[id(graph)].split(':')[0]}")
+        while graph is not copy.graph:
+            node, attr_name = owners[id(graph)]
+            if value.is_graph_input() or any(out is value for out in graph.outputs):
+                # already a branch output (the If's output there carries the other branch's
+                # value when that one runs): exposed on its own through an Identity
+                copy_node = ir.node("Identity", [value], name=fresh(f"{name}__exposed"))
+                copy_node.outputs[0].name = fresh(f"{name}__exposed")
+                graph.append(copy_node)
+                value = copy_node.outputs[0]
+            position = len(node.outputs)
+            if node.op_type == "Loop":  # one more scan output: the body's values, stacked
+                graph.outputs.append(value)
+                stacked.add(name)
+            for attr in ("then_branch", "else_branch") if node.op_type == "If" else ():
+                branch = node.attributes[attr].value
+                if attr == attr_name:
+                    branch.outputs.append(value)
+                else:
+                    empty = ir.node(
+                        "Constant",
+                        [],
+                        attributes={"value": ir.tensor(np.zeros([0] * max(_rank(value), 1), np.float32))},
+                        name=fresh(f"{name}__not_taken"),
+                    )
+                    empty.outputs[0].name = fresh(f"{name}__not_taken")
+                    branch.append(empty)
+                    branch.outputs.append(empty.outputs[0])
+            node.resize_outputs(position + 1)
+            out = node.outputs[position]
+            out.name = fresh(f"{name}__captured")
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            value, graph = out, node.graph
+        copy.graph.outputs.append(value)
+        exposed[name] = value.name
+    return copy, exposed, stacked
+
+
+def _rank(value: ir.Value) -> int:
+    return len(value.shape) if value.shape is not None else 1
+
+
 @dataclasses.dataclass
 class CapturePlan:
     """How a capture runs: ``batch_size`` samples per batch, one run over the data per set of
@@ -208,17 +368,40 @@ def stream(
     if not names:
         return
     budget = CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    session = runtime.capture_session(model, names, threads=threads)
-    plan = plan_runs(session, model, names, data, batch_size=batch_size, budget_bytes=budget)
+    model, exposed, stacked = _exposed(model, names)
+    outputs = [exposed.get(name, name) for name in names]
+    back = {out: name for name, out in exposed.items()}
+    session = runtime.capture_session(model, outputs, threads=threads)
+    plan = plan_runs(session, model, outputs, data, batch_size=batch_size, budget_bytes=budget)
     for run_names in plan.runs:
-        yield from runtime.iter_outputs(
+        for batch, arrays in runtime.iter_outputs(
             session,
             data,
             batch_size=plan.batch_size,
             limit=limit,
             output_names=run_names,
             label="capture",
-        )
+        ):
+            yield batch, _unstack({back.get(k, k): v for k, v in arrays.items()}, stacked)
+
+
+def _exposed(
+    model: ir.Model, names: Sequence[str]
+) -> tuple[ir.Model, dict[str, str], set[str]]:
+    """``model`` itself when the main graph computes all of ``names``, else `expose`'s copy."""
+    hidden = in_subgraphs(model, names)
+    if not hidden:
+        return model, {}, set()
+    return expose(model, hidden)
+
+
+def _unstack(arrays: dict[str, np.ndarray], stacked: set[str]) -> dict[str, np.ndarray]:
+    """Values a Loop stacked ([iterations, batch, ...]) as one batch of iterations x batch."""
+    for name in stacked & set(arrays):
+        array = arrays[name]
+        if array.ndim >= 2:
+            arrays[name] = array.reshape(-1, *array.shape[2:])
+    return arrays
 
 
 def stream_pairs(
@@ -239,14 +422,25 @@ def stream_pairs(
     if not names:
         return
     budget = (CAPTURE_BUDGET_BYTES if budget_bytes is None else budget_bytes) // 2
-    session = runtime.capture_session(model, names, threads=threads)
-    ref_session = runtime.capture_session(reference, names, threads=threads)
-    plan = plan_runs(session, model, names, data, batch_size=batch_size, budget_bytes=budget)
+    model, exposed, stacked = _exposed(model, names)
+    reference, ref_exposed, _ = _exposed(reference, names)
+    outputs = [exposed.get(name, name) for name in names]
+    ref_of = {exposed.get(name, name): ref_exposed.get(name, name) for name in names}
+    back = {out: name for name, out in exposed.items()}
+    session = runtime.capture_session(model, outputs, threads=threads)
+    ref_session = runtime.capture_session(reference, list(ref_of.values()), threads=threads)
+    plan = plan_runs(session, model, outputs, data, batch_size=batch_size, budget_bytes=budget)
     for run_names in plan.runs:
         for batch, arrays in runtime.iter_outputs(
             session, data, batch_size=plan.batch_size, limit=limit, output_names=run_names, label="capture"
         ):
-            yield batch, arrays, runtime.run(ref_session, batch.inputs, run_names, "capture (reference)")
+            ref_names = [ref_of[n] for n in run_names]
+            ref = runtime.run(ref_session, batch.inputs, ref_names, "capture (reference)")
+            yield (
+                batch,
+                _unstack({back.get(k, k): v for k, v in arrays.items()}, stacked),
+                _unstack({back.get(n, n): ref[r] for n, r in zip(run_names, ref_names)}, stacked),
+            )
 
 
 def token_positions(batch: Batch) -> np.ndarray | None:
@@ -293,14 +487,19 @@ def accumulate(
         group = [accs] if isinstance(accs, Accumulator) else list(accs)
         by_name.setdefault(tensor_name(tensor), []).extend(group)
     seen: dict[str, int] = dict.fromkeys(by_name, 0)
+    main_names = set(by_name) - set(in_subgraphs(model, list(by_name)))
     options = {"batch_size": batch_size, "limit": limit, "budget_bytes": budget_bytes}
     if reference is None:
         batches = ((b, a, None) for b, a in stream(model, list(by_name), data, **options))
     else:
         batches = stream_pairs(model, reference, list(by_name), data, **options)
+    streamed = 0
     for batch, arrays, ref_arrays in batches:
+        streamed += len(batch)
         mask = positions(batch) if positions is not None else None
         for name, array in arrays.items():
+            if array.size == 0 and name not in main_names:
+                continue  # an If branch this batch did not take (see `expose`)
             seen[name] += len(batch)
             array = _at_positions(array, mask)
             if ref_arrays is None:
@@ -311,7 +510,7 @@ def accumulate(
                 for acc in by_name[name]:
                     acc.update(array, ref)
     samples = max(seen.values(), default=0)
-    if by_name and samples == 0:
+    if by_name and streamed == 0:  # (values in untaken If branches alone see none either)
         raise OnnxcompError(f"{getattr(data, 'name', 'data')}: no samples to capture")
     return samples
 

@@ -99,6 +99,13 @@ def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     return node
 
 
+def home_graph(value: ir.Value) -> ir.Graph | None:
+    """The graph computing ``value`` (or holding it as an input or initializer); an If branch
+    reading it from an outer scope is not its home."""
+    node = value.producer()
+    return node.graph if node is not None else value.graph
+
+
 def users(value: ir.Value) -> list[ir.Node]:
     """The distinct nodes reading ``value``, in use order."""
     seen: dict[int, ir.Node] = {}
@@ -203,6 +210,27 @@ class NameSource:
             i += 1
         self.used.add(name)
         return name
+
+
+def unique_names(model: ir.Model) -> int:
+    """Rename the node outputs whose name another value of the model already has (the main
+    graph's names win, then outer graphs'); returns how many were renamed.
+
+    onnx-ir names the values new nodes write per graph (``val_0``, ...); onnxruntime wants one
+    name per value across a model and its If/Loop branches."""
+    seen: set[str] = set()
+    renamed = 0
+    names = NameSource(model)
+    for graph in model.graphs():
+        for value in [*graph.inputs, *graph.initializers.values()]:
+            seen.add(value.name or "")
+        for node in graph:
+            for value in node.outputs:
+                if value.name and value.name in seen:
+                    value.name = names(value.name)
+                    renamed += 1
+                seen.add(value.name or "")
+    return renamed
 
 
 def add_initializer(

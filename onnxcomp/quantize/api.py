@@ -367,9 +367,13 @@ def quantize_static(
         exclude_ops=options.exclude_ops,
     )
     # Names were checked against the input model; the clean-up may have fused some away.
-    gone = sorted(set(options.exclude_nodes) - {n.name for n in model.graph})
+    gone = sorted(set(options.exclude_nodes) - {n.name for g in model.graphs() for n in g})
     groups = plan.groups()
-    if cache is not None and cache.calibration and set(groups) <= set(cache.calibration.ranges):
+    if (
+        cache is not None
+        and cache.calibration
+        and set(groups) <= (set(cache.calibration.ranges) | set(cache.calibration.unseen))
+    ):
         calibration = cache.calibration
     else:
         calibration = calib.calibrate(
@@ -383,6 +387,15 @@ def quantize_static(
         )
         if cache is not None:
             cache.calibration = calibration
+    if set(groups) & set(calibration.unseen):  # If branches the data never took stay float
+        plan = qplan.build_plan(
+            model,
+            per_channel=options.per_channel,
+            exclude_nodes=options.exclude_nodes,
+            exclude_ops=options.exclude_ops,
+            skip_graphs=calib.unreached_graphs(plan, calibration),
+        )
+        groups = plan.groups()
     params = calib.activation_params(plan, calibration, options.activation_type)
     keys = {g: (g, float(params[g].scale), int(params[g].zero_point)) for g in groups}
 
@@ -609,7 +622,7 @@ def _quantize_built(model, options, data, eval_data) -> Built:
             "--mode static needs --data: activation ranges calibrated on random inputs are "
             "meaningless for real inputs (pass --allow-random-calibration to do it anyway)"
         )
-    input_names = {n.name for n in model.graph}
+    input_names = {n.name for g in model.graphs() for n in g}
     original_opset = model_io.opset(model)
     if options.mode == "static":
         model = static_opset(model)  # upgrade from < 10; refuse what onnxruntime cannot run
@@ -630,7 +643,9 @@ def _quantize_built(model, options, data, eval_data) -> Built:
             logger.info("auto: the input model cannot be timed here: %s", err)
     model, prep = prepare(model, options, data or eval_data, timer)
     # Names may be the input's, or the cleaned graph's (a recipe replaying auto's fallback).
-    unknown = sorted(set(options.exclude_nodes) - input_names - {n.name for n in model.graph})
+    unknown = sorted(
+        set(options.exclude_nodes) - input_names - {n.name for g in model.graphs() for n in g}
+    )
     if unknown:
         raise OnnxcompError(f"--exclude-nodes: no node named {unknown[0]!r} in the model")
     reference = model_io.copy_model(model)

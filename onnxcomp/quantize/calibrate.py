@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxcomp import capture
 from onnxcomp.data import DataSource
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import home_graph
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.observers import make_observer
 from onnxcomp.quantize.plan import QuantPlan
@@ -35,6 +36,23 @@ class Calibration:
     samples: int
     method: str
     observer_bytes: int = 0
+    # tensors inside If branches that no calibration sample reached (no range)
+    unseen: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Seen:
+    """An observer that also counts the batches it was given."""
+
+    def __init__(self, observer):
+        self.observer = observer
+        self.batches = 0
+
+    def update(self, batch: np.ndarray) -> None:
+        self.batches += 1
+        self.observer.update(batch)
+
+    def compute(self):
+        return self.observer.compute()
 
 
 def _observer(method: str, activation_type: str):
@@ -59,7 +77,7 @@ def calibrate(
     groups = plan.groups()
     if not groups:
         return Calibration({}, 0, method)
-    observers = {name: _observer(method, activation_type) for name in groups}
+    observers = {name: _Seen(_observer(method, activation_type)) for name in groups}
     try:
         samples = capture.accumulate(model, observers, data, batch_size=batch_size, limit=limit)
     except OnnxcompError as err:
@@ -67,15 +85,37 @@ def calibrate(
             raise OnnxcompError(f"{data.name}: no samples to calibrate on") from None
         raise
     ranges = {}
+    unseen = [name for name, obs in observers.items() if not obs.batches]
+    if unseen:
+        logger.info("%d tensors in If branches no calibration sample took", len(unseen))
     for name, obs in observers.items():
+        if not obs.batches:
+            continue
         try:
             lo, hi = obs.compute()
         except OnnxcompError as err:
             raise OnnxcompError(f"calibration of tensor {name!r}: {err}") from None
         ranges[name] = (float(lo), float(hi))
-    nbytes = sum(obs.nbytes for obs in observers.values())
+    nbytes = sum(obs.observer.nbytes for obs in observers.values())
     logger.info("calibrated %d tensors on %d samples (%s)", len(ranges), samples, method)
-    return Calibration(ranges, samples, method, nbytes)
+    return Calibration(ranges, samples, method, nbytes, unseen)
+
+
+def unreached_graphs(plan: QuantPlan, calibration: Calibration) -> dict[int, str]:
+    """id(If branch) -> why its ops stay float, for the branches holding tensors that no
+    calibration sample reached (`build_plan`'s ``skip_graphs``)."""
+    skip: dict[int, str] = {}
+    unseen = set(calibration.unseen)
+    for act in plan.activations.values():
+        if act.group not in unseen:
+            continue
+        graph = act.graph if act.graph is not None else home_graph(act.value)
+        if graph is not None:
+            skip[id(graph)] = (
+                "in an If branch that no calibration sample took: no range to quantize with, "
+                "kept float"
+            )
+    return skip
 
 
 def activation_params(
@@ -95,7 +135,9 @@ def activation_params(
         if clip is not None:
             params = _inside_clip(params, clip)
         by_group[group] = params
-    return {name: by_group[p.group] for name, p in plan.activations.items()}
+    # by plan key, and by group name (a value read from the outer scope by If branches is
+    # keyed per branch; its range is its own)
+    return {**by_group, **{key: by_group[p.group] for key, p in plan.activations.items()}}
 
 
 def _inside_clip(params: schemes.QuantParams, clip: tuple[float, float]) -> schemes.QuantParams:

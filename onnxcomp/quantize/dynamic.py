@@ -56,6 +56,7 @@ from onnxcomp.graph import (
     drop_shapes_before_skip_layernorm,
     drop_unused_initializers,
     replace_uses,
+    unique_names,
 )
 from onnxcomp.graph import const as _const
 from onnxcomp.passes import Result
@@ -214,6 +215,8 @@ def _bias_add(out: ir.Value, n: int) -> tuple[ir.Node, np.ndarray, ir.Value] | N
     add = uses[0].node
     if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
         return None
+    if add.graph is not out.producer().graph:  # read inside an If branch: not the same graph
+        return None
     other = add.inputs[1 - uses[0].idx]
     bias = _const(other)
     if bias is None or bias.dtype != np.float32 or bias.size != n or bias.shape[-1:] != (n,):
@@ -291,6 +294,7 @@ class _Layer:
     shares_weight_with: str | None = None  # the layer whose int8 weight this one reads
     smooth_gain_db: float | None = None  # output SQNR gained by smoothing (all of its group)
     smooth_folded: bool = False  # x / s folded into the producer's constants (no Mul)
+    calibration_note: str | None = None  # why the data measured nothing for it
     new_output: ir.Value | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -319,6 +323,8 @@ class _Layer:
             entry["shares_weight_with"] = self.shares_weight_with
         if self.float_reason or self.blockwise_reason:
             entry["reason"] = self.float_reason or self.blockwise_reason
+        if self.calibration_note:
+            entry["note"] = self.calibration_note
         return entry
 
 
@@ -473,7 +479,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             if lay.match.name in opts.keep_float:
                 lay.float_reason = "listed in keep_float"
         calibration: dict[str, object] = {}
-        active = [lay for lay in layers if not lay.float_reason and lay.match.op_type != "Conv"]
+        active = [
+            lay
+            for lay in layers
+            if not lay.float_reason and lay.match.op_type != "Conv" and not lay.calibration_note
+        ]
         if active and (
             opts.smooth or opts.bias_correction or opts.blockwise or opts.min_sqnr_db > 0
         ):
@@ -486,6 +496,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         quantized = [lay for lay in layers if not lay.float_reason]
         if quantized:
             self._rewrite(model, quantized)
+            unique_names(model)  # values written in several If branches
         embeddings = []
         if opts.embeddings:
             embeddings = self._quantize_embeddings(model, skipped)
@@ -553,7 +564,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     def _plan_matches(self, model: ir.Model) -> tuple[list[_Layer], list[dict[str, str]]]:
         layers, skipped = [], []
         claimed: set[int] = set()
-        for node in model.graph:
+        # The main graph and every subgraph: each layer is rewritten in its own graph (a
+        # branch's input from the outer scope is quantized in the branch that reads it). Inside
+        # Loop and Scan bodies the inputs cannot be captured: plain per-channel int8 there.
+        nodes = [(node, why) for graph, why in capture.subgraphs(model) for node in graph]
+        for node, why in nodes:
             if node.domain not in ("", "ai.onnx") or node.op_type not in RULES:
                 continue
             name = node.name or node.outputs[0].name or node.op_type
@@ -573,14 +588,10 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             match.name = name
             claimed.update(id(n) for n in match.nodes)
             layers.append(_Layer(match))
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.graph is not model.graph and node.op_type in self.options.op_types:
-                skipped.append(
-                    {
-                        "node": node.name or node.op_type,
-                        "op": node.op_type,
-                        "reason": "inside an If/Loop/Scan subgraph (not quantized)",
-                    }
+            if why:
+                layers[-1].calibration_note = (
+                    f"{why.split(':')[0]}: its input cannot be captured; per-channel int8, "
+                    "no smoothing or bias correction"
                 )
         return layers, skipped
 
@@ -632,14 +643,24 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         for names in chunks:
             ranges = {name: capture.Each(groups[name].observe_range) for name in names}
             capture.accumulate(model, ranges, data, limit=min(limit, RANGE_SAMPLES))
+            # Inputs in If branches no calibration sample took: plain per-channel int8.
+            names = [name for name in names if groups[name].act_absmax is not None]
             for name in names:
                 groups[name].prepare(opts.per_channel, opts.reduce_range)
             errors = {name: capture.Each(groups[name].observe_error) for name in names}
-            capture.accumulate(model, errors, data, limit=limit)
+            if errors:
+                capture.accumulate(model, errors, data, limit=limit)
             for name in names:
                 groups[name].release()
         smoothed = blockwise = 0
         for stats in groups.values():
+            if stats.act_absmax is None:
+                for lay in stats.layers:
+                    lay.calibration_note = (
+                        "in an If branch that no calibration sample took: per-channel int8, "
+                        "no smoothing or bias correction"
+                    )
+                continue
             totals = [_sqnr(stats.signal.sum(), stats.noise[a].sum()) for a in range(len(alphas))]
             best = int(np.argmax(totals))
             gain = totals[best] - totals[0]
@@ -717,14 +738,16 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             self.options.form == "contrib" and any(lay.match.op_type != "Conv" for lay in layers)
         ):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        self._order = {id(node): i for i, node in enumerate(graph)}
+        self._order = {id(node): i for g in model.graphs() for i, node in enumerate(g)}
         self._shared: dict[tuple, tuple] = {}
-        groups: dict[tuple[int, float], list[_Layer]] = {}
+        groups: dict[tuple[int, float, int], list[_Layer]] = {}
         for lay in layers:
-            groups.setdefault((id(lay.match.x), lay.smooth_alpha), []).append(lay)
+            # one group per input and graph: an If branch quantizes what it reads itself
+            graph = lay.match.nodes[0].graph
+            groups.setdefault((id(lay.match.x), lay.smooth_alpha, id(graph)), []).append(lay)
         for group in groups.values():
             weights = [_weight_of(lay.match.nodes[0]) for lay in group]
-            self._rewrite_group(graph, group)
+            self._rewrite_group(group[0].match.nodes[0].graph or graph, group)
             for tensor in weights:
                 model_io.release(tensor)
 
@@ -778,7 +801,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             name = m.name.replace("/", "_").strip("_") or "matmul"
             # A weight read by several MatMuls is quantized once (unless smoothing scaled it for
             # this reader's input): the later readers take the same int8 initializers.
-            key = _weight_key(m) if scale_vec is None else None
+            key = (_weight_key(m), id(graph)) if scale_vec is None else None
             if key in self._shared:
                 lay.shares_weight_with, w_q, w_s, w_zp, lay.weight_sqnr_db = self._shared[key]
             else:

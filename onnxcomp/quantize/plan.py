@@ -21,14 +21,15 @@ Placement rules (why a pair is there or not):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp import ops
+from onnxcomp import capture, ops
 from onnxcomp.graph import const as _const
+from onnxcomp.graph import home_graph
 from onnxcomp.quantize.schemes import nonfinite_reason
 
 Role = Literal["weighted", "elementwise", "concat", "unary", "passthrough", "activation", "float"]
@@ -112,6 +113,8 @@ class ActivationPlan:
     # input of a chain of pass-through ops)
     reason: str
     clip: tuple[float, float] | None = None  # bounds of an absorbed Relu/Clip
+    graph: ir.Graph | None = None  # where the pair goes: the graph of its integer readers (an If
+    # branch reading an outer-scope value gets its own pair); None: where the value is computed
 
     @property
     def name(self) -> str:
@@ -212,7 +215,12 @@ def _output_point(
     if len(uses) == 1 and not out.is_graph_output():
         user = uses[0].node
         bounds = _absorbable(user)
-        if bounds is not None and user.inputs[0] is out and excluded(user) is None:
+        if (
+            bounds is not None
+            and user.graph is node.graph
+            and user.inputs[0] is out
+            and excluded(user) is None
+        ):
             return user.outputs[0], user, bounds
     return out, None, None
 
@@ -232,7 +240,9 @@ def _weight_problem(node: ir.Node, rule: OpRule) -> str | None:
     nonfinite = nonfinite_reason(array)
     if nonfinite:
         return f"weight {nonfinite}"
-    if not _is_float(node.inputs[0]):
+    if not _is_float(node.inputs[0]) and node.inputs[0].dtype is not None:
+        # (unknown inside If branches, where shapes are not inferred: the op's type constraint
+        # makes it the weight's float32)
         return "input is not float32"
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return "Gemm with transA=1 has no integer kernel"
@@ -309,16 +319,23 @@ def build_plan(
     exclude_nodes: Iterable[str] = (),
     exclude_ops: Iterable[str] = (),
     ops: Iterable[str] | None = None,
+    skip_graphs: Mapping[int, str] | None = None,
 ) -> QuantPlan:
     """Decide which tensors get Q/DQ and which nodes run as integer kernels.
 
     ops: the weighted op types to quantize (default all of `WEIGHTED_OPS`).
+    skip_graphs: id(subgraph) -> why its ops stay float (a branch calibration never reached).
+
+    The main graph, every If branch (nested Ifs too) and Loop bodies are planned, each on its
+    own: a value computed outside a subgraph counts as float inside it, and an integer kernel in
+    the subgraph that reads it gets its own pair there (onnxruntime fuses Q/DQ within one graph
+    only). Graphs whose values `capture.subgraphs` cannot capture (Scan bodies, Ifs or Loops
+    inside a Loop body) stay float, with that reason.
     """
     exclude_nodes = set(exclude_nodes)
     exclude_ops = set(exclude_ops)
     wanted_ops = set(ops) if ops is not None else set(WEIGHTED_OPS)
-    graph = model.graph
-    nodes = list(graph)
+    skip_graphs = dict(skip_graphs or {})
 
     def excluded(node: ir.Node) -> str | None:
         if node.name in exclude_nodes:
@@ -326,6 +343,42 @@ def build_plan(
         if node.op_type in exclude_ops:
             return "excluded by --exclude-ops"
         return None
+
+    activations: dict[str, ActivationPlan] = {}
+    weights: list[WeightPlan] = []
+    quantized: list[NodeDecision] = []
+    floats: list[NodeDecision] = []
+    for graph, why_not in capture.subgraphs(model):
+        why_not = why_not or skip_graphs.get(id(graph))
+        if why_not:
+            floats.extend(
+                NodeDecision(node, None, why_not)
+                for node in graph
+                if node.op_type in OP_TABLE and OP_TABLE[node.op_type].role == "weighted"
+            )
+            continue
+        part = _plan_graph(graph, excluded, wanted_ops, per_channel, graph is model.graph)
+        for key, act in part.activations.items():
+            activations.setdefault(key, act)
+        weights += part.weights
+        quantized += part.quantized
+        floats += part.floats
+    return QuantPlan(activations, weights, quantized, floats, per_channel)
+
+
+def _plan_graph(
+    graph: ir.Graph,
+    excluded: Callable[[ir.Node], str | None],
+    wanted_ops: set[str],
+    per_channel: bool,
+    main: bool,
+) -> QuantPlan:
+    """`build_plan` for the nodes of one graph (not those of its subgraphs)."""
+    nodes = list(graph)
+    # names this graph's pairs on outer-scope values (branch names repeat across an export)
+    tag = next((n.name for n in nodes if n.name), graph.name or "subgraph")
+    # a subgraph's outputs are kept float like the model's (what reads them is planned apart)
+    where = "model" if main else "subgraph"
 
     decisions: dict[int, NodeDecision] = {}  # id(node) -> decision
     # value -> group name of the int8 tensor carrying it (only values an integer op produces)
@@ -358,7 +411,10 @@ def build_plan(
             for attr in node.attributes.values()
         ):
             decisions[id(node)] = NodeDecision(
-                node, None, "has subgraphs (If/Loop/Scan): not walked, kept float"
+                node,
+                None,
+                f"{node.op_type} with subgraphs: no integer kernel (If branches are "
+                "planned on their own)",
             )
             continue
         if rule is None:
@@ -384,7 +440,7 @@ def build_plan(
                 if point in near_output:
                     how = "is" if point.is_graph_output() else "reaches through shape ops only"
                     problem = (
-                        f"its output {how} model output {near_output[point]!r}: kept float so "
+                        f"its output {how} {where} output {near_output[point]!r}: kept float so "
                         "the output keeps fp32 precision (QLinearConv would write it in 8 bits)"
                     )
             if problem:
@@ -396,7 +452,7 @@ def build_plan(
             decisions[id(node)] = NodeDecision(
                 node,
                 None,
-                f"its output reaches model output {reached!r} through shape ops only: kept float",
+                f"its output reaches {where} output {reached!r} through shape ops only: kept float",
             )
         elif rule.role in ("elementwise", "concat", "unary"):
             data = (
@@ -405,7 +461,7 @@ def build_plan(
                 else [node.inputs[i] for i in rule.data_inputs if i < len(node.inputs)]
             )
             missing = [v for v in data if v not in available]
-            if not data or not all(_is_float(v) for v in data):
+            if not data or not all(_is_float(v) or v in available or v.dtype is None for v in data):
                 decisions[id(node)] = NodeDecision(node, None, "inputs are not float tensors")
             elif missing:
                 what = (
@@ -420,7 +476,7 @@ def build_plan(
                 produce(node, rule.kernel or "", "all inputs are int8 tensors")
         elif rule.role == "passthrough":
             data = node.inputs[0] if node.inputs else None
-            if data in available and all(_is_float(o) for o in node.outputs):
+            if data in available and all(_is_float(o) or o.dtype is None for o in node.outputs):
                 for out in node.outputs:
                     available[out] = available[data]
                 decisions[id(node)] = NodeDecision(node, rule.kernel, "moves int8 data unchanged")
@@ -445,9 +501,16 @@ def build_plan(
         )
 
     def add(value: ir.Value, group: str, reason: str) -> None:
-        if value.name in activations or value in near_output:
+        if value in near_output:
             return
-        activations[value.name or ""] = ActivationPlan(value, group, reason, clips.get(value))
+        key = value.name or ""
+        home = None
+        if home_graph(value) is not graph:
+            # An outer-scope value read by an integer kernel of this branch: its own pair here.
+            key, home = f"{key}@{tag}", graph
+        if key in activations:
+            return
+        activations[key] = ActivationPlan(value, group, reason, clips.get(value), home)
 
     # Inputs of integer ops: quantized where they are produced (their group), or at the boundary.
     for node in int_nodes:

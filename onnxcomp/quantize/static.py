@@ -30,7 +30,7 @@ import onnx_ir as ir
 from onnxcomp import capture, layerwise
 from onnxcomp.data import DataSource
 from onnxcomp.graph import NameSource as _Names
-from onnxcomp.graph import add_initializer
+from onnxcomp.graph import add_initializer, home_graph
 from onnxcomp.passes import Result
 from onnxcomp.quantize import schemes
 from onnxcomp.quantize.plan import OP_TABLE, QuantPlan
@@ -44,11 +44,15 @@ def _initializer(graph: ir.Graph, names: _Names, base: str, array: np.ndarray) -
 
 def _insert_after(graph: ir.Graph, value: ir.Value, new_nodes: list[ir.Node]) -> None:
     producer = value.producer()
-    if producer is not None:
+    if producer is not None and producer.graph is graph:
         graph.insert_after(producer, new_nodes)
-    else:  # a graph input or an initializer: before the first node
-        first = next(iter(graph))
-        graph.insert_before(first, new_nodes)
+    else:  # a graph input, an initializer or an outer-scope value: before the first node
+        first = next(iter(graph), None)
+        if first is None:
+            graph.extend(new_nodes)
+        else:
+            graph.insert_before(first, new_nodes)
+
 
 
 class InsertQdqPass(ir.passes.InPlacePass):
@@ -72,17 +76,20 @@ class InsertQdqPass(ir.passes.InPlacePass):
         self.reduce_range = reduce_range
 
     def call(self, model: ir.Model) -> Result:
-        graph = model.graph
-        names = _Names(graph)
+        names = _Names(model)
         int_nodes = {id(d.node) for d in self.plan.quantized if d.kernel != "absorbed"}
         self._absorbed = {id(d.node) for d in self.plan.quantized if d.kernel == "absorbed"}
-        weights_report = self._weights(graph, names)
+        weights_report = self._weights(names)
         pairs = 0
-        group_inits: dict[str, tuple[ir.Value, ir.Value]] = {}
+        group_inits: dict[tuple[str, int], tuple[ir.Value, ir.Value]] = {}
         exact = {
             act.group for act in self.plan.activations.values() if _cast_from_bool(act.value)
         }
-        for name, act in self.plan.activations.items():
+        # Pairs an If branch writes on an outer-scope value go first: they take the branch's
+        # readers; a pair the outer graph then writes on the same (int8-written) value feeds the
+        # branch's QuantizeLinear through its DequantizeLinear.
+        ordered = sorted(self.plan.activations.items(), key=lambda kv: kv[1].graph is None)
+        for name, act in ordered:
             params = self.params[name]
             if act.group in exact:
                 # 0/1 values: scale 1 holds them exactly, whatever range calibration saw.
@@ -90,12 +97,15 @@ class InsertQdqPass(ir.passes.InPlacePass):
                 if isinstance(self.params, dict):
                     self.params[name] = params
             value = act.value
-            if act.group not in group_inits:
-                group_inits[act.group] = (
+            # The graph the pair goes in: where the value is computed, or the If branch whose
+            # integer kernels read an outer-scope value.
+            graph = act.graph if act.graph is not None else home_graph(value)
+            if (act.group, id(graph)) not in group_inits:
+                group_inits[(act.group, id(graph))] = (
                     _initializer(graph, names, f"{act.group}_scale", params.scale),
                     _initializer(graph, names, f"{act.group}_zero_point", params.zero_point),
                 )
-            scale, zero_point = group_inits[act.group]
+            scale, zero_point = group_inits[(act.group, id(graph))]
             uses = list(value.uses())
             q_out = ir.Value(name=names(f"{name}_quantized"))
             cast = _cast_from_bool(value)
@@ -148,6 +158,15 @@ class InsertQdqPass(ir.passes.InPlacePass):
                 id(producer) in int_nodes or id(producer) in self._absorbed
             )
             for i, use in enumerate(uses):
+                if use.node.graph is not graph:
+                    # A reader in another graph: one of this graph's If branches (it reads the
+                    # float tensor through the shared DequantizeLinear when only int8 exists),
+                    # or, for an outer-scope value, a graph with its own pair or none.
+                    if int_written and home_graph(value) is graph:
+                        if shared is None:
+                            shared = make_dq("")
+                        use.node.replace_input_with(use.idx, shared)
+                    continue
                 if id(use.node) in int_nodes:
                     use.node.replace_input_with(use.idx, make_dq(f"_{i}"))
                 elif not int_written:
@@ -156,7 +175,7 @@ class InsertQdqPass(ir.passes.InPlacePass):
                     if shared is None:
                         shared = make_dq("")
                     use.node.replace_input_with(use.idx, shared)
-            if value.is_graph_output() and int_written:
+            if int_written and any(out is value for out in graph.outputs):
                 if shared is None:
                     shared = make_dq("")
                 outputs = graph.outputs
@@ -175,12 +194,13 @@ class InsertQdqPass(ir.passes.InPlacePass):
             report={"activation_pairs": pairs, "weights": weights_report},
         )
 
-    def _weights(self, graph: ir.Graph, names: _Names) -> list[dict[str, Any]]:
-        done: dict[tuple[int, int | None], ir.Value] = {}
+    def _weights(self, names: _Names) -> list[dict[str, Any]]:
+        done: dict[tuple[int, int | None, int], ir.Value] = {}
         report = []
         for wp in self.plan.weights:
             rule = OP_TABLE[wp.node.op_type]
-            key = (id(wp.value), wp.axis)
+            graph = wp.node.graph  # the op's own graph (the weight may live in an outer one)
+            key = (id(wp.value), wp.axis, id(graph))
             if key not in done:
                 w = wp.value.const_value.numpy().astype(np.float32)
                 params = schemes.weight_params(
@@ -229,7 +249,8 @@ class InsertQdqPass(ir.passes.InPlacePass):
             wp.node.replace_input_with(rule.weight_input, done[key])
             self._bias(graph, names, wp, rule)
             if not old.uses() and not old.is_graph_output() and not old.is_graph_input():
-                graph.initializers.pop(old.name, None)
+                if old.graph is not None:
+                    old.graph.initializers.pop(old.name, None)
         return report
 
     def _bias(self, graph: ir.Graph, names: _Names, wp, rule) -> None:
@@ -238,6 +259,15 @@ class InsertQdqPass(ir.passes.InPlacePass):
         if rule.bias_input is None:
             return
         input_params = self.params.get(node.inputs[0].name or "")
+        if input_params is None:  # an outer-scope input: its pair is keyed by the branch
+            input_params = next(
+                (
+                    self.params[key]
+                    for key, act in self.plan.activations.items()
+                    if act.value is node.inputs[0] and act.graph is node.graph
+                ),
+                None,
+            )
         if input_params is None:
             return
         dq = done_weight_dq(node, rule)
@@ -293,7 +323,8 @@ class InsertQdqPass(ir.passes.InPlacePass):
         )
         node.replace_input_with(rule.bias_input, out)
         if not bias.uses() and not bias.is_graph_output() and not bias.is_graph_input():
-            graph.initializers.pop(bias.name, None)
+            if bias.graph is not None:
+                bias.graph.initializers.pop(bias.name, None)
 
 
 def _cast_from_bool(value: ir.Value) -> ir.Node | None:
@@ -451,8 +482,7 @@ def correct_biases(
     for view in targets:
         stats.setdefault(input_names[id(view.node)], capture.ChannelStats(view.input_channel_axis))
     capture.accumulate(reference, stats, data, batch_size=batch_size, limit=limit)
-    graph = quantized.graph
-    name_gen = _Names(graph)
+    name_gen = _Names(quantized)
     report = []
     for view in targets:
         node = view.node
@@ -473,6 +503,7 @@ def correct_biases(
         codes = bias_dq.inputs[0].const_value.numpy().astype(np.float64)
         scale = bias_dq.inputs[1].const_value.numpy().astype(np.float32)
         old = codes * scale
+        graph = node.graph
         if old.shape != delta.shape:
             continue
         q, new_scale = _bias_int32((old + delta).astype(np.float32), scale)
