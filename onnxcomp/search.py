@@ -14,8 +14,9 @@ The work is budgeted:
   be the fastest (or whose place against the "faster" bar is open) are timed;
 - one :class:`Timer` (sessions created and warmed once) serves the first timing, the timing of a
   rebuilt candidate and the margin, and their rounds pool;
-- fallback bisects over the order (k = 1, 2, 4, ... until the budget is met, then halves the
-  bracket) instead of adding a few layers per round;
+- fallback bisects over the order (k = 1 and the most allowed, that one first when the drop is
+  far over the budget: when even it misses, the fallback stops there; else k = 2, 4, ... until
+  the budget is met, then halves the bracket) instead of adding a few layers per round;
 - when the two best candidates are still within noise at the end, they are timed again, a round
   at a time until their order settles (the margin), and the decision records how close it was.
 
@@ -24,6 +25,7 @@ Progress goes to the ``onnxcomp.search`` logger (the CLI shows it on stderr at a
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import logging
@@ -50,6 +52,18 @@ ROUND_MS = 150.0
 MIN_BLOCK = 3
 MARGIN_ROUNDS = 6  # at most this many more rounds of the two best when within noise (pooled)
 Z95 = 1.96
+# A drop more than this many times the budget: the fallback tries the most layers it may leave
+# alone first (one layer seldom brings such a drop under the budget).
+FAR_OVER_BUDGET = 2.0
+# An interval at most this wide (in x baseline) is measured well enough: where it still holds a
+# bar or another narrow interval, the two are within 2 % of each other and more rounds would
+# not change the choice by more (the tie goes to the more accurate candidate). On the ViT-S
+# focus model the clean-up's 1.05x stayed on its 1.05 bar for all 10 rounds: 40 s of timing.
+SETTLED_WIDTH = 0.04
+# Untimed runs of each new session: up to this many, and no more than WARMUP_MS of them (a
+# 500 ms model is warm after 2 runs; 10 took 5 s a session).
+WARMUP_MS = 1000.0
+MIN_WARMUP = 2
 
 
 @dataclasses.dataclass
@@ -60,6 +74,15 @@ class Built:
     model: ir.Model
     report: dict[str, Any]
     plan: Any = None
+    # Work only a kept candidate needs (report figures no decision uses): run by `finish`.
+    rest: Callable[[], None] | None = None
+
+    def finish(self) -> Built:
+        """Do the work left for when this candidate is kept (or its report is read)."""
+        if self.rest is not None:
+            rest, self.rest = self.rest, None
+            rest()
+        return self
 
 
 @dataclasses.dataclass
@@ -152,9 +175,9 @@ class Timer:
         session = runtime.create_session(model, threads=self.threads, label=name)
         runtime.run(session, self.feeds, label=name)
         started = time.perf_counter()
-        bench.warm_up([session], self.feeds, self.warmup)
+        runs = self._warm(session)
         if name == "float":  # the block size from the baseline's warm runs
-            each_ms = (time.perf_counter() - started) * 1e3 / max(1, self.warmup)
+            each_ms = (time.perf_counter() - started) * 1e3 / max(1, runs)
             self.block = max(MIN_BLOCK, min(bench.BLOCK_RUNS, round(ROUND_MS / max(each_ms, 1e-3))))
             # slow models need one run to have their weights back in the caches, fast ones more
             self.warm = 1 if self.block < bench.BLOCK_RUNS else bench.BLOCK_WARM
@@ -163,6 +186,33 @@ class Timer:
                 r.pop(name, None)
         self.sessions[name] = session
         self.models[name] = model
+
+    def release(self) -> None:
+        """Close the sessions (a copy of each model's weights) until the next round: between
+        timings, while candidates are built and judged, they would sit in memory (two ViT-S
+        sessions: 400 MB). The rounds and the block size stay; sessions are made again, and
+        warmed, when timing resumes."""
+        self.sessions = dict.fromkeys(self.sessions)
+        trim_memory()
+
+    def _session(self, name: str) -> Any:
+        if self.sessions[name] is None:
+            session = runtime.create_session(self.models[name], threads=self.threads, label=name)
+            runtime.run(session, self.feeds, label=name)
+            self._warm(session)
+            self.sessions[name] = session
+        return self.sessions[name]
+
+    def _warm(self, session: Any) -> int:
+        """Untimed runs: at most ``warmup``, at least MIN_WARMUP, no more than WARMUP_MS."""
+        started = time.perf_counter()
+        feeds, runs = dict(self.feeds), 0
+        while runs < self.warmup and (
+            runs < MIN_WARMUP or (time.perf_counter() - started) * 1e3 < WARMUP_MS
+        ):
+            session.run(None, feeds)
+            runs += 1
+        return runs
 
     def remove(self, name: str) -> None:
         """Time ``name`` no more (a candidate given up); its rounds are dropped."""
@@ -182,7 +232,7 @@ class Timer:
             "float",
             *[n for n in (names if names is not None else self.names) if n != "float"],
         ]
-        sessions = [self.sessions[n] for n in timed]
+        sessions = [self._session(n) for n in timed]
         enabled = gc.isenabled()
         gc.disable()  # a collection in the middle of a timed run would land on one model only
         try:
@@ -209,26 +259,56 @@ class Timer:
         return out
 
 
+def settled(t: Timing) -> bool:
+    """Narrow enough (:data:`SETTLED_WIDTH`) that more rounds would not change a choice by more
+    than the width."""
+    return t.high - t.low <= SETTLED_WIDTH
+
+
+def overlap(a: Timing, b: Timing) -> bool:
+    return a.low <= b.high and b.low <= a.high
+
+
+_LIBC: Any = None
+
+
+def trim_memory() -> None:
+    """Collect garbage and give freed heap memory back to the system. glibc keeps what freed
+    onnxruntime sessions and large arrays held (measured: 200 MB after two ViT-S sessions were
+    closed), so without this each step of a search starts from the last one's peak."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def in_doubt(
     timings: Mapping[str, Timing],
     threshold: float | None,
     ignore: Sequence[str] = (),
     bar_only: Sequence[str] = (),
 ) -> list[tuple[str, str]]:
-    """Pairs whose order is not settled: intervals that overlap each other (or the threshold).
-    Candidates in ``ignore`` (over the drop budget) do not count; those in ``bar_only`` (over
-    the budget, but a fallback may rescue them) count against the threshold only."""
+    """Pairs whose order is not settled: intervals that overlap each other (or the threshold),
+    unless both are :func:`settled`. Candidates in ``ignore`` (over the drop budget) do not
+    count; those in ``bar_only`` (over the budget, but a fallback may rescue them) count against
+    the threshold only."""
     names = [n for n in timings if n != "float" and n not in ignore]
     pairs = []
     for i, a in enumerate(names):
         ta = timings[a]
-        if threshold is not None and ta.low <= threshold <= ta.high:
+        if threshold is not None and ta.low <= threshold <= ta.high and not settled(ta):
             pairs.append((a, "threshold"))
         for b in names[i + 1 :]:
             if a in bar_only or b in bar_only:
                 continue
             tb = timings[b]
-            if ta.low <= tb.high and tb.low <= ta.high:
+            if overlap(ta, tb) and not (settled(ta) and settled(tb)):
                 pairs.append((a, b))
     return pairs
 
@@ -253,7 +333,7 @@ def deciding(
     target = min([*([threshold] if threshold is not None else []), *bars], default=None)
     for name in bar_only:
         t = timings.get(name)
-        if t is not None and target is not None and t.low <= target <= t.high:
+        if t is not None and target is not None and t.low <= target <= t.high and not settled(t):
             pairs.append((name, "target"))
     return pairs
 
@@ -312,6 +392,35 @@ def time_candidates(
         ),
     )
     return timings
+
+
+def time_until_narrow(
+    timer: Timer,
+    *,
+    width: float,
+    max_seconds: float,
+    min_rounds: int = MIN_ROUNDS,
+    max_rounds: int = 1000,
+) -> dict[str, Timing]:
+    """Rounds of every model in ``timer`` until each ratio's interval is at most ``width`` wide
+    (after at least ``min_rounds``), or ``max_rounds``, or ``max_seconds`` of timing (checked
+    after :data:`MIN_ROUNDS` rounds): figures for a benchmark table, where no choice bounds the
+    work. Returns every model's timing (``rounds`` says how many were taken)."""
+    started = time.perf_counter()
+    while True:
+        done = len(timer.rounds)
+        timings = timer.timings() if done else {}
+        wide = [n for n, t in timings.items() if n != "float" and t.high - t.low > width]
+        if done >= min_rounds and not wide:
+            break
+        if done >= max_rounds:
+            break
+        if done >= MIN_ROUNDS and time.perf_counter() - started > max_seconds:
+            logger.info("timing: %.0f s budget spent with %s still wider than %g", max_seconds,
+                        ", ".join(wide), width)  # fmt: skip
+            break
+        timer.run(1)
+    return timer.timings()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,9 +495,12 @@ def bisect_fallback(
     max_count: int | None = None,
 ) -> FallbackResult:
     """The smallest k such that leaving the first k of ``fallback.order`` alone meets the
-    budget: k = 1, 2, 4, ... until it does, then bisect the bracket (k < n: all left alone is
-    the baseline, not a candidate). ``first`` is the build with nothing left alone. Stops after ``max_builds`` builds with the best found (the one
-    with the lowest drop when none passes); ``max_count`` bounds k."""
+    budget: the largest k allowed first when the drop is more than FAR_OVER_BUDGET times the
+    budget, else second after k = 1 (when it misses, no smaller k is tried), then k = 2, 4, ...
+    until it passes, and bisect the bracket (k < n: all left alone is the
+    baseline, not a candidate). ``first`` is the build with nothing left alone. Stops after
+    ``max_builds`` builds with the best found (the one with the lowest drop when none passes);
+    ``max_count`` bounds k."""
     # Leaving everything alone is the baseline itself, not a candidate: at most n - 1.
     names = [name for name, _ in fallback.order][: max(0, len(fallback.order) - 1)]
     if max_count is not None:
@@ -398,7 +510,7 @@ def bisect_fallback(
     best = FallbackResult(built, verdict, comparison, [], history)
     if verdict.passed or not names:
         return best
-    tried: dict[int, tuple[Built, Verdict, Comparison]] = {0: first}
+    tried: dict[int, bool] = {0: False}  # k -> passed (only the best build is kept in memory)
     builds = 0
 
     def attempt(k: int) -> bool:
@@ -409,26 +521,39 @@ def bisect_fallback(
         result = fallback.build(chosen)
         v, c = judge(result.model)
         logger.info("fallback: %d left alone: %s %.4f (budget %s)", k, v.metric, v.drop, v.budget)
-        tried[k] = (result, v, c)
+        tried[k] = v.passed
         history.append({"float_layers": chosen, "drop": v.drop})
         if v.passed and (not best.verdict.passed or k < len(best.left_alone)):
             best = FallbackResult(result, v, c, chosen, history)
         elif not best.verdict.passed and v.drop < best.verdict.drop:
             best = FallbackResult(result, v, c, chosen, history)
+        del result
+        trim_memory()
         return v.passed
 
+    # The most that may be left alone is tried early: when even it misses the budget, no fewer
+    # will (on the PP-OCRv4 recogniser 1 to 32 layers all missed it: 6 builds and checks for
+    # nothing). First when the drop is far over the budget (one layer seldom brings it under),
+    # else second, after one layer.
+    most = len(names)
+    far = verdict.budget is not None and verdict.drop > FAR_OVER_BUDGET * verdict.budget
+    if far and most > 1 and not attempt(most):
+        return best
     low, high = 0, None  # low fails; high passes
     k = 1
     while high is None:
         if max_builds is not None and builds >= max_builds:
             return best
-        if attempt(k):
+        passed = tried[k] if k in tried else attempt(k)
+        if passed:
             high = k
-        else:
-            low = k
-            if k >= len(names):
-                return best
-            k = min(2 * k, len(names))
+            break
+        low = k
+        if k >= len(names):
+            return best
+        if k == 1 and most > 2 and most not in tried and not attempt(most):
+            return best
+        k = min(2 * k, len(names))
     while high - low > 1:
         if max_builds is not None and builds >= max_builds:
             break
@@ -477,18 +602,20 @@ def remeasure_if_close(
     its margin. With ``timer`` (the one ``timings`` came from) the new rounds pool with the
     earlier ones; without, the two are measured afresh (at least ``MIN_ROUNDS`` rounds)."""
 
-    def close(ranked: list[str]) -> list[str]:
-        """The names whose order is in doubt (not "float")."""
+    def close(ranked: list[str], narrow_too: bool = False) -> list[str]:
+        """The names whose order is in doubt (not "float"); with ``narrow_too``, also where
+        both intervals are :func:`settled` (within noise, but not worth more rounds)."""
         best = ranked[0]
         if best == "float":
             return []
         a = timings[best]
         names = []
         if threshold is not None and a.low <= threshold <= a.high:
-            names.append(best)
+            if narrow_too or not settled(a):
+                names.append(best)
         if len(ranked) > 1 and ranked[1] != "float":
             b = timings[ranked[1]]
-            if a.low <= b.high and b.low <= a.high:
+            if overlap(a, b) and (narrow_too or not (settled(a) and settled(b))):
                 names += [best, ranked[1]]
         return list(dict.fromkeys(names))
 
@@ -533,7 +660,7 @@ def remeasure_if_close(
         margin = timings[runner].ratio - timings[best].ratio
     elif threshold is not None and best != "float":
         margin = threshold - timings[best].ratio  # how far under the "faster" bar
-    return Decision(best, runner, margin, bool(close(ranked)), remeasured)
+    return Decision(best, runner, margin, bool(close(ranked, narrow_too=True)), remeasured)
 
 
 def check_same_inputs(reference: ir.Model, candidate: ir.Model, name: str) -> None:

@@ -12,11 +12,12 @@ import onnx
 import pytest
 
 from onnxcomp import model as model_io
-from onnxcomp import runtime
+from onnxcomp import runtime, search
 from onnxcomp.data import NpzData
+from onnxcomp.evaluate import Verdict
 from onnxcomp.passes import run_pipeline
 from onnxcomp.quantize.api import QuantizeOptions, quantize
-from onnxcomp.quantize.auto import FASTER, BudgetError
+from onnxcomp.quantize.auto import FASTER, BudgetError, rank_candidates
 from onnxcomp.validate import compare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,3 +262,73 @@ def test_the_clean_up_alone_pays_on_the_ocr_classifier(tmp_path, cli):
     assert report["auto"]["chosen"] in ("optimized", "dynamic")
     assert rows[report["auto"]["chosen"]]["ratio_to_float"] < 0.97
     assert "HardSwish" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tie rule, on synthetic timings: no clock involved.
+
+
+def _timing(low: float, high: float) -> search.Timing:
+    return search.Timing(10.0, (low + high) / 2, low, high, 4)
+
+
+def _verdicts(**drops: float) -> dict[str, Verdict]:
+    return {name: Verdict.judge("1 - cosine", drop, 0.005) for name, drop in drops.items()}
+
+
+def test_rank_two_candidates_within_noise_the_more_accurate_wins():
+    verdicts = _verdicts(static=0.0014, dynamic=0.0001, optimized=0.0, weak=0.02)
+    timings = {
+        "static": _timing(0.75, 0.85),  # 0.80x, the fastest, but its interval holds dynamic's
+        "dynamic": _timing(0.78, 0.86),  # 0.82x, 10x more accurate
+        "optimized": _timing(0.95, 1.05),  # 1.00x: not under the bar, not eligible
+        "weak": _timing(0.40, 0.45),  # the fastest of all, over its drop budget
+    }
+    assert rank_candidates(timings, verdicts) == ["dynamic", "static", "float"]
+    # apart: the faster one wins, whatever its accuracy
+    timings["dynamic"] = _timing(0.87, 0.93)
+    assert rank_candidates(timings, verdicts) == ["static", "dynamic", "float"]
+    # within noise, and the faster one is also the more accurate: it stays first
+    timings["dynamic"] = _timing(0.78, 0.86)
+    verdicts = _verdicts(static=0.0001, dynamic=0.0014, optimized=0.0, weak=0.02)
+    assert rank_candidates(timings, verdicts) == ["static", "dynamic", "float"]
+    # nothing eligible: float
+    assert rank_candidates({"weak": _timing(0.4, 0.45)}, _verdicts(weak=0.02)) == ["float"]
+
+
+class _ScriptedTimer:
+    """A stand-in for search.Timer whose intervals follow a script, one entry per round."""
+
+    def __init__(self, script: list[dict]):
+        self.script = script
+        self.rounds_run = 0
+        self.names = ["float", *script[0]]
+
+    def run(self, rounds: int, names=None) -> None:
+        self.rounds_run += rounds
+
+    def timings(self) -> dict:
+        step = self.script[min(self.rounds_run, len(self.script) - 1)]
+        return {"float": _timing(1.0, 1.0), **{n: _timing(*iv) for n, iv in step.items()}}
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_tie_after_retiming_goes_to_the_more_accurate(separate):
+    """Within noise at first, the two best are timed again; if they stay within noise the more
+    accurate one is chosen and the decision says so, if the re-timing separates them the faster
+    one is."""
+    verdicts = _verdicts(static=0.0014, dynamic=0.0001)
+    tied = {"static": (0.75, 0.85), "dynamic": (0.78, 0.86)}
+    apart = {"static": (0.70, 0.74), "dynamic": (0.80, 0.84)}
+    timer = _ScriptedTimer([tied, tied, apart] if separate else [tied])
+    timings = timer.timings()
+    decision = search.remeasure_if_close(
+        None, {}, timings, lambda t: rank_candidates(t, verdicts), threshold=FASTER, timer=timer
+    )
+    assert decision.remeasured
+    if separate:
+        assert decision.chosen == "static" and not decision.within_noise
+        assert timer.rounds_run == 2  # timed only until the order settled
+    else:
+        assert decision.chosen == "dynamic" and decision.runner_up == "static"
+        assert decision.within_noise and timer.rounds_run == search.MARGIN_ROUNDS

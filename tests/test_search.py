@@ -93,8 +93,9 @@ def test_auto_puts_layers_back_only_when_static_is_surely_fastest(monkeypatch):
             assert "not surely under" in row["note"]
 
 
-def _fake(n_layers: int, needed: int):
-    """A candidate whose drop meets the budget once ``needed`` layers are left alone."""
+def _fake(n_layers: int, needed: int, drop: float = 0.1):
+    """A candidate whose drop (``drop`` until then) meets the 0.01 budget once ``needed`` layers
+    are left alone."""
     builds = []
 
     def build(names):
@@ -102,8 +103,7 @@ def _fake(n_layers: int, needed: int):
         return Built(model=len(names), report={})
 
     def judge(model):
-        drop = 0.0 if model >= needed else 0.1
-        return Verdict.judge("1 - cosine", drop, 0.01), None
+        return Verdict.judge("1 - cosine", 0.0 if model >= needed else drop, 0.01), None
 
     order = [(f"layer{i}", float(i)) for i in range(n_layers)]
     first = (Built(0, {}), judge(0)[0], None)
@@ -191,3 +191,40 @@ def test_recipe_out_replays_the_decision_without_timing(cli, models_dir, tmp_pat
         assert run["steps"][0]["report"]["mode"] == chosen
         ops = lambda p: sorted(n.op_type for n in __import__("onnx").load(p).graph.node)  # noqa: E731
         assert ops(replay) == ops(out)
+
+
+@pytest.mark.parametrize("drop, probes", [(0.015, [1, 32]), (0.1, [32])])
+def test_fallback_stops_when_even_the_most_allowed_misses(drop, probes):
+    """The most that may be left alone is tried after 1 layer (first, when the drop is far over
+    the budget): when it still misses the budget, no count in between is built (each is a build
+    and a check)."""
+    fallback, judge, first, builds = _fake(60, needed=100, drop=drop)
+    result = search.bisect_fallback(fallback, judge, first, max_count=32)
+    assert not result.verdict.passed and builds == probes
+
+
+@pytest.mark.parametrize("drop", [0.015, 0.1])
+def test_fallback_near_or_far_over_budget_finds_the_same_count(drop):
+    fallback, judge, first, builds = _fake(60, needed=5, drop=drop)
+    result = search.bisect_fallback(fallback, judge, first, max_count=32)
+    assert len(result.left_alone) == 5 and builds[0] == (32 if drop > 0.02 else 1)
+
+
+def test_narrow_intervals_are_settled_even_where_they_overlap():
+    """Within 2 % of each other (or of the bar) after the intervals have narrowed, more rounds
+    would not change the choice by more: timing stops, and the decision says it was close."""
+    timings = {
+        "float": Timing(1.0, 1.0, 1.0, 1.0, 8),
+        "static": Timing(0.7, 0.70, 0.685, 0.715, 8),
+        "dynamic": Timing(0.7, 0.71, 0.695, 0.725, 8),  # overlaps static; both narrow
+        "optimized": Timing(1.0, 0.97, 0.955, 0.985, 8),  # holds the 0.97 bar; narrow
+    }
+    assert search.in_doubt(timings, 0.97) == []
+    timings["dynamic"] = Timing(0.7, 0.71, 0.64, 0.80, 8)  # wide: still in doubt with static
+    assert search.in_doubt(timings, 0.97) == [("static", "dynamic")]
+    timings["dynamic"] = Timing(0.7, 0.71, 0.695, 0.725, 8)
+    decision = search.remeasure_if_close(
+        None, {}, dict(timings), lambda t: ["static", "dynamic", "float"], threshold=0.97,
+        timer=object(),  # not timed again: nothing in doubt
+    )  # fmt: skip
+    assert decision.chosen == "static" and decision.within_noise and not decision.remeasured

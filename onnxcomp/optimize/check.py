@@ -178,11 +178,12 @@ class Judge:
         tolerance: float,
         samples: int = 4,
         shapes: dict[str, list[int]] | None = None,
+        limit: int = 64,
     ):
         self.reference = reference
         self.tolerance = tolerance
         self.source = check_data(reference, data, samples, shapes or {})
-        self.limit = None if data is None else 64
+        self.limit = None if data is None else limit
         self._truth: ir.Model | str | None = None
         self._reference_error: float | None = None
         # the outputs of the input model and of its float64 evaluation, each run once: the

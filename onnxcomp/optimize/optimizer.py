@@ -41,6 +41,7 @@ class OptimizeOptions:
     tolerance: float = 1e-4  # max relative output error of the self-check
     self_check: bool = True
     samples: int = 4  # random samples for the self-check when no data is given
+    check_samples: int = 64  # at most this many samples of the given data in the self-check
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     upgrade_opset: bool = True
     fold_limit_bytes: int = 1 << 20
@@ -53,8 +54,10 @@ class OptimizeOptions:
                 raise OnnxcompError(f"{where}: unknown rule {name!r} (rules: {', '.join(known)})")
         if not self.tolerance > 0:
             raise OnnxcompError(f"{where}: tolerance must be positive, got {self.tolerance}")
-        if self.samples < 1 or self.max_rounds < 1 or self.fold_limit_bytes < 0:
-            raise OnnxcompError(f"{where}: samples and max_rounds must be at least 1")
+        if min(self.samples, self.check_samples, self.max_rounds) < 1 or self.fold_limit_bytes < 0:
+            raise OnnxcompError(
+                f"{where}: samples, check_samples and max_rounds must be at least 1"
+            )
 
     def selected_rules(self) -> list[Rule]:
         chosen = []
@@ -296,6 +299,7 @@ class OptimizePass(ir.passes.FunctionalPass):
                 tolerance=options.tolerance,
                 samples=options.samples,
                 shapes=options.shapes,
+                limit=options.check_samples,
             )
             verdict = judge(work)
             while not verdict.passed:
