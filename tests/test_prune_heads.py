@@ -142,7 +142,6 @@ COSINE_256 = 0.93
 def test_everyday_calibration_sentences_are_real_and_not_the_evaluation_ones():
     pytest.importorskip("tokenizers", reason="minilm_l3's sentences are tokenized with tokenizers")
     from models import realdata
-    from models.build_minilm import SENTENCES
 
     parts = realdata.everyday_sentences()
     assert {k: len(v) > 100 for k, v in parts.items()} == {"news": True, "dialogue": True, "reviews": True}
