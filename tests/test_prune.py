@@ -66,6 +66,18 @@ def test_reconstruction_keeps_accuracy_at_70_percent(models_dir):
         assert row["error"] < row["error_masked"]
 
 
+def test_admm_masks_leave_less_layer_error_than_sparsegpts(models_dir):
+    """At 90 %, ADMM's masks (`numerics.admm_mask`) leave about a quarter of SparseGPT's output error."""
+    sgpt_model, sgpt = _prune(models_dir, sparsity=0.9, method="sparsegpt")
+    admm_model, admm = _prune(models_dir, sparsity=0.9, method="admm")
+    assert admm["method"] == "admm"
+    assert all(abs(r["sparsity"] - 0.9) < 0.01 for r in _pruned_rows(admm))
+    error = [sum(r["error"] for r in _pruned_rows(report)) for report in (sgpt, admm)]
+    assert error[1] < 0.6 * error[0]
+    dense = _accuracy(model_io.load(models_dir / "digits_cnn.onnx"), models_dir / TEST)
+    assert dense - _accuracy(admm_model, models_dir / TEST) <= 0.01
+
+
 def test_reconstruction_beats_plain_magnitude(models_dir):
     plain, _ = _prune(models_dir, sparsity=0.9, method="magnitude", reconstruct=False)
     solved, _ = _prune(models_dir, sparsity=0.9, method="magnitude", reconstruct=True)

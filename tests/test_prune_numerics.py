@@ -97,6 +97,27 @@ def test_masked_least_squares_after_sparsegpt_is_no_worse():
     assert pn.lstsq_cost(keep) > 0
 
 
+def test_admm_mask_leaves_less_error_than_sparsegpts_after_the_exact_solve():
+    for seed in range(3):
+        w, _, h = _layer(seed, out_f=24, in_f=48)
+        _, sgpt = pn.sparsegpt(w, h, sparsity=0.5, blocksize=16)
+        admm = pn.admm_mask(w, h, sparsity=0.5)
+        assert np.count_nonzero(~admm) == np.count_nonzero(~sgpt) == w.size // 2
+        errors = [layerwise.reconstruction_error(w, layerwise.masked_least_squares(w, h, k), h) for k in (sgpt, admm)]
+        assert errors[1] < errors[0]
+
+
+def test_admm_mask_patterns_and_dead_inputs():
+    w, _, h = _layer(4)
+    h[:, 5] = h[5, :] = 0.0  # an input that is always 0: its weights go first
+    nm = pn.admm_mask(w, h, pattern=(2, 4))
+    assert (nm.reshape(16, -1, 4).sum(axis=2) == 2).all()
+    rows = pn.admm_mask(w, h, sparsity=0.25, per_row=True)
+    assert (rows.sum(axis=1) == 24).all() and not rows[:, 5].any()
+    with pytest.raises(OnnxcompError, match="exactly one"):
+        pn.admm_mask(w, h)
+
+
 def test_bad_sparsity_is_named():
     with pytest.raises(OnnxcompError, match="--sparsity"):
         pn.layer_mask(np.ones(4), 1.5)

@@ -38,7 +38,7 @@ class PruneOptions:
     """Options of ``onnxcomp prune`` and of the recipe step ``prune`` (keys = flag names)."""
 
     sparsity: float = 0.5  # unstructured: fraction of zeros; structured: fraction of channels cut
-    method: Literal["auto", "magnitude", "threshold", "random", "wanda", "sparsegpt"] = "auto"
+    method: Literal["auto", "magnitude", "threshold", "random", "wanda", "sparsegpt", "admm"] = "auto"
     scope: Literal["layer", "global", "channel"] = "layer"
     pattern: str = "unstructured"  # or N:M such as 2:4
     threshold: float | None = None  # --method threshold: prune |w| <= this
@@ -189,8 +189,8 @@ def resolve_method(options: PruneOptions, has_data: bool) -> tuple[str, bool]:
     method = options.method
     if method == "auto":
         method = "sparsegpt" if reconstruct else "magnitude"
-    if method == "sparsegpt" and not reconstruct:
-        raise OnnxcompError("--method sparsegpt solves the kept weights: it needs --data and --reconstruct")
+    if method in ("sparsegpt", "admm") and not reconstruct:
+        raise OnnxcompError(f"--method {method} solves the kept weights: it needs --data and --reconstruct")
     if reconstruct and not has_data:
         raise OnnxcompError("--reconstruct needs --data (samples the layers are solved on)")
     if method == "wanda" and not has_data:

@@ -235,6 +235,63 @@ def sparsegpt(
     return w.astype(np.float32), keep
 
 
+def admm_mask(
+    W: np.ndarray,  # noqa: N803
+    H: np.ndarray,  # noqa: N803
+    *,
+    sparsity: float | None = None,
+    pattern: tuple[int, int] | None = None,
+    per_row: bool = False,
+    iters: int = 60,
+    rho: float = 0.003,
+    grow: float = 1.15,
+    damp: float = 0.01,
+) -> np.ndarray:
+    """The mask (True = kept) of ``W: (out, in)`` found by ADMM on the layer's output error
+    (gradual magnitude pruning inside ADMM: Boža 2024, "Fast and Effective Weight Update for Pruned
+    Large Language Models").
+
+    Minimises ``(W' - W) H (W' - W)^T`` over sparse ``W'`` by splitting ``W' = Z``: a closed-form
+    ridge step on ``W'`` (H's eigenvectors, computed once), ``Z`` the sparse projection of
+    ``W' + U`` (its largest entries; N:M per run of ``pattern``; ``per_row``: the same count in
+    every row) and the dual ``U``. A sparsity rises over the first 60 % of the steps (cubic,
+    as in gradual pruning) while ``rho`` grows by ``grow`` each step, so the mask settles as
+    the weights adapt to it. Inputs are scaled to unit variance first, so the projection ranks
+    weights by ``|w| * ||x||`` as Wanda does, and ``rho`` is relative to a unit diagonal.
+
+    On paraphrase-MiniLM-L3's MatMuls at 50 % (1,500 sentences), the exact least-squares solve on
+    this mask leaves 20-35 % less output error than on SparseGPT's.
+    """
+    if (sparsity is None) == (pattern is None):
+        raise OnnxcompError("the ADMM mask needs exactly one of a sparsity or a pattern")
+    w = np.asarray(W, dtype=np.float64)
+    h = np.array(H, dtype=np.float64)
+    dead = np.diag(h) <= 0  # inputs that are always 0: their weights go first
+    scale = np.sqrt(np.where(dead, 1.0, np.diag(h)))
+    h = h / scale[:, None] / scale[None, :]
+    h[np.diag_indices_from(h)] += damp
+    eig, vec = np.linalg.eigh(h)
+    w0 = w * scale
+    w0[:, dead] = 0.0
+    target = w0 @ h
+    z, u = w0.copy(), np.zeros_like(w0)
+    ramp = max(1, int(0.6 * iters))
+    for step in range(iters):
+        # (W' - W0) H + rho (W' - Z + U) = 0, with H = V diag(eig) V^T
+        x = ((target + rho * (z - u)) @ vec / (eig + rho)) @ vec.T
+        v = x + u
+        score = np.abs(v)
+        if pattern is not None:
+            keep = n_m_mask(score, *pattern)
+        else:
+            s = sparsity * (1.0 - (1.0 - min(1.0, (step + 1) / ramp)) ** 3)
+            keep = row_mask(score, s) if per_row else layer_mask(score, s)
+        z = np.where(keep, v, 0.0)
+        u += x - z
+        rho *= grow
+    return keep
+
+
 def lstsq_cost(mask: np.ndarray) -> float:
     """About the flops of `layerwise.masked_least_squares` for ``mask``: k^3 / 3 per distinct
     row pattern (k kept inputs)."""
