@@ -1102,10 +1102,12 @@ def _quantize_text(report: dict[str, Any]) -> str:
     check = report.get("check")
     if check:
         comp = check.get("comparison", {})
-        out = (comp.get("outputs") or [{}])[0]
+        from onnxcomp.evaluate import weakest_output
+
+        out = weakest_output(comp.get("outputs") or [])
         text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
         if out.get("cosine_mean") is not None:
-            text += f", cosine {out['cosine_mean']:.5f} mean / {out['cosine_min']:.5f} min"
+            text += f", cosine {out['cosine_mean']:.5f} mean / {out['cosine_min']:.5f} min ({out['output']})"
         if out.get("top1_agreement") is not None:
             text += f", top-1 agreement {out['top1_agreement']:.4f}"
         if comp.get("accuracy_reference") is not None:
@@ -1524,9 +1526,11 @@ def _prune_text(report: dict[str, Any]) -> str:
         text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
         if check.get("accuracy_reference") is not None:
             text += f", accuracy {check['accuracy_reference']:.4f} -> {check['accuracy_candidate']:.4f}"
-        out = (check.get("outputs") or [{}])[0]
+        from onnxcomp.evaluate import weakest_output
+
+        out = weakest_output(check.get("outputs") or [])
         if out.get("cosine_mean") is not None:
-            text += f", cosine {out['cosine_mean']:.5f} mean"
+            text += f", cosine {out['cosine_mean']:.5f} mean ({out['output']})"
         lines.append(text)
     if _wrote_line(report):
         lines.append(_wrote_line(report))

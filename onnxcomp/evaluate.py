@@ -201,6 +201,13 @@ class OutputStats:
         return result
 
 
+def weakest_output(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of `OutputStats.to_json` rows, the one with the lowest mean cosine (the one a one-line
+    summary should show: a model's first output may be an integer pass-through); {} if none."""
+    rows = [o for o in outputs if o.get("cosine_mean") is not None]
+    return min(rows, key=lambda o: o["cosine_mean"]) if rows else {}
+
+
 # ---------------------------------------------------------------------------------------------
 # User metrics
 

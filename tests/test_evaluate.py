@@ -20,6 +20,7 @@ from onnxcomp.evaluate import (
     evaluate,
     load_metric,
     reference_outputs,
+    weakest_output,
 )
 
 # A CTC-like recogniser head: scores over 5 classes at every one of 6 time steps, softmax.
@@ -277,3 +278,15 @@ def test_one_probability_per_sample_is_judged_by_its_decision(tmp_path):
     assert out["cosine_mean"] == pytest.approx(1.0)
     assert comparison.metric() == "top1"
     assert 0.02 < comparison.drop() < 0.5  # the frames whose sum lies in (-0.5, 0) flip
+
+
+def test_weakest_output_is_the_one_a_summary_line_shows():
+    """paraphrase-MiniLM's first output is its int64 input_ids passed through (cosine 1.0)."""
+    rows = [
+        {"output": "output", "cosine_mean": 1.0},
+        {"output": "onnx::Shape_422", "cosine_mean": 0.991},
+        {"output": "461", "cosine_mean": 0.979},
+        {"output": "flags", "identical": True},
+    ]
+    assert weakest_output(rows)["output"] == "461"
+    assert weakest_output([{"output": "flags", "identical": True}]) == {}
