@@ -1,4 +1,4 @@
-"""Pruning side by side: onnxcomp's unstructured (magnitude, Wanda, SparseGPT reconstruction),
+"""Pruning side by side: onnxcomp's unstructured (magnitude, Wanda, SparseGPT and ADMM reconstruction),
 structured and structured+int8 rows beside onnxsim's four pruning functions, per model.
 
     python benchmarks/bench_prune.py [--models digits,resnet,mobilenetv2,orientation,minilm_l3,yolov8n]
@@ -186,9 +186,12 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False, on
     if name == "digits":
         ours("onnxcomp magnitude 50%", sparsity=0.5, method="magnitude", reconstruct=False)
         ours("onnxcomp Wanda 50%", sparsity=0.5, method="wanda", reconstruct=False)
-        ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
-        ours("onnxcomp SparseGPT+LS 70%", sparsity=0.7)
-        ours("onnxcomp SparseGPT+LS 90%", sparsity=0.9)
+        ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5, method="sparsegpt")
+        ours("onnxcomp SparseGPT+LS 70%", sparsity=0.7, method="sparsegpt")
+        ours("onnxcomp SparseGPT+LS 90%", sparsity=0.9, method="sparsegpt")
+        ours("onnxcomp ADMM+LS 50% (default)", sparsity=0.5)
+        ours("onnxcomp ADMM+LS 70% (default)", sparsity=0.7)
+        ours("onnxcomp ADMM+LS 90% (default)", sparsity=0.9)
         ours("onnxcomp 2:4 + reconstruction", sparsity=0.5, pattern="2:4")
         structured = ours("onnxcomp structured 20% ch", structured=True, sparsity=0.2)
         ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
@@ -196,9 +199,11 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False, on
         structured = None
         ours("onnxcomp magnitude 50%", sparsity=0.5, method="magnitude", reconstruct=False)
         ours("onnxcomp Wanda 50%", sparsity=0.5, method="wanda", reconstruct=False, samples=48)
-        ours("onnxcomp SparseGPT+LS 50%, 48 sentences", sparsity=0.5, samples=48)
-        ours(f"onnxcomp SparseGPT+LS 50%, {calib_samples} sentences", sparsity=0.5, samples=calib_samples)
-        ours(f"onnxcomp SparseGPT+LS 50%, --allocate error, {calib_samples} sentences", sparsity=0.5,
+        ours("onnxcomp ADMM+LS 50%, 48 sentences", sparsity=0.5, samples=48)
+        ours(f"onnxcomp SparseGPT+LS 50%, {calib_samples} sentences", sparsity=0.5, samples=calib_samples,
+             method="sparsegpt")
+        ours(f"onnxcomp ADMM+LS 50% (default), {calib_samples} sentences", sparsity=0.5, samples=calib_samples)
+        ours(f"onnxcomp ADMM+LS 50%, --allocate error, {calib_samples} sentences", sparsity=0.5,
              samples=calib_samples, allocate="error")
         ours("onnxcomp structured 10% heads+FFN", structured=True, sparsity=0.1, importance="activation")
         ours("onnxcomp structured 25% heads+FFN", structured=True, sparsity=0.25, importance="activation")
@@ -219,7 +224,7 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False, on
         )  # fmt: skip
     else:
         if not structured_only:
-            ours("onnxcomp SparseGPT+LS 50%", sparsity=0.5)
+            ours("onnxcomp ADMM+LS 50%", sparsity=0.5)
         ours("onnxcomp structured 25% ch", structured=True, sparsity=0.25)
         structured = ours("onnxcomp structured 40% ch", structured=True, sparsity=0.4)
     if structured is not None:

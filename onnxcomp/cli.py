@@ -1429,7 +1429,7 @@ def distill_command(teacher_path, student_path, data, val_path, at, temperature,
     show_default=True,
     metavar="auto|magnitude|threshold|random|wanda|sparsegpt|admm",
     help="Weight scores; sparsegpt: OBS mask and update; admm: mask searched by ADMM on each layer's "
-    "outputs, kept weights solved exactly (slower, less error); auto: sparsegpt with --data, else magnitude.",
+    "outputs, kept weights solved exactly (slower, less error); auto: admm with --data, else magnitude.",
 )
 @click.option("--scope", default="layer", show_default=True, metavar="layer|global|channel", help="Where the sparsity is counted: each tensor, the whole model, each output channel.")
 @click.option("--pattern", default="unstructured", show_default=True, metavar="unstructured|N:M", help="N:M keeps N of every M consecutive inputs (2:4).")

@@ -55,10 +55,10 @@ def test_threshold_method(models_dir):
 
 
 def test_reconstruction_keeps_accuracy_at_70_percent(models_dir):
-    """SparseGPT with exact least squares on the chosen masks: the issue's bar is <= 1 point."""
+    """ADMM masks, exact least squares on them (the default with data): the issue's bar is <= 1 point."""
     dense = _accuracy(model_io.load(models_dir / "digits_cnn.onnx"), models_dir / TEST)
     model, report = _prune(models_dir, sparsity=0.7)
-    assert report["method"] == "sparsegpt" and report["reconstruct"] is True
+    assert report["method"] == "admm" and report["reconstruct"] is True
     assert dense - _accuracy(model, models_dir / TEST) <= 0.01
     assert report["check"]["drop"] <= 0.01
     # reconstruction lowered every layer's output error below the plain mask's

@@ -184,11 +184,11 @@ def measure(reference: ir.Model, candidate: ir.Model, data: DataSource, options:
 
 
 def resolve_method(options: PruneOptions, has_data: bool) -> tuple[str, bool]:
-    """(method, reconstruct) after defaults: with data, SparseGPT reconstruction; else magnitude."""
+    """(method, reconstruct) after defaults: with data, ADMM masks and exact reconstruction; else magnitude."""
     reconstruct = options.reconstruct if options.reconstruct is not None else has_data
     method = options.method
     if method == "auto":
-        method = "sparsegpt" if reconstruct else "magnitude"
+        method = "admm" if reconstruct else "magnitude"
     if method in ("sparsegpt", "admm") and not reconstruct:
         raise OnnxcompError(f"--method {method} solves the kept weights: it needs --data and --reconstruct")
     if reconstruct and not has_data:

@@ -292,6 +292,13 @@ def admm_mask(
     return keep
 
 
+def admm_cost(shape: tuple[int, int], iters: int = 60) -> float:
+    """About the flops of `admm_mask` on an (out, in) weight: H's eigenvectors, then two
+    (out, in) x (in, in) products per step."""
+    out_f, in_f = shape
+    return float(10 * in_f**3 + iters * 4 * out_f * in_f**2)
+
+
 def lstsq_cost(mask: np.ndarray) -> float:
     """About the flops of `layerwise.masked_least_squares` for ``mask``: k^3 / 3 per distinct
     row pattern (k kept inputs)."""

@@ -3,8 +3,9 @@
 Plan, then rewrite: `plan_weights` picks the prunable weights (and says why each other one is
 left alone); `prune_weights` scores them (magnitude, threshold, random, Wanda), builds masks
 (per layer, global or per output channel; unstructured or N:M) and, when data is given, solves
-the kept weights layer by layer in graph order with SparseGPT so each layer reproduces its
-outputs on the inputs the pruned model so far gives it.
+the kept weights layer by layer in graph order so each layer reproduces its outputs on the inputs
+the pruned model so far gives it: the mask searched by ADMM (or SparseGPT's OBS saliency), the
+kept weights by exact least squares where affordable, else SparseGPT's update.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ SEARCHED_MASKS = ("sparsegpt", "admm")
 # (`layerwise.masked_least_squares`); above, SparseGPT's sequential update on the mask stands. A 384 x 1536
 # MatMul at 50 % costs ~6e10 (6 s on one core), at 35 % 1.3e11; a 768 x 3072 one at 50 % ~9e11 (76 s).
 EXACT_SOLVE_FLOPS = 2e11
+
+# Above this many flops per weight group (`numerics.admm_cost`) --method admm takes SparseGPT's mask
+# instead: a 384 x 1536 MatMul costs 2.5e11 (~10 s on one core), a 768 x 3072 one 1.8e12.
+ADMM_FLOPS = 3e11
 
 # --allocate error: the sparsities around --sparsity each weight's layer-wise error is measured at.
 # On paraphrase-MiniLM-L3 at 50 % (held-out cosine, uniform 0.975): 40-60 % 0.978, 35-65 % 0.978, 30-70 %
@@ -142,7 +147,7 @@ def prune_weights(
             targets.remove(t)
             report.append({"node": t.name, "op": t.node.op_type, "skipped": f"{t.matrix().shape[-1]} "
                            f"inputs per row are not a multiple of {m} ({cfg.pattern[0]}:{m})"})
-    needs_data = cfg.reconstruct or cfg.method in ("wanda", "sparsegpt")
+    needs_data = cfg.reconstruct or cfg.method in ("wanda", *SEARCHED_MASKS)
     if needs_data and data is None:
         raise OnnxcompError(f"--method {cfg.method}{' with --reconstruct' if cfg.reconstruct else ''} needs --data")
 
@@ -205,6 +210,9 @@ def _row(t: WeightTarget, infos: list[dict[str, float]]) -> dict[str, Any]:
         "shape": [int(d) for d in t.value.const_value.shape],
         "sparsity": round(t.sparsity, 4),
     }
+    fallback = next((i["mask"] for i in infos if "mask" in i), None)
+    if fallback:
+        row["mask"] = fallback
     total = {k: sum(i.get(k, 0.0) for i in infos) for k in ("error_masked", "error", "energy")}
     if total["energy"] > 0:
         # E||W x - W' x||^2 per sample, of the mask alone and after reconstruction
@@ -225,12 +233,16 @@ def _solve_group(W, H, mask, cfg: UnstructuredConfig, seed: int) -> layerwise.So
     w = np.asarray(W, np.float32)
     if mask is None and not (cfg.method in SEARCHED_MASKS and cfg.reconstruct):
         mask = _mask(cfg, _scores(cfg.method, w, H, seed), w)
+    info: dict[str, Any] = {}
     if cfg.reconstruct:
         if mask is None and cfg.method == "admm":
-            mask = pn.admm_mask(
-                w, H, sparsity=None if cfg.pattern else cfg.sparsity, pattern=cfg.pattern,
-                per_row=cfg.scope == "channel", damp=cfg.damp,
-            )  # fmt: skip
+            if pn.admm_cost(w.shape) <= ADMM_FLOPS:
+                mask = pn.admm_mask(
+                    w, H, sparsity=None if cfg.pattern else cfg.sparsity, pattern=cfg.pattern,
+                    per_row=cfg.scope == "channel", damp=cfg.damp,
+                )  # fmt: skip
+            else:
+                info["mask"] = f"sparsegpt: ADMM on {w.shape[0]}x{w.shape[1]} is over its cost limit"
         if mask is not None:
             new, keep = pn.sparsegpt(w, H, mask=mask, blocksize=cfg.blocksize, damp=cfg.damp)
         elif cfg.pattern is not None:
@@ -246,7 +258,6 @@ def _solve_group(W, H, mask, cfg: UnstructuredConfig, seed: int) -> layerwise.So
     else:
         keep = mask
         new = np.where(keep, w, 0.0).astype(np.float32)
-    info: dict[str, float] = {}
     if H is not None:
         info["error_masked"] = layerwise.reconstruction_error(w, np.where(keep, w, 0.0), H)
         info["error"] = layerwise.reconstruction_error(w, new, H)
