@@ -140,8 +140,9 @@ def test_paraphrase_minilm_half_of_its_matmul_weights_with_reconstruction():
     assert cosine > COSINE_256, cosine
 
 
-# paraphrase-MiniLM-L3 at 50 % on the first 256 sentences of minilm_l3_text (all 2,886: 0.975)
-COSINE_256 = 0.93
+# paraphrase-MiniLM-L3 at 50 % on the first 256 sentences of minilm_l3_text, ADMM masks (the default):
+# sentence-embedding cosine 0.971 (all 2,886 sentences: 0.981)
+COSINE_256 = 0.96
 
 
 @pytest.mark.thirdparty
