@@ -78,6 +78,16 @@ def test_admm_masks_leave_less_layer_error_than_sparsegpts(models_dir):
     assert dense - _accuracy(admm_model, models_dir / TEST) <= 0.01
 
 
+def test_admm_over_its_cost_limit_takes_sparsegpts_mask_and_says_so(models_dir, monkeypatch):
+    from onnxcomp.prune import unstructured
+
+    monkeypatch.setattr(unstructured, "ADMM_FLOPS", 0)
+    _, report = _prune(models_dir, sparsity=0.5)
+    rows = _pruned_rows(report)
+    assert report["method"] == "admm" and rows
+    assert all("sparsegpt: ADMM on" in r["mask"] and "cost limit" in r["mask"] for r in rows)
+
+
 def test_reconstruction_beats_plain_magnitude(models_dir):
     plain, _ = _prune(models_dir, sparsity=0.9, method="magnitude", reconstruct=False)
     solved, _ = _prune(models_dir, sparsity=0.9, method="magnitude", reconstruct=True)
