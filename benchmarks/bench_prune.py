@@ -236,8 +236,8 @@ def run_model(name: str, tmp: Path, runs: int, structured_only: bool = False, on
             candidates.append((label + " + int8", q))
         except Exception as err:
             candidates.append(("structured + int8", f"failed: {err}"))
-    # the same sentences as onnxcomp's (MiniLM: onnxsim's SparseGPT on all 679 took 79 minutes on
-    # a loaded machine, load 10-13 on 2 cores)
+    # the same sentences as onnxcomp's (MiniLM: onnxsim's SparseGPT on all 2,886 took 39 minutes on a
+    # 2-core machine at load 1-3)
     if onnxsim:
         candidates += _onnxsim_rows(ir.to_proto(dense), calib, structured_only, name, calib_samples)
 
@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--structured-only", action="store_true", help="Structured rows only (faster).")
-    parser.add_argument("--no-onnxsim", action="store_true", help="Leave out onnxsim's rows (MiniLM's take hours).")
+    parser.add_argument("--no-onnxsim", action="store_true", help="Leave out onnxsim's rows (MiniLM's SparseGPT takes ~40 minutes).")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
