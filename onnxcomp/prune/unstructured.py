@@ -243,18 +243,18 @@ def _solve_group(W, H, mask, cfg: UnstructuredConfig, seed: int) -> layerwise.So
                 )  # fmt: skip
             else:
                 info["mask"] = f"sparsegpt: ADMM on {w.shape[0]}x{w.shape[1]} is over its cost limit"
+        if mask is None and cfg.scope == "channel" and cfg.pattern is None:
+            mask = pn.row_mask(_obs_saliency(w, H, cfg.damp), cfg.sparsity)
         if mask is not None:
-            new, keep = pn.sparsegpt(w, H, mask=mask, blocksize=cfg.blocksize, damp=cfg.damp)
-        elif cfg.pattern is not None:
-            new, keep = pn.sparsegpt(w, H, pattern=cfg.pattern, blocksize=cfg.blocksize, damp=cfg.damp)
-        elif cfg.scope == "channel":
-            keep = pn.row_mask(_obs_saliency(w, H, cfg.damp), cfg.sparsity)
-            new, keep = pn.sparsegpt(w, H, mask=keep, blocksize=cfg.blocksize, damp=cfg.damp)
-        else:
-            new, keep = pn.sparsegpt(w, H, sparsity=cfg.sparsity, blocksize=cfg.blocksize, damp=cfg.damp)
-        if pn.lstsq_cost(keep) <= EXACT_SOLVE_FLOPS:
-            # The exact optimum for the chosen mask (SparseGPT's column updates approximate it).
-            new = layerwise.masked_least_squares(w, H, keep, damp=cfg.damp)
+            keep = np.asarray(mask, bool)
+            new = _solve_kept(w, H, keep, cfg)
+        else:  # SparseGPT chooses the mask while it updates the weights
+            if cfg.pattern is not None:
+                new, keep = pn.sparsegpt(w, H, pattern=cfg.pattern, blocksize=cfg.blocksize, damp=cfg.damp)
+            else:
+                new, keep = pn.sparsegpt(w, H, sparsity=cfg.sparsity, blocksize=cfg.blocksize, damp=cfg.damp)
+            if pn.lstsq_cost(keep) <= EXACT_SOLVE_FLOPS:
+                new = layerwise.masked_least_squares(w, H, keep, damp=cfg.damp)
     else:
         keep = mask
         new = np.where(keep, w, 0.0).astype(np.float32)
@@ -266,6 +266,14 @@ def _solve_group(W, H, mask, cfg: UnstructuredConfig, seed: int) -> layerwise.So
         info["weight_loss"] = float(np.sum((w.astype(np.float64) - new) ** 2))
         info["weight_norm"] = float(np.sum(w.astype(np.float64) ** 2))
     return layerwise.Solution(weight=new.astype(np.float32), mask=keep, info=info)
+
+
+def _solve_kept(w: np.ndarray, H: np.ndarray, keep: np.ndarray, cfg: UnstructuredConfig) -> np.ndarray:  # noqa: N803
+    """The kept weights for a mask already chosen: the exact optimum where affordable, else
+    SparseGPT's column-by-column approximation of it."""
+    if pn.lstsq_cost(keep) <= EXACT_SOLVE_FLOPS:
+        return layerwise.masked_least_squares(w, H, keep, damp=cfg.damp)
+    return pn.sparsegpt(w, H, mask=keep, blocksize=cfg.blocksize, damp=cfg.damp)[0]
 
 
 def _allocate(model, targets, cfg, data) -> dict[int, float]:
@@ -324,7 +332,7 @@ def _global_masks(model, targets, cfg, data) -> dict[int, np.ndarray]:
 
 def _scores(method: str, w: np.ndarray, h: np.ndarray | None, seed: int) -> np.ndarray:
     """Scores of one (out, in) weight group; Wanda needs its Hessian."""
-    if method in ("magnitude", "threshold", "sparsegpt", "admm"):
+    if method in ("magnitude", "threshold", *SEARCHED_MASKS):
         return pn.magnitude_scores(w)
     if method == "random":
         return pn.random_scores(w, seed)
