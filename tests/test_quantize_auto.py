@@ -37,11 +37,15 @@ def test_auto_measures_every_candidate_on_the_digits_cnn():
     rows = {row["mode"]: row for row in auto["candidates"]}
     assert set(rows) == {"float", "static", "dynamic", "optimized"}
     assert rows["static"]["within_budget"] and rows["static"]["drop_metric"] == "accuracy drop"
-    # the choice follows the table: the fastest candidate within budget under FASTER, else float
+    # the choice follows the table: the fastest candidate within budget under FASTER (or, within
+    # timing noise of it, a more accurate one), else float
     eligible = [r for r in auto["candidates"][1:] if r["within_budget"]]
     eligible = [r for r in eligible if r["ratio_to_float"] <= FASTER]
     best = min(eligible, key=lambda r: r["ratio_to_float"])["mode"] if eligible else "float"
-    assert auto["chosen"] == best == report["mode"]
+    assert auto["chosen"] == report["mode"]
+    assert auto["chosen"] == best or (
+        auto["decision"]["within_noise"] and auto["chosen"] in {r["mode"] for r in eligible}
+    )
     low, high = rows["static"]["ratio_interval"]
     assert low <= rows["static"]["ratio_to_float"] <= high
     assert set(auto["decision"]) >= {"chosen", "runner_up", "margin", "within_noise"}

@@ -85,14 +85,13 @@ def optimized(tmp_path_factory):
     return json.loads(result.stdout), tmp / "report.html"
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("quantize")
+def quantize_with_report(tmp, *mode):
     result = run_cli(
         "quantize",
         CNN,
         "-o",
         tmp / "int8.onnx",
+        *mode,
         "--data",
         CALIB,
         "--eval-data",
@@ -103,6 +102,18 @@ def quantized(tmp_path_factory):
     )
     assert result.exit_code == 0, result.stderr
     return json.loads(result.stdout), tmp / "report.html"
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """Static int8: integer kernels whatever the machine's timing (auto may keep float on a
+    loaded machine where int8 is not measured faster, as it did on a 2-core CI runner)."""
+    return quantize_with_report(tmp_path_factory.mktemp("quantize"), "--mode", "static")
+
+
+@pytest.fixture(scope="module")
+def auto_quantized(tmp_path_factory):
+    return quantize_with_report(tmp_path_factory.mktemp("auto"))
 
 
 def float_nodes_in(result: dict) -> set[str]:
@@ -132,14 +143,29 @@ def test_optimize_report_shows_the_json_figures(optimized):
 def test_quantize_report_shows_the_json_figures(quantized):
     result, page = quantized
     figures = Figures(page.read_text())
-    chosen = next(c for c in result["auto"]["candidates"] if c["mode"] == result["auto"]["chosen"])
-    assert figures.values["ratio"] == chosen["ratio_to_float"]
     assert figures.values["drop"] == result["check"]["drop"]
     assert figures.values["float-layers"] == len(float_nodes_in(result))
-    assert figures.values["integer-kernels"] == result["check"]["graph"]["integer_kernels"]
+    assert figures.values["integer-kernels"] == result["check"]["graph"]["integer_kernels"] > 0
     assert figures.values["cpu"] == result["cpu"]["isa_measured"] == result["profile"]["cpu"]
-    assert {"summary", "candidates", "layers", "float", "time", "prepare"} <= set(figures.sections)
+    assert {"summary", "layers", "float", "time", "prepare"} <= set(figures.sections)
     assert figures.scripts == 0 and figures.external == []
+
+
+def test_auto_report_shows_its_candidates(auto_quantized):
+    """Auto's page shows the chosen candidate's latency ratio and the candidates table; whether
+    int8 or float was chosen depends on the machine's timing, and the page shows either."""
+    result, page = auto_quantized
+    text = page.read_text()
+    figures = Figures(text)
+    auto = result["auto"]
+    chosen = next(c for c in auto["candidates"] if c["mode"] == auto["chosen"])
+    assert figures.values["ratio"] == chosen["ratio_to_float"]
+    assert {"summary", "candidates", "float", "time", "prepare"} <= set(figures.sections)
+    assert {c["mode"] for c in auto["candidates"]} >= {"float", "static"}
+    if auto["chosen"] == "float":
+        assert "kept float" in html.unescape(text)
+    else:
+        assert figures.values["drop"] == result["check"]["drop"]
 
 
 def test_profile_is_in_the_json_and_adds_up(quantized):
@@ -153,7 +179,7 @@ def test_profile_is_in_the_json_and_adds_up(quantized):
         times = [n["ms"] for n in model["slowest_nodes"]]
         assert times == sorted(times, reverse=True)
     ops = {e["op"] for e in profile["models"][1]["op_types"]}
-    # onnxruntime ran integer kernels (static's QLinearConv, or dynamic's if auto measured it faster)
+    # onnxruntime ran static's integer kernels
     assert ops & {"QLinearConv", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger"}
 
 
