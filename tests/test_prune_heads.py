@@ -131,18 +131,18 @@ def test_paraphrase_minilm_half_of_its_matmul_weights_with_reconstruction():
 
     calib, evals = realdata.build("minilm_l3_text")
     dense = model_io.load(thirdparty.fetch("minilm_l3"))
-    pruned, report = prune(model_io.copy_model(dense), PruneOptions(sparsity=0.5, optimize=False), data=calib,
-                           eval_data=evals)  # fmt: skip
+    options = PruneOptions(sparsity=0.5, optimize=False, samples=128)  # the default 256: 40 s more
+    pruned, report = prune(model_io.copy_model(dense), options, data=calib, eval_data=evals)
     matmuls = [r for r in report["tensors"] if r.get("op") == "MatMul" and "skipped" not in r]
     assert len(matmuls) == 18 and all(abs(r["sparsity"] - 0.5) < 0.01 for r in matmuls)
     feed = dict(np.load(evals))
     cosine = np.mean(_cosine(_embedding(_outputs(pruned, feed)), _embedding(_outputs(dense, feed))))
-    assert cosine > COSINE_256, cosine
+    assert cosine > COSINE_128, cosine
 
 
-# paraphrase-MiniLM-L3 at 50 % on the first 256 sentences of minilm_l3_text, ADMM masks (the default):
-# sentence-embedding cosine 0.971 (all 2,886 sentences: 0.981)
-COSINE_256 = 0.96
+# paraphrase-MiniLM-L3 at 50 % on the first 128 sentences of minilm_l3_text, ADMM masks (the default):
+# sentence-embedding cosine 0.963 in 107 s (256 sentences: 0.971 in 141 s; all 2,886: 0.981)
+COSINE_128 = 0.95
 
 
 @pytest.mark.thirdparty
