@@ -899,6 +899,22 @@ def _show_result(report: dict[str, Any], as_json: bool, text: Any, report_path: 
         click.echo(f"report: {report_path}")
 
 
+def _check_line(check: dict, comparison: dict) -> str:
+    """The self-check in one line (quantize and prune): the drop the verdict judged, then the
+    weakest output's cosine and top-1 agreement, and the accuracy when the data has labels."""
+    from onnxcomp.evaluate import weakest_output
+
+    out = weakest_output(comparison.get("outputs") or [])
+    text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
+    if out.get("cosine_mean") is not None:
+        text += f", cosine {out['cosine_mean']:.5f} mean / {out['cosine_min']:.5f} min ({out['output']})"
+    if out.get("top1_agreement") is not None:
+        text += f", top-1 agreement {out['top1_agreement']:.4f}"
+    if comparison.get("accuracy_reference") is not None:
+        text += f", accuracy {comparison['accuracy_reference']:.4f} -> {comparison['accuracy_candidate']:.4f}"
+    return text
+
+
 def _wrote_line(report: dict[str, Any]) -> str | None:
     size = report.get("size_bytes")
     if not size:
@@ -1101,18 +1117,7 @@ def _quantize_text(report: dict[str, Any]) -> str:
         lines.append(f"float: {f['node']}: {f['reason']} (SQNR {f['sqnr_db']:.1f} dB)")
     check = report.get("check")
     if check:
-        comp = check.get("comparison", {})
-        from onnxcomp.evaluate import weakest_output
-
-        out = weakest_output(comp.get("outputs") or [])
-        text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
-        if out.get("cosine_mean") is not None:
-            text += f", cosine {out['cosine_mean']:.5f} mean / {out['cosine_min']:.5f} min ({out['output']})"
-        if out.get("top1_agreement") is not None:
-            text += f", top-1 agreement {out['top1_agreement']:.4f}"
-        if comp.get("accuracy_reference") is not None:
-            text += f", accuracy {comp['accuracy_reference']:.4f} -> {comp['accuracy_candidate']:.4f}"
-        lines.append(text)
+        lines.append(_check_line(check, check.get("comparison", {})))
         graph = check.get("graph") or {}
         if "integer_kernels" in graph:
             ops = ", ".join(f"{k} x{v}" for k, v in graph["integer_kernel_ops"].items())
@@ -1523,15 +1528,7 @@ def _prune_text(report: dict[str, Any]) -> str:
     lines.append(table(rows, ["", "before", "after"]))
     check = report.get("check") or {}
     if check:
-        text = f"check on {check.get('data')}: {check.get('drop_metric')} {check.get('drop', 0):.4f}"
-        if check.get("accuracy_reference") is not None:
-            text += f", accuracy {check['accuracy_reference']:.4f} -> {check['accuracy_candidate']:.4f}"
-        from onnxcomp.evaluate import weakest_output
-
-        out = weakest_output(check.get("outputs") or [])
-        if out.get("cosine_mean") is not None:
-            text += f", cosine {out['cosine_mean']:.5f} mean ({out['output']})"
-        lines.append(text)
+        lines.append(_check_line(check, check))
     if _wrote_line(report):
         lines.append(_wrote_line(report))
     return "\n".join(lines)
