@@ -9,8 +9,8 @@ Memory is bounded by ``budget_bytes`` (one batch of the captured tensors): the b
 smaller while one sample of every tensor fits, and when even one sample of all the tensors does
 not, the tensors are asked for a few at a time, one onnxruntime run over the data for each such
 set. Sizes come from the stored shapes, or from a one-sample probe when a shape is not known.
-All runs share one session (`runtime.capture_session`); onnxruntime computes only what each run
-asks for.
+All runs share one session (`runtime.capture_session`), whose graph holds only the nodes the
+captured tensors need: onnxruntime runs every node of its graph, whatever a run asks for.
 
     stats = {value: ChannelStats(axis=-1) for value in inputs}
     capture.accumulate(model, stats, data, limit=64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxcomp import capture, runtime
@@ -118,3 +119,41 @@ def test_unknown_tensor_names_the_tensor(cnn):
     with pytest.raises(OnnxcompError, match="no tensor named 'nope'"):
         capture.accumulate(cnn, {"nope": capture.ChannelStats()}, CALIB, limit=4)
     assert [v.name for v in cnn.graph.outputs] == ["logits"]  # the model is left as it was
+
+
+def _plain(path: Path, name: str, feeds: dict) -> np.ndarray:
+    """``name`` computed by the whole model, made a graph output with onnx alone."""
+    proto = onnx.load(path)
+    proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = runtime.create_session(proto.SerializeToString(), optimization="disable")
+    return session.run([name], feeds)[0]
+
+
+def test_a_capture_session_runs_only_what_its_tensors_need(cnn):
+    """onnxruntime runs every node whichever output is asked for, so the capture session's graph
+    is cut to the nodes its tensors need; the tensors are the whole model's, the inputs unchanged."""
+    proto = onnx.load(CNN)
+    first_conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    runtime.keep_only(proto.graph, [first_conv.output[0]])
+    assert [n.op_type for n in proto.graph.node] == ["Conv"]
+    assert {t.name for t in proto.graph.initializer} == set(first_conv.input[1:])
+    assert [v.name for v in proto.graph.output] == [first_conv.output[0]]
+    assert [v.name for v in proto.graph.input] == ["input"]
+    feeds = {"input": np.load(MODELS / "digits_calib.npz")["input"][:8]}
+    for name in (RELU, HIDDEN, "input"):
+        session = runtime.capture_session(cnn, [name])
+        assert [o.name for o in session.get_outputs()] == [name]
+        np.testing.assert_array_equal(session.run(None, feeds)[0], _plain(CNN, name, feeds))
+
+
+def test_a_capture_after_an_if_keeps_what_its_branches_read():
+    path = MODELS / "variety" / "if_digits.onnx"
+    proto = onnx.load(path)
+    runtime.keep_only(proto.graph, ["logits"])
+    # the If's branches read the trunk's output from the outer graph: the trunk stays
+    assert [n.op_type for n in proto.graph.node][-1] == "If" and "Gemm" in {n.op_type for n in proto.graph.node}
+    model = model_io.load(path)
+    feeds = {"input": np.load(MODELS / "digits_calib.npz")["input"][:8].reshape(8, -1)}
+    for name in ("logits", "/ReduceMean_output_0"):
+        session = runtime.capture_session(model, [name])
+        np.testing.assert_array_equal(session.run(None, feeds)[0], _plain(path, name, feeds))
