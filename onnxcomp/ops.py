@@ -331,6 +331,7 @@ def _broadcast(node: ir.Node, i: int, axis: int) -> ChannelFlow:
         return _flow(node, i, axis, stop=f"{node.op_type}: an input rank is unknown")
     out_axis = axis + out_rank - ranks[i]
     tied = []
+    sizes = []  # the other inputs' sizes along the output axis
     for j, v in enumerate(node.inputs):
         if j == i or v is None:
             continue
@@ -338,8 +339,14 @@ def _broadcast(node: ir.Node, i: int, axis: int) -> ChannelFlow:
         if k < 0:
             continue
         d = dims(v)[k]
+        sizes.append(d)
         if d != 1:
             tied.append((j, k))
+    out_dims = dims(node.outputs[0]) if node.outputs else None
+    sizes.append(out_dims[out_axis] if out_dims and out_axis < len(out_dims) else None)
+    if dims(node.inputs[i])[axis] == 1 and any(d not in (1, None) for d in sizes):
+        # a size-1 axis stretched over the other inputs' channels holds none of them
+        return _flow(node, i, axis, stop=f"input {i} of {node.op_type} broadcasts along this axis")
     return _flow(node, i, axis, [ChannelEdge(0, out_axis)], tied=tied)
 
 

@@ -70,3 +70,35 @@ def test_yolov8n_25_percent_fewer_macs_through_its_split_groups():
     got, want = (runtime.create_session(m).run(None, {"images": photos})[0] for m in (model, dense))
     # measured 0.83 on 37 dense boxes (8 calibration images of people; 0.5-0.54 on scikit-image's photos alone)
     assert evaluate.box_agreement(got, want)["box_iou"] >= 0.6
+
+
+def test_silero_vads_weights_inside_if_branches_are_named_with_why():
+    """Silero VAD keeps every Conv inside the branches of an If: pruning says so in one line."""
+    from onnxcomp.errors import OnnxcompError
+
+    _, evals = realdata.build("silero_vad")  # recorded speech, each frame with its state
+    with pytest.raises(OnnxcompError, match="inside a subgraph .*not pruned yet"):
+        prune(model_io.load(thirdparty.fetch("silero_vad")), PruneOptions(method="magnitude"), eval_data=evals)
+
+
+def test_a_size_one_constant_broadcast_over_the_channels_is_left_whole():
+    """PP-OCRv4's recognizer scales a [batch, time, 240] tensor by a [1] constant between two
+    MatMuls: the constant holds none of the channels (it once had 48 positions cut from it)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (16, 64)), ("w2", (64, 8)))]  # fmt: skip
+    scale = numpy_helper.from_array(np.array([0.5], np.float32), "scale")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Mul", ["h", "scale"], ["s"]),
+         helper.make_node("Relu", ["s"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])], [*weights, scale],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, report = prune(ir.from_proto(proto), PruneOptions(structured=True, sparsity=0.25, optimize=False))
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    shapes = {v.name: list(v.const_value.shape) for v in model.graph.initializers.values()}
+    assert shapes == {"w1": [16, 48], "w2": [48, 8], "scale": [1]}

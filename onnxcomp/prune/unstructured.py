@@ -82,14 +82,16 @@ def plan_weights(
     targets: list[WeightTarget] = []
     skipped: list[dict[str, Any]] = []
     seen: dict[int, str] = {}
-    for node in model.graph:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
             continue
         spec = ops.weighted(node)
         label = node.name or node.op_type
         reason = None
         weight = node.inputs[spec.weight] if len(node.inputs) > spec.weight else None
-        if node.name in exclude_nodes:
+        if node.graph is not model.graph:
+            reason = "inside a subgraph (an If, Loop or Scan body): not pruned yet"
+        elif node.name in exclude_nodes:
             reason = "excluded by --exclude-nodes"
         elif weight is None or weight.const_value is None or weight.is_graph_input():
             reason = "its weight is computed at run time"
