@@ -554,7 +554,13 @@ def ensure_opset(model: ir.Model, version: int, why: str) -> ir.Model:
 
 def copy_model(model: ir.Model) -> ir.Model:
     """A separate copy; weights in external data stay lazy (both read the same file)."""
-    return _from_proto(ir.to_proto(model), _external_base_dir(model))
+    try:
+        proto = ir.to_proto(model)
+    except Exception as err:  # e.g. a name that is not UTF-8 (a damaged file)
+        while err.__cause__ is not None:
+            err = err.__cause__
+        raise OnnxcompError(f"cannot copy the model: protobuf cannot write it ({_one_line(err)})") from None
+    return _from_proto(proto, _external_base_dir(model))
 
 
 def _from_proto(proto: onnx.ModelProto, base_dir: str | None) -> ir.Model:
