@@ -160,6 +160,8 @@ def keep_only(graph: onnx.GraphProto, outputs: Sequence[str]) -> None:
     model), so a capture of an early layer's input would cost a whole pass. Nodes with
     subgraphs keep every outer name their subgraphs read; initializers no kept node reads are
     dropped unless they are also graph inputs; the graph inputs stay (the feeds do not change).
+    Not ``onnx.utils.Extractor``: it follows node inputs only (an If branch's reads of the outer
+    graph are lost), needs the cut's inputs named, and copies every kept weight into a new model.
     """
     wanted = list(dict.fromkeys(outputs))
     needed = set(wanted)
@@ -376,7 +378,8 @@ def capture_session(
             present.add(name)
             added += 1
         # The weights are written once (or serialized in memory when small), never copied in a
-        # protobuf: the model itself gets the extra outputs while the session is created.
+        # protobuf: the model itself gets the extra outputs while the session is created (so
+        # they are written with their types), and `keep_only` cuts the written graph to them.
         return create_session(
             model, threads=threads, optimization=optimization, label="capture", outputs=names
         )
